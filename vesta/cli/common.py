@@ -1,0 +1,97 @@
+"""What every entry point shares: logging set-up, error-to-exit-code mapping, output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from vesta.errors import ConfigError, DaemonNotRunning, VestaError
+
+EXIT_OK = 0
+EXIT_ERROR = 1      # the daemon or a peer said no, something failed at run time
+EXIT_USAGE = 2      # bad flag, config file or value
+EXIT_NO_DAEMON = 3  # nothing to talk to
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="%H:%M:%S"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def fail(prog: str, message: str, code: int) -> NoReturn:
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def exit_code(exc: VestaError) -> int:
+    if isinstance(exc, DaemonNotRunning):
+        return EXIT_NO_DAEMON
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def unknown_flag(cmd: click.Command, argv: Sequence[str]) -> str | None:
+    """The first argument that looks like a flag this command does not have."""
+    known: set[str] = set()
+    for param in cmd.params:
+        known.update(getattr(param, "opts", []))
+        known.update(getattr(param, "secondary_opts", []))
+    for arg in argv:
+        if arg == "--":
+            return None
+        if arg.startswith("-") and len(arg) > 1 and not arg[1:].replace(".", "").isdigit():
+            if arg.split("=", 1)[0] not in known:
+                return arg
+    return None
+
+
+def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a click command so that every user error is one line and a known exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cmd.main(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.NoSuchOption as exc:
+        bad = unknown_flag(cmd, args) if not isinstance(cmd, click.Group) else None
+        fail(prog, f"unknown flag {bad or exc.option_name!r}: see `{prog} -h`", EXIT_USAGE)
+    except click.UsageError as exc:
+        fail(prog, f"{exc.format_message()} (see `{prog} -h`)", EXIT_USAGE)
+    except click.exceptions.Abort:
+        fail(prog, "aborted", 130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except VestaError as exc:
+        fail(prog, str(exc), exit_code(exc))
+    except KeyboardInterrupt:
+        fail(prog, "interrupted", 130)
+    except BrokenPipeError:
+        sys.exit(EXIT_OK)
+    sys.exit(EXIT_OK)
+
+
+def stdout_console() -> Console:
+    # Piped output: no colour, and wide enough that tables do not wrap.
+    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def option_json() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--json", "-json", "as_json", is_flag=True, help="Print machine-readable JSON.")

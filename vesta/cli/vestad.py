@@ -1,0 +1,81 @@
+"""vestad: the daemon. Parses flags into a Config and hands it to ``run()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, NoReturn
+
+import click
+
+from vesta.cli.common import run_command, setup_logging
+from vesta.config import Config, load
+from vesta.daemon import Daemon
+from vesta.errors import ConfigError
+
+log = logging.getLogger("vesta.vestad")
+
+_INT_FLAGS = ("port", "dport", "advertise_spare_ms")
+
+
+async def run(cfg: Config) -> None:
+    """Run one daemon until SIGINT or SIGTERM, then stop it cleanly."""
+    daemon = await Daemon.start(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("signal received, stopping")
+    finally:
+        await daemon.stop()
+
+
+def _to_int(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"-{flag.replace('_', '-')} must be a whole number (got {value!r})") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "-help", "--help"]})
+@click.option("-name", "--name", help="Node name shown to peers (default: host name). Sanitized to [A-Za-z0-9_.-].")
+@click.option("-key", "--key", help="Federation key. Visible in `ps`: prefer -key-file or VESTA_KEY.")
+@click.option("-key-file", "--key-file", "key_file", help="Read the federation key from this file.")
+@click.option("-port", "--port", help="TCP port of the peer protocol (default 7777; 0 = any free port).")
+@click.option("-dport", "--dport", help="UDP discovery port, the same on every node (default 7778).")
+@click.option("-bind", "--bind", help="Listen address for TCP (default 0.0.0.0).")
+@click.option("-advertise", "--advertise", help="Address peers should dial (default: the beacon's source).")
+@click.option("-allow-exec", "--allow-exec", "allow_exec", is_flag=True, default=None,
+              help="Let peers run commands here (off by default).")
+@click.option("-power", "--power", help="auto (follow the battery), grid, solar or battery.")
+@click.option("-seed", "--seed", "seeds", multiple=True,
+              help="host:port of a peer beyond broadcast reach (repeat or comma-separate).")
+@click.option("-advertise-spare", "--advertise-spare", "advertise_spare_ms",
+              help="Beacon interval in milliseconds (default 1000).")
+@click.option("-config", "--config", help="JSON config file (see config.example.json).")
+@click.option("-state-dir", "--state-dir", "state_dir", help="Where identity, ledger and records live.")
+@click.option("-label", "--label", "labels", multiple=True, help="A tag shown to peers (repeatable).")
+@click.option("-sys-root", "--sys-root", "sys_root", hidden=True)
+@click.option("-proc-root", "--proc-root", "proc_root", hidden=True)
+@click.option("-v", "--verbose", count=True, help="Log every packet decision (debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+def cli(verbose: int, quiet: bool, **flags: Any) -> None:
+    """Vesta daemon: one per machine. Finds peers, lends spare capacity, runs jobs."""
+    setup_logging(verbose, quiet)
+    for name in _INT_FLAGS:
+        flags[name] = _to_int(name, flags[name])
+    flags["seeds"] = ",".join(flags["seeds"]) or None
+    flags["labels"] = ",".join(flags["labels"]) or None
+    if flags.get("key"):
+        log.warning("the key given with -key is visible to other users in `ps`; prefer -key-file or VESTA_KEY")
+    cfg = load(flags)
+    asyncio.run(run(cfg))
+
+
+def main() -> NoReturn:
+    run_command(cli, "vestad")

@@ -1,0 +1,336 @@
+"""Node configuration: defaults < JSON file (-config) < VESTA_KEY < flags.
+
+Every field is checked here, once, with a one-line error that names the
+field, where it came from and how to fix it. Keys of the JSON file that start
+with ``_`` are comments; any other unknown key is an error (a typo must not
+silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vesta.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_CHARS = 16
+MAX_NAME = 32
+POWER_CHOICES = ("auto", "grid", "solar", "battery")
+KEY_HINT = "generate one with `vesta keygen` and pass it with -key-file PATH or VESTA_KEY"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "vesta"
+
+
+def socket_dir() -> Path:
+    """Where control sockets live: $XDG_RUNTIME_DIR when set, else /tmp (as the seed has it)."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
+
+
+def socket_path(name: str, directory: Path | None = None) -> Path:
+    return (directory or socket_dir()) / f"vestad-{name}.sock"
+
+
+def sanitize_name(raw: str) -> str:
+    """Make a node name safe for file names, sockets and tables: [A-Za-z0-9_.-], at most 32.
+
+    Other characters become '-', runs of '-' collapse, and the name must start
+    with a letter or digit ("My Laptop!" -> "My-Laptop").
+    """
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", raw.strip())
+    name = re.sub(r"-{2,}", "-", name)
+    name = re.sub(r"^[^A-Za-z0-9]+", "", name)[:MAX_NAME].rstrip("-.")
+    if not name:
+        raise ConfigError(f"name {raw!r} has no usable characters: use letters, digits, '-', '_' or '.'")
+    return name
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a vestad needs. Field comments give unit and trade-off."""
+
+    name: str
+    key: str = field(repr=False)
+    # Network
+    port: int = 7777                 # TCP peer protocol; 0 = pick a free port (tests)
+    dport: int = 7778                # UDP discovery; shared by every daemon on a host (SO_REUSEPORT)
+    bind: str = "0.0.0.0"            # TCP listen address; a loopback address keeps beacons on loopback
+    advertise: str = ""              # TCP host peers should dial; "" = the address our beacons come from
+    seeds: tuple[str, ...] = ()      # host:port of peers outside broadcast reach (other subnets, VPN)
+    advertise_spare_ms: int = 1000   # beacon interval: lower = fresher load view, more packets
+    # Lending (names and defaults from the seed)
+    cpu_offer_pct: int = 75          # share of cores offered for lending
+    mem_offer_mb: int = 1024         # hard cap on RAM lent, MiB
+    reserve_pct: int = 20            # share of CPU and RAM kept for the owner, never lent
+    spill_cpu_pct: int = 80          # local CPU % above which new work goes to peers
+    allow_exec: bool = False         # let peers run commands here
+    exec_allowlist: tuple[str, ...] = ()  # if non-empty, only these programs may be exec'd
+    max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
+    battery_min_pct: int = 15        # stop lending below this battery charge
+    power: str = "auto"              # auto follows /sys/class/power_supply; or force grid|solar|battery
+    labels: tuple[str, ...] = ()     # free-form tags shown to peers (e.g. "gpu", "arm64")
+    # Places
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket_dir: Path | None = None   # None = $XDG_RUNTIME_DIR or /tmp
+    sys_root: str = "/sys"           # read power/thermals from here (tests point it at fixtures)
+    proc_root: str = "/proc"         # read cpu/memory from here
+    # Protocol timing and bounds
+    suspect_after: int = 3           # missed beacons before a peer is shown as suspect
+    expire_after: int = 10           # missed beacons before a peer is removed
+    max_clock_skew_s: float = 30.0   # beacons older or newer than this are dropped (replay window)
+    handshake_timeout_s: float = 5.0  # a TCP peer must finish the handshake within this
+    max_peers: int = 256             # peer table bound; beacons from further nodes are dropped
+
+    @property
+    def beacon_interval(self) -> float:
+        return self.advertise_spare_ms / 1000.0
+
+    @property
+    def control_socket(self) -> Path:
+        return socket_path(self.name, self.socket_dir)
+
+    def with_(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    @classmethod
+    def for_tests(cls, **overrides: Any) -> Config:
+        """Short intervals, loopback, free TCP port; callers give key, dport and state_dir."""
+        base: dict[str, Any] = {
+            "name": "test",
+            "key": "test-key-" + "0" * 24,
+            "port": 0,
+            "bind": "127.0.0.1",
+            "advertise_spare_ms": 100,
+            "handshake_timeout_s": 2.0,
+        }
+        base.update(overrides)
+        cfg = cls(**base)
+        validate(cfg)
+        return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+Check = Callable[[str, Any], Any]
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(where: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where} must be a whole number from {lo} to {hi} (got {v!r})")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where} must be from {lo} to {hi} (got {v})")
+        return v
+    return check
+
+
+def _float(lo: float, hi: float) -> Check:
+    def check(where: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where} must be a number from {lo:g} to {hi:g} (got {v!r})")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where} must be from {lo:g} to {hi:g} (got {v:g})")
+        return float(v)
+    return check
+
+
+def _bool(where: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where} must be true or false (got {v!r})")
+    return v
+
+
+def _str(where: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{where} must be a string (got {v!r})")
+    return v
+
+
+def _choice(*choices: str) -> Check:
+    def check(where: str, v: Any) -> str:
+        if v not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)} (got {v!r})")
+        return str(v)
+    return check
+
+
+def _str_list(where: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):  # from a flag: comma separated
+        v = [part for part in v.split(",") if part.strip()]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in v):
+        raise ConfigError(f"{where} must be a list of non-empty strings (got {v!r})")
+    return tuple(s.strip() for s in v)
+
+
+def _path(where: str, v: Any) -> Path:
+    if not isinstance(v, (str, Path)) or not str(v):
+        raise ConfigError(f"{where} must be a path (got {v!r})")
+    return Path(v).expanduser()
+
+
+def _seeds(where: str, v: Any) -> tuple[str, ...]:
+    seeds = _str_list(where, v)
+    for seed in seeds:
+        parse_seed(seed, where)
+    return seeds
+
+
+def parse_seed(seed: str, where: str = "seed", default_port: int = 7778) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or bare 'host' (discovery port assumed)."""
+    host, port_text = seed, ""
+    if seed.startswith("["):
+        host, _, rest = seed[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif seed.count(":") == 1:
+        host, port_text = seed.split(":")
+    if not host or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
+        raise ConfigError(f"{where}: {seed!r} is not host:port (e.g. 192.168.1.20:7778)")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: {seed!r} has a bad port (use 1-65535, usually 7778)")
+    return host, int(port_text)
+
+
+_CHECKS: dict[str, Check] = {
+    "name": _str,
+    "key": _str,
+    "port": _int(0, 65535),
+    "dport": _int(1, 65535),
+    "bind": _str,
+    "advertise": _str,
+    "seeds": _seeds,
+    "advertise_spare_ms": _int(20, 60_000),
+    "cpu_offer_pct": _int(0, 100),
+    "mem_offer_mb": _int(0, 1 << 24),
+    "reserve_pct": _int(0, 100),
+    "spill_cpu_pct": _int(1, 100),
+    "allow_exec": _bool,
+    "exec_allowlist": _str_list,
+    "max_borrow_ratio": _float(0.0, 1000.0),
+    "battery_min_pct": _int(0, 100),
+    "power": _choice(*POWER_CHOICES),
+    "labels": _str_list,
+    "state_dir": _path,
+    "socket_dir": _path,
+    "sys_root": _str,
+    "proc_root": _str,
+    "suspect_after": _int(1, 1000),
+    "expire_after": _int(2, 10000),
+    "max_clock_skew_s": _float(1.0, 86400.0),
+    "handshake_timeout_s": _float(0.1, 120.0),
+    "max_peers": _int(1, 100_000),
+}
+# Only in the file: where to read the key from.
+_FILE_ONLY = {"key_file"}
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules; single fields were checked on the way in."""
+    if not cfg.key:
+        raise ConfigError(f"no federation key: {KEY_HINT}")
+    if len(cfg.key) < MIN_KEY_CHARS:
+        raise ConfigError(f"federation key is too short ({len(cfg.key)} characters, need at least "
+                          f"{MIN_KEY_CHARS}): {KEY_HINT}")
+    if cfg.reserve_pct >= 100:
+        raise ConfigError("reserve_pct must be below 100, or nothing could ever be lent")
+    if cfg.expire_after <= cfg.suspect_after:
+        raise ConfigError("expire_after must be larger than suspect_after")
+    if cfg.name != sanitize_name(cfg.name):
+        raise ConfigError(f"name {cfg.name!r} is not sanitized")
+    for label in cfg.labels:
+        if len(label) > 32:
+            raise ConfigError(f"label {label!r} is longer than 32 characters")
+    if len(cfg.labels) > 16:
+        raise ConfigError("at most 16 labels")
+
+
+def read_key_file(path: Path, where: str) -> str:
+    try:
+        text = path.expanduser().read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: key file {path} is not text") from exc
+    return text
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parse a JSON config file into {field: value}; comments (keys with '_') dropped."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                          f"column {exc.colno}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object {{...}}")
+    out: dict[str, Any] = {}
+    known = set(_CHECKS) | _FILE_ONLY
+    for k, v in data.items():
+        if k.startswith("_"):
+            continue
+        if k not in known:
+            close = [n for n in sorted(known) if n.split("_")[0] == k.split("_")[0]]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown field {k!r}{hint}; see config.example.json for the fields")
+        out[k] = v
+    return out
+
+
+def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build the config from flags (only those given), the file they name, and the environment."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    config_path = flags.get("config")
+    if config_path:
+        path = Path(config_path).expanduser()
+        for k, v in read_file(path).items():
+            values[k], origin[k] = v, f"{path}: field {k!r}"
+    if "key_file" in values:
+        kf = _path(origin["key_file"], values.pop("key_file"))
+        values["key"], origin["key"] = read_key_file(kf, origin.pop("key_file")), f"key file {kf}"
+    if env.get("VESTA_KEY"):
+        values["key"], origin["key"] = env["VESTA_KEY"], "VESTA_KEY"
+    for k, v in flags.items():
+        if k == "config" or v is None:
+            continue
+        if k == "key_file":
+            values["key"], origin["key"] = read_key_file(Path(v), "-key-file"), f"key file {v}"
+            continue
+        if k not in _CHECKS:
+            raise ConfigError(f"unknown setting {k!r}")
+        values[k], origin[k] = v, "-" + k.replace("_", "-")
+
+    checked: dict[str, Any] = {}
+    for k, v in values.items():
+        checked[k] = _CHECKS[k](origin[k], v)
+    raw_name = checked.get("name") or socket.gethostname()
+    checked["name"] = sanitize_name(raw_name)
+    if checked["name"] != raw_name:
+        log.warning("node name %r sanitized to %r", raw_name, checked["name"])
+    checked.setdefault("key", "")
+    cfg = Config(**checked)
+    validate(cfg)
+    return cfg
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Config)]

@@ -1,0 +1,116 @@
+"""Client side of the control socket, used by ``vesta``, ``vestatop`` and Python callers.
+
+Requests and replies are msgpack maps in 4-byte length-prefixed frames:
+``{"op": "peers", "args": {...}}`` -> ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": "one line"}``. Blocking sockets on purpose: a CLI
+call is one round trip and needs no event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from vesta.config import sanitize_name, socket_dir, socket_path
+from vesta.errors import ConfigError, DaemonNotRunning, PeerUnavailable, VestaError
+from vesta.wire import MAX_FRAME
+
+_HEADER = struct.Struct(">I")
+START_HINT = "start it with: vestad -name NAME -key-file PATH"
+
+
+class RemoteError(VestaError):
+    """The daemon answered with an error."""
+
+
+def find_socket(name: str | None = None, directory: Path | None = None) -> Path:
+    """The control socket for ``name`` (or $VESTA_NAME), else the only one of this user."""
+    directory = directory or socket_dir()
+    name = name or os.environ.get("VESTA_NAME")
+    if name:
+        path = socket_path(sanitize_name(name), directory)
+        if not path.exists():
+            raise DaemonNotRunning(f"vestad {name!r} is not running (no socket {path}): {START_HINT}")
+        return path
+    uid = os.getuid()
+    candidates = []
+    try:
+        for p in sorted(directory.glob("vestad-*.sock")):
+            try:
+                if p.is_socket() and p.stat().st_uid == uid:
+                    candidates.append(p)
+            except OSError:
+                continue
+    except OSError:
+        pass
+    if not candidates:
+        raise DaemonNotRunning(f"vestad is not running (no vestad-*.sock in {directory}): {START_HINT}")
+    if len(candidates) > 1:
+        names = ", ".join(p.name[len("vestad-"):-len(".sock")] for p in candidates)
+        raise ConfigError(f"several vestad are running ({names}): choose one with -name or VESTA_NAME")
+    return candidates[0]
+
+
+class ControlClient:
+    """One connection to a local vestad."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self.sock.close()
+            raise DaemonNotRunning(f"vestad is not running (socket {path} does not answer): {START_HINT}") from exc
+        except PermissionError as exc:
+            self.sock.close()
+            raise DaemonNotRunning(f"not allowed to use {path}: run vesta as the user that runs vestad") from exc
+
+    @classmethod
+    def connect(cls, name: str | None = None, directory: Path | None = None, timeout: float = 30.0) -> ControlClient:
+        return cls(find_socket(name, directory), timeout)
+
+    def call(self, op: str, **args: Any) -> Any:
+        payload = msgpack.packb({"op": op, "args": args})
+        try:
+            self.sock.sendall(_HEADER.pack(len(payload)) + payload)
+            reply = msgpack.unpackb(self._read_frame(), raw=False)
+        except TimeoutError as exc:
+            raise PeerUnavailable(f"vestad did not answer {op!r} in time") from exc
+        except OSError as exc:
+            raise DaemonNotRunning(f"lost the connection to vestad ({exc}): is it still running?") from exc
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise RemoteError("vestad sent an unexpected reply")
+        if not reply["ok"]:
+            raise RemoteError(str(reply.get("error", "unknown error")))
+        return reply.get("result")
+
+    def _read_frame(self) -> bytes:
+        (size,) = _HEADER.unpack(self._read_exact(_HEADER.size))
+        if size > MAX_FRAME:
+            raise RemoteError(f"reply of {size} bytes is too large")
+        return self._read_exact(size)
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise DaemonNotRunning("vestad closed the connection (did it stop?)")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

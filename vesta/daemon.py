@@ -1,0 +1,416 @@
+"""vestad's core: starts the parts, accepts connections, dispatches requests.
+
+Parts: identity and keys; the sysstat sampler feeding our ``NodeStatus``;
+discovery (UDP beacons) feeding the peer table; the TCP peer-link server and
+an outbound ``LinkPool``; the Unix control socket for ``vesta``/``vestatop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from vesta import __version__, proto, sysstat
+from vesta.budget import PowerMode, compute_offer, power_mode
+from vesta.config import Config
+from vesta.crypto import derive_keys
+from vesta.discovery import Discovery
+from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, VestaError
+from vesta.identity import load_or_create
+from vesta.link import LinkPool, serve
+from vesta.peertable import Change, Peer, PeerTable
+from vesta.tasks import cancel_all, spawn
+from vesta.wire import Channel, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+MAX_INBOUND = 64              # concurrent peer connections; more are closed at once
+MAX_CONTROL_FRAME = 1 << 20   # control requests are small
+GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not every beacon
+MAX_EVENTS = 200
+PING_TIMEOUT = 5.0
+
+
+class ControlError(VestaError):
+    """A control request that cannot be served; the message goes back to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts: float
+    kind: str
+    text: str
+
+
+class Daemon:
+    """One vestad. ``await Daemon.start(cfg)``, then ``await daemon.stop()``."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.counters: Counter[str] = Counter()
+        self.events: deque[Event] = deque(maxlen=MAX_EVENTS)
+        self.table = PeerTable(cfg.suspect_after, cfg.expire_after, cfg.max_peers)
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.cores = sysstat.cpu_count(cfg.proc_root)
+        self.sampler = sysstat.CpuSampler(cfg.proc_root)
+        self.cpu = self.sampler.sample()
+        self.gpus: tuple[sysstat.Gpu, ...] = ()
+        self.port = cfg.port
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._inbound: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._servers: list[asyncio.Server] = []
+        self._socket_inode: int | None = None
+        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "status": self._op_status,
+            "peers": self._op_peers,
+            "ping": self._op_ping,
+            "events": self._op_events,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def start(cls, cfg: Config) -> Daemon:
+        self = cls(cfg)
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.identity = load_or_create(cfg.state_dir, cfg.name)
+        self.keys = await asyncio.to_thread(derive_keys, cfg.key)
+        self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
+        self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
+                                   self.node_status, self._on_change)
+        await self._open_control()
+        try:
+            server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"TCP port {cfg.port} is already in use (another vestad?): "
+                                  "choose another with -port") from exc
+            raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}: "
+                              "check -bind and -port") from exc
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            await self.discovery.open()
+        except OSError as exc:
+            raise ConfigError(f"cannot open UDP discovery port {cfg.dport}: {exc.strerror}: "
+                              "choose another with -dport (every node must use the same)") from exc
+        self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
+        spawn(self._beacon_loop(), "beacons", self._tasks)
+        spawn(self._gpu_loop(), "gpu-poll", self._tasks)
+        log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
+                 __version__, cfg.name, self.identity.fingerprint, self.keys.key_id, cfg.bind, self.port,
+                 cfg.dport, cfg.control_socket)
+        self._event("start", f"{cfg.name} started")
+
+    async def stop(self) -> None:
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        if hasattr(self, "discovery"):
+            self.discovery.close()
+        for server in self._servers:
+            server.close()
+        await cancel_all(self._tasks)
+        await cancel_all(self._inbound)
+        if hasattr(self, "pool"):
+            await self.pool.close()
+        self._remove_socket()
+        self._stopped.set()
+        log.info("vestad %s stopped", self.cfg.name)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------ status
+
+    def power(self) -> tuple[PowerMode, sysstat.PowerInfo]:
+        info = sysstat.read_power(self.cfg.sys_root)
+        return power_mode(self.cfg.power, info, self.cfg.battery_min_pct), info
+
+    def node_status(self) -> proto.NodeStatus:
+        """Our own status, as the next beacon will carry it."""
+        cfg = self.cfg
+        mem = sysstat.read_meminfo(cfg.proc_root)
+        mode, info = self.power()
+        offer = compute_offer(cores=self.cores, cpu_pct=self.cpu.total_pct, mem_total_mb=mem.total_mb,
+                              mem_avail_mb=mem.available_mb, cpu_offer_pct=cfg.cpu_offer_pct,
+                              reserve_pct=cfg.reserve_pct, mem_offer_mb=cfg.mem_offer_mb,
+                              willingness=mode.willingness)
+        temps = [t.celsius for t in sysstat.read_thermals(cfg.sys_root)]
+        host = cfg.advertise or ("" if cfg.bind in ("", "0.0.0.0") else cfg.bind)
+        return proto.NodeStatus(
+            name=cfg.name,
+            fingerprint=self.identity.fingerprint,
+            host=host,
+            port=self.port,
+            dport=cfg.dport,
+            version=__version__,
+            cores=self.cores,
+            cpu_pct=round(min(100.0, max(0.0, self.cpu.total_pct)), 1),
+            cpu_per_core=tuple(int(round(min(100.0, max(0.0, p)))) for p in self.cpu.per_core_pct),
+            load1=round(sysstat.read_loadavg(cfg.proc_root)[0], 2),
+            mem_total_mb=mem.total_mb,
+            mem_avail_mb=mem.available_mb,
+            offered_cores=offer.offered_cores,
+            offered_mem_mb=offer.offered_mem_mb,
+            spare_cores=offer.spare_cores,
+            power=mode.mode,
+            willingness=round(mode.willingness, 3),
+            battery_pct=info.battery_pct,
+            temp_c=max(temps) if temps else None,
+            gpus=tuple(proto.GpuInfo(g.name[:64], g.mem_total_mb, g.mem_used_mb, g.util_pct)
+                       for g in self.gpus[: proto.MAX_GPUS]),
+            labels=cfg.labels,
+            uptime_s=round(time.monotonic() - self.started, 1),
+        )
+
+    async def _beacon_loop(self) -> None:
+        interval = self.cfg.beacon_interval
+        while True:
+            self.cpu = self.sampler.sample()
+            try:
+                await self.discovery.send_once()
+            except (OSError, VestaError) as exc:  # a bad round must not end discovery
+                log.warning("beacon round failed: %s", exc)
+            for change in self.table.sweep():
+                self._on_change(change)
+            await asyncio.sleep(interval)
+
+    async def _gpu_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GPU_POLL_S)
+            self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
+
+    def _on_change(self, change: Change) -> None:
+        p = change.peer
+        tag = f"peer={p.fingerprint[:8]} addr={p.addr[0]}:{p.addr[1]}"
+        detail = f" ({change.detail})" if change.detail else ""
+        level = logging.INFO if change.event in ("joined", "left", "restarted", "renamed") else logging.DEBUG
+        log.log(level, "peer %s %s: %s%s", p.name, change.event, tag, detail)
+        self._event(f"peer_{change.event}", f"{p.name} {change.event}{detail}")
+
+    def _event(self, kind: str, text: str) -> None:
+        self.events.append(Event(time.time(), kind, text))
+
+    # ------------------------------------------------------------ peer links
+
+    async def _accept_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stopping or len(self._inbound) >= MAX_INBOUND:
+            self.counters["tcp_rejected_busy"] += 1
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._inbound.add(task)
+        try:
+            await serve(reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
+                        handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg)
+        finally:
+            self._inbound.discard(task)
+
+    async def _handle_peer_msg(self, msg: proto.Message, channel: Channel) -> proto.Message | None:
+        if isinstance(msg, proto.Ping):
+            return proto.Pong(rid=msg.rid, ts=msg.ts, name=self.cfg.name)
+        rid = getattr(msg, "rid", 0)
+        return proto.Error(rid=rid, reason="unsupported", message=f"{type(msg).__name__} is not a request")
+
+    def find_peer(self, node: str) -> Peer:
+        """A peer by name or fingerprint (prefix of at least 8 hex characters)."""
+        peer = self.table.by_name(node)
+        if peer is None and len(node) >= 8:
+            matches = [p for p in self.table.all() if p.fingerprint.startswith(node.lower())]
+            peer = matches[0] if len(matches) == 1 else None
+        if peer is None:
+            known = ", ".join(sorted(p.name for p in self.table.all())) or "none yet"
+            raise ControlError(f"no peer named {node!r} (known: {known}); see `vesta peers`")
+        return peer
+
+    # ------------------------------------------------------------ control socket
+
+    async def _open_control(self) -> None:
+        path = self.cfg.control_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not path.is_socket() or path.is_symlink():
+                raise ConfigError(f"{path} exists and is not a socket: remove it, or use another -name")
+            if await _socket_alive(path):
+                raise ConfigError(f"a vestad named {self.cfg.name!r} is already running (socket {path}): "
+                                  "stop it first, or use another -name")
+            path.unlink()
+        old = os.umask(0o177)   # the socket is created 0600: no window where others can connect
+        try:
+            server = await asyncio.start_unix_server(self._serve_control, path=str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._socket_inode = path.stat().st_ino
+        self._servers.append(server)
+
+    def _remove_socket(self) -> None:
+        path = self.cfg.control_socket
+        with contextlib.suppress(OSError):
+            if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
+                path.unlink()
+
+    async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inbound.add(task)
+        try:
+            if not _same_user(writer):
+                self.counters["control_rejected"] += 1
+                log.warning("rejected a control connection from another user")
+                return
+            while True:
+                try:
+                    request = msgpack.unpackb(await read_frame(reader, MAX_CONTROL_FRAME), raw=False)
+                except (PeerUnavailable, ProtocolError):
+                    return
+                except (ValueError, msgpack.UnpackException):
+                    await write_frame(writer, msgpack.packb({"ok": False, "error": "undecodable request"}))
+                    return
+                await write_frame(writer, msgpack.packb(await self._dispatch(request)))
+        except PeerUnavailable:
+            pass
+        finally:
+            self._inbound.discard(task)
+            writer.close()
+
+    async def _dispatch(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            return {"ok": False, "error": "request must be a map with an 'op'"}
+        op = self._ops.get(request["op"])
+        if op is None:
+            return {"ok": False, "error": f"unknown op {request['op']!r} (daemon version {__version__})"}
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": "args must be a map"}
+        try:
+            return {"ok": True, "result": await op(args)}
+        except VestaError as exc:
+            return {"ok": False, "error": str(exc), "type": type(exc).__name__}
+
+    async def _op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        status = self.node_status()
+        mode, info = self.power()
+        alive = len(self.table.alive())
+        return {
+            "name": cfg.name,
+            "fingerprint": self.identity.fingerprint,
+            "key_id": self.keys.key_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "bind": cfg.bind,
+            "port": self.port,
+            "dport": cfg.dport,
+            "advertise": status.host,
+            "seeds": list(cfg.seeds),
+            "socket": str(cfg.control_socket),
+            "state_dir": str(cfg.state_dir),
+            "identity_file": str(self.identity.path),
+            "started": self.started_wall,
+            "uptime_s": time.monotonic() - self.started,
+            "beacon_interval_ms": cfg.advertise_spare_ms,
+            "node": status.to_wire(),
+            "power": {"mode": mode.mode, "willingness": mode.willingness, "forced": mode.forced,
+                      "setting": cfg.power, "ac_online": info.ac_online, "battery_pct": info.battery_pct,
+                      "battery_status": info.battery_status, "battery_min_pct": cfg.battery_min_pct},
+            "budget": {"cores": self.cores, "offered_cores": status.offered_cores,
+                       "spare_cores": status.spare_cores, "offered_mem_mb": status.offered_mem_mb,
+                       "cpu_offer_pct": cfg.cpu_offer_pct, "reserve_pct": cfg.reserve_pct,
+                       "mem_offer_mb": cfg.mem_offer_mb, "spill_cpu_pct": cfg.spill_cpu_pct,
+                       "max_borrow_ratio": cfg.max_borrow_ratio},
+            "allow_exec": cfg.allow_exec,
+            "exec_allowlist": list(cfg.exec_allowlist),
+            "peers": {"alive": alive, "suspect": len(self.table) - alive},
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    async def _op_peers(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        rows = [_peer_row(self.node_status(), (self.cfg.bind, self.port), 0.0, "self")]
+        for p in sorted(self.table.all(), key=lambda p: p.name):
+            rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
+                        | {"restarts": p.restarts, "beacons": p.beacons})
+        return rows
+
+    async def _op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        node = args.get("node")
+        if not isinstance(node, str) or not node:
+            raise ControlError("ping needs a node name")
+        peer = self.find_peer(node)
+        t0 = time.perf_counter()
+        reply = await self.pool.request(peer.fingerprint, peer.addr,
+                                        lambda rid: proto.Ping(rid=rid, ts=time.time()), PING_TIMEOUT)
+        rtt = (time.perf_counter() - t0) * 1000
+        if not isinstance(reply, proto.Pong):
+            raise ControlError(f"{peer.name} answered {type(reply).__name__} to a ping")
+        return {"node": reply.name, "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
+                "rtt_ms": round(rtt, 3)}
+
+    async def _op_events(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = args.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ControlError("limit must be a positive whole number")
+        return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
+
+
+def _peer_row(s: proto.NodeStatus, addr: tuple[str, int], age: float, state: str) -> dict[str, Any]:
+    return {
+        "name": s.name, "fingerprint": s.fingerprint, "address": f"{addr[0]}:{addr[1]}", "state": state,
+        "cores": s.cores, "cpu_pct": s.cpu_pct, "cpu_per_core": list(s.cpu_per_core), "load1": s.load1,
+        "mem_total_mb": s.mem_total_mb, "mem_avail_mb": s.mem_avail_mb, "offered_cores": s.offered_cores,
+        "offered_mem_mb": s.offered_mem_mb, "spare_cores": s.spare_cores, "power": s.power,
+        "willingness": s.willingness, "battery_pct": s.battery_pct, "temp_c": s.temp_c,
+        "gpus": [{"name": g.name, "mem_total_mb": g.mem_total_mb, "mem_used_mb": g.mem_used_mb,
+                  "util_pct": g.util_pct} for g in s.gpus],
+        "labels": list(s.labels), "version": s.version, "uptime_s": s.uptime_s, "last_seen_s": round(age, 2),
+    }
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """SO_PEERCRED: only processes of the daemon's own user may use the control socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+    except OSError:
+        return False
+    return bool(uid == os.getuid())
+
+
+async def _socket_alive(path: Path) -> bool:
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

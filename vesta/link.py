@@ -1,0 +1,187 @@
+"""Peer links: authenticated TCP connections between daemons.
+
+Outbound, ``LinkPool`` keeps one connection per peer and multiplexes
+requests over it by request id (``rid``), so a request costs one round trip,
+not a new handshake. Inbound, ``serve`` runs the responder side of the
+handshake and hands each message to the daemon's handler in its own task.
+
+Every failure on an inbound link (handshake timeout or failure, bad frame,
+oversized frame, wrong key) closes that one connection and is counted; the
+daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from vesta import proto
+from vesta.crypto import FederationKeys
+from vesta.errors import AuthError, FrameTooLarge, PeerUnavailable, ProtocolError
+from vesta.identity import Identity
+from vesta.tasks import cancel_all, spawn
+from vesta.wire import Channel, handshake
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
+CONNECT_TIMEOUT = 3.0
+
+
+class _Link:
+    """One outbound connection and the requests waiting on it."""
+
+    def __init__(self, channel: Channel, on_close: Callable[[_Link], None]) -> None:
+        self.channel = channel
+        self.pending: dict[int, asyncio.Future[proto.Message]] = {}
+        self._on_close = on_close
+        self.reader = spawn(self._read(), f"link-reader-{channel.peer_fingerprint[:8]}")
+
+    async def _read(self) -> None:
+        error: Exception = PeerUnavailable("connection closed")
+        try:
+            while True:
+                msg = await self.channel.recv()
+                rid = getattr(msg, "rid", None)
+                fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        except (PeerUnavailable, ProtocolError) as exc:
+            error = exc if isinstance(exc, PeerUnavailable) else PeerUnavailable(f"link broken: {exc}")
+        finally:
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            self.pending.clear()
+            self._on_close(self)
+            await self.channel.close()
+
+
+class LinkPool:
+    """Outbound links to peers, one per fingerprint, created on first use."""
+
+    def __init__(self, keys: FederationKeys, identity: Identity, counters: Counter[str],
+                 handshake_timeout: float) -> None:
+        self.keys = keys
+        self.identity = identity
+        self.counters = counters
+        self.handshake_timeout = handshake_timeout
+        self._links: dict[str, _Link] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._rids = itertools.count(1)
+
+    async def _link(self, fingerprint: str, addr: tuple[str, int]) -> _Link:
+        link = self._links.get(fingerprint)
+        if link is not None:
+            return link
+        lock = self._connecting.setdefault(fingerprint, asyncio.Lock())
+        async with lock:
+            link = self._links.get(fingerprint)
+            if link is not None:
+                return link
+            channel = await self._connect(fingerprint, addr)
+            link = _Link(channel, lambda dead: self._forget(fingerprint, dead))
+            self._links[fingerprint] = link
+            return link
+
+    async def _connect(self, fingerprint: str, addr: tuple[str, int]) -> Channel:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(addr[0], addr[1])
+        except (OSError, TimeoutError) as exc:
+            raise PeerUnavailable(f"cannot connect to {addr[0]}:{addr[1]}: {exc or 'timed out'} "
+                                  "(is TCP port open on that machine?)") from exc
+        try:
+            session = await handshake(reader, writer, self.keys, self.identity.signing_key,
+                                      initiator=True, timeout=self.handshake_timeout)
+        except ProtocolError as exc:
+            writer.close()
+            self.counters["link_handshake_failed"] += 1
+            raise PeerUnavailable(f"handshake with {addr[0]}:{addr[1]} failed: {exc}") from exc
+        except PeerUnavailable:
+            writer.close()
+            raise
+        if session.peer_fingerprint != fingerprint:
+            writer.close()
+            self.counters["link_wrong_identity"] += 1
+            raise PeerUnavailable(f"{addr[0]}:{addr[1]} answered as {session.peer_fingerprint[:8]}, "
+                                  f"expected {fingerprint[:8]}")
+        self.counters["links_opened"] += 1
+        return Channel(reader, writer, session)
+
+    def _forget(self, fingerprint: str, dead: _Link) -> None:
+        if self._links.get(fingerprint) is dead:
+            del self._links[fingerprint]
+
+    async def request(self, fingerprint: str, addr: tuple[str, int],
+                      make: Callable[[int], proto.Message], timeout: float) -> proto.Message:
+        """Send ``make(rid)`` to the peer and wait for the reply carrying the same rid."""
+        link = await self._link(fingerprint, addr)
+        rid = next(self._rids)
+        fut: asyncio.Future[proto.Message] = asyncio.get_running_loop().create_future()
+        link.pending[rid] = fut
+        try:
+            await link.channel.send(make(rid))
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError as exc:
+            raise PeerUnavailable(f"no answer from peer {fingerprint[:8]} within {timeout:g}s") from exc
+        finally:
+            link.pending.pop(rid, None)
+
+    async def close(self) -> None:
+        links = list(self._links.values())
+        self._links.clear()
+        for link in links:
+            await link.channel.close()
+        await cancel_all({link.reader for link in links})
+
+
+async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, keys: FederationKeys,
+                identity: Identity, counters: Counter[str], handshake_timeout: float,
+                handler: Handler) -> None:
+    """Serve one inbound peer connection until it closes or misbehaves."""
+    peer = writer.get_extra_info("peername") or ("?", 0)
+    where = f"addr={peer[0]}:{peer[1]}"
+    counters["tcp_accepted"] += 1
+    try:
+        session = await handshake(reader, writer, keys, identity.signing_key, initiator=False,
+                                  timeout=handshake_timeout)
+    except (ProtocolError, PeerUnavailable) as exc:
+        counters["tcp_handshake_failed"] += 1
+        if isinstance(exc, AuthError):
+            counters["tcp_bad_auth"] += 1
+        log.info("dropped inbound connection %s: handshake failed: %s", where, exc)
+        writer.close()
+        return
+    channel = Channel(reader, writer, session)
+    where = f"peer={session.peer_fingerprint[:8]} {where}"
+    log.debug("link up %s", where)
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def answer(msg: proto.Message) -> None:
+        reply = await handler(msg, channel)
+        if reply is not None:
+            with contextlib.suppress(PeerUnavailable):
+                await channel.send(reply)
+
+    try:
+        while True:
+            msg = await channel.recv()
+            counters["link_messages"] += 1
+            spawn(answer(msg), f"answer-{type(msg).__name__}", tasks)
+    except PeerUnavailable:
+        pass
+    except ProtocolError as exc:
+        counters["tcp_bad_frames"] += 1
+        if isinstance(exc, FrameTooLarge):
+            counters["tcp_oversize"] += 1
+        log.warning("closed link %s: %s", where, exc)
+    finally:
+        await cancel_all(tasks)
+        await channel.close()

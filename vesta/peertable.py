@@ -1,0 +1,144 @@
+"""Known peers: what their last beacon said, when it came, and whether they are still there.
+
+A peer is *alive* while its beacons arrive, *suspect* after ``suspect_after``
+of its own beacon intervals without one, and removed after ``expire_after``.
+Peers are keyed by fingerprint, so a node that restarts (new ``boot``) or is
+renamed is the same peer. The table also remembers the newest (boot, seq)
+of every fingerprint it has seen, bounded, even after removal, so an old
+beacon replayed later cannot bring a peer back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from vesta.proto import Beacon, NodeStatus
+
+Clock = Callable[[], float]
+MAX_SEEN = 4096   # (boot, seq) memory across removals
+
+
+class Freshness(Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"   # the same beacon again (broadcast + unicast both reached us)
+    REPLAY = "replay"         # older than one already seen
+
+
+@dataclass(slots=True)
+class Peer:
+    status: NodeStatus
+    addr: tuple[str, int]          # TCP address to dial
+    disco: tuple[str, int]         # UDP address its beacons come from
+    interval: float                # its beacon interval, seconds
+    first_seen: float
+    last_seen: float
+    boot: int
+    beacons: int = 0
+    restarts: int = 0
+    suspect: bool = False
+
+    @property
+    def fingerprint(self) -> str:
+        return self.status.fingerprint
+
+    @property
+    def name(self) -> str:
+        return self.status.name
+
+
+@dataclass(slots=True)
+class Change:
+    """What an observation or a sweep did, for logging and the event feed."""
+
+    event: str     # joined | restarted | renamed | suspect | recovered | left
+    peer: Peer
+    detail: str = ""
+
+
+@dataclass
+class PeerTable:
+    suspect_after: int = 3
+    expire_after: int = 10
+    max_peers: int = 256
+    clock: Clock = time.monotonic
+    _peers: dict[str, Peer] = field(default_factory=dict)
+    _seen: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
+
+    def freshness(self, beacon: Beacon) -> Freshness:
+        """Compare a beacon's (boot, seq) with the newest seen from that node, and remember it."""
+        fp = beacon.status.fingerprint
+        mark = (beacon.boot, beacon.seq)
+        last = self._seen.get(fp)
+        if last is not None and mark <= last:
+            return Freshness.DUPLICATE if mark == last else Freshness.REPLAY
+        self._seen[fp] = mark
+        self._seen.move_to_end(fp)
+        while len(self._seen) > MAX_SEEN:
+            self._seen.popitem(last=False)
+        return Freshness.NEW
+
+    def observe(self, beacon: Beacon, source: tuple[str, int]) -> list[Change]:
+        """Record a fresh, authenticated beacon received from ``source`` (ip, port)."""
+        now = self.clock()
+        status = beacon.status
+        addr = (status.host or source[0], status.port)
+        disco = (source[0], status.dport)
+        interval = beacon.interval_ms / 1000.0
+        peer = self._peers.get(status.fingerprint)
+        if peer is None:
+            if len(self._peers) >= self.max_peers:
+                return []
+            peer = Peer(status, addr, disco, interval, now, now, beacon.boot, beacons=1)
+            self._peers[status.fingerprint] = peer
+            return [Change("joined", peer)]
+        changes: list[Change] = []
+        if beacon.boot != peer.boot:
+            peer.restarts += 1
+            changes.append(Change("restarted", peer))
+        if status.name != peer.status.name:
+            changes.append(Change("renamed", peer, f"{peer.status.name} -> {status.name}"))
+        if peer.suspect:
+            changes.append(Change("recovered", peer))
+        peer.status, peer.addr, peer.disco, peer.interval = status, addr, disco, interval
+        peer.last_seen, peer.boot, peer.suspect = now, beacon.boot, False
+        peer.beacons += 1
+        return changes
+
+    def sweep(self) -> list[Change]:
+        """Mark peers suspect or remove them, by how many of their own intervals they missed."""
+        now = self.clock()
+        changes: list[Change] = []
+        for fp, peer in list(self._peers.items()):
+            missed = (now - peer.last_seen) / peer.interval
+            if missed > self.expire_after:
+                del self._peers[fp]
+                changes.append(Change("left", peer, f"no beacon for {now - peer.last_seen:.1f}s"))
+            elif missed > self.suspect_after and not peer.suspect:
+                peer.suspect = True
+                changes.append(Change("suspect", peer, f"no beacon for {now - peer.last_seen:.1f}s"))
+        return changes
+
+    def get(self, fingerprint: str) -> Peer | None:
+        return self._peers.get(fingerprint)
+
+    def by_name(self, name: str) -> Peer | None:
+        for peer in self._peers.values():
+            if peer.name == name:
+                return peer
+        return None
+
+    def alive(self) -> list[Peer]:
+        return [p for p in self._peers.values() if not p.suspect]
+
+    def all(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self._peers
