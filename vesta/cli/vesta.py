@@ -189,3 +189,7 @@ def keygen(output: Path | None, as_json: bool) -> None:
 
 def main() -> NoReturn:
     run_command(cli, "vesta")
+
+
+if __name__ == "__main__":
+    main()

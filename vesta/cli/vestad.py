@@ -79,3 +79,7 @@ def cli(verbose: int, quiet: bool, **flags: Any) -> None:
 
 def main() -> NoReturn:
     run_command(cli, "vestad")
+
+
+if __name__ == "__main__":
+    main()
