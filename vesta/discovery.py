@@ -35,6 +35,7 @@ from vesta.config import Config, parse_seed
 from vesta.crypto import FederationKeys, fingerprint, open_beacon, seal_beacon, verify_signature
 from vesta.errors import AuthError, ProtocolError
 from vesta.identity import Identity
+from vesta.logs import WarnOnce
 from vesta.peertable import Change, Freshness, PeerTable
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ MAX_DATAGRAM = 16 * 1024       # bytes; a full beacon with 32 gossip entries is 
 MAX_GOSSIP_TARGETS = 64
 RESOLVE_EVERY = 30.0           # seconds between seed DNS look-ups
 INTERFACES_EVERY = 10.0        # seconds between interface scans (laptops change networks)
-MAX_WARNED = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,12 @@ def local_networks(bind: str) -> list[LocalNet]:
                 continue
             if specific is not None and specific not in net:
                 continue
-            nets.append(LocalNet(net, str(a.broadcast or net.broadcast_address)))
+            # An address added without `brd` has no broadcast address: getifaddrs (so psutil) then
+            # reports the address itself there, though the kernel still routes the subnet broadcast.
+            bcast = a.broadcast
+            if not bcast or bcast == a.address or ipaddress.IPv4Address(bcast) not in net:
+                bcast = str(net.broadcast_address)
+            nets.append(LocalNet(net, bcast))
     return nets
 
 
@@ -102,7 +107,7 @@ class Discovery(asyncio.DatagramProtocol):
         self._seeds: list[tuple[str, int]] = []
         self._seeds_at = -1e9
         self._gossip_targets: OrderedDict[tuple[str, int], float] = OrderedDict()
-        self._warned: set[tuple[str, str]] = set()
+        self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------ socket
 
@@ -270,15 +275,6 @@ class Discovery(asyncio.DatagramProtocol):
             self._gossip_targets.move_to_end(target)
             while len(self._gossip_targets) > MAX_GOSSIP_TARGETS:
                 self._gossip_targets.popitem(last=False)
-
-    def _warn_once(self, reason: str, source: str, fmt: str, *args: object) -> None:
-        key = (reason, source)
-        if key in self._warned:
-            log.debug(fmt, *args)
-            return
-        if len(self._warned) < MAX_WARNED:
-            self._warned.add(key)
-        log.warning("%s (further ones from this source are counted, not logged)", fmt % args)
 
 
 class _Drop(ProtocolError):

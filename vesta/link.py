@@ -24,10 +24,12 @@ from vesta import proto
 from vesta.crypto import FederationKeys
 from vesta.errors import AuthError, FrameTooLarge, PeerUnavailable, ProtocolError
 from vesta.identity import Identity
+from vesta.logs import WarnOnce
 from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel, handshake
 
 log = logging.getLogger(__name__)
+_handshake_warn = WarnOnce(log, logging.INFO)
 
 Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
 CONNECT_TIMEOUT = 3.0
@@ -156,7 +158,8 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
         counters["tcp_handshake_failed"] += 1
         if isinstance(exc, AuthError):
             counters["tcp_bad_auth"] += 1
-        log.info("dropped inbound connection %s: handshake failed: %s", where, exc)
+        _handshake_warn(type(exc).__name__, str(peer[0]), "dropped inbound connection %s: handshake failed: %s",
+                        where, exc)
         writer.close()
         return
     channel = Channel(reader, writer, session)

@@ -1,0 +1,232 @@
+"""Bad input from the network against a real vestad: each is dropped and counted, nothing breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from nacl.signing import SigningKey
+
+from tests.helpers import Cluster, Vestad, eventually
+from vesta import proto
+from vesta.crypto import derive_keys, fingerprint, seal_beacon
+from vesta.errors import PeerUnavailable, ProtocolError
+from vesta.wire import MAX_FRAME, Channel, handshake, pack_frame
+
+pytestmark = pytest.mark.integration
+
+
+def make_beacon(key: SigningKey, *, seq: int = 1, boot: int = 1, ts: float | None = None,
+                name: str = "forger", port: int = 9) -> proto.Beacon:
+    pub = bytes(key.verify_key)
+    status = proto.NodeStatus(
+        name=name, fingerprint=fingerprint(pub), host="127.0.0.1", port=port, dport=9, version="test",
+        cores=1, cpu_pct=0.0, cpu_per_core=(0,), load1=0.0, mem_total_mb=1, mem_avail_mb=1,
+        offered_cores=0.0, offered_mem_mb=0, spare_cores=0.0, power="grid", willingness=1.0)
+    return proto.Beacon(status=status, ts=time.time() if ts is None else ts, boot=boot, seq=seq,
+                        interval_ms=200, pubkey=pub)
+
+
+def counters(node: Vestad) -> dict[str, int]:
+    return dict(node.status()["counters"])
+
+
+def send_udp(port: int, *datagrams: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+@pytest.fixture
+def target(cluster: Cluster, tmp_path: Path) -> Vestad:
+    cfg = tmp_path / "node.json"
+    cfg.write_text(json.dumps({"handshake_timeout_s": 0.5}))
+    return cluster.add("target", args=["-config", str(cfg)])
+
+
+def test_garbage_truncated_oversized_and_wrong_key_datagrams(cluster: Cluster, target: Vestad) -> None:
+    keys = derive_keys(cluster.key)
+    good = seal_beacon(keys, SigningKey.generate(), proto.encode(make_beacon(SigningKey.generate())))
+    wrong = seal_beacon(derive_keys("some-other-federation-key"), SigningKey.generate(), b"x")
+    send_udp(cluster.dport,
+             b"", b"\x00", os.urandom(7), os.urandom(300),     # garbage and too short
+             good[:40], good[:-1],                              # truncated
+             bytes([good[0]]) + b"\x09" + good[2:],            # bad header version
+             wrong,                                             # wrong key
+             os.urandom(20_000))                                # oversized
+    c = eventually(lambda: (c := counters(target)).get("datagrams_received", 0) >= 9 and c, 3.0)
+    assert c["dropped_oversize"] == 1
+    assert c["dropped_bad_auth"] >= 3          # truncated tails and the wrong key fail authentication
+    assert c["dropped_malformed"] >= 4         # empty, one byte, garbage, bad header
+    assert target.peer_names() == set()
+    assert target.running()
+
+
+def test_forged_signature_and_mismatched_fingerprint(cluster: Cluster, target: Vestad) -> None:
+    keys = derive_keys(cluster.key)
+    owner, thief = SigningKey.generate(), SigningKey.generate()
+    # A key holder signs a beacon that claims someone else's identity.
+    claim = make_beacon(owner)
+    forged = seal_beacon(keys, thief, proto.encode(claim))
+    # A valid signature, but the status names another fingerprint.
+    beacon = make_beacon(thief)
+    wrong_fp = dataclasses.replace(beacon, pubkey=bytes(owner.verify_key))
+    mismatched = seal_beacon(keys, owner, proto.encode(wrong_fp))
+    send_udp(cluster.dport, forged, mismatched)
+    eventually(lambda: counters(target).get("dropped_bad_auth", 0) >= 2, 3.0)
+    assert target.peer_names() == set()
+
+
+def test_replayed_future_and_stale_beacons(cluster: Cluster, target: Vestad) -> None:
+    keys = derive_keys(cluster.key)
+    node = SigningKey.generate()
+
+    def sealed(**kw: object) -> bytes:
+        return seal_beacon(keys, node, proto.encode(make_beacon(node, **kw)))  # type: ignore[arg-type]
+
+    send_udp(cluster.dport, sealed(seq=5))
+    eventually(lambda: target.peer_names() == {"forger"}, 3.0)
+    first = sealed(seq=6)
+    send_udp(cluster.dport, first, first,              # the same datagram twice: a duplicate
+             sealed(seq=3),                            # older sequence: a replay
+             sealed(seq=7, boot=0),                    # an earlier boot: a replay
+             sealed(seq=8, ts=time.time() + 3600),     # an hour in the future
+             sealed(seq=9, ts=time.time() - 3600))     # an hour old
+    c = eventually(lambda: (c := counters(target)).get("dropped_stale") and c, 3.0)
+    assert c["duplicates"] >= 1
+    assert c["dropped_replay"] == 2
+    assert c["dropped_future"] == 1
+    assert c["dropped_stale"] == 1
+    assert "check the clocks" in target.log()
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def test_silent_half_and_oversized_tcp_connections(cluster: Cluster, target: Vestad) -> None:
+    port = target.status()["port"]
+    silent = _connect(port)                                   # connects and sends nothing
+    half = _connect(port)
+    half.sendall(struct.pack(">I", 100) + b"x" * 10)          # a hello that stops half way
+    huge = _connect(port)
+    huge.sendall(struct.pack(">I", MAX_FRAME + 1))             # oversized length prefix
+    garbage = _connect(port)
+    garbage.sendall(struct.pack(">I", 64) + os.urandom(64))   # a hello that is not sealed with our key
+    c = eventually(lambda: (c := counters(target)).get("tcp_handshake_failed", 0) >= 4 and c, 5.0,
+                   what="four failed handshakes")
+    assert c["tcp_bad_auth"] >= 1
+    for s in (silent, half, huge, garbage):
+        s.settimeout(3)
+        assert s.recv(1) == b""                               # the daemon closed each one
+        s.close()
+    assert target.running()
+
+
+async def test_malformed_and_oversized_frames_after_a_good_handshake(cluster: Cluster, target: Vestad) -> None:
+    keys = derive_keys(cluster.key)
+    port = target.status()["port"]
+    me = SigningKey.generate()
+
+    async def open_channel() -> Channel:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        session = await handshake(reader, writer, keys, me, initiator=True, timeout=3)
+        return Channel(reader, writer, session)
+
+    # A good request first: the link works.
+    ch = await open_channel()
+    await ch.send(proto.Ping(rid=1, ts=time.time()))
+    reply = await asyncio.wait_for(ch.recv(), 3)
+    assert isinstance(reply, proto.Pong) and reply.name == "target"
+    # A frame not sealed with the session key closes the link.
+    ch.writer.write(pack_frame(os.urandom(40)))
+    with pytest.raises((PeerUnavailable, ProtocolError)):
+        await asyncio.wait_for(ch.recv(), 3)
+    await ch.close()
+    # A sealed frame that is not a valid message gets the link closed too.
+    ch = await open_channel()
+    ch.writer.write(pack_frame(ch.session.send.seal(b"\xc1not msgpack")))
+    with pytest.raises((PeerUnavailable, ProtocolError)):
+        await asyncio.wait_for(ch.recv(), 3)
+    await ch.close()
+    # An oversized length prefix inside a good session.
+    ch = await open_channel()
+    ch.writer.write(struct.pack(">I", MAX_FRAME + 1))
+    with pytest.raises((PeerUnavailable, ProtocolError)):
+        await asyncio.wait_for(ch.recv(), 3)
+    await ch.close()
+    c = eventually(lambda: (c := counters(target)).get("tcp_bad_frames", 0) >= 3 and c, 3.0)
+    assert c["tcp_oversize"] == 1
+    assert c["link_messages"] >= 1
+    assert target.running()
+    # A legitimate identity checks the link still serves others afterwards.
+    ch = await open_channel()
+    await ch.send(proto.Ping(rid=2, ts=time.time()))
+    assert isinstance(await asyncio.wait_for(ch.recv(), 3), proto.Pong)
+    await ch.close()
+
+
+def test_flood_of_connections_and_datagrams_keeps_memory_bounded(cluster: Cluster, target: Vestad) -> None:
+    port = target.status()["port"]
+    rss_before = psutil.Process(target.pid).memory_info().rss
+    socks = []
+    for _ in range(100):  # more than the daemon's inbound limit; the extra ones are closed at once
+        try:
+            socks.append(_connect(port))
+        except OSError:
+            break
+    for _ in range(40):  # paced, so the kernel's receive buffer does not drop most of them
+        send_udp(cluster.dport, *(os.urandom(1000) for _ in range(50)))
+        time.sleep(0.01)
+    eventually(lambda: counters(target).get("tcp_rejected_busy", 0) >= 1, 5.0, what="busy rejections")
+    eventually(lambda: counters(target).get("dropped_malformed", 0) >= 1000, 5.0, what="datagram drops")
+    for s in socks:
+        s.close()
+    rss_after = psutil.Process(target.pid).memory_info().rss
+    assert rss_after - rss_before < 30 * 1024 * 1024
+    assert target.status()["name"] == "target"
+
+
+def test_control_socket_rejects_other_users(target: Vestad, cluster: Cluster) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another user")
+    sock_path = cluster.runtime_dir / "vestad-target.sock"
+    assert (sock_path.stat().st_mode & 0o777) == 0o600
+    # Loosen the file mode so only the peer-credential check stands in the way.
+    os.chmod(cluster.runtime_dir, 0o755)
+    os.chmod(sock_path, 0o666)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become nobody, try to talk to the daemon, report what happened
+        os.close(read_fd)
+        outcome = "answered"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(3)
+            s.connect(str(sock_path))
+            s.sendall(struct.pack(">I", 13) + b"\x81\xa2op\xa6status"[:13])
+            if s.recv(10) == b"":
+                outcome = "closed"
+        except (ConnectionResetError, BrokenPipeError):  # closed before or after our request: rejected
+            outcome = "closed"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            outcome = f"error {type(exc).__name__}: {exc}"
+        os.write(write_fd, outcome.encode())
+        os._exit(0)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd) as f:
+        outcome = f.read()
+    assert outcome == "closed", f"a process of another user was not turned away: {outcome}"
+    eventually(lambda: counters(target).get("control_rejected", 0) == 1, 3.0)
