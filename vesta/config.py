@@ -261,9 +261,13 @@ def read_key_file(path: Path, where: str) -> str:
     try:
         text = path.expanduser().read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}") from exc
+        fix = f"create it with `vesta keygen -o {path}`" if isinstance(exc, FileNotFoundError) else \
+            "check its permissions"
+        raise ConfigError(f"{where}: cannot read key file {path}: {exc.strerror}: {fix}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: key file {path} is not text") from exc
+    if not text:
+        raise ConfigError(f"{where}: key file {path} is empty: {KEY_HINT}")
     return text
 
 
@@ -304,16 +308,22 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
         path = Path(config_path).expanduser()
         for k, v in read_file(path).items():
             values[k], origin[k] = v, f"{path}: field {k!r}"
-    if "key_file" in values:
-        kf = _path(origin["key_file"], values.pop("key_file"))
-        values["key"], origin["key"] = read_key_file(kf, origin.pop("key_file")), f"key file {kf}"
-    if env.get("VESTA_KEY"):
+        if "key_file" in values:  # relative to the config file, like any path a user writes there
+            values["key_file"] = str(path.parent / _path(origin["key_file"], values["key_file"]))
+    # The key: the first of -key / -key-file, VESTA_KEY, the file's key / key_file. Only that one is read.
+    file_key_file = values.pop("key_file", None)
+    file_key_origin = origin.pop("key_file", "")
+    if flags.get("key"):
+        values["key"], origin["key"] = flags["key"], "-key"
+    elif flags.get("key_file"):
+        values["key"], origin["key"] = read_key_file(Path(flags["key_file"]), "-key-file"), "-key-file"
+    elif env.get("VESTA_KEY"):
         values["key"], origin["key"] = env["VESTA_KEY"], "VESTA_KEY"
+    elif "key" not in values and file_key_file is not None:
+        values["key"] = read_key_file(Path(file_key_file), file_key_origin)
+        origin["key"] = file_key_origin
     for k, v in flags.items():
-        if k == "config" or v is None:
-            continue
-        if k == "key_file":
-            values["key"], origin["key"] = read_key_file(Path(v), "-key-file"), f"key file {v}"
+        if k in ("config", "key", "key_file") or v is None:
             continue
         if k not in _CHECKS:
             raise ConfigError(f"unknown setting {k!r}")

@@ -113,12 +113,12 @@ class Daemon:
                               "check -bind and -port") from exc
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
+        self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
         try:
             await self.discovery.open()
         except OSError as exc:
             raise ConfigError(f"cannot open UDP discovery port {cfg.dport}: {exc.strerror}: "
                               "choose another with -dport (every node must use the same)") from exc
-        self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
         log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
