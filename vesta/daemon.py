@@ -354,7 +354,8 @@ class Daemon:
 
     async def _op_peers(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         now = time.monotonic()
-        rows = [_peer_row(self.node_status(), (self.cfg.bind, self.port), 0.0, "self")]
+        own = self.node_status()
+        rows = [_peer_row(own, (own.host or "*", self.port), 0.0, "self")]
         for p in sorted(self.table.all(), key=lambda p: p.name):
             rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
                         | {"restarts": p.restarts, "beacons": p.beacons})
