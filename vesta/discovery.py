@@ -106,7 +106,8 @@ class Discovery(asyncio.DatagramProtocol):
         self._nets_at = -1e9
         self._seeds: list[tuple[str, int]] = []
         self._seeds_at = -1e9
-        self._gossip_targets: OrderedDict[tuple[str, int], float] = OrderedDict()
+        # (ip, dport) -> (fingerprint, when last mentioned); dropped once that peer is in the table
+        self._gossip_targets: OrderedDict[tuple[str, int], tuple[str, float]] = OrderedDict()
         self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------ socket
@@ -174,8 +175,8 @@ class Discovery(asyncio.DatagramProtocol):
         for seed in self._seeds:
             out[seed] = None
         horizon = time.monotonic() - self.cfg.expire_after * max(self.cfg.beacon_interval, 1.0) * 6
-        for target, mentioned in list(self._gossip_targets.items()):
-            if mentioned < horizon:
+        for target, (fp, mentioned) in list(self._gossip_targets.items()):
+            if mentioned < horizon or fp in self.table:
                 del self._gossip_targets[target]
             else:
                 out[target] = None
@@ -271,7 +272,7 @@ class Discovery(asyncio.DatagramProtocol):
             if target not in self._gossip_targets:
                 log.info("learned of peer=%s addr=%s:%d by gossip from %s", entry.fingerprint[:8],
                          entry.host, entry.dport, msg.status.name)
-            self._gossip_targets[target] = now
+            self._gossip_targets[target] = (entry.fingerprint, now)
             self._gossip_targets.move_to_end(target)
             while len(self._gossip_targets) > MAX_GOSSIP_TARGETS:
                 self._gossip_targets.popitem(last=False)
