@@ -42,6 +42,7 @@ MAX_CONTROL_FRAME = 1 << 20   # control requests are small
 GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not every beacon
 MAX_EVENTS = 200
 PING_TIMEOUT = 5.0
+MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 
 
 class ControlError(VestaError):
@@ -254,7 +255,13 @@ class Daemon:
 
     async def _open_control(self) -> None:
         path = self.cfg.control_socket
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            raise ConfigError(f"control socket path {path} is longer than {MAX_SOCKET_PATH} bytes: "
+                              "set XDG_RUNTIME_DIR to a shorter directory, or use a shorter -name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {path.parent}: {exc.strerror}: check XDG_RUNTIME_DIR") from exc
         if path.exists() or path.is_symlink():
             if not path.is_socket() or path.is_symlink():
                 raise ConfigError(f"{path} exists and is not a socket: remove it, or use another -name")
