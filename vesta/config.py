@@ -8,6 +8,7 @@ silently fall back to a default).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -187,15 +188,24 @@ def _seeds(where: str, v: Any) -> tuple[str, ...]:
     return seeds
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_seed(seed: str, where: str = "seed", default_port: int = 7778) -> tuple[str, int]:
     """'host:port', '[v6]:port' or bare 'host' (discovery port assumed)."""
-    host, port_text = seed, ""
+    host, port_text, closed = seed, "", "]"
     if seed.startswith("["):
-        host, _, rest = seed[1:].partition("]")
+        host, closed, rest = seed[1:].partition("]")
         port_text = rest.removeprefix(":")
     elif seed.count(":") == 1:
         host, port_text = seed.split(":")
-    if not host or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
+    # A host with ':' must be an IPv6 address ("a:b:c" is a typo, not a host name).
+    if not host or not closed or not re.fullmatch(r"[A-Za-z0-9_.:-]+", host) or (":" in host and not _is_ipv6(host)):
         raise ConfigError(f"{where}: {seed!r} is not host:port (e.g. 192.168.1.20:7778)")
     if not port_text:
         return host, default_port

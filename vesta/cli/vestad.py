@@ -71,9 +71,9 @@ def cli(verbose: int, quiet: bool, **flags: Any) -> None:
         flags[name] = _to_int(name, flags[name])
     flags["seeds"] = ",".join(flags["seeds"]) or None
     flags["labels"] = ",".join(flags["labels"]) or None
+    cfg = load(flags)
     if flags.get("key"):
         log.warning("the key given with -key is visible to other users in `ps`; prefer -key-file or VESTA_KEY")
-    cfg = load(flags)
     asyncio.run(run(cfg))
 
 

@@ -1,0 +1,181 @@
+"""Every module imports alone (as python-zeroconf checks), and imports only flow downward."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vesta
+
+PACKAGE_DIR = Path(vesta.__file__).parent
+
+# Low -> high. A module imports from lower layers; within its own layer only along SAME_LAYER.
+# Modules named in STYLE.md but not written yet (ledger, records, executor, autopilot) have their place
+# already, so they land in the right layer when they arrive.
+LAYERS: list[set[str]] = [
+    {"vesta", "vesta.errors"},
+    {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs"},
+    {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records"},
+    {"vesta.discovery", "vesta.link", "vesta.executor"},
+    {"vesta.autopilot"},
+    {"vesta.daemon", "vesta.control"},
+    {"vesta.cli"},  # and every vesta.cli.* module
+]
+SAME_LAYER: dict[str, set[str]] = {
+    "vesta.wire": {"vesta.proto", "vesta.crypto"},   # frames carry messages and sealed sessions
+    "vesta.identity": {"vesta.crypto"},              # the fingerprint function
+    "vesta.budget": {"vesta.sysstat"},               # PowerInfo
+}
+# The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
+ONLY: dict[str, set[str]] = {
+    "vesta.control": {"vesta.config", "vesta.wire", "vesta.errors"},
+}
+
+
+def all_modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
+    return names
+
+
+MODULES = all_modules()
+
+
+def layer_of(module: str) -> int:
+    if module == "vesta.cli" or module.startswith("vesta.cli."):
+        return len(LAYERS) - 1
+    for rank, members in enumerate(LAYERS):
+        if module in members:
+            return rank
+    raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_imports.py (and STYLE.md)")
+
+
+def module_path(module: str) -> Path:
+    rel = Path(*module.split(".")[1:])
+    pkg = PACKAGE_DIR / rel / "__init__.py"
+    return pkg if pkg.exists() else (PACKAGE_DIR / rel).with_suffix(".py")
+
+
+def vesta_imports(module: str) -> set[str]:
+    """Every vesta module ``module`` imports, anywhere in the file (lazy imports included)."""
+    path = module_path(module)
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            # "from vesta import proto" imports the module vesta.proto; "from vesta import __version__" the package.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t == "vesta" or t.startswith("vesta."))
+    found.discard(module)
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert "vesta.daemon" in MODULES and "vesta.cli.vestad" in MODULES
+    for module in MODULES:
+        layer_of(module)
+
+
+def test_the_import_scanner_sees_known_edges() -> None:
+    """Guards the checker itself: it must find imports written in each style this package uses."""
+    assert {"vesta.proto", "vesta.crypto", "vesta.errors"} <= vesta_imports("vesta.wire")   # from vesta import proto
+    assert {"vesta", "vesta.sysstat", "vesta.link"} <= vesta_imports("vesta.daemon")        # __version__, modules
+    assert "vesta.cli.common" in vesta_imports("vesta.cli.vestad")
+    assert vesta_imports("vesta.errors") == set()
+
+
+def violations(module: str, targets: set[str]) -> list[str]:
+    """What is wrong with ``module`` importing ``targets``, per the layer rules above."""
+    rank = layer_of(module)
+    wrong = []
+    for target in sorted(targets):
+        if module in ONLY and target not in ONLY[module]:
+            wrong.append(f"{module} may import only {sorted(ONLY[module])}, not {target}")
+        elif module.startswith("vesta.cli.") and target.startswith("vesta.cli"):
+            continue  # the CLIs share vesta.cli.common
+        elif layer_of(target) == rank and target not in SAME_LAYER.get(module, set()):
+            wrong.append(f"{module} imports {target} from its own layer")
+        elif layer_of(target) > rank:
+            wrong.append(f"{module} (layer {rank}) imports {target} (higher layer {layer_of(target)})")
+    return wrong
+
+
+def test_the_rules_catch_violations() -> None:
+    assert violations("vesta.proto", {"vesta.daemon"})          # upward
+    assert violations("vesta.errors", {"vesta.proto"})          # upward by one
+    assert violations("vesta.crypto", {"vesta.proto"})          # same layer, not allowed
+    assert violations("vesta.control", {"vesta.daemon"})        # control stays clear of the daemon
+    assert violations("vesta.control", {"vesta.crypto"})
+    assert not violations("vesta.wire", {"vesta.proto", "vesta.crypto", "vesta.errors"})
+    assert not violations("vesta.daemon", {"vesta.discovery", "vesta.errors", "vesta"})
+    assert not violations("vesta.cli.vesta", {"vesta.cli.common", "vesta.control"})
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_flow_downward(module: str) -> None:
+    assert violations(module, vesta_imports(module)) == []
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
+    """Import every module in its own fresh interpreter, all at once to keep the suite fast."""
+    procs = {
+        m: subprocess.Popen([sys.executable, "-W", "error", "-c", f"import {m}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for m in MODULES
+    }
+    results = {}
+    for m, p in procs.items():
+        out, err = p.communicate(timeout=60)
+        results[m] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    yield results
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_imports_alone(module: str, imported_alone: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    proc = imported_alone[module]
+    assert proc.returncode == 0, f"import {module} failed:\n{proc.stderr}"
+    assert proc.stderr == "", proc.stderr
+
+
+_RECORD_IMPORTS = """
+import sys
+
+class Recorder:
+    seen = []
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        cls.seen.append(name)
+        return None
+
+sys.meta_path.insert(0, Recorder)
+import vesta.daemon
+heavy = sorted({n.split(".")[0] for n in Recorder.seen} & {"numpy", "pandas", "scipy", "torch"})
+print("numpy" in sys.modules, heavy)
+"""
+
+
+def test_daemon_does_not_import_numpy() -> None:
+    """The idle daemon stays small: no numpy even attempted at import (it may be missing, too)."""
+    proc = subprocess.run([sys.executable, "-c", _RECORD_IMPORTS], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "[]"], proc.stdout
