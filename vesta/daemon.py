@@ -72,7 +72,8 @@ class Daemon:
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._inbound: set[asyncio.Task[Any]] = set()
+        self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by MAX_INBOUND)
+        self._control: set[asyncio.Task[Any]] = set()   # control-socket clients (same user only)
         self._stopped = asyncio.Event()
         self._stopping = False
         self._servers: list[asyncio.Server] = []
@@ -138,6 +139,7 @@ class Daemon:
             server.close()
         await cancel_all(self._tasks)
         await cancel_all(self._inbound)
+        await cancel_all(self._control)
         if hasattr(self, "pool"):
             await self.pool.close()
         self._remove_socket()
@@ -287,7 +289,7 @@ class Daemon:
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._inbound.add(task)
+        self._control.add(task)
         try:
             if not _same_user(writer):
                 self.counters["control_rejected"] += 1
@@ -305,7 +307,7 @@ class Daemon:
         except PeerUnavailable:
             pass
         finally:
-            self._inbound.discard(task)
+            self._control.discard(task)
             writer.close()
 
     async def _dispatch(self, request: Any) -> dict[str, Any]:
