@@ -1,0 +1,417 @@
+"""exec: the path-proof allowlist, the scrubbed environment, and a runner that leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import resource
+import shlex
+import shutil
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vesta import execrun
+from vesta.errors import Refused
+from vesta.execrun import SAFE_PATH, Allowlist, ExecResult, make_workdir, remove_workdir, scrubbed_env
+
+
+def real_which(name: str) -> str:
+    found = shutil.which(name, path=SAFE_PATH)
+    assert found is not None, name
+    return os.path.realpath(found)
+
+
+TRUE = real_which("true")
+SH = real_which("sh")
+ENV = real_which("env")
+HEAD = real_which("head")
+
+
+def refusal(allowlist: Allowlist, argv0: str, cwd: Path) -> Refused:
+    with pytest.raises(Refused) as info:
+        allowlist.resolve(argv0, cwd)
+    return info.value
+
+
+def executable(path: Path, text: str = "#!/bin/sh\nexit 0\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    d = tmp_path / "job"
+    d.mkdir()
+    return d
+
+
+# ------------------------------------------------------------------------------------------- allowlist
+
+
+def test_allowed_name_resolves_to_its_real_file(job: Path) -> None:
+    allow = Allowlist(["true"])
+    assert allow.resolve("true", job) == TRUE
+    assert allow.resolve(TRUE, job) == TRUE
+    assert allow.resolve("/bin/true", job) == TRUE   # another spelling of the same file
+    assert allow.describe() == [f"true -> {TRUE}"]
+
+
+def test_a_copy_of_another_program_named_like_an_allowed_one_is_refused(job: Path) -> None:
+    allow = Allowlist(["true"])
+    shutil.copy(SH, job / "true")
+    err = refusal(allow, "./true", job)
+    assert err.reason == "not_allowed"
+    assert "'./true' is not in this node's exec_allowlist" in str(err)
+
+
+def test_a_symlink_named_like_an_allowed_program_but_leading_elsewhere_is_refused(job: Path) -> None:
+    (job / "true").symlink_to(SH)
+    assert refusal(Allowlist(["true"]), "./true", job).reason == "not_allowed"
+
+
+def test_another_file_at_an_absolute_path_is_refused(job: Path, tmp_path: Path) -> None:
+    other = executable(tmp_path / "x" / "true")
+    assert refusal(Allowlist(["true"]), str(other), job).reason == "not_allowed"
+
+
+def test_dotdot_is_allowed_only_when_it_reaches_the_allowed_file(job: Path, tmp_path: Path) -> None:
+    allow = Allowlist(["true"])
+    up = "../" * len(job.parts) + TRUE.lstrip("/")   # e.g. ../../../../usr/bin/true
+    assert up.startswith("../../")
+    assert allow.resolve(up, job) == TRUE
+
+    executable(tmp_path / "x" / "true")              # ../x/true from the job dir: a different file
+    assert refusal(allow, "../x/true", job).reason == "not_allowed"
+
+
+def test_a_symlink_to_the_allowed_file_is_that_file(job: Path) -> None:
+    (job / "true").symlink_to(TRUE)
+    assert Allowlist(["true"]).resolve("./true", job) == TRUE
+
+
+def test_a_hard_link_is_the_allowed_file_and_the_allowed_path_runs(job: Path, tmp_path: Path) -> None:
+    tool = executable(tmp_path / "tools" / "tool")
+    os.link(tool, job / "linked")
+    allow = Allowlist([str(tool)])
+    assert allow.resolve("./linked", job) == str(tool)   # never the job's own link
+
+    (job / "linked").unlink()
+    executable(job / "linked")                       # same name, different inode
+    assert refusal(allow, "./linked", job).reason == "not_allowed"
+
+
+def test_a_multi_call_binary_is_allowed_only_under_its_allowlisted_name(job: Path, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    busybox = executable(bindir / "busybox")
+    (bindir / "true").symlink_to("busybox")
+    (bindir / "sh").symlink_to("busybox")
+    allow = Allowlist(["true"], search_path=str(bindir))
+    assert allow.resolve("true", job) == str(busybox)
+    assert allow.resolve(str(bindir / "true"), job) == str(busybox)
+    for name in ("sh", str(bindir / "sh"), str(busybox)):
+        err = refusal(allow, name, job)
+        assert err.reason == "not_allowed" and "only when called as true" in str(err), name
+
+
+def test_a_non_executable_file_is_not_found(job: Path) -> None:
+    (job / "prog").write_text("#!/bin/sh\n")
+    (job / "prog").chmod(0o644)
+    assert refusal(Allowlist([]), "./prog", job).reason == "not_found"
+    assert refusal(Allowlist([]), str(job), job).reason == "not_found"   # a directory
+
+
+def test_a_missing_program_is_not_found_and_named(job: Path) -> None:
+    err = refusal(Allowlist(["true"]), "no-such-program-vesta", job)
+    assert err.reason == "not_found" and "no-such-program-vesta" in str(err)
+    err = refusal(Allowlist(["true"]), "./gone", job)
+    assert err.reason == "not_found" and "./gone" in str(err)
+
+
+def test_entries_that_resolve_to_nothing_are_missing_and_allow_nothing(job: Path) -> None:
+    allow = Allowlist(["true", "no-such-program-vesta", "/nonexistent/vesta", "bin/true", ""])
+    assert allow.missing == ["no-such-program-vesta", "/nonexistent/vesta", "bin/true", ""]
+    assert not allow.any and list(allow.allowed) == [TRUE]
+    assert "no-such-program-vesta (not found on this node: allows nothing)" in allow.describe()
+    assert refusal(allow, "no-such-program-vesta", job).reason == "not_found"
+
+
+def test_an_allowlist_of_only_missing_entries_allows_nothing(job: Path) -> None:
+    allow = Allowlist(["no-such-program-vesta"])
+    assert not allow.any
+    assert refusal(allow, "true", job).reason == "not_allowed"
+
+
+def test_an_empty_allowlist_allows_any_existing_program(job: Path) -> None:
+    allow = Allowlist([])
+    assert allow.any and allow.describe() == ["any program (exec_allowlist is empty)"]
+    assert allow.resolve("sh", job) == SH
+    script = executable(job / "mine")
+    assert allow.resolve("./mine", job) == str(script)
+    assert refusal(allow, "no-such-program-vesta", job).reason == "not_found"
+
+
+# ---------------------------------------------------------------------------------------------- runner
+
+
+class Collector:
+    """on_output that keeps every chunk, per stream."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.chunks: list[int] = []
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        self.data[stream] += data
+        self.chunks.append(len(data))
+
+    def text(self, stream: str) -> str:
+        return self.data[stream].decode()
+
+
+def env_for(workdir: Path) -> dict[str, str]:
+    return scrubbed_env(job_id="job-1", node="testnode", workdir=workdir)
+
+
+async def run_sh(script: str, cwd: Path, *, timeout: float | None = 10.0,
+                 **kwargs: object) -> tuple[ExecResult, Collector]:
+    out = Collector()
+    kwargs.setdefault("on_output", out)
+    async with asyncio.timeout(15):
+        result = await execrun.run(["sh", "-c", script], program=SH, cwd=cwd, env=env_for(cwd),
+                                   timeout=timeout, **kwargs)  # type: ignore[arg-type]
+    return result, out
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie waiting for init (which may not reap in a container)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split()[1] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return False
+
+
+async def wait_dead(pid: int, timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not dead(pid):
+            await asyncio.sleep(0.02)
+
+
+async def wait_file(path: Path, timeout: float = 5.0) -> int:
+    async with asyncio.timeout(timeout):
+        while not path.exists() or not path.read_text().strip():
+            await asyncio.sleep(0.02)
+    return int(path.read_text())
+
+
+@pytest.fixture(params=["pidfd", "thread"])
+def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the runner learns of the exit: a pidfd, or (old kernels) a thread blocked in waitid."""
+    if request.param == "thread":
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(errno.ENOSYS, "pidfd_open is not available")
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    return str(request.param)
+
+
+async def test_output_is_captured_in_order_per_stream(job: Path) -> None:
+    result, out = await run_sh("echo a; echo b >&2; echo c; echo d >&2", job)
+    assert (result.exit_code, result.signal, result.reason) == (0, None, "")
+    assert out.text("stdout") == "a\nc\n"
+    assert out.text("stderr") == "b\nd\n"
+
+
+async def test_exit_code_is_reported(job: Path, exit_watch: str) -> None:
+    result, _ = await run_sh("exit 3", job)
+    assert (result.exit_code, result.signal, result.timed_out, result.cancelled) == (3, None, False, False)
+    assert result.reason == ""
+
+
+async def test_death_by_signal_is_reported(job: Path) -> None:
+    result, _ = await run_sh("kill -9 $$", job)
+    assert (result.exit_code, result.signal) == (None, 9)
+    assert result.reason == "killed by signal 9 (SIGKILL)"
+
+
+async def test_cpu_time_comes_from_wait4_and_includes_children(job: Path) -> None:
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\n"
+    result, _ = await run_sh(f"{shlex.quote(sys.executable)} -c {shlex.quote(busy)}; exit 0", job)
+    assert result.exit_code == 0
+    assert result.cpu_s >= 0.2           # the python was sh's child: waited for, so counted
+    assert result.max_rss_kb > 1000
+
+
+async def test_program_runs_as_resolved_with_argv0_kept_in_the_workdir_and_stdin_empty(job: Path) -> None:
+    async with asyncio.timeout(15):
+        out = Collector()
+        result = await execrun.run(["myname", "-c", 'echo "$0"; pwd; cat'], program=SH, cwd=job,
+                                   env=env_for(job), timeout=10, on_output=out)
+    assert result.exit_code == 0
+    assert out.text("stdout").splitlines() == ["myname", str(job)]
+
+
+async def test_timeout_kills_the_whole_group(job: Path, exit_watch: str) -> None:
+    script = """sh -c 'trap "" TERM; echo $$ > "$1"; exec sleep 60' grandchild "$PWD/gc.pid" &
+wait"""
+    start = time.monotonic()
+    result, _ = await run_sh(script, job, timeout=0.5, term_grace=0.5)
+    assert time.monotonic() - start < 0.5 + 0.5 + 2
+    assert result.timed_out and not result.cancelled
+    assert result.reason == "timed out after 0.5s"
+    assert result.signal == signal.SIGTERM   # the leader obeyed TERM; the grandchild got SIGKILL after it
+    await wait_dead(int((job / "gc.pid").read_text()))
+
+
+async def test_timeout_escalates_to_sigkill_after_the_grace(job: Path, exit_watch: str) -> None:
+    script = """trap '' TERM
+sh -c 'echo $$ > "$1"; exec sleep 60' grandchild "$PWD/gc.pid" &
+echo started
+wait"""
+    start = time.monotonic()
+    result, out = await run_sh(script, job, timeout=0.5, term_grace=0.3)
+    took = time.monotonic() - start
+    assert out.text("stdout") == "started\n"
+    assert 0.5 + 0.3 - 0.05 <= took < 0.5 + 0.3 + 2
+    assert result.timed_out and result.signal == signal.SIGKILL and result.exit_code is None
+    await wait_dead(int((job / "gc.pid").read_text()))
+
+
+async def test_cancel_event_stops_the_run_promptly(job: Path) -> None:
+    cancel = asyncio.Event()
+
+    def on_output(stream: str, data: bytes) -> None:
+        if b"ready" in data:
+            cancel.set()
+
+    start = time.monotonic()
+    result, _ = await run_sh("echo ready; exec sleep 60", job, on_output=on_output, cancel=cancel)
+    assert time.monotonic() - start < 2
+    assert result.cancelled and not result.timed_out and result.reason == "cancelled"
+    assert result.signal == signal.SIGTERM
+
+
+async def test_cancelling_the_caller_kills_the_group(job: Path, exit_watch: str) -> None:
+    task = asyncio.ensure_future(run_sh('sleep 60 & echo $! > "$PWD/bg.pid"; exec sleep 60', job))
+    pid = await wait_file(job / "bg.pid")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_dead(pid)
+    async with asyncio.timeout(3):   # the background reaper finishes
+        while execrun._CLEANUPS:
+            await asyncio.sleep(0.02)
+
+
+async def test_orphans_are_killed_on_normal_exit_without_hanging_on_their_pipe(job: Path, exit_watch: str) -> None:
+    start = time.monotonic()
+    result, _ = await run_sh('sleep 60 & echo $! > "$PWD/bg.pid"; exit 0', job)
+    assert time.monotonic() - start < 2       # the backgrounded sleep held stdout open
+    assert result.exit_code == 0 and result.reason == ""
+    await wait_dead(int((job / "bg.pid").read_text()))
+
+
+async def test_a_failing_output_callback_kills_the_run_and_is_raised(job: Path) -> None:
+    def on_output(stream: str, data: bytes) -> None:
+        raise RuntimeError("records are full")
+
+    with pytest.raises(RuntimeError, match="records are full"):
+        await run_sh('echo $$ > "$PWD/main.pid"; echo hi; exec sleep 60', job, on_output=on_output)
+    await wait_dead(int((job / "main.pid").read_text()))
+
+
+async def test_environment_is_scrubbed(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VESTA_KEY", "federation-secret")
+    out = Collector()
+    async with asyncio.timeout(15):
+        result = await execrun.run(["env"], program=ENV, cwd=job, env=env_for(job), timeout=10, on_output=out)
+    assert result.exit_code == 0
+    seen = dict(line.split("=", 1) for line in out.text("stdout").splitlines())
+    assert seen == {
+        "PATH": SAFE_PATH, "HOME": str(job), "TMPDIR": str(job / "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+        "VESTA_JOB_ID": "job-1", "VESTA_NODE": "testnode",
+    }
+    assert "federation-secret" not in out.text("stdout")
+    assert (job / "tmp").is_dir()
+
+
+def test_extra_environment_may_not_override_the_node_or_the_loader(job: Path) -> None:
+    env = scrubbed_env(job_id="j", node="n", workdir=job, extra={"OMP_NUM_THREADS": "2"})
+    assert env["OMP_NUM_THREADS"] == "2"
+    for name in ("LD_PRELOAD", "LD_LIBRARY_PATH", "GCONV_PATH", "PATH", "HOME", "VESTA_JOB_ID", "VESTA_KEY", "A=B"):
+        with pytest.raises(Refused) as info:
+            scrubbed_env(job_id="j", node="n", workdir=job, extra={name: "x"})
+        assert info.value.reason == "policy", name
+
+
+async def test_large_output_arrives_completely_through_an_async_callback(job: Path) -> None:
+    got = Collector()
+
+    async def on_output(stream: str, data: bytes) -> None:
+        await asyncio.sleep(0)   # the runner waits for us before reading more
+        got(stream, data)
+
+    async with asyncio.timeout(15):
+        result = await execrun.run(["head", "-c", "5000000", "/dev/zero"], program=HEAD, cwd=job,
+                                   env=env_for(job), timeout=10, on_output=on_output)
+    assert result.exit_code == 0
+    assert len(got.data["stdout"]) == 5_000_000 and not got.data["stdout"].strip(b"\0")
+    assert max(got.chunks) <= execrun.CHUNK
+
+
+async def test_preexec_runs_in_the_child(job: Path) -> None:
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    result, out = await run_sh("ulimit -n", job, preexec=limit_files)
+    assert result.exit_code == 0 and out.text("stdout") == "64\n"
+
+
+async def test_exec_failure_is_refused_as_not_found(job: Path) -> None:
+    (job / "plain").write_text("not a program")
+    for program in (str(job / "plain"), str(job / "absent")):
+        with pytest.raises(Refused) as info:
+            await execrun.run(["x"], program=program, cwd=job, env=env_for(job), timeout=5)
+        assert info.value.reason == "not_found", program
+
+
+# --------------------------------------------------------------------------------------------- workdir
+
+
+def test_make_workdir_is_private_unique_and_named_for_the_job(tmp_path: Path) -> None:
+    base = tmp_path / "jobs"
+    a = make_workdir(base, "../../etc/evil job")
+    b = make_workdir(base, "../../etc/evil job")
+    assert a != b and a.parent == base and b.parent == base
+    assert stat.S_IMODE(a.stat().st_mode) == 0o700
+    assert "/" not in a.name and "evil_job" in a.name
+    default = make_workdir(None, "j")
+    try:
+        assert stat.S_IMODE(default.stat().st_mode) == 0o700
+    finally:
+        remove_workdir(default)
+
+
+def test_remove_workdir_removes_a_tree_the_job_locked(tmp_path: Path) -> None:
+    work = make_workdir(tmp_path, "j")
+    (work / "ro" / "deeper").mkdir(parents=True)
+    (work / "ro" / "deeper" / "f").write_text("x")
+    (work / "ro" / "deeper").chmod(0o500)
+    (work / "ro").chmod(0o500)
+    (work / "locked").mkdir()
+    (work / "locked" / "g").write_text("y")
+    (work / "locked").chmod(0)
+    (work / "link").symlink_to(tmp_path)   # followed by nobody
+    remove_workdir(work)
+    assert not work.exists() and tmp_path.exists()
+    remove_workdir(work)                   # already gone: fine

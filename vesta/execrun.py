@@ -1,0 +1,580 @@
+"""Run a peer's command on this node: the program allowlist, and a runner that is safe for the host.
+
+The exec allowlist rule
+=======================
+
+An allowlist entry names a *file*, not a word. When the daemon starts, every
+entry of ``exec_allowlist`` is resolved once:
+
+- a bare name (``make``) is looked up in ``SAFE_PATH`` as ``execvp`` would:
+  the first directory that holds an executable regular file of that name;
+- an absolute path (``/opt/tools/bin/render``) is taken as written;
+- then every symlink is followed (``os.path.realpath``). The result, say
+  ``/usr/bin/make``, is the allowed file.
+
+An entry that resolves to nothing (or a relative path such as ``bin/make``,
+which has no directory to be relative to) is kept in ``Allowlist.missing``;
+the daemon warns about it and it allows nothing. Files installed or moved
+after start-up count from the next start.
+
+A peer's ``argv[0]`` is resolved exactly as the node is about to execute it:
+a bare name through ``SAFE_PATH``; anything containing ``/`` relative to the
+job's fresh working directory (or absolute); symlinks followed and ``..``
+taken on the real tree, as the kernel does. It must be an existing,
+executable regular file, else the request is refused with ``not_found``.
+It runs only if it *is* an allowed file: the same real path, or the same
+inode on the same device (a hard link is that file under another name, not
+a copy; its bytes cannot differ). The runner then executes the allowed
+file's own real path, never the peer's spelling again. So with ``make``
+allowed (``/usr/bin/make`` on this node):
+
+- ``make``, ``/usr/bin/make``, ``/bin/make`` (merged ``/usr``),
+  ``../../../usr/bin/make`` and a symlink or hard link named ``make`` that
+  leads to ``/usr/bin/make`` all run ``/usr/bin/make``;
+- ``./make``, ``/tmp/x/make`` or ``../bin/make`` that lead to any other file
+  (a copy, a script, a symlink to ``/bin/sh``) are refused with
+  ``not_allowed``, whatever they are called. Relative paths and ``..`` are
+  refused unless the file they reach is itself allowed.
+
+The name matters in one case. The program sees ``argv[0]`` as the peer wrote
+it, and multi-call programs (busybox, toybox, coreutils built as one binary)
+choose what to be from it: if ``true`` is ``/bin/busybox``, a peer asking for
+``/bin/sh`` reaches the very same file. Therefore, when an allowed file's own
+name differs from every name it was allowlisted under (``true`` ->
+``busybox``, ``python3`` -> ``python3.11``), the last component of the peer's
+``argv[0]`` must be one of those names (``python3``, ``./python3``,
+``/usr/bin/python3``; not ``python3.11``). When the names agree (``make`` ->
+``/usr/bin/make``) the file is enough.
+
+The seed matched the *basename* of the requested program against the list.
+That was dropped on purpose: a basename match lets ``./make`` -- a script the
+job wrote and called make -- run anything.
+
+What the allowlist cannot do:
+
+- It checks the program, not what the program does with its arguments.
+  Allowing an interpreter or anything that runs code or other programs it is
+  given (``python3``, ``sh``, ``perl``, ``node``, ``make``, ``env``,
+  ``xargs``, ``find``, ``nice``, ``timeout``, ``busybox``, ``ssh``) allows
+  every program.
+- It pins the file, not its contents: there is nothing to swap between the
+  check and ``exec`` (the runner executes the checked real path, PATH and
+  symlinks are not looked at again), but whoever can write the allowed file
+  or its directory decides what runs. Allow only files in directories that
+  only root (or the node owner) can write.
+- An empty ``exec_allowlist`` with ``allow_exec`` on means any program at all
+  (``Allowlist.any``); it still has to exist and be executable.
+
+The runner
+==========
+
+``run()`` starts the program without a shell, stdin from ``/dev/null``, in
+its own session (so its own process group, pgid == pid), with the
+environment it is given (build it with ``scrubbed_env``: nothing of the
+daemon's own environment, which may hold ``VESTA_KEY``). On timeout or cancel
+the whole group gets SIGTERM, ``term_grace`` seconds later SIGKILL; and when
+the main process ends for any reason, whatever is left of its group is
+SIGKILLed while the dead leader still pins the group id (it is reaped only
+afterwards, so the id cannot have been reused). The exit status and CPU time
+come from ``wait4``: user+system time of the process and of the descendants
+it waited for. Orphans killed at the end are reaped by init, not by us, so
+their CPU time is not counted. A process that leaves the group (``setsid``,
+a daemonizing program) escapes the group kill; only a cgroup or a sandbox
+(bubblewrap, DESIGN.md) can hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from vesta.errors import Refused
+from vesta.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH jobs see and programs are looked up in
+CHUNK = 64 * 1024           # bytes per on_output call at most
+OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
+_NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
+
+# Set by the node, never by a caller's ``extra``.
+_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE"})
+# Variables that change how the dynamic loader or libc behave (glibc's "unsecure" list): with them, an
+# allowlisted binary would load code of the job's choosing.
+_LOADER_ENV = frozenset({
+    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE", "NIS_PATH",
+    "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR",
+})
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
+
+
+# ---------------------------------------------------------------------------------------------- allowlist
+
+
+def _executable_file(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
+
+
+def _search(name: str, search_path: str) -> str | None:
+    """First executable regular file called ``name`` in ``search_path``, as execvp finds it.
+
+    Unlike execvp, empty or relative components are skipped: they would mean the job's own directory.
+    """
+    for directory in search_path.split(os.pathsep):
+        if directory and os.path.isabs(directory):
+            candidate = os.path.join(directory, name)
+            if _executable_file(candidate):
+                return candidate
+    return None
+
+
+def _real_executable(path: str) -> str | None:
+    try:
+        real = os.path.realpath(path, strict=True)
+    except (OSError, ValueError):
+        return None
+    return real if _executable_file(real) else None
+
+
+class Allowlist:
+    """Programs peers may run. Built once from config ``exec_allowlist`` at daemon start (rule: module doc)."""
+
+    def __init__(self, entries: Sequence[str], search_path: str = SAFE_PATH) -> None:
+        self.entries = tuple(entries)
+        self.search_path = search_path
+        self.any = not self.entries        # allow_exec without a list: the owner allows every program
+        self.missing: list[str] = []       # entries that resolve to nothing here; they allow nothing
+        names: dict[str, set[str]] = {}
+        for entry in self.entries:
+            real = self._resolve_entry(entry)
+            if real is None:
+                self.missing.append(entry)
+            else:
+                names.setdefault(real, set()).add(os.path.basename(entry))
+        # real path of each allowed file -> the names it was allowlisted under
+        self.allowed: dict[str, frozenset[str]] = {path: frozenset(n) for path, n in names.items()}
+
+    def _resolve_entry(self, entry: str) -> str | None:
+        if not entry or "\0" in entry:
+            return None
+        if "/" not in entry:
+            found = _search(entry, self.search_path)
+            return None if found is None else _real_executable(found)
+        return _real_executable(entry) if os.path.isabs(entry) else None
+
+    def resolve(self, argv0: str, cwd: Path) -> str:
+        """The real path the node will execute for ``argv0`` run in ``cwd``; ``Refused`` if it may not."""
+        real = self._locate(argv0, cwd)
+        if self.any:
+            return real
+        match = self._match(real)
+        if match is None:
+            raise Refused(f"{argv0!r} is not in this node's exec_allowlist (it is {real}; allowed: "
+                          f"{', '.join(self.names()) or 'nothing'})", reason="not_allowed")
+        path, names = match
+        if os.path.basename(path) not in names and os.path.basename(argv0) not in names:
+            raise Refused(f"{argv0!r} is not in this node's exec_allowlist ({path} is allowed only when "
+                          f"called as {' or '.join(sorted(names))})", reason="not_allowed")
+        return path
+
+    def _locate(self, argv0: str, cwd: Path) -> str:
+        if not argv0 or "\0" in argv0:
+            raise Refused(f"program {argv0!r} is not a valid program name", reason="not_found")
+        if "/" not in argv0:
+            found = _search(argv0, self.search_path)
+            if found is None:
+                raise Refused(f"program {argv0!r} not found on this node (looked in {self.search_path})",
+                              reason="not_found")
+        else:
+            found = os.path.join(os.path.abspath(cwd), argv0)   # an absolute argv0 replaces cwd
+        try:
+            real = os.path.realpath(found, strict=True)
+        except (OSError, ValueError) as exc:
+            raise Refused(f"program {argv0!r} not found on this node", reason="not_found") from exc
+        if not _executable_file(real):
+            raise Refused(f"program {argv0!r} ({real}) is not an executable file", reason="not_found")
+        return real
+
+    def _match(self, real: str) -> tuple[str, frozenset[str]] | None:
+        names = self.allowed.get(real)
+        if names is not None:
+            return real, names
+        try:
+            st = os.stat(real)
+        except OSError:
+            return None
+        for path, names in self.allowed.items():
+            try:
+                allowed = os.stat(path)     # now, not at start: an inode number freed by an upgrade is reused
+            except OSError:
+                continue
+            if (allowed.st_dev, allowed.st_ino) == (st.st_dev, st.st_ino):
+                return path, names          # a hard link: run the allowed path itself, not the job's link
+        return None
+
+    def names(self) -> list[str]:
+        return sorted(n for names in self.allowed.values() for n in names)
+
+    def describe(self) -> list[str]:
+        """One line per allowed program, then the missing entries (for status output)."""
+        if self.any:
+            return ["any program (exec_allowlist is empty)"]
+        lines = [f"{' / '.join(sorted(names))} -> {path}" for path, names in sorted(self.allowed.items())]
+        lines += [f"{entry} (not found on this node: allows nothing)" for entry in self.missing]
+        return lines
+
+
+# ---------------------------------------------------------------------------------- environment, workdir
+
+
+def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment a job sees: nothing is inherited from the daemon (it may hold VESTA_KEY).
+
+    ``extra`` may not set the node's own variables (PATH, HOME, TMPDIR, VESTA_*) nor loader variables
+    (LD_*, GCONV_PATH, ...), which would let an allowlisted binary load code of the job's choosing.
+    """
+    tmp = workdir / "tmp"
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    env = {
+        "PATH": SAFE_PATH,
+        "HOME": str(workdir),
+        "TMPDIR": str(tmp),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "VESTA_JOB_ID": job_id,
+        "VESTA_NODE": node,
+    }
+    for name, value in (extra or {}).items():
+        if not _ENV_NAME.fullmatch(name) or "\0" in value:
+            raise Refused(f"environment variable {name!r} is not a valid name=value", reason="policy")
+        if name in _FIXED_ENV or name.startswith(("LD_", "VESTA_")) or name in _LOADER_ENV:
+            raise Refused(f"environment variable {name} may not be set by a job", reason="policy")
+        env[name] = value
+    return env
+
+
+def make_workdir(base: Path | None, job_id: str) -> Path:
+    """A fresh private directory (0700) for one run, under ``base`` or the system temp dir."""
+    safe = _UNSAFE_NAME_CHARS.sub("_", job_id)[:48].strip("._") or "job"
+    if base is not None:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"vesta-{safe}-", dir=base))
+
+
+def remove_workdir(path: Path) -> None:
+    """rm -rf ``path``, also where the job took away its own permissions; failures are logged."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.is_dir():
+        return
+    stack = [str(path)]
+    while stack:   # give every directory back u+rwx, top-down, so rmtree can list and empty it
+        directory = stack.pop()
+        try:
+            os.chmod(directory, 0o700)
+            with os.scandir(directory) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log.warning("could not remove job directory %s completely", path)
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int | None      # None when killed by a signal
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    elapsed_s: float
+    cpu_s: float               # user+sys from wait4 rusage (the process and its waited-for descendants)
+    max_rss_kb: int
+    reason: str                # "" on a normal exit, else a one-line why
+
+
+def _start(argv: Sequence[str], program: str, cwd: Path, env: Mapping[str, str],
+           preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            list(argv), executable=program, cwd=cwd, env=dict(env),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            close_fds=True, pass_fds=(), start_new_session=True, preexec_fn=preexec,
+        )
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = "not_found" if exc.errno in _NOT_FOUND_ERRNOS else "exec_failed"
+        raise Refused(f"cannot start {argv[0]!r}: {exc.strerror}{where}", reason=reason) from exc
+    except ValueError as exc:   # a NUL byte in an argument or the environment
+        raise Refused(f"cannot start {argv[0]!r}: {exc}", reason="policy") from exc
+    except subprocess.SubprocessError as exc:   # preexec raised in the child
+        raise Refused(f"cannot start {argv[0]!r}: {exc}", reason="exec_failed") from exc
+
+
+class _ExitWatch:
+    """Learns that the child exited *without reaping it*, so its pid (and group id) stay pinned."""
+
+    def __init__(self, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+        self._pidfd = -1
+        self._thread: asyncio.Future[Any] | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):   # kernel < 5.3 or a seccomp filter: a thread blocks in waitid
+            self._thread = asyncio.ensure_future(
+                asyncio.to_thread(os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT))
+            self._thread.add_done_callback(self._thread_done)
+        else:
+            loop.add_reader(self._pidfd, self._readable)
+
+    def _readable(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def _thread_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:   # ECHILD: reaped elsewhere; wait4 says so
+            log.debug("waitid failed: %s", fut.exception())
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+async def _pump(pipe: IO[bytes], name: str, on_output: OutputCallback | None) -> None:
+    """Read one stream to EOF in chunks; an async callback is awaited before the next read (backpressure)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=CHUNK)   # the transport pauses once 2 x CHUNK are buffered
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while data := await reader.read(CHUNK):
+            if on_output is not None:
+                pending = on_output(name, data)
+                if inspect.isawaitable(pending):
+                    await pending
+    finally:
+        transport.close()
+
+
+_CLEANUPS: set[asyncio.Task[Any]] = set()   # reapers of runs whose caller was cancelled
+
+
+class _Running:
+    """One started child: its exit watch, output readers and the group kill."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], on_output: OutputCallback | None) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.pid = proc.pid          # == its process group id (start_new_session)
+        self.watch = _ExitWatch(proc.pid)
+        self.readers = [
+            asyncio.ensure_future(_pump(proc.stdout, "stdout", on_output)),
+            asyncio.ensure_future(_pump(proc.stderr, "stderr", on_output)),
+        ]
+        self.status: int | None = None
+        self.rusage: resource.struct_rusage | None = None
+        self.reaped = False
+        self.finished = False
+
+    def killpg(self, sig: int) -> None:
+        """Signal the whole group. Only called before the leader is reaped, while its pid pins the group id."""
+        assert not self.reaped
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:   # every member left is someone else's (a setuid program)
+            log.warning("cannot signal process group %d", self.pid)
+
+    def reap(self) -> None:
+        """wait4 the leader; it has exited (the watch said so), so this does not block."""
+        if self.reaped:
+            return
+        self.reaped = True
+        self.watch.close()
+        try:
+            _, self.status, self.rusage = os.wait4(self.pid, 0)
+        except ChildProcessError:
+            log.warning("exit status of pid %d was taken by someone else", self.pid)
+            self.proc.returncode = -1
+        else:
+            self.proc.returncode = os.waitstatus_to_exitcode(self.status)   # Popen must not wait for it
+
+    async def supervise(self, started: float, timeout: float | None, cancel: asyncio.Event | None,
+                        term_grace: float) -> ExecResult:
+        deadline = None if timeout is None else started + timeout
+        cancel_wait = None if cancel is None else asyncio.ensure_future(cancel.wait())
+        watching: set[asyncio.Future[Any]] = {self.watch.exited, *self.readers}
+        if cancel_wait is not None:
+            watching.add(cancel_wait)
+        timed_out = cancelled = False
+        failure: BaseException | None = None
+        try:
+            while not self.watch.exited.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    timed_out = True
+                    break
+                done, _ = await asyncio.wait(watching, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if self.watch.exited.done():
+                    break
+                if cancel_wait is not None and cancel_wait in done:
+                    cancelled = True
+                    break
+                for reader in self.readers:
+                    if reader in done:   # EOF on one stream, or the callback raised
+                        watching.discard(reader)
+                        failure = failure or (None if reader.cancelled() else reader.exception())
+                if failure is not None:
+                    break
+        finally:
+            if cancel_wait is not None:
+                cancel_wait.cancel()
+        if not self.watch.exited.done():
+            if failure is None:
+                self.killpg(signal.SIGTERM)
+                await asyncio.wait({self.watch.exited}, timeout=term_grace)
+            self.killpg(signal.SIGKILL)
+            await self.watch.exited
+        elapsed = time.monotonic() - started
+        self.killpg(signal.SIGKILL)   # orphans left in the group: they must not outlive the job
+        self.reap()
+        failure = failure or await self.drain()
+        self.finished = True
+        if failure is not None:
+            raise failure
+        return self.result(elapsed, timeout, timed_out, cancelled)
+
+    async def drain(self) -> BaseException | None:
+        """Let the readers reach EOF (the group is dead, so they do) within a bound; close the pipes."""
+        done, pending = await asyncio.wait(self.readers, timeout=OUTPUT_DRAIN_S)
+        if pending:
+            log.warning("output of pid %d still open %.0fs after its group was killed "
+                        "(a process left the group?); output cut", self.pid, OUTPUT_DRAIN_S)
+            for reader in pending:
+                reader.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        self.close_pipes()
+        for reader in done:
+            if not reader.cancelled() and reader.exception() is not None:
+                return reader.exception()
+        return None
+
+    def close_pipes(self) -> None:
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def result(self, elapsed: float, timeout: float | None, timed_out: bool, cancelled: bool) -> ExecResult:
+        exit_code = sig = None
+        cpu = 0.0
+        rss = 0
+        if self.rusage is not None:
+            cpu = self.rusage.ru_utime + self.rusage.ru_stime
+            rss = int(self.rusage.ru_maxrss)   # KiB on Linux
+        if self.status is None:
+            reason = "exit status lost (the process was reaped by someone else)"
+        elif os.WIFSIGNALED(self.status):
+            sig = os.WTERMSIG(self.status)
+            reason = f"killed by signal {sig} ({_signame(sig)})"
+        else:
+            exit_code = os.WEXITSTATUS(self.status)
+            reason = ""
+        if timed_out:
+            reason = f"timed out after {timeout:g}s"
+        elif cancelled:
+            reason = "cancelled"
+        return ExecResult(exit_code=exit_code, signal=sig, timed_out=timed_out, cancelled=cancelled,
+                          elapsed_s=elapsed, cpu_s=cpu, max_rss_kb=rss, reason=reason)
+
+    def abandon(self) -> None:
+        """The caller was cancelled (or supervise broke): kill the group now, reap in the background."""
+        if self.finished:
+            return
+        self.finished = True
+        if not self.reaped:
+            self.killpg(signal.SIGKILL)
+        for reader in self.readers:
+            reader.cancel()
+        spawn(self._cleanup(), name=f"exec-reap-{self.pid}", tasks=_CLEANUPS)
+
+    async def _cleanup(self) -> None:
+        try:
+            await self.watch.exited   # SIGKILLed: soon
+            if not self.reaped:
+                self.killpg(signal.SIGKILL)
+            await asyncio.wait(self.readers, timeout=OUTPUT_DRAIN_S)
+        finally:
+            if not self.reaped:
+                self.reap()           # blocks only if the loop is shutting down before the kill landed
+            self.close_pipes()
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "unknown"
+
+
+async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
+              timeout: float | None, on_output: OutputCallback | None = None,
+              cancel: asyncio.Event | None = None, term_grace: float = 2.0,
+              preexec: Callable[[], None] | None = None) -> ExecResult:
+    """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
+
+    ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
+    as it arrives. Never raises for the program's own failure: ``Refused`` only if it cannot be started
+    (reason ``not_found`` for ENOENT/EACCES and kin, ``exec_failed`` otherwise, ``policy`` for NUL bytes).
+    An exception from ``on_output`` kills the group and is re-raised once the child is reaped.
+    """
+    if not argv:
+        raise ValueError("argv is empty")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+    started = time.monotonic()
+    proc = _start(argv, program, cwd, env, preexec)
+    try:
+        job = _Running(proc, on_output)
+    except BaseException:   # could not watch it: do not leave it running unsupervised
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    try:
+        return await job.supervise(started, timeout, cancel, term_grace)
+    except BaseException:
+        job.abandon()
+        raise
