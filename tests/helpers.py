@@ -81,7 +81,7 @@ class Vestad:
 
     def __init__(self, name: str, key: str, dport: int, state_dir: Path, runtime_dir: Path,
                  args: Sequence[str] = (), netns: str | None = None, interval_ms: int = 200,
-                 bind: str | None = "127.0.0.1", port: int = 0) -> None:
+                 bind: str | None = "127.0.0.1", port: int = 0, cpus: str | None = None) -> None:
         self.name = name
         self.key = key
         self.dport = dport
@@ -92,6 +92,7 @@ class Vestad:
         self.interval_ms = interval_ms
         self.bind = bind
         self.port = port
+        self.cpus = cpus          # e.g. "0": pin the daemon (taskset) as if it were a one-core machine
         self.log_path = runtime_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -109,6 +110,8 @@ class Vestad:
         if self.bind:
             cmd += ["-bind", self.bind]
         cmd += self.args
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", self.cpus] + cmd
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns] + cmd
         return cmd
@@ -192,6 +195,22 @@ class Vestad:
             os.kill(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+
+def idle_proc(root: Path, cores: int = 2, mem_total_mb: int = 8192, mem_avail_mb: int = 6144) -> Path:
+    """A /proc fixture of an idle machine (static counters: 0 % busy) for a daemon's -proc-root.
+
+    On this 2-core test machine every process shares the cores, so "a peer machine that is idle"
+    cannot be real; this makes it so, for the daemon that plays the peer.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [f"cpu  {100 * cores} 0 {100 * cores} {10000 * cores} 0 0 0 0 0 0"]
+    lines += [f"cpu{i} 100 0 100 10000 0 0 0 0 0 0" for i in range(cores)]
+    (root / "stat").write_text("\n".join(lines) + "\n")
+    (root / "meminfo").write_text(f"MemTotal: {mem_total_mb * 1024} kB\nMemFree: {mem_avail_mb * 1024} kB\n"
+                                  f"MemAvailable: {mem_avail_mb * 1024} kB\n")
+    (root / "loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
+    return root
 
 
 class Cluster:

@@ -20,9 +20,10 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs"},
-    {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records"},
+    {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun"},
     {"vesta.discovery", "vesta.link", "vesta.executor"},
     {"vesta.autopilot"},
+    {"vesta.jobs"},
     {"vesta.daemon", "vesta.control"},
     {"vesta.cli"},  # and every vesta.cli.* module
 ]

@@ -110,7 +110,9 @@ def test_envelope_is_version_kind_body() -> None:
 
 def test_kinds_are_stable_wire_numbers() -> None:
     # Append only: changing these numbers breaks every deployed node.
-    assert [(k.name, k.value) for k in Kind] == [("BEACON", 1), ("PING", 2), ("PONG", 3), ("ERROR", 4)]
+    assert [(k.name, k.value) for k in Kind] == [
+        ("BEACON", 1), ("PING", 2), ("PONG", 3), ("ERROR", 4), ("OFFER", 5), ("ACCEPT", 6), ("REFUSE", 7),
+        ("PROGRESS", 8), ("OUTPUT", 9), ("RESULT", 10), ("CANCEL", 11)]
 
 
 def test_decoded_beacon_uses_tuples_and_part_types() -> None:
@@ -488,3 +490,60 @@ def test_fuzz_one_beacon_field(path: str, value: object) -> None:
     body = beacon_body()
     _set(body, path, value)
     _check_outcome(pack(int(Kind.BEACON), body))
+
+
+# ---------------------------------------------------------------- job messages
+
+def test_job_messages_round_trip() -> None:
+    msgs: list[proto.Message] = [
+        proto.Offer(rid=3, job_id="jabc123", kind="cpu", chunk=2, iterations=5 * proto.CPU_UNIT, start=1, count=4,
+                    submitter="desk"),
+        proto.Offer(rid=4, job_id="jabc123", kind="mem", mib=512, ms=5000),
+        proto.Offer(rid=5, job_id="jabc123", kind="exec", argv=("piwork", "20"), timeout_s=60.0),
+        proto.Accept(rid=3, node="pi4"),
+        proto.Refuse(rid=3, reason="capacity", message="busy"),
+        proto.Progress(rid=3, done=1000),
+        proto.Output(rid=5, stream="stderr", data=b"\x00\xffpartial line"),
+        proto.Result(rid=3, ok=True, node="pi4", hostname="pi4.lan", digests=(b"\x01" * 32, b"\x02" * 32),
+                     iterations=2_000_000, elapsed_s=1.5, cpu_s=1.4),
+        proto.Result(rid=5, ok=True, node="pi4", exit_code=3),
+        proto.Result(rid=5, ok=False, node="pi4", signal=9, error="timed out after 5s"),
+        proto.Cancel(rid=3),
+    ]
+    for msg in msgs:
+        assert proto.decode(proto.encode(msg)) == msg
+
+
+@pytest.mark.parametrize("bad", [
+    dict(kind="gpu"),                                          # unknown kind
+    dict(job_id="../etc"),                                     # job id with path characters
+    dict(kind="cpu", iterations=0, count=1),                   # empty job
+    dict(kind="cpu", iterations=proto.CPU_UNIT, start=1, count=1),   # units beyond the job
+    dict(kind="cpu", iterations=10, count=0),                  # empty chunk
+    dict(kind="mem", mib=0, ms=1),
+    dict(kind="mem", mib=proto.MAX_MEM_MIB + 1, ms=1),
+    dict(kind="exec", argv=()),                                # no command
+    dict(kind="exec", argv=("",)),                             # empty program
+    dict(kind="exec", argv=("sh", "a\x00b")),                  # NUL inside an argument
+    dict(kind="exec", argv=("x",) * (proto.MAX_ARGV + 1)),
+    dict(kind="exec", argv=("x", "y" * (proto.MAX_ARG + 1))),
+    dict(kind="exec", argv=("true",), timeout_s=-1.0),
+])
+def test_bad_offers_are_protocol_errors(bad: dict[str, object]) -> None:
+    base: dict[str, object] = {"rid": 1, "job_id": "j1", "kind": "cpu", "iterations": 10, "count": 1}
+    base.update(bad)
+    with pytest.raises(ProtocolError):
+        proto.decode(proto.encode(proto.Offer(**base)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("msg", [
+    proto.Refuse(rid=1, reason="because"),
+    proto.Output(rid=1, stream="stdin", data=b""),
+    proto.Output(rid=1, stream="stdout", data=b"x" * (proto.MAX_OUTPUT_CHUNK + 1)),
+    proto.Result(rid=1, ok=True, node="a", digests=(b"short",)),
+    proto.Result(rid=1, ok=True, node="a", exit_code=999),
+    proto.Accept(rid=1, node="bad name"),
+])
+def test_bad_job_replies_are_protocol_errors(msg: proto.Message) -> None:
+    with pytest.raises(ProtocolError):
+        proto.decode(proto.encode(msg))

@@ -78,6 +78,7 @@ class Config:
     spill_cpu_pct: int = 80          # local CPU % above which new work goes to peers
     allow_exec: bool = False         # let peers run commands here
     exec_allowlist: tuple[str, ...] = ()  # if non-empty, only these programs may be exec'd
+    exec_timeout_s: float = 3600.0   # an exec job without --timeout is stopped after this
     max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
     battery_min_pct: int = 15        # stop lending below this battery charge
     power: str = "auto"              # auto follows /sys/class/power_supply; or force grid|solar|battery
@@ -229,6 +230,7 @@ _CHECKS: dict[str, Check] = {
     "spill_cpu_pct": _int(1, 100),
     "allow_exec": _bool,
     "exec_allowlist": _str_list,
+    "exec_timeout_s": _float(1.0, 7 * 86400.0),
     "max_borrow_ratio": _float(0.0, 1000.0),
     "battery_min_pct": _int(0, 100),
     "power": _choice(*POWER_CHOICES),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,18 @@ class ControlClient:
     def connect(cls, name: str | None = None, directory: Path | None = None, timeout: float = 30.0) -> ControlClient:
         return cls(find_socket(name, directory), timeout)
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, on_event: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> Any:
+        """One request; events the daemon streams before its answer go to ``on_event``."""
         payload = msgpack.packb({"op": op, "args": args})
         try:
             self.sock.sendall(_HEADER.pack(len(payload)) + payload)
-            reply = msgpack.unpackb(self._read_frame(), raw=False)
+            while True:
+                reply = msgpack.unpackb(self._read_frame(), raw=False)
+                if isinstance(reply, dict) and "event" in reply:
+                    if on_event is not None:
+                        on_event(reply["event"])
+                    continue
+                break
         except TimeoutError as exc:
             raise PeerUnavailable(f"vestad did not answer {op!r} in time") from exc
         except OSError as exc:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -23,13 +24,15 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, proto, sysstat
+from vesta import __version__, execrun, executor, proto, sysstat
+from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
 from vesta.config import Config
 from vesta.crypto import derive_keys
 from vesta.discovery import Discovery
-from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, VestaError
+from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
 from vesta.identity import load_or_create
+from vesta.jobs import Emit, Host, JobFailed, Submitter, run_builtin
 from vesta.link import LinkPool, serve
 from vesta.peertable import Change, Peer, PeerTable
 from vesta.tasks import cancel_all, spawn
@@ -66,11 +69,21 @@ class Daemon:
         self.table = PeerTable(cfg.suspect_after, cfg.expire_after, cfg.max_peers)
         self.started_wall = time.time()
         self.started = time.monotonic()
-        self.cores = sysstat.cpu_count(cfg.proc_root)
+        # A daemon pinned with taskset lends, and measures the load of, only the cores it may use.
+        total = sysstat.cpu_count(cfg.proc_root)
+        self.allowed = sorted(c for c in os.sched_getaffinity(0) if c < total) or list(range(total))
+        self.cores = len(self.allowed)
         self.sampler = sysstat.CpuSampler(cfg.proc_root)
         self.cpu = self.sampler.sample()
+        self.hash_rate = 0.0
+        self.stress = executor.Stress()
+        self.allowlist = execrun.Allowlist(cfg.exec_allowlist)
+        self.host = Host(name=cfg.name, counters=self.counters, capacity=self._capacity, events=self._event,
+                         allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s)
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
+        self._status: proto.NodeStatus | None = None   # refreshed every beacon round
+        self._lent_in_sample = 0                        # chunks lent during the last CPU sample window
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by MAX_INBOUND)
         self._control: set[asyncio.Task[Any]] = set()   # control-socket clients (same user only)
@@ -78,11 +91,17 @@ class Daemon:
         self._stopping = False
         self._servers: list[asyncio.Server] = []
         self._socket_inode: int | None = None
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+        self._ops: dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]] = {
             "status": self._op_status,
             "peers": self._op_peers,
             "ping": self._op_ping,
             "events": self._op_events,
+            "cpu": self._op_cpu,
+            "mem": self._op_mem,
+            "exec": self._op_exec,
+            "stress": self._op_stress,
+            "stop-stress": self._op_stop_stress,
+            "cancel": self._op_cancel,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -103,7 +122,7 @@ class Daemon:
         self.keys = await asyncio.to_thread(derive_keys, cfg.key)
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
-                                   self.node_status, self._on_change)
+                                   lambda: self._status or self.node_status(), self._on_change)
         await self._open_control()
         try:
             server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
@@ -116,6 +135,10 @@ class Daemon:
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
         self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
+        self.hash_rate = await asyncio.to_thread(executor.measure_hash_rate, 0.1)
+        self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
+                                   table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
+                                   counters=self.counters, run_local=self._run_local)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -126,6 +149,11 @@ class Daemon:
         log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
                  __version__, cfg.name, self.identity.fingerprint, self.keys.key_id, cfg.bind, self.port,
                  cfg.dport, cfg.control_socket)
+        if cfg.allow_exec:
+            log.warning("exec is ON: peers holding the federation key may run %s",
+                        ", ".join(self.allowlist.describe()) if cfg.exec_allowlist else "ANY command")
+            for entry in self.allowlist.missing:
+                log.warning("exec_allowlist entry %r matches no executable file: it allows nothing", entry)
         self._event("start", f"{cfg.name} started")
 
     async def stop(self) -> None:
@@ -135,6 +163,7 @@ class Daemon:
         self._stopping = True
         if hasattr(self, "discovery"):
             self.discovery.close()
+        self.stress.stop()
         for server in self._servers:
             server.close()
         await cancel_all(self._tasks)
@@ -155,12 +184,20 @@ class Daemon:
         info = sysstat.read_power(self.cfg.sys_root)
         return power_mode(self.cfg.power, info, self.cfg.battery_min_pct), info
 
+    def cpu_pct(self) -> float:
+        """Busy share of the cores this daemon may use."""
+        per_core = self.cpu.per_core_pct
+        if len(self.allowed) == len(per_core) or not per_core:
+            return min(100.0, max(0.0, self.cpu.total_pct))
+        mine = [per_core[c] for c in self.allowed if c < len(per_core)]
+        return min(100.0, max(0.0, sum(mine) / len(mine))) if mine else self.cpu.total_pct
+
     def node_status(self) -> proto.NodeStatus:
         """Our own status, as the next beacon will carry it."""
         cfg = self.cfg
         mem = sysstat.read_meminfo(cfg.proc_root)
         mode, info = self.power()
-        offer = compute_offer(cores=self.cores, cpu_pct=self.cpu.total_pct, mem_total_mb=mem.total_mb,
+        offer = compute_offer(cores=self.cores, cpu_pct=self.cpu_pct(), mem_total_mb=mem.total_mb,
                               mem_avail_mb=mem.available_mb, cpu_offer_pct=cfg.cpu_offer_pct,
                               reserve_pct=cfg.reserve_pct, mem_offer_mb=cfg.mem_offer_mb,
                               willingness=mode.willingness)
@@ -174,7 +211,7 @@ class Daemon:
             dport=cfg.dport,
             version=__version__,
             cores=self.cores,
-            cpu_pct=round(min(100.0, max(0.0, self.cpu.total_pct)), 1),
+            cpu_pct=round(self.cpu_pct(), 1),
             cpu_per_core=tuple(int(round(min(100.0, max(0.0, p)))) for p in self.cpu.per_core_pct),
             load1=round(sysstat.read_loadavg(cfg.proc_root)[0], 2),
             mem_total_mb=mem.total_mb,
@@ -190,12 +227,52 @@ class Daemon:
                        for g in self.gpus[: proto.MAX_GPUS]),
             labels=cfg.labels,
             uptime_s=round(time.monotonic() - self.started, 1),
+            hash_rate=round(self.hash_rate, 1),
+            exec_allowed=cfg.allow_exec,
+            running=self.host.lent_running,
         )
+
+    def _capacity(self) -> tuple[int, int]:
+        """(chunks this node would run for peers now, MiB it offers): the owner's load comes first."""
+        status = self._status or self.node_status()
+        busy = self.cores * status.cpu_pct / 100.0
+        if self.stress.active:  # the owner asked for these cores: count them before the next sample shows it
+            busy = max(busy, float(min(self.stress.cores, self.cores)))
+        # Our own lent chunks are in the measured load too (even one that just ended): not the owner's.
+        owner_busy = max(0.0, busy - max(self.host.lent_running, self._lent_in_sample))
+        headroom = self.cores * (100 - self.cfg.reserve_pct) / 100.0 - owner_busy
+        slots = min(int(status.offered_cores + 0.5), int(headroom + 0.5))
+        return max(0, slots), status.offered_mem_mb
+
+    def views(self) -> list[NodeView]:
+        """This node and every live peer, as routing sees them."""
+        own = self._status or self.node_status()
+        out = [NodeView(self.identity.fingerprint, self.cfg.name, True, own.cores, own.cpu_pct, own.spare_cores,
+                        own.hash_rate, own.offered_mem_mb, own.exec_allowed)]
+        for p in self.table.alive():
+            s = p.status
+            out.append(NodeView(p.fingerprint, p.name, False, s.cores, s.cpu_pct, s.spare_cores, s.hash_rate,
+                                s.offered_mem_mb, s.exec_allowed, p.last_seen))
+        return out
+
+    async def _run_local(self, offer: proto.Offer, cancel: threading.Event, progress: Callable[[int], None],
+                         output: Callable[[str, bytes], Awaitable[None]]) -> proto.Result:
+        """A chunk of this node's own job, run here without a link (same admission rules for exec)."""
+        if offer.kind != "exec":
+            return await run_builtin(offer, cancel, self.cfg.name, progress)
+        refusal = self.host.admit(offer)
+        prepared = refusal or self.host.prepare_exec(offer)
+        if isinstance(prepared, proto.Refuse):
+            raise Refused(prepared.message, reason=prepared.reason)
+        return await self.host.run_exec(offer, prepared, cancel, output)
 
     async def _beacon_loop(self) -> None:
         interval = self.cfg.beacon_interval
         while True:
             self.cpu = self.sampler.sample()
+            self._lent_in_sample = self.host.take_peak()
+            self._status = None
+            self._status = self.node_status()
             try:
                 await self.discovery.send_once()
             except (OSError, VestaError) as exc:  # a bad round must not end discovery
@@ -233,12 +310,20 @@ class Daemon:
         try:
             await serve(reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
                         handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg)
+        except asyncio.CancelledError:
+            pass  # shutting down; asyncio 3.11 would log a cancelled connection task as an error
         finally:
             self._inbound.discard(task)
 
     async def _handle_peer_msg(self, msg: proto.Message, channel: Channel) -> proto.Message | None:
         if isinstance(msg, proto.Ping):
             return proto.Pong(rid=msg.rid, ts=msg.ts, name=self.cfg.name)
+        if isinstance(msg, proto.Offer):
+            await self.host.serve_offer(msg, channel)
+            return None
+        if isinstance(msg, proto.Cancel):
+            self.host.cancel(channel.peer_fingerprint, msg.rid)
+            return None
         rid = getattr(msg, "rid", 0)
         return proto.Error(rid=rid, reason="unsupported", message=f"{type(msg).__name__} is not a request")
 
@@ -303,14 +388,17 @@ class Daemon:
                 except (ValueError, msgpack.UnpackException):
                     await write_frame(writer, msgpack.packb({"ok": False, "error": "undecodable request"}))
                     return
-                await write_frame(writer, msgpack.packb(await self._dispatch(request)))
-        except PeerUnavailable:
+                async def emit(event: dict[str, Any]) -> None:
+                    await write_frame(writer, msgpack.packb({"event": event}))
+
+                await write_frame(writer, msgpack.packb(await self._dispatch(request, emit)))
+        except (PeerUnavailable, asyncio.CancelledError):
             pass
         finally:
             self._control.discard(task)
             writer.close()
 
-    async def _dispatch(self, request: Any) -> dict[str, Any]:
+    async def _dispatch(self, request: Any, emit: Emit) -> dict[str, Any]:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return {"ok": False, "error": "request must be a map with an 'op'"}
         op = self._ops.get(request["op"])
@@ -320,11 +408,11 @@ class Daemon:
         if not isinstance(args, dict):
             return {"ok": False, "error": "args must be a map"}
         try:
-            return {"ok": True, "result": await op(args)}
-        except VestaError as exc:
+            return {"ok": True, "result": await op(args, emit)}
+        except (VestaError, JobFailed) as exc:
             return {"ok": False, "error": str(exc), "type": type(exc).__name__}
 
-    async def _op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cfg = self.cfg
         status = self.node_status()
         mode, info = self.power()
@@ -358,10 +446,14 @@ class Daemon:
             "allow_exec": cfg.allow_exec,
             "exec_allowlist": list(cfg.exec_allowlist),
             "peers": {"alive": alive, "suspect": len(self.table) - alive},
+            "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
+            "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,
+                         "started": h.started} for h in self.host.running.values()],
+            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
             "counters": dict(sorted(self.counters.items())),
         }
 
-    async def _op_peers(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _op_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         now = time.monotonic()
         own = self.node_status()
         rows = [_peer_row(own, (own.host or "*", self.port), 0.0, "self")]
@@ -370,7 +462,7 @@ class Daemon:
                         | {"restarts": p.restarts, "beacons": p.beacons})
         return rows
 
-    async def _op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def _op_ping(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         node = args.get("node")
         if not isinstance(node, str) or not node:
             raise ControlError("ping needs a node name")
@@ -384,11 +476,82 @@ class Daemon:
         return {"node": reply.name, "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
                 "rtt_ms": round(rtt, 3)}
 
-    async def _op_events(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _op_events(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = args.get("limit", 50)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ControlError("limit must be a positive whole number")
         return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
+
+
+    async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        millions = args.get("millions")
+        if isinstance(millions, bool) or not isinstance(millions, (int, float)) or not 0 < millions <= 1e9:
+            raise ControlError("cpu needs a positive number of million iterations (e.g. vesta cpu 200)")
+        iterations = max(1, int(round(millions * 1_000_000)))
+        return await self._job("cpu", f"{millions:g}M iterations", self.submitter.run_cpu(
+            iterations, on=_opt_str(args, "on"), split=bool(args.get("split", True)), emit=emit))
+
+    async def _job(self, kind: str, what: str, run: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """Run a submitted job, with its start and end in the event feed."""
+        try:
+            result = await run
+        except JobFailed as exc:
+            self._event("job_failed", f"{kind} {what}: {exc}")
+            raise
+        nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
+        self._event("job_done", f"{result['job_id']} {kind} {what} on {nodes} in {result['elapsed_s']:.2f}s")
+        return result
+
+    async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        mib, ms = args.get("mib"), args.get("ms")
+        if isinstance(mib, bool) or not isinstance(mib, int) or not 0 < mib <= proto.MAX_MEM_MIB:
+            raise ControlError("mem needs a size in MiB from 1 (e.g. vesta mem 512 5000)")
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= 86_400_000:
+            raise ControlError("mem needs a hold time in milliseconds from 0 to 86400000")
+        return await self._job("mem", f"{mib} MiB", self.submitter.run_mem(mib, ms, on=_opt_str(args, "on"),
+                                                                          emit=emit))
+
+    async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+            raise ControlError("exec needs a command: vesta exec -- CMD ARGS...")
+        if len(argv) > proto.MAX_ARGV or any(len(a) > proto.MAX_ARG or "\x00" in a for a in argv):
+            raise ControlError(f"command too long: at most {proto.MAX_ARGV} arguments of {proto.MAX_ARG} bytes")
+        timeout = args.get("timeout") or 0.0
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
+            raise ControlError("--timeout must be from 1 to 604800 seconds")
+        return await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
+            argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=emit))
+
+    async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        cores, secs = args.get("cores", 0), args.get("secs")
+        if isinstance(cores, bool) or not isinstance(cores, int) or not 0 <= cores <= 4096:
+            raise ControlError("stress needs a number of cores (0 = all)")
+        if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 < secs <= 86400:
+            raise ControlError("stress needs a duration in seconds from 1 to 86400")
+        n = cores or self.cores
+        self.stress.start(n, float(secs))
+        self._event("stress", f"stressing {n} cores for {secs:g}s")
+        return {"cores": n, "secs": secs}
+
+    async def _op_stop_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {"stopped": await asyncio.to_thread(self.stress.stop)}
+
+    async def _op_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        job_id = _opt_str(args, "job_id")
+        if not job_id or not self.submitter.cancel(job_id):
+            running = ", ".join(self.submitter.jobs) or "none"
+            raise ControlError(f"no running job {job_id!r} submitted here (running: {running})")
+        return {"cancelled": job_id}
+
+
+def _opt_str(args: dict[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"{key} must be a non-empty string")
+    return value
 
 
 def _peer_row(s: proto.NodeStatus, addr: tuple[str, int], age: float, state: str) -> dict[str, Any]:

@@ -36,32 +36,63 @@ CONNECT_TIMEOUT = 3.0
 
 
 class _Link:
-    """One outbound connection and the requests waiting on it."""
+    """One outbound connection and the conversations (by rid) waiting on it."""
 
     def __init__(self, channel: Channel, on_close: Callable[[_Link], None]) -> None:
         self.channel = channel
-        self.pending: dict[int, asyncio.Future[proto.Message]] = {}
+        self.pending: dict[int, asyncio.Queue[proto.Message | PeerUnavailable]] = {}
+        self.closed = False
         self._on_close = on_close
         self.reader = spawn(self._read(), f"link-reader-{channel.peer_fingerprint[:8]}")
 
     async def _read(self) -> None:
-        error: Exception = PeerUnavailable("connection closed")
+        error = PeerUnavailable("connection closed")
         try:
             while True:
                 msg = await self.channel.recv()
                 rid = getattr(msg, "rid", None)
-                fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+                queue = self.pending.get(rid) if isinstance(rid, int) else None
+                if queue is not None:
+                    queue.put_nowait(msg)
         except (PeerUnavailable, ProtocolError) as exc:
             error = exc if isinstance(exc, PeerUnavailable) else PeerUnavailable(f"link broken: {exc}")
         finally:
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(error)
-            self.pending.clear()
+            self.closed = True
+            for queue in self.pending.values():
+                queue.put_nowait(error)
             self._on_close(self)
             await self.channel.close()
+
+
+class Stream:
+    """One request and every message the peer sends back for it (same rid)."""
+
+    def __init__(self, link: _Link, rid: int, peer: str) -> None:
+        self.link = link
+        self.rid = rid
+        self.peer = peer
+        self.queue: asyncio.Queue[proto.Message | PeerUnavailable] = asyncio.Queue()
+        link.pending[rid] = self.queue
+        if link.closed:
+            self.queue.put_nowait(PeerUnavailable("connection closed"))
+
+    async def send(self, msg: proto.Message) -> None:
+        await self.link.channel.send(msg)
+
+    async def next(self, timeout: float | None) -> proto.Message:
+        """The next message for this rid; PeerUnavailable if the link dies or nothing comes in time."""
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self.queue.get()
+        except TimeoutError as exc:
+            raise PeerUnavailable(f"no answer from peer {self.peer} within {timeout:g}s") from exc
+        if isinstance(item, PeerUnavailable):
+            self.queue.put_nowait(item)  # every later call sees the same end
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.link.pending.pop(self.rid, None)
 
 
 class LinkPool:
@@ -120,21 +151,26 @@ class LinkPool:
         if self._links.get(fingerprint) is dead:
             del self._links[fingerprint]
 
+    async def open(self, fingerprint: str, addr: tuple[str, int], make: Callable[[int], proto.Message],
+                   name: str = "") -> Stream:
+        """Send ``make(rid)`` and return the stream of the peer's answers; close() it when done."""
+        link = await self._link(fingerprint, addr)
+        stream = Stream(link, next(self._rids), name or fingerprint[:8])
+        try:
+            await stream.send(make(stream.rid))
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
     async def request(self, fingerprint: str, addr: tuple[str, int],
                       make: Callable[[int], proto.Message], timeout: float) -> proto.Message:
-        """Send ``make(rid)`` to the peer and wait for the reply carrying the same rid."""
-        link = await self._link(fingerprint, addr)
-        rid = next(self._rids)
-        fut: asyncio.Future[proto.Message] = asyncio.get_running_loop().create_future()
-        link.pending[rid] = fut
+        """Send ``make(rid)`` to the peer and wait for the one reply carrying the same rid."""
+        stream = await self.open(fingerprint, addr, make)
         try:
-            await link.channel.send(make(rid))
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError as exc:
-            raise PeerUnavailable(f"no answer from peer {fingerprint[:8]} within {timeout:g}s") from exc
+            return await stream.next(timeout)
         finally:
-            link.pending.pop(rid, None)
+            stream.close()
 
     async def close(self) -> None:
         links = list(self._links.values())

@@ -31,6 +31,17 @@ MAX_LABELS = 16
 MAX_LABEL = 32
 MAX_GOSSIP = 32          # peers listed per beacon; keeps a beacon near one UDP datagram
 MAX_REASON = 200
+MAX_ITERATIONS = 1 << 50          # per job; ~3.6e15 hashes is years of work
+CPU_UNIT = 1 << 20                # iterations per cpu unit (see vesta.executor)
+MAX_UNITS_PER_CHUNK = 1 << 16
+MAX_ARGV = 256                    # arguments of an exec job
+MAX_ARG = 4096                    # bytes per argument
+MAX_OUTPUT_CHUNK = 64 * 1024      # bytes of stdout/stderr per Output message
+MAX_MEM_MIB = 1 << 22
+JOB_KINDS = ("cpu", "mem", "exec")
+REFUSE_REASONS = ("capacity", "exec_disabled", "not_allowed", "not_found", "memory", "ledger", "hours",
+                  "policy", "busy", "invalid")
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 FINGERPRINT_HEX = 32     # 16 bytes of SHA-256(public key), hex
 POWER_MODES = ("grid", "solar", "battery")
 
@@ -45,6 +56,13 @@ class Kind(IntEnum):
     PING = 2
     PONG = 3
     ERROR = 4
+    OFFER = 5
+    ACCEPT = 6
+    REFUSE = 7
+    PROGRESS = 8
+    OUTPUT = 9
+    RESULT = 10
+    CANCEL = 11
 
 
 # ---------------------------------------------------------------- field checks
@@ -70,6 +88,19 @@ def _num(where: str, value: object, lo: float, hi: float) -> float:
     if not math.isfinite(value) or not lo <= value <= hi:
         raise ProtocolError(f"{where} out of range: {value!r}")
     return float(value)
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} must be true or false")
+    return value
+
+
+def check_job_id(where: str, value: object) -> str:
+    job = _str(where, value, 40, empty=False)
+    if not _JOB_ID_RE.match(job):
+        raise ProtocolError(f"{where} is not a job id: {job!r}")
+    return job
 
 
 def _list(where: str, value: object, max_len: int) -> list[Any]:
@@ -138,6 +169,9 @@ class NodeStatus:
     gpus: tuple[GpuInfo, ...] = ()
     labels: tuple[str, ...] = ()
     uptime_s: float = 0.0
+    hash_rate: float = 0.0    # cpu iterations per second of one core, measured at start-up
+    exec_allowed: bool = False
+    running: int = 0          # chunks running here for peers right now
 
     def validate(self) -> None:
         check_name("status.name", self.name)
@@ -168,6 +202,9 @@ class NodeStatus:
         for label in _list("status.labels", self.labels, MAX_LABELS):
             _str("status.labels[]", label, MAX_LABEL)
         _num("status.uptime_s", self.uptime_s, 0, 1e10)
+        _num("status.hash_rate", self.hash_rate, 0, 1e13)
+        _bool("status.exec_allowed", self.exec_allowed)
+        _int("status.running", self.running, 0, 1 << 20)
 
     def to_wire(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -302,8 +339,187 @@ class Error:
         _str("error.message", self.message, MAX_REASON)
 
 
-Message = Beacon | Ping | Pong | Error
-_BY_KIND: dict[Kind, type[Any]] = {cls.KIND: cls for cls in (Beacon, Ping, Pong, Error)}
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A chunk of a job proposed to a host (submitter -> host). The host answers Accept or Refuse,
+    then Progress/Output while it runs and one Result, all carrying the same rid."""
+
+    KIND: ClassVar[Kind] = Kind.OFFER
+    rid: int
+    job_id: str
+    kind: str                     # cpu | mem | exec
+    chunk: int = 0
+    iterations: int = 0           # cpu: the whole job's iterations (units are cut from it)
+    start: int = 0                # cpu: first unit of this chunk
+    count: int = 0                # cpu: units in this chunk
+    mib: int = 0                  # mem
+    ms: int = 0                   # mem
+    argv: tuple[str, ...] = ()    # exec
+    timeout_s: float = 0.0        # exec: 0 = the host's default
+    submitter: str = ""           # the submitter's node name, for the host's logs and records
+
+    def validate(self) -> None:
+        _int("offer.rid", self.rid, 0, 1 << 63)
+        check_job_id("offer.job_id", self.job_id)
+        if self.kind not in JOB_KINDS:
+            raise ProtocolError(f"offer.kind unknown: {self.kind!r}")
+        _int("offer.chunk", self.chunk, 0, 1 << 31)
+        if self.submitter:
+            check_name("offer.submitter", self.submitter)
+        if self.kind == "cpu":
+            _int("offer.iterations", self.iterations, 1, MAX_ITERATIONS)
+            _int("offer.count", self.count, 1, MAX_UNITS_PER_CHUNK)
+            _int("offer.start", self.start, 0, MAX_ITERATIONS)
+            if (self.start + self.count - 1) * CPU_UNIT >= self.iterations:
+                raise ProtocolError("offer units lie beyond the job's iterations")
+        elif self.kind == "mem":
+            _int("offer.mib", self.mib, 1, MAX_MEM_MIB)
+            _int("offer.ms", self.ms, 0, 86_400_000)
+        else:
+            argv = _list("offer.argv", self.argv, MAX_ARGV)
+            if not argv:
+                raise ProtocolError("offer.argv is empty")
+            for arg in argv:
+                _str("offer.argv[]", arg, MAX_ARG)
+                if "\x00" in arg:
+                    raise ProtocolError("offer.argv contains a NUL byte")
+            if not argv[0]:
+                raise ProtocolError("offer.argv[0] is empty")
+            _num("offer.timeout_s", self.timeout_s, 0, 7 * 86400)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Offer:
+        body = dict(body)
+        body["argv"] = tuple(_list("offer.argv", body.get("argv", []), MAX_ARGV))
+        return cast(Offer, _build(cls, body, "offer"))
+
+    def to_wire(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["argv"] = list(self.argv)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """The host admitted an offer and is running it (host -> submitter)."""
+
+    KIND: ClassVar[Kind] = Kind.ACCEPT
+    rid: int
+    node: str
+
+    def validate(self) -> None:
+        _int("accept.rid", self.rid, 0, 1 << 63)
+        check_name("accept.node", self.node)
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """The host declined an offer (host -> submitter); ``reason`` is one of REFUSE_REASONS."""
+
+    KIND: ClassVar[Kind] = Kind.REFUSE
+    rid: int
+    reason: str
+    message: str = ""
+
+    def validate(self) -> None:
+        _int("refuse.rid", self.rid, 0, 1 << 63)
+        if self.reason not in REFUSE_REASONS:
+            raise ProtocolError(f"refuse.reason unknown: {self.reason!r}")
+        _str("refuse.message", self.message, MAX_REASON)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Work done so far on a chunk (host -> submitter), at most a few per second."""
+
+    KIND: ClassVar[Kind] = Kind.PROGRESS
+    rid: int
+    done: int
+
+    def validate(self) -> None:
+        _int("progress.rid", self.rid, 0, 1 << 63)
+        _int("progress.done", self.done, 0, MAX_ITERATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A piece of an exec job's stdout or stderr (host -> submitter), in order."""
+
+    KIND: ClassVar[Kind] = Kind.OUTPUT
+    rid: int
+    stream: str
+    data: bytes
+
+    def validate(self) -> None:
+        _int("output.rid", self.rid, 0, 1 << 63)
+        if self.stream not in ("stdout", "stderr"):
+            raise ProtocolError(f"output.stream unknown: {self.stream!r}")
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_OUTPUT_CHUNK:
+            raise ProtocolError("output.data must be at most 64 KiB of bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """How a chunk ended (host -> submitter). ``ok`` false with ``error`` for failures of the run
+    itself (cancelled, out of memory); an exec program's own non-zero exit is ``ok`` with its code."""
+
+    KIND: ClassVar[Kind] = Kind.RESULT
+    rid: int
+    ok: bool
+    node: str
+    hostname: str = ""
+    digests: tuple[bytes, ...] = ()   # cpu: one 32-byte digest per unit
+    iterations: int = 0
+    elapsed_s: float = 0.0
+    cpu_s: float = 0.0
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str = ""
+
+    def validate(self) -> None:
+        _int("result.rid", self.rid, 0, 1 << 63)
+        _bool("result.ok", self.ok)
+        check_name("result.node", self.node)
+        _str("result.hostname", self.hostname, MAX_HOST)
+        for d in _list("result.digests", self.digests, MAX_UNITS_PER_CHUNK):
+            if not isinstance(d, bytes) or len(d) != 32:
+                raise ProtocolError("result.digests must be 32-byte digests")
+        _int("result.iterations", self.iterations, 0, MAX_ITERATIONS)
+        _num("result.elapsed_s", self.elapsed_s, 0, 1e9)
+        _num("result.cpu_s", self.cpu_s, 0, 1e12)
+        if self.exit_code is not None:
+            _int("result.exit_code", self.exit_code, -255, 255)
+        if self.signal is not None:
+            _int("result.signal", self.signal, 1, 128)
+        _str("result.error", self.error, MAX_REASON)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Result:
+        body = dict(body)
+        body["digests"] = tuple(_list("result.digests", body.get("digests", []), MAX_UNITS_PER_CHUNK))
+        return cast(Result, _build(cls, body, "result"))
+
+    def to_wire(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["digests"] = list(self.digests)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Stop the chunk started by the offer with this rid (submitter -> host)."""
+
+    KIND: ClassVar[Kind] = Kind.CANCEL
+    rid: int
+
+    def validate(self) -> None:
+        _int("cancel.rid", self.rid, 0, 1 << 63)
+
+
+Message = Beacon | Ping | Pong | Error | Offer | Accept | Refuse | Progress | Output | Result | Cancel
+_BY_KIND: dict[Kind, type[Any]] = {
+    cls.KIND: cls for cls in (Beacon, Ping, Pong, Error, Offer, Accept, Refuse, Progress, Output, Result, Cancel)
+}
 
 
 def _build(cls: type[Any], body: dict[str, Any], where: str) -> Any:

@@ -65,7 +65,8 @@ def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None
     """Run a click command so that every user error is one line and a known exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cmd.main(args=args, prog_name=prog, standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(N)'s code instead of exiting.
+        rc = cmd.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.NoSuchOption as exc:
         bad = unknown_flag(cmd, args) if not isinstance(cmd, click.Group) else None
         fail(prog, f"unknown flag {bad or exc.option_name!r}: see `{prog} -h`", EXIT_USAGE)
@@ -81,7 +82,7 @@ def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None
         fail(prog, "interrupted", 130)
     except BrokenPipeError:
         sys.exit(EXIT_OK)
-    sys.exit(EXIT_OK)
+    sys.exit(rc if isinstance(rc, int) else EXIT_OK)
 
 
 def stdout_console() -> Console:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 from rich import box
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vesta.cli.common import option_json, print_json, run_command, stdout_console
@@ -185,6 +187,168 @@ def keygen(output: Path | None, as_json: bool) -> None:
             click.echo(f"wrote a new federation key to {output}; start vestad with -key-file {output}")
         return
     print_json({"key": key}) if as_json else click.echo(key)
+
+
+class _Progress:
+    """A transient rich progress line, only on a terminal and never with --json."""
+
+    def __init__(self, total: float, label: str, show: bool) -> None:
+        self.show = show and sys.stdout.isatty()
+        self.total = total
+        self.label = label
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.show:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                TimeElapsedColumn(), transient=True, console=stdout_console())
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total)
+        return self
+
+    def event(self, ev: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if ev.get("type") == "start" and ev.get("nodes"):
+            self.bar.update(self.task, description=f"{self.label} on {', '.join(ev['nodes'])}")
+        elif ev.get("type") == "progress":
+            self.bar.update(self.task, completed=ev.get("done", 0))
+        elif ev.get("type") == "replaced":
+            self.bar.console.print(f"[yellow]chunk {ev['chunk']} moved off {ev['node']}: {ev['why']}[/]")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _rate(it_per_s: float) -> str:
+    return f"{it_per_s / 1e6:.1f} M it/s ({it_per_s * 64 / 1e9:.2f} GB/s)"
+
+
+@cli.command()
+@click.argument("millions", type=float)
+@click.option("--on", "-on", "on", help="Run on this node only (name or fingerprint prefix).")
+@click.option("--no-split", "-no-split", "no_split", is_flag=True, help="Keep the job on one node.")
+@option_json()
+@click.pass_context
+def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool, as_json: bool) -> None:
+    """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
+    if not 0 < millions <= 1e9:
+        raise ConfigError("MILLIONS must be a positive number of million iterations, e.g. vesta cpu 200")
+    with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
+        r = c.call("cpu", on_event=bar.event, millions=millions, on=on, split=not no_split)
+    if as_json:
+        print_json(r)
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("node", "host", "chunks", "iterations", "share", "busy", "rate"):
+        table.add_column(col, justify="left" if col in ("node", "host") else "right")
+    for p in r["parts"]:
+        table.add_row(p["node"], p["hostname"], str(p["chunks"]), f"{p['iterations'] / 1e6:.1f}M",
+                      f"{p['share_pct']:.0f}%", f"{p['busy_s']:.2f}s", _rate(p["rate"]))
+    con = stdout_console()
+    con.print(table)
+    con.print(f"job {r['job_id']}: {r['iterations'] / 1e6:g}M iterations in {r['elapsed_s']:.2f}s, "
+              f"{_rate(r['rate'])}, {r['chunks']} chunks")
+    con.print(f"digest {r['digest']}")
+
+
+@cli.command()
+@click.argument("mib", type=int)
+@click.argument("ms", type=int)
+@click.option("--on", "-on", "on", help="Run on this node only.")
+@option_json()
+@click.pass_context
+def mem(ctx: click.Context, mib: int, ms: int, on: str | None, as_json: bool) -> None:
+    """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
+    if mib <= 0 or ms < 0:
+        raise ConfigError("usage: vesta mem MIB MS, with MIB > 0 and MS >= 0 (e.g. vesta mem 512 5000)")
+    with _client(ctx) as c:
+        r = c.call("mem", mib=mib, ms=ms, on=on)
+    if as_json:
+        print_json(r)
+        return
+    click.echo(f"held {r['mib']} MiB for {r['ms']} ms on {r['node']} ({r['hostname']}); "
+               f"job {r['job_id']} took {r['elapsed_s']:.2f}s")
+
+
+@cli.command()
+@click.argument("cores", type=int)
+@click.argument("secs", type=float)
+@option_json()
+@click.pass_context
+def stress(ctx: click.Context, cores: int, secs: float, as_json: bool) -> None:
+    """Keep CORES cores of this machine busy for SECS seconds (0 = all), so new work spills to peers."""
+    with _client(ctx) as c:
+        r = c.call("stress", cores=cores, secs=secs)
+    if as_json:
+        print_json(r)
+    else:
+        click.echo(f"stressing {r['cores']} cores for {r['secs']:g}s (vesta stop-stress ends it)")
+
+
+@cli.command("stop-stress")
+@option_json()
+@click.pass_context
+def stop_stress(ctx: click.Context, as_json: bool) -> None:
+    """End a running `vesta stress` early."""
+    with _client(ctx) as c:
+        r = c.call("stop-stress")
+    if as_json:
+        print_json(r)
+    else:
+        click.echo("stress stopped" if r["stopped"] else "no stress was running")
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--timeout", "-timeout", type=float, help="Stop the command after this many seconds.")
+@click.option("--on", "-on", "on", help="Run on this node only.")
+@option_json()
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.pass_context
+def exec_(ctx: click.Context, timeout: float | None, on: str | None, as_json: bool, argv: tuple[str, ...]) -> None:
+    """Run a command on the best node that allows exec: vesta exec [--timeout S] -- CMD ARGS...
+
+    Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
+    """
+    if timeout is not None and not 0 < timeout <= 7 * 86400:
+        raise ConfigError("--timeout must be from 1 to 604800 seconds")
+    captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def event(ev: dict[str, Any]) -> None:
+        if ev.get("type") != "output":
+            return
+        data = bytes(ev["data"])
+        if as_json:
+            captured[ev["stream"]] += data
+            return
+        out = sys.stdout.buffer if ev["stream"] == "stdout" else sys.stderr.buffer
+        out.write(data)
+        out.flush()
+
+    with _client(ctx) as c:
+        r = c.call("exec", on_event=event, argv=list(argv), timeout=timeout, on=on)
+    code = r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0)
+    if as_json:
+        print_json(r | {k: v.decode("utf-8", "replace") for k, v in captured.items()})
+    elif r["reason"]:
+        click.echo(f"vesta: {' '.join(argv)} on {r['node']}: {r['reason']}", err=True)
+    ctx.exit(code)
+
+
+@cli.command()
+@click.argument("job_id")
+@option_json()
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """Stop a running job everywhere it runs."""
+    with _client(ctx) as c:
+        r = c.call("cancel", job_id=job_id)
+    if as_json:
+        print_json(r)
+    else:
+        click.echo(f"cancelled {r['cancelled']}")
 
 
 def main() -> NoReturn:

@@ -1,0 +1,104 @@
+"""`vesta exec` across real daemons: off by default, the allowlist holds, output streams, codes come back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BIN, Cluster, Vestad, eventually, tool
+
+pytestmark = pytest.mark.integration
+
+
+def exec_pair(cluster: Cluster, tmp_path: Path, *b_args: str) -> tuple[Vestad, Vestad]:
+    a = cluster.add("a")
+    b = cluster.add("b", args=list(b_args))
+    eventually(lambda: a.peer_names() == {"b"}, 5)
+    return a, b
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_exec_is_off_by_default(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = exec_pair(cluster, tmp_path)
+    out = a.vesta("exec", "--", "true")
+    assert out.returncode == 1
+    assert "no node allows exec (a: exec off, b: exec off): start a node with -allow-exec" in one_line(out.stderr)
+    out = a.vesta("exec", "--on", "b", "--", "true")
+    assert out.returncode == 1
+    assert "b: refused (exec_disabled: b does not allow exec (start it with -allow-exec))" in one_line(out.stderr)
+    assert b.status()["allow_exec"] is False
+    assert b.status()["counters"].get("offers_refused") == 1
+
+
+def test_allowlist_holds_against_path_tricks(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "exec_allowlist": ["true", str(BIN / "piwork")]}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    out = a.vesta("exec", "--", "true")
+    assert out.returncode == 0, out.stderr
+    # A decoy named like the allowed program, in a directory the peer controls.
+    decoy = tmp_path / "x"
+    decoy.mkdir()
+    shutil.copy("/bin/sh", decoy / "true")
+    (decoy / "link").mkdir()
+    os.symlink("/bin/sh", decoy / "link" / "true")
+    attempts = ["./true", str(decoy / "true"), str(decoy / "link" / "true"), "../../../../bin/sh", "sh",
+                "/bin/sh", "../true"]
+    for argv0 in attempts:
+        out = a.vesta("exec", "--on", "b", "--", argv0, "-c", "echo pwned")
+        assert out.returncode == 1, (argv0, out.stdout)
+        assert "pwned" not in out.stdout
+        line = one_line(out.stderr)
+        assert "refused (not_allowed" in line or "refused (not_found" in line, (argv0, line)
+    # piwork, allowlisted by its full path, runs and says which machine it ran on.
+    out = a.vesta("exec", "--", str(BIN / "piwork"), "2", "--seed", "5")
+    assert out.returncode == 0, out.stderr
+    assert socket.gethostname() in out.stdout and "pi ≈ 3.1" in out.stdout
+
+
+def test_exit_codes_output_and_no_secret_in_the_job(cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = exec_pair(cluster, tmp_path, "-allow-exec")
+    out = a.vesta("exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert out.returncode == 7
+    assert out.stdout == "out\n" and out.stderr == "err\n"
+    out = a.vesta("exec", "--json", "--", "env")
+    assert out.returncode == 0
+    r = json.loads(out.stdout)
+    assert r["node"] == "b" and r["exit_code"] == 0
+    env = dict(line.split("=", 1) for line in r["stdout"].splitlines() if "=" in line)
+    assert env["VESTA_NODE"] == "b" and env["VESTA_JOB_ID"] == r["job_id"]
+    assert "VESTA_KEY" not in env and cluster.key not in r["stdout"]
+    assert not Path(env["HOME"]).exists()    # the working directory is gone afterwards
+
+
+def test_output_streams_live_and_timeout_is_enforced(cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = exec_pair(cluster, tmp_path, "-allow-exec")
+    cmd = tool("vesta") + ["-name", "a", "exec", "--", "sh", "-c", "echo first; sleep 3; echo second"]
+    with subprocess.Popen(cmd, env=a.env, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            t0 = time.monotonic()
+            assert proc.stdout.readline() == "first\n"
+            assert time.monotonic() - t0 < 2.5, "the first line came only when the command ended"
+            assert proc.stdout.readline() == "second\n"
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    t0 = time.monotonic()
+    out = a.vesta("exec", "--timeout", "1", "--", "sh", "-c", "sleep 30")
+    assert time.monotonic() - t0 < 8
+    assert out.returncode == 143
+    assert "timed out after 1s" in out.stderr

@@ -1,0 +1,538 @@
+"""Jobs: the submitter's side (place chunks, re-place, merge) and the host's side (admit, run, report).
+
+Submitter: a job is cut into chunks (see ``autopilot``); each chosen node
+holds at most its slots of chunks at once and gets the next chunk when one
+finishes. A chunk that is refused, or whose node dies or drops the link, goes
+back to the queue and that node leaves this job; the job fails only when no
+node is left, with the reason of each. The submitting node is the last
+resort for its own cpu and mem work.
+
+Host: an Offer is admitted or refused (exec off, not allowed, no capacity,
+no memory), then run in a thread with a Progress heartbeat every
+``HEARTBEAT`` seconds and one Result; a Cancel or a dropped link stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vesta import autopilot, execrun, executor, proto
+from vesta.autopilot import Choice, NodeView
+from vesta.errors import PeerUnavailable, Refused, VestaError
+from vesta.link import LinkPool
+from vesta.peertable import PeerTable
+from vesta.wire import Channel
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = 0.5          # seconds between Progress messages from a host
+ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
+SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
+REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
+HOSTNAME = socket.gethostname()
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+OnOutput = Callable[[str, bytes], Awaitable[None]]
+RunLocal = Callable[[proto.Offer, threading.Event, Callable[[int], None], OnOutput], Awaitable[proto.Result]]
+
+
+class JobFailed(VestaError):
+    """No node could run the job; the message says why for each node."""
+
+
+def new_job_id() -> str:
+    return "j" + secrets.token_hex(5)
+
+
+@dataclass
+class ChunkOutcome:
+    node: NodeView
+    chunk: int
+    start: int
+    count: int
+    ok: bool = False
+    result: proto.Result | None = None
+    refused: str = ""        # refuse reason word
+    error: str = ""          # why it did not complete
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    replaced: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+class Submitter:
+    """Runs jobs submitted on this node."""
+
+    def __init__(self, *, name: str, fingerprint: str, pool: LinkPool, table: PeerTable,
+                 views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
+                 run_local: RunLocal) -> None:
+        self.name = name
+        self.fingerprint = fingerprint
+        self.pool = pool
+        self.table = table
+        self.views = views
+        self.spill_cpu_pct = spill_cpu_pct
+        self.counters = counters
+        self.run_local = run_local
+        self.debits = autopilot.Debits()
+        self.jobs: dict[str, Job] = {}
+
+    def cancel(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        job.cancel.set()
+        return True
+
+    def _pick(self, on: str | None) -> list[NodeView]:
+        views = self.views()
+        if on is None:
+            return views
+        match = [v for v in views if v.name == on or (len(on) >= 8 and v.fingerprint.startswith(on))]
+        if not match:
+            known = ", ".join(sorted(v.name for v in views))
+            raise JobFailed(f"no node named {on!r} (known: {known})")
+        return match
+
+    async def run_cpu(self, iterations: int, *, on: str | None, split: bool, emit: Emit) -> dict[str, Any]:
+        units = executor.units_for(iterations)
+        nodes = self._pick(on)
+        if on is not None:
+            choices = [Choice(n, max(1, autopilot.slots(n, self.debits))) for n in nodes]
+        else:
+            choices = autopilot.choose(nodes, spill_cpu_pct=self.spill_cpu_pct, units=units, split=split,
+                                       debits=self.debits)
+        total = sum(c.slots for c in choices)
+        chunks = autopilot.cut(units, total)
+        job = Job(new_job_id(), "cpu")
+        self.jobs[job.job_id] = job
+        await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
+                    "chunks": len(chunks), "nodes": [c.node.name for c in choices]})
+        t0 = time.perf_counter()
+
+        def offer(i: int, start: int, count: int) -> Callable[[int], proto.Offer]:
+            return lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="cpu", chunk=i, iterations=iterations,
+                                           start=start, count=count, submitter=self.name)
+
+        def refresh() -> list[Choice]:  # peers that became free after the job started may join it
+            return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
+                                    debits=self.debits)
+        splitting = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
+        try:
+            outcomes = await self._schedule(job, choices, chunks, offer, emit, allow_local_fallback=on is None,
+                                            refresh=refresh if splitting else None)
+        finally:
+            self.jobs.pop(job.job_id, None)
+        elapsed = time.perf_counter() - t0
+        digests: list[bytes] = []
+        for o in sorted(outcomes, key=lambda o: o.start):
+            assert o.result is not None
+            digests.extend(o.result.digests)
+        if len(digests) != units:
+            raise JobFailed(f"job {job.job_id}: got {len(digests)} of {units} unit digests")
+        parts: dict[str, dict[str, Any]] = {}
+        for o in outcomes:
+            assert o.result is not None
+            p = parts.setdefault(o.node.name, {"node": o.node.name, "hostname": o.result.hostname, "chunks": 0,
+                                               "units": 0, "iterations": 0, "busy_s": 0.0, "cpu_s": 0.0})
+            p["chunks"] += 1
+            p["units"] += o.count
+            p["iterations"] += o.result.iterations
+            p["busy_s"] += o.result.elapsed_s
+            p["cpu_s"] += o.result.cpu_s
+        for p in parts.values():
+            p["rate"] = p["iterations"] / p["busy_s"] if p["busy_s"] else 0.0
+            p["share_pct"] = 100.0 * p["iterations"] / iterations
+        return {"job_id": job.job_id, "kind": "cpu", "iterations": iterations, "units": units,
+                "chunks": len(outcomes), "digest": executor.job_digest(digests), "elapsed_s": elapsed,
+                "rate": iterations / elapsed if elapsed else 0.0,
+                "parts": sorted(parts.values(), key=lambda p: -p["iterations"]), "replaced": job.replaced,
+                "chunk_list": [{"chunk": o.chunk, "node": o.node.name, "start": o.start, "count": o.count,
+                                "elapsed_s": o.result.elapsed_s if o.result else 0.0}
+                               for o in sorted(outcomes, key=lambda o: o.chunk)]}
+
+    async def run_mem(self, mib: int, ms: int, *, on: str | None, emit: Emit) -> dict[str, Any]:
+        nodes = self._pick(on)
+        fits = autopilot.fits_memory(nodes, mib)
+        if not fits:
+            offers = ", ".join(f"{n.name} offers {n.offered_mem_mb} MiB" for n in nodes)
+            raise JobFailed(f"no node can hold {mib} MiB ({offers}); try less, or raise mem_offer_mb")
+        job = Job(new_job_id(), "mem")
+        self.jobs[job.job_id] = job
+        choices = [Choice(n, 1) for n in fits]
+        await emit({"type": "start", "job_id": job.job_id, "mib": mib, "ms": ms, "nodes": [n.name for n in fits]})
+        t0 = time.perf_counter()
+        try:
+            outcomes = await self._schedule(
+                job, choices[:1] + choices[1:], [(0, 1)],
+                lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="mem", mib=mib, ms=ms,
+                                                          submitter=self.name)),
+                emit, allow_local_fallback=False, one_at_a_time=True)
+        finally:
+            self.jobs.pop(job.job_id, None)
+        o = outcomes[0]
+        assert o.result is not None
+        return {"job_id": job.job_id, "kind": "mem", "mib": mib, "ms": ms, "node": o.node.name,
+                "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
+
+    async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit) -> dict[str, Any]:
+        nodes = self._pick(on)
+        allowed = [n for n in nodes if n.exec_allowed]
+        if on is None and not allowed:
+            states = ", ".join(f"{n.name}: exec off" for n in nodes)
+            raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
+        candidates = nodes if on is not None else [
+            c.node for c in autopilot.choose(allowed, spill_cpu_pct=self.spill_cpu_pct, split=False,
+                                             debits=self.debits, exec_job=True)]
+        candidates += [n for n in allowed if n not in candidates]
+        job = Job(new_job_id(), "exec")
+        self.jobs[job.job_id] = job
+        await emit({"type": "start", "job_id": job.job_id, "argv": argv, "nodes": [n.name for n in candidates]})
+        t0 = time.perf_counter()
+
+        async def output(stream: str, data: bytes) -> None:
+            await emit({"type": "output", "stream": stream, "data": data})
+
+        try:
+            outcomes = await self._schedule(
+                job, [Choice(n, 1) for n in candidates], [(0, 1)],
+                lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
+                                                          timeout_s=timeout, submitter=self.name)),
+                emit, allow_local_fallback=False, one_at_a_time=True, retry_lost=False, on_output=output)
+        finally:
+            self.jobs.pop(job.job_id, None)
+        r = outcomes[0].result
+        assert r is not None
+        return {"job_id": job.job_id, "kind": "exec", "argv": argv, "node": outcomes[0].node.name,
+                "hostname": r.hostname, "exit_code": r.exit_code, "signal": r.signal, "reason": r.error,
+                "elapsed_s": time.perf_counter() - t0, "run_s": r.elapsed_s, "cpu_s": r.cpu_s,
+                "replaced": job.replaced}
+
+    async def _schedule(self, job: Job, choices: list[Choice], chunks: list[tuple[int, int]],
+                        offer: Callable[[int, int, int], Callable[[int], proto.Offer]], emit: Emit,
+                        *, allow_local_fallback: bool, one_at_a_time: bool = False, retry_lost: bool = True,
+                        on_output: OnOutput | None = None,
+                        refresh: Callable[[], list[Choice]] | None = None) -> list[ChunkOutcome]:
+        queue = deque((i, start, count) for i, (start, count) in enumerate(chunks))
+        free = {c.node.fingerprint: c.slots for c in choices}
+        order = [c.node for c in choices]
+        failures: dict[str, str] = {}
+        running: dict[asyncio.Task[ChunkOutcome], ChunkOutcome] = {}
+        done: list[ChunkOutcome] = []
+        progress = [0]
+        last_emit = last_refresh = time.monotonic()
+        cancel_wait = asyncio.ensure_future(job.cancel.wait())
+
+        def add_progress(n: int) -> None:
+            progress[0] += n
+
+        try:
+            while queue or running:
+                if job.cancel.is_set():
+                    raise JobFailed(f"job {job.job_id} cancelled")
+                if refresh is not None and queue and time.monotonic() - last_refresh >= REFRESH_EVERY:
+                    last_refresh = time.monotonic()
+                    for c in refresh():
+                        if c.node.fingerprint not in free and c.node.name not in failures:
+                            order.append(c.node)
+                            free[c.node.fingerprint] = c.slots
+                            await emit({"type": "joined", "node": c.node.name})
+                for node in order:
+                    while queue and free.get(node.fingerprint, 0) > 0:
+                        i, start, count = queue.popleft()
+                        free[node.fingerprint] -= 1
+                        o = ChunkOutcome(node, i, start, count)
+                        if not node.local:
+                            self.debits.place(node.fingerprint)
+                        task = asyncio.ensure_future(self._run_chunk(job, o, offer(i, start, count), add_progress,
+                                                                     on_output))
+                        running[task] = o
+                    if one_at_a_time and running:
+                        break
+                if not running:
+                    local = next((v for v in self.views() if v.local), None)
+                    if (allow_local_fallback and local is not None and local.fingerprint not in free
+                            and local.fingerprint not in {n.fingerprint for n in order}):
+                        order.append(local)
+                        free[local.fingerprint] = 1
+                        continue
+                    why = "; ".join(f"{name}: {reason}" for name, reason in failures.items()) or "no node available"
+                    raise JobFailed(f"no node could run job {job.job_id} ({why})")
+                waiting: list[asyncio.Future[Any]] = [*running, cancel_wait]
+                await asyncio.wait(waiting, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                now = time.monotonic()
+                if now - last_emit >= 0.25:
+                    last_emit = now
+                    await emit({"type": "progress", "done": progress[0], "running": len(running),
+                                "finished": len(done)})
+                for task in [t for t in running if t.done()]:
+                    o = task.result()
+                    del running[task]
+                    fp = o.node.fingerprint
+                    if o.ok:
+                        done.append(o)
+                        free[fp] = free.get(fp, 0) + 1
+                        continue
+                    if not o.node.local:
+                        self.debits.release(fp)
+                    failures[o.node.name] = o.refused and f"refused ({o.refused}: {o.error})" or o.error
+                    if not o.refused and not retry_lost:  # it may have run: never run it twice
+                        raise JobFailed(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may have "
+                                        "had effects)")
+                    free[fp] = -len(chunks)          # this node is out of this job
+                    queue.appendleft((o.chunk, o.start, o.count))
+                    self.counters["chunks_replaced"] += 1
+                    moved = {"node": o.node.name, "chunk": o.chunk, "why": failures[o.node.name]}
+                    job.replaced.append(moved)
+                    await emit({"type": "replaced", **moved})
+                    log.info("job %s chunk %d re-placed: %s %s", job.job_id, o.chunk, o.node.name,
+                             failures[o.node.name])
+        finally:
+            cancel_wait.cancel()
+            if running:
+                job.cancel.set()
+                await asyncio.gather(*running, return_exceptions=True)
+        return done
+
+    async def _run_chunk(self, job: Job, o: ChunkOutcome, make: Callable[[int], proto.Offer],
+                         add_progress: Callable[[int], None], on_output: OnOutput | None) -> ChunkOutcome:
+        async def output(stream: str, data: bytes) -> None:
+            if on_output is not None:
+                await on_output(stream, data)
+
+        if o.node.local:
+            cancel = threading.Event()
+            watcher = asyncio.ensure_future(job.cancel.wait())
+            run = asyncio.ensure_future(self.run_local(make(0), cancel, add_progress, output))
+            await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                cancel.set()
+            watcher.cancel()
+            try:
+                result = await run
+            except Refused as exc:
+                o.refused, o.error = exc.reason, str(exc)
+                return o
+            o.result, o.ok = result, result.ok
+            o.error = result.error
+            return o
+        peer = self.table.get(o.node.fingerprint)
+        if peer is None:
+            o.error = "left the federation"
+            return o
+        try:
+            stream = await self.pool.open(peer.fingerprint, peer.addr, make, peer.name)
+        except PeerUnavailable as exc:
+            o.error = f"unreachable: {exc}"
+            return o
+        done = 0
+        try:
+            reply = await stream.next(ACCEPT_TIMEOUT)
+            if isinstance(reply, proto.Refuse):
+                o.refused, o.error = reply.reason, reply.message
+                return o
+            if not isinstance(reply, proto.Accept):
+                o.error = f"answered {type(reply).__name__} to an offer"
+                return o
+            cancel_sent = False
+            while True:
+                if job.cancel.is_set() and not cancel_sent:
+                    await stream.send(proto.Cancel(rid=stream.rid))
+                    cancel_sent = True
+                msg = await stream.next(HEARTBEAT * 2 if job.cancel.is_set() and not cancel_sent else SILENCE_TIMEOUT)
+                if isinstance(msg, proto.Output):
+                    await output(msg.stream, msg.data)
+                elif isinstance(msg, proto.Progress):
+                    if msg.done > done:
+                        add_progress(msg.done - done)
+                        done = msg.done
+                elif isinstance(msg, proto.Result):
+                    if msg.ok and msg.digests and len(msg.digests) != o.count:
+                        o.error = f"returned {len(msg.digests)} digests for {o.count} units"
+                        return o
+                    o.result, o.ok, o.error = msg, msg.ok, msg.error
+                    return o
+        except PeerUnavailable as exc:
+            o.error = f"lost: {exc}"
+            return o
+        finally:
+            stream.close()
+
+
+# ---------------------------------------------------------------- host side
+
+
+@dataclass
+class Hosted:
+    """A chunk this node runs for a peer."""
+
+    peer: str
+    offer: proto.Offer
+    cancel: threading.Event
+    started: float
+    done: list[int]
+
+
+class Host:
+    """Admits and runs chunks offered by peers (and by this node's own Submitter, in-process)."""
+
+    def __init__(self, *, name: str, counters: Counter[str], capacity: Callable[[], tuple[int, int]],
+                 events: Callable[[str, str], None], allow_exec: bool = False,
+                 allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0) -> None:
+        self.name = name
+        self.allow_exec = allow_exec
+        self.allowlist = allowlist or execrun.Allowlist([])
+        self.exec_timeout = exec_timeout
+        self.counters = counters
+        self.capacity = capacity          # () -> (cpu slots for peers now, offered MiB)
+        self.events = events
+        self.running: dict[tuple[str, int], Hosted] = {}
+        self._peak = 0   # most chunks running at once since take_peak(): they are in the CPU sample too
+
+    @property
+    def lent_running(self) -> int:
+        return len(self.running)
+
+    def take_peak(self) -> int:
+        """Most chunks lent at once since the last call (one call per CPU sample window)."""
+        peak, self._peak = max(self._peak, len(self.running)), len(self.running)
+        return peak
+
+    def admit(self, offer: proto.Offer) -> proto.Refuse | None:
+        slots, mem_mb = self.capacity()
+        if offer.kind == "exec" and not self.allow_exec:
+            return proto.Refuse(rid=offer.rid, reason="exec_disabled",
+                                message=f"{self.name} does not allow exec (start it with -allow-exec)")
+        if offer.kind == "mem":
+            if offer.mib > mem_mb:
+                return proto.Refuse(rid=offer.rid, reason="memory",
+                                    message=f"{self.name} offers {mem_mb} MiB, {offer.mib} MiB asked")
+            return None
+        if self.lent_running >= slots:
+            return proto.Refuse(rid=offer.rid, reason="capacity",
+                                message=f"{self.name} is busy ({self.lent_running} chunks running, "
+                                        f"{slots} slots offered now)")
+        return None
+
+    async def serve_offer(self, offer: proto.Offer, channel: Channel) -> None:
+        refusal = self.admit(offer)
+        if refusal is not None:
+            self.counters["offers_refused"] += 1
+            await channel.send(refusal)
+            return
+        key = (channel.peer_fingerprint, offer.rid)
+        hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, threading.Event(), time.time(), [0])
+        self.running[key] = hosted
+        self._peak = max(self._peak, len(self.running))
+
+        async def output(stream: str, data: bytes) -> None:
+            await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
+
+        prepared: tuple[Path, str] | proto.Refuse = (Path(), "")
+        try:
+            if offer.kind == "exec":
+                prepared = self.prepare_exec(offer)
+                if isinstance(prepared, proto.Refuse):
+                    self.counters["offers_refused"] += 1
+                    await channel.send(prepared)
+                    return
+            self.counters["offers_accepted"] += 1
+            await channel.send(proto.Accept(rid=offer.rid, node=self.name))
+            if offer.kind == "exec" and not isinstance(prepared, proto.Refuse):
+                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output))
+            else:
+                work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name,
+                                                         lambda n: hosted.done.__setitem__(0, hosted.done[0] + n)))
+            try:
+                while not work.done():
+                    await asyncio.wait([work], timeout=HEARTBEAT)
+                    if not work.done():
+                        await channel.send(proto.Progress(rid=offer.rid, done=hosted.done[0]))
+                result = await work
+            except BaseException:
+                hosted.cancel.set()   # link dropped or daemon stopping: stop the thread's loop
+                raise
+            await channel.send(result)
+        except PeerUnavailable:
+            hosted.cancel.set()
+        finally:
+            self.running.pop(key, None)
+
+    def prepare_exec(self, offer: proto.Offer) -> tuple[Path, str] | proto.Refuse:
+        """A fresh working directory and the allowlisted program to run in it, or why not."""
+        workdir = execrun.make_workdir(None, offer.job_id)
+        try:
+            return workdir, self.allowlist.resolve(offer.argv[0], workdir)
+        except Refused as exc:
+            execrun.remove_workdir(workdir)
+            reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
+            return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
+
+    async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
+                       output: OnOutput) -> proto.Result:
+        """Run an admitted exec offer in its working directory; the directory is removed afterwards."""
+        workdir, program = prepared
+        stop = asyncio.Event()
+
+        async def watch() -> None:  # the thread-side cancel flag, seen from the event loop
+            while not cancel.is_set():
+                await asyncio.sleep(0.05)
+            stop.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
+            r = await execrun.run(list(offer.argv), program=program, cwd=workdir, env=env,
+                                  timeout=offer.timeout_s or self.exec_timeout, on_output=output, cancel=stop)
+        except Refused as exc:
+            return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
+        finally:
+            watcher.cancel()
+            execrun.remove_workdir(workdir)
+        return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
+                            cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=r.reason[:200])
+
+    def cancel(self, peer: str, rid: int) -> bool:
+        hosted = self.running.get((peer, rid))
+        if hosted is None:
+            return False
+        hosted.cancel.set()
+        return True
+
+
+async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,
+                      progress: Callable[[int], None]) -> proto.Result:
+    """Run a cpu or mem chunk in a worker thread and describe how it ended."""
+    t0 = time.perf_counter()
+    try:
+        if offer.kind == "cpu":
+            r = await asyncio.to_thread(executor.hash_units, offer.job_id, offer.iterations, offer.start,
+                                        offer.count, threads=1, cancel=cancel, progress=progress)
+            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=tuple(r.digests),
+                                iterations=r.iterations, elapsed_s=r.elapsed_s, cpu_s=r.cpu_s)
+        if offer.kind == "mem":
+            m = await asyncio.to_thread(executor.hold_memory, offer.mib, offer.ms, cancel)
+            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME,
+                                elapsed_s=m.held_s + m.touch_s, cpu_s=m.touch_s)
+    except executor.Cancelled:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="cancelled")
+    except MemoryError:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="out of memory")
+    raise Refused(f"{node} cannot run {offer.kind} jobs here", reason="policy")
