@@ -89,17 +89,24 @@ class Choice:
 
 
 def choose(nodes: Sequence[NodeView], *, spill_cpu_pct: float, units: int = 1, split: bool = True,
-           debits: Debits | None = None, exec_job: bool = False) -> list[Choice]:
-    """The nodes a job should use, best first; the local node is the last resort when spilling."""
+           debits: Debits | None = None, exec_job: bool = False, fallback: bool = True) -> list[Choice]:
+    """The nodes a job should use, best first; the local node is the last resort when spilling
+    (unless ``fallback`` is false: then only nodes with a free slot now)."""
     usable = [n for n in nodes if n.exec_allowed or not exec_job]
     choices = [Choice(n, slots(n, debits, spill_cpu_pct)) for n in usable]
     ranked = sorted((c for c in choices if c.slots > 0), key=lambda c: -score(c.node, c.slots))
-    if not ranked:
+    if not ranked and fallback:
         local = [Choice(n, 1) for n in usable if n.local]
         return local  # everyone is busy: run it at home rather than not at all
     if not split or units < SPLIT_MIN_UNITS:
         return ranked[:1]
     return ranked
+
+
+def cut_size_slots(nodes: Sequence[NodeView], chosen_slots: int) -> int:
+    """Slots to size chunks for: every core that could join the job, not only those free right now,
+    so a peer that frees up during the job still finds chunks to take."""
+    return max(chosen_slots, sum(max(1, n.cores) for n in nodes))
 
 
 def cut(units: int, total_slots: int) -> list[tuple[int, int]]:

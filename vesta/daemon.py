@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -77,7 +78,8 @@ class Daemon:
         self.cpu = self.sampler.sample()
         self.hash_rate = 0.0
         self.stress = executor.Stress()
-        self.allowlist = execrun.Allowlist(cfg.exec_allowlist)
+        # Programs are found where the system keeps them and beside vesta itself (so `piwork` works).
+        self.allowlist = execrun.Allowlist(cfg.exec_allowlist, exec_search_path())
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self._capacity, events=self._event,
                          allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s)
         self.gpus: tuple[sysstat.Gpu, ...] = ()
@@ -543,6 +545,13 @@ class Daemon:
             running = ", ".join(self.submitter.jobs) or "none"
             raise ControlError(f"no running job {job_id!r} submitted here (running: {running})")
         return {"cancelled": job_id}
+
+
+def exec_search_path() -> str:
+    """SAFE_PATH plus the directory this vesta's own commands (vestad, piwork) are installed in."""
+    here = str(Path(sys.executable).parent)
+    parts = execrun.SAFE_PATH.split(":")
+    return ":".join(parts + ([here] if here not in parts else []))
 
 
 def _opt_str(args: dict[str, Any], key: str) -> str | None:

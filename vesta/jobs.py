@@ -118,7 +118,8 @@ class Submitter:
             choices = autopilot.choose(nodes, spill_cpu_pct=self.spill_cpu_pct, units=units, split=split,
                                        debits=self.debits)
         total = sum(c.slots for c in choices)
-        chunks = autopilot.cut(units, total)
+        splittable = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
+        chunks = autopilot.cut(units, autopilot.cut_size_slots(nodes, total) if splittable else total)
         job = Job(new_job_id(), "cpu")
         self.jobs[job.job_id] = job
         await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
@@ -131,11 +132,10 @@ class Submitter:
 
         def refresh() -> list[Choice]:  # peers that became free after the job started may join it
             return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
-                                    debits=self.debits)
-        splitting = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
+                                    debits=self.debits, fallback=False)
         try:
             outcomes = await self._schedule(job, choices, chunks, offer, emit, allow_local_fallback=on is None,
-                                            refresh=refresh if splitting else None)
+                                            refresh=refresh if splittable else None)
         finally:
             self.jobs.pop(job.job_id, None)
         elapsed = time.perf_counter() - t0

@@ -90,6 +90,14 @@ class PiResult:
         return {**asdict(self), "pi_error": self.pi_error}
 
 
+
+def usable_cores() -> int:
+    """Cores this process may run on (a taskset or cgroup may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 def block_generator(seed: int, block: int) -> np.random.SFC64:
     """The generator for one block: a function of (seed, block index) only."""
     return np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(block,)))
@@ -169,7 +177,7 @@ def estimate_pi(samples: int, seed: int | None = None, threads: int | None = Non
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     blocks = -(-samples // BLOCK)
-    workers = max(1, min(threads or os.cpu_count() or 1, blocks))
+    workers = max(1, min(threads or usable_cores(), blocks))
 
     lock = threading.Lock()
     stop = threading.Event()
@@ -216,7 +224,7 @@ def estimate_pi(samples: int, seed: int | None = None, threads: int | None = Non
         samples=samples, hits=hits, estimate=4.0 * p, stderr=4.0 * math.sqrt(p * (1.0 - p) / samples),
         elapsed_s=elapsed, threads=workers, seed=seed, hostname=socket.gethostname(),
         samples_per_s=samples / elapsed if elapsed > 0 else 0.0,
-        ns_per_sample_per_core=elapsed * min(workers, os.cpu_count() or 1) / samples * 1e9,
+        ns_per_sample_per_core=elapsed * min(workers, usable_cores()) / samples * 1e9,
     )
 
 
@@ -276,7 +284,7 @@ def _run_with_progress(samples: int, seed: int | None, threads: int) -> PiResult
 def cli(millions: str, seed: int | None, threads: int | None, as_json: bool) -> None:
     """Estimate pi by Monte Carlo with N million samples (N may be a fraction: 0.5)."""
     samples = parse_millions(millions)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
     if as_json or not sys.stdout.isatty():
         result = estimate_pi(samples, seed, threads)
     else:

@@ -334,6 +334,8 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, as_json: bo
         print_json(r | {k: v.decode("utf-8", "replace") for k, v in captured.items()})
     elif r["reason"]:
         click.echo(f"vesta: {' '.join(argv)} on {r['node']}: {r['reason']}", err=True)
+    elif sys.stderr.isatty():  # where it ran, for a person watching; scripts get the program's output only
+        click.echo(f"vesta: ran on {r['node']} ({r['hostname']}) in {r['run_s']:.2f}s, exit {code}", err=True)
     ctx.exit(code)
 
 
