@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, Cluster, Vestad, eventually, tool
+from tests.helpers import BIN, Cluster, Vestad, eventually, idle_proc, tool
 
 pytestmark = pytest.mark.integration
 
 
 def exec_pair(cluster: Cluster, tmp_path: Path, *b_args: str) -> tuple[Vestad, Vestad]:
     a = cluster.add("a")
-    b = cluster.add("b", args=list(b_args))
+    # b plays an idle machine (see tests/test_jobs.py): its capacity must not depend on this host's load.
+    b = cluster.add("b", args=[*b_args, "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
     eventually(lambda: a.peer_names() == {"b"}, 5)
     return a, b
 

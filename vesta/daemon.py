@@ -262,10 +262,10 @@ class Daemon:
         """A chunk of this node's own job, run here without a link (same admission rules for exec)."""
         if offer.kind != "exec":
             return await run_builtin(offer, cancel, self.cfg.name, progress)
-        refusal = self.host.admit(offer)
-        prepared = refusal or self.host.prepare_exec(offer)
+        prepared = self.host.screen(offer)
         if isinstance(prepared, proto.Refuse):
             raise Refused(prepared.message, reason=prepared.reason)
+        assert prepared is not None   # screen() prepares every admitted exec offer
         return await self.host.run_exec(offer, prepared, cancel, output)
 
     async def _beacon_loop(self) -> None:
