@@ -104,6 +104,7 @@ class Daemon:
             "stress": self._op_stress,
             "stop-stress": self._op_stop_stress,
             "cancel": self._op_cancel,
+            "snapshot": self._op_snapshot,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -484,6 +485,31 @@ class Daemon:
             raise ControlError("limit must be a positive whole number")
         return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
 
+
+    async def _op_snapshot(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Everything a monitor shows, in one call: nodes, live flows, recent events."""
+        rows = await self._op_peers(args, emit)
+        flows = self.host.flows(self.cfg.name)
+        for job in self.submitter.jobs.values():
+            flows.extend(f for f in job.flows(self.cfg.name) if f["from"] != self.cfg.name)
+        local = [f for job in self.submitter.jobs.values() for f in job.flows(self.cfg.name)
+                 if f["from"] == self.cfg.name]
+        return {
+            "time": time.time(),
+            "self": self.cfg.name,
+            "fingerprint": self.identity.fingerprint,
+            "beacon_interval_ms": self.cfg.advertise_spare_ms,
+            "expire_after": self.cfg.expire_after,
+            "suspect_after": self.cfg.suspect_after,
+            "nodes": rows,
+            "flows": flows,
+            "local_work": local,
+            "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
+            "hosting": len(self.host.running),
+            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
+            "events": [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-20:]],
+            "counters": {k: v for k, v in self.counters.items() if k.startswith("dropped_")},
+        }
 
     async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         millions = args.get("millions")

@@ -74,6 +74,21 @@ class Job:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     replaced: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    running_by_node: Counter[str] = field(default_factory=Counter)    # chunks running now, per node name
+    done_by_node: Counter[str] = field(default_factory=Counter)       # iterations done so far, per node name
+    first_by_node: dict[str, float] = field(default_factory=dict)     # monotonic time of its first chunk
+
+    def flows(self, me: str) -> list[dict[str, Any]]:
+        """This job's live flows: which node works for us, how many chunks, how fast."""
+        now = time.monotonic()
+        out = []
+        for node, chunks in self.running_by_node.items():
+            if chunks <= 0:
+                continue
+            spent = max(now - self.first_by_node.get(node, now), 1e-3)
+            out.append({"from": node, "to": me, "job_id": self.job_id, "kind": self.kind, "chunks": chunks,
+                        "done": self.done_by_node[node], "rate": self.done_by_node[node] / spent})
+        return out
 
 
 class Submitter:
@@ -260,7 +275,14 @@ class Submitter:
                         o = ChunkOutcome(node, i, start, count)
                         if not node.local:
                             self.debits.place(node.fingerprint)
-                        task = asyncio.ensure_future(self._run_chunk(job, o, offer(i, start, count), add_progress,
+                        job.running_by_node[node.name] += 1
+                        job.first_by_node.setdefault(node.name, time.monotonic())
+
+                        def node_progress(n: int, name: str = node.name) -> None:
+                            add_progress(n)
+                            job.done_by_node[name] += n
+
+                        task = asyncio.ensure_future(self._run_chunk(job, o, offer(i, start, count), node_progress,
                                                                      on_output))
                         running[task] = o
                     if one_at_a_time and running:
@@ -284,6 +306,7 @@ class Submitter:
                 for task in [t for t in running if t.done()]:
                     o = task.result()
                     del running[task]
+                    job.running_by_node[o.node.name] -= 1
                     fp = o.node.fingerprint
                     if o.ok:
                         done.append(o)
@@ -515,6 +538,19 @@ class Host:
             execrun.remove_workdir(workdir)
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=r.reason[:200])
+
+    def flows(self, me: str) -> list[dict[str, Any]]:
+        """Chunks this node runs for peers, grouped by peer: the flows where we lend."""
+        now = time.time()
+        grouped: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for h in self.running.values():
+            key = (h.peer, h.offer.job_id, h.offer.kind)
+            f = grouped.setdefault(key, {"from": me, "to": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind,
+                                         "chunks": 0, "done": 0, "rate": 0.0})
+            f["chunks"] += 1
+            f["done"] += h.done[0]
+            f["rate"] += h.done[0] / max(now - h.started, 1e-3)
+        return list(grouped.values())
 
     def cancel(self, peer: str, rid: int) -> bool:
         hosted = self.running.get((peer, rid))
