@@ -19,7 +19,8 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 # already, so they land in the right layer when they arrive.
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
-    {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs"},
+    {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
+     "vesta.hours"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun"},
     {"vesta.discovery", "vesta.link", "vesta.executor"},
     {"vesta.autopilot"},
@@ -31,6 +32,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "vesta.wire": {"vesta.proto", "vesta.crypto"},   # frames carry messages and sealed sessions
     "vesta.identity": {"vesta.crypto"},              # the fingerprint function
     "vesta.budget": {"vesta.sysstat"},               # PowerInfo
+    "vesta.config": {"vesta.hours"},                 # lend_hours are checked when the config is read
 }
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {

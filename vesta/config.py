@@ -81,6 +81,10 @@ class Config:
     exec_timeout_s: float = 3600.0   # an exec job without --timeout is stopped after this
     max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
     battery_min_pct: int = 15        # stop lending below this battery charge
+    goodwill_core_s: float = 720.0   # what a new peer may borrow x max_borrow_ratio before it lends (core-s)
+    ledger_half_life_days: float = 7.0  # every ledger amount halves this often: old debts fade
+    lend_hours: tuple[str, ...] = ()    # windows when peers may use this node, e.g. "Mon-Fri 18:00-08:00"
+    lend_grace_s: float = 300.0      # running work may finish this long after a window closes
     power: str = "auto"              # auto follows /sys/class/power_supply; or force grid|solar|battery
     labels: tuple[str, ...] = ()     # free-form tags shown to peers (e.g. "gpu", "arm64")
     # Places
@@ -182,6 +186,17 @@ def _path(where: str, v: Any) -> Path:
     return Path(v).expanduser()
 
 
+def _hours(where: str, v: Any) -> tuple[str, ...]:
+    from vesta.hours import parse_hours  # checked here so a bad window is a config error at start-up
+
+    entries = _str_list(where, v)
+    try:
+        parse_hours(entries)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return entries
+
+
 def _seeds(where: str, v: Any) -> tuple[str, ...]:
     seeds = _str_list(where, v)
     for seed in seeds:
@@ -233,6 +248,10 @@ _CHECKS: dict[str, Check] = {
     "exec_timeout_s": _float(1.0, 7 * 86400.0),
     "max_borrow_ratio": _float(0.0, 1000.0),
     "battery_min_pct": _int(0, 100),
+    "goodwill_core_s": _float(0.0, 1e9),
+    "ledger_half_life_days": _float(0.0, 3650.0),
+    "lend_hours": _hours,
+    "lend_grace_s": _float(0.0, 86400.0),
     "power": _choice(*POWER_CHOICES),
     "labels": _str_list,
     "state_dir": _path,

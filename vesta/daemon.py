@@ -32,8 +32,10 @@ from vesta.config import Config
 from vesta.crypto import derive_keys
 from vesta.discovery import Discovery
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
+from vesta.hours import LendingHours, parse_hours
 from vesta.identity import load_or_create
 from vesta.jobs import Emit, Host, JobFailed, Submitter, run_builtin
+from vesta.ledger import Ledger
 from vesta.link import LinkPool, serve
 from vesta.peertable import Change, Peer, PeerTable
 from vesta.tasks import cancel_all, spawn
@@ -80,8 +82,14 @@ class Daemon:
         self.stress = executor.Stress()
         # Programs are found where the system keeps them and beside vesta itself (so `piwork` works).
         self.allowlist = execrun.Allowlist(cfg.exec_allowlist, exec_search_path())
+        self.hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
+        self._closed_since: float | None = None       # when the current lending window ended
+        self._ledger_dirty = asyncio.Event()
+        self.ledger = Ledger(None, goodwill=cfg.goodwill_core_s, ratio=cfg.max_borrow_ratio,
+                             half_life_days=cfg.ledger_half_life_days)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self._capacity, events=self._event,
-                         allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s)
+                         allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s,
+                         ledger=self.ledger, hours=self.hours, on_ledger=self._ledger_dirty.set)
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
         self._status: proto.NodeStatus | None = None   # refreshed every beacon round
@@ -105,6 +113,7 @@ class Daemon:
             "stop-stress": self._op_stop_stress,
             "cancel": self._op_cancel,
             "snapshot": self._op_snapshot,
+            "ledger": self._op_ledger,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -122,6 +131,9 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.cfg
         self.identity = load_or_create(cfg.state_dir, cfg.name)
+        loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
+                             ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
+        self.ledger.path, self.ledger.accounts = loaded.path, loaded.accounts
         self.keys = await asyncio.to_thread(derive_keys, cfg.key)
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
@@ -141,7 +153,7 @@ class Daemon:
         self.hash_rate = await asyncio.to_thread(executor.measure_hash_rate, 0.1)
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
-                                   counters=self.counters, run_local=self._run_local)
+                                   counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -149,6 +161,7 @@ class Daemon:
                               "choose another with -dport (every node must use the same)") from exc
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
+        spawn(self._ledger_loop(), "ledger-flush", self._tasks)
         log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
                  __version__, cfg.name, self.identity.fingerprint, self.keys.key_id, cfg.bind, self.port,
                  cfg.dport, cfg.control_socket)
@@ -174,6 +187,11 @@ class Daemon:
         await cancel_all(self._control)
         if hasattr(self, "pool"):
             await self.pool.close()
+        if self.ledger.path is not None and self.ledger.dirty:
+            try:
+                self.ledger.save()
+            except OSError as exc:
+                log.error("could not save the ledger: %s", exc)
         self._remove_socket()
         self._stopped.set()
         log.info("vestad %s stopped", self.cfg.name)
@@ -200,10 +218,11 @@ class Daemon:
         cfg = self.cfg
         mem = sysstat.read_meminfo(cfg.proc_root)
         mode, info = self.power()
+        lending = self.hours is None or self.hours.is_open()
         offer = compute_offer(cores=self.cores, cpu_pct=self.cpu_pct(), mem_total_mb=mem.total_mb,
                               mem_avail_mb=mem.available_mb, cpu_offer_pct=cfg.cpu_offer_pct,
                               reserve_pct=cfg.reserve_pct, mem_offer_mb=cfg.mem_offer_mb,
-                              willingness=mode.willingness)
+                              willingness=mode.willingness if lending else 0.0)
         temps = [t.celsius for t in sysstat.read_thermals(cfg.sys_root)]
         host = cfg.advertise or ("" if cfg.bind in ("", "0.0.0.0") else cfg.bind)
         return proto.NodeStatus(
@@ -233,6 +252,7 @@ class Daemon:
             hash_rate=round(self.hash_rate, 1),
             exec_allowed=cfg.allow_exec,
             running=self.host.lent_running,
+            lending=lending,
         )
 
     def _capacity(self) -> tuple[int, int]:
@@ -274,6 +294,7 @@ class Daemon:
         while True:
             self.cpu = self.sampler.sample()
             self._lent_in_sample = self.host.take_peak()
+            self._check_hours()
             self._status = None
             self._status = self.node_status()
             try:
@@ -283,6 +304,42 @@ class Daemon:
             for change in self.table.sweep():
                 self._on_change(change)
             await asyncio.sleep(interval)
+
+    async def _ledger_loop(self) -> None:
+        """Persist the ledger soon after every change (atomic replace, off the event loop)."""
+        while True:
+            await self._ledger_dirty.wait()
+            self._ledger_dirty.clear()
+            if self.ledger.path is None:
+                continue
+            try:
+                await asyncio.to_thread(self.ledger.save)
+            except OSError as exc:
+                log.error("could not save the ledger to %s: %s", self.ledger.path, exc)
+                await asyncio.sleep(1.0)
+
+    def _borrowed(self, fp: str, name: str, offer: proto.Offer, result: proto.Result) -> None:
+        self.ledger.record_borrowed(fp, name, result.cpu_s, offer.mib * result.elapsed_s if offer.kind == "mem" else 0)
+        self._ledger_dirty.set()
+
+    def _check_hours(self) -> None:
+        """At a lending window's end, running work gets lend_grace_s to finish; then it is stopped and
+        its submitters re-place it."""
+        if self.hours is None:
+            return
+        if self.hours.is_open():
+            self._closed_since = None
+            return
+        now = time.monotonic()
+        if self._closed_since is None:
+            self._closed_since = now
+            if self.host.running:
+                log.info("lending window closed; %d running chunks get %gs to finish", len(self.host.running),
+                         self.cfg.lend_grace_s)
+                self._event("hours", f"lending window closed; {self.hours.describe()}")
+        elif now - self._closed_since > self.cfg.lend_grace_s and self.host.running:
+            n = self.host.stop_all("lending hours ended")
+            log.info("stopped %d chunks still running %gs after the lending window closed", n, self.cfg.lend_grace_s)
 
     async def _gpu_loop(self) -> None:
         while True:
@@ -454,6 +511,14 @@ class Daemon:
                          "started": h.started} for h in self.host.running.values()],
             "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
             "counters": dict(sorted(self.counters.items())),
+            "lending": {"open": self.hours is None or self.hours.is_open(),
+                        "hours": list(cfg.lend_hours), "grace_s": cfg.lend_grace_s,
+                        "describe": self.hours.describe() if self.hours else "always (no lend_hours set)"},
+            "ledger": {"peers": len(self.ledger.accounts),
+                       "lent": round(sum(r["lent"] for r in self.ledger.rows()), 3),
+                       "borrowed": round(sum(r["borrowed"] for r in self.ledger.rows()), 3),
+                       "goodwill_core_s": cfg.goodwill_core_s, "half_life_days": cfg.ledger_half_life_days,
+                       "file": str(self.ledger.path)},
         }
 
     async def _op_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
@@ -462,7 +527,9 @@ class Daemon:
         rows = [_peer_row(own, (own.host or "*", self.port), 0.0, "self")]
         for p in sorted(self.table.all(), key=lambda p: p.name):
             rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
-                        | {"restarts": p.restarts, "beacons": p.beacons})
+                        | {"restarts": p.restarts, "beacons": p.beacons,
+                           "balance": round(self.ledger.balance(p.fingerprint), 3),
+                           "ledger_state": self.ledger.state(p.fingerprint)})
         return rows
 
     async def _op_ping(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -485,6 +552,11 @@ class Daemon:
             raise ControlError("limit must be a positive whole number")
         return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
 
+
+    async def _op_ledger(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {"peers": self.ledger.rows(), "goodwill_core_s": self.cfg.goodwill_core_s,
+                "max_borrow_ratio": self.cfg.max_borrow_ratio, "half_life_days": self.cfg.ledger_half_life_days,
+                "file": str(self.ledger.path)}
 
     async def _op_snapshot(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Everything a monitor shows, in one call: nodes, live flows, recent events."""
@@ -599,6 +671,7 @@ def _peer_row(s: proto.NodeStatus, addr: tuple[str, int], age: float, state: str
         "gpus": [{"name": g.name, "mem_total_mb": g.mem_total_mb, "mem_used_mb": g.mem_used_mb,
                   "util_pct": g.util_pct} for g in s.gpus],
         "labels": list(s.labels), "version": s.version, "uptime_s": s.uptime_s, "last_seen_s": round(age, 2),
+        "lending": "open" if s.lending else "closed",
     }
 
 

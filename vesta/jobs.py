@@ -15,6 +15,7 @@ no memory), then run in a thread with a Progress heartbeat every
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -29,6 +30,8 @@ from typing import Any
 from vesta import autopilot, execrun, executor, proto
 from vesta.autopilot import Choice, NodeView
 from vesta.errors import PeerUnavailable, Refused, VestaError
+from vesta.hours import LendingHours
+from vesta.ledger import Ledger
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.wire import Channel
@@ -96,7 +99,9 @@ class Submitter:
 
     def __init__(self, *, name: str, fingerprint: str, pool: LinkPool, table: PeerTable,
                  views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
-                 run_local: RunLocal) -> None:
+                 run_local: RunLocal, on_borrowed: Callable[[str, str, proto.Offer, proto.Result], None]
+                 = lambda fp, name, offer, result: None) -> None:
+        self.on_borrowed = on_borrowed
         self.name = name
         self.fingerprint = fingerprint
         self.pool = pool
@@ -359,6 +364,7 @@ class Submitter:
         if peer is None:
             o.error = "left the federation"
             return o
+        offer_sent = make(0)
         try:
             stream = await self.pool.open(peer.fingerprint, peer.addr, make, peer.name)
         except PeerUnavailable as exc:
@@ -386,6 +392,7 @@ class Submitter:
                         add_progress(msg.done - done)
                         done = msg.done
                 elif isinstance(msg, proto.Result):
+                    self.on_borrowed(peer.fingerprint, peer.name, offer_sent, msg)
                     if msg.ok and msg.digests and len(msg.digests) != o.count:
                         o.error = f"returned {len(msg.digests)} digests for {o.count} units"
                         return o
@@ -410,6 +417,7 @@ class Hosted:
     cancel: threading.Event
     started: float
     done: list[int]
+    stop_reason: str = ""
 
 
 class Host:
@@ -417,8 +425,13 @@ class Host:
 
     def __init__(self, *, name: str, counters: Counter[str], capacity: Callable[[], tuple[int, int]],
                  events: Callable[[str, str], None], allow_exec: bool = False,
-                 allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0) -> None:
+                 allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0,
+                 ledger: Ledger | None = None, hours: LendingHours | None = None,
+                 on_ledger: Callable[[], None] = lambda: None) -> None:
         self.name = name
+        self.ledger = ledger
+        self.hours = hours
+        self.on_ledger = on_ledger
         self.allow_exec = allow_exec
         self.allowlist = allowlist or execrun.Allowlist([])
         self.exec_timeout = exec_timeout
@@ -437,11 +450,20 @@ class Host:
         peak, self._peak = max(self._peak, len(self.running)), len(self.running)
         return peak
 
-    def admit(self, offer: proto.Offer) -> proto.Refuse | None:
+    def admit(self, offer: proto.Offer, peer: str | None = None) -> proto.Refuse | None:
+        """Exec policy, the peer's borrow cap, lending hours, memory, capacity: the first that says no.
+        ``peer`` is the submitter's fingerprint; None for this node's own work (no cap, no hours)."""
         slots, mem_mb = self.capacity()
         if offer.kind == "exec" and not self.allow_exec:
             return proto.Refuse(rid=offer.rid, reason="exec_disabled",
                                 message=f"{self.name} does not allow exec (start it with -allow-exec)")
+        if peer is not None and self.ledger is not None:
+            ok, why = self.ledger.admits(peer)
+            if not ok:
+                return proto.Refuse(rid=offer.rid, reason="ledger", message=why[: proto.MAX_REASON])
+        if peer is not None and self.hours is not None and not self.hours.is_open():
+            return proto.Refuse(rid=offer.rid, reason="hours",
+                                message=f"{self.name} lends only in its agreed hours: {self.hours.describe()}")
         if offer.kind == "mem":
             if offer.mib > mem_mb:
                 return proto.Refuse(rid=offer.rid, reason="memory",
@@ -453,7 +475,7 @@ class Host:
                                         f"{slots} slots offered now)")
         return None
 
-    def screen(self, offer: proto.Offer) -> tuple[Path, str] | proto.Refuse | None:
+    def screen(self, offer: proto.Offer, peer: str | None = None) -> tuple[Path, str] | proto.Refuse | None:
         """Policy first (exec off, program not allowed), then memory and capacity: a program that is
         not allowed is refused as such however busy the node is. An admitted exec gets its
         (working directory, program); other admitted offers get None."""
@@ -461,15 +483,15 @@ class Host:
             prepared = self.prepare_exec(offer)
             if isinstance(prepared, proto.Refuse):
                 return prepared
-            refusal = self.admit(offer)
+            refusal = self.admit(offer, peer)
             if refusal is not None:
                 execrun.remove_workdir(prepared[0])
                 return refusal
             return prepared
-        return self.admit(offer)
+        return self.admit(offer, peer)
 
     async def serve_offer(self, offer: proto.Offer, channel: Channel) -> None:
-        prepared = self.screen(offer)
+        prepared = self.screen(offer, channel.peer_fingerprint)
         if isinstance(prepared, proto.Refuse):
             self.counters["offers_refused"] += 1
             await channel.send(prepared)
@@ -499,6 +521,14 @@ class Host:
             except BaseException:
                 hosted.cancel.set()   # link dropped or daemon stopping: stop the thread's loop
                 raise
+            finally:
+                if self.ledger is not None and work.done() and not work.cancelled() and work.exception() is None:
+                    r = work.result()
+                    self.ledger.record_lent(channel.peer_fingerprint, offer.submitter, r.cpu_s,
+                                            offer.mib * r.elapsed_s if offer.kind == "mem" else 0.0)
+                    self.on_ledger()
+            if hosted.stop_reason and not result.ok:
+                result = dataclasses.replace(result, error=hosted.stop_reason)
             await channel.send(result)
         except PeerUnavailable:
             hosted.cancel.set()
@@ -551,6 +581,13 @@ class Host:
             f["done"] += h.done[0]
             f["rate"] += h.done[0] / max(now - h.started, 1e-3)
         return list(grouped.values())
+
+    def stop_all(self, reason: str) -> int:
+        """Stop every chunk run for peers (their submitters re-place them); returns how many."""
+        for hosted in self.running.values():
+            hosted.stop_reason = reason
+            hosted.cancel.set()
+        return len(self.running)
 
     def cancel(self, peer: str, rid: int) -> bool:
         hosted = self.running.get((peer, rid))

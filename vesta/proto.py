@@ -172,6 +172,7 @@ class NodeStatus:
     hash_rate: float = 0.0    # cpu iterations per second of one core, measured at start-up
     exec_allowed: bool = False
     running: int = 0          # chunks running here for peers right now
+    lending: bool = True      # inside its lending hours (when it has any)
 
     def validate(self) -> None:
         check_name("status.name", self.name)
@@ -205,6 +206,7 @@ class NodeStatus:
         _num("status.hash_rate", self.hash_rate, 0, 1e13)
         _bool("status.exec_allowed", self.exec_allowed)
         _int("status.running", self.running, 0, 1 << 20)
+        _bool("status.lending", self.lending)
 
     def to_wire(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -45,15 +45,18 @@ def _power(row: dict[str, Any]) -> str:
 def peers_table(rows: list[dict[str, Any]]) -> Table:
     """The `vesta peers` table (pure: rows in, table out)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "gpu", "last seen"):
-        table.add_column(col, justify="right" if col in ("cores", "cpu%", "spare") else "left")
+    for col in ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "balance", "gpu",
+                "last seen"):
+        table.add_column(col, justify="right" if col in ("cores", "cpu%", "spare", "balance") else "left")
     for r in rows:
         name = r["name"] + (" (self)" if r["state"] == "self" else " (suspect)" if r["state"] == "suspect" else "")
         gpu = ", ".join(g["name"] for g in r.get("gpus", [])) or "-"
         table.add_row(
             name, r["address"], str(r["cores"]), f"{r['cpu_pct']:.0f}", _mb(r["mem_avail_mb"]),
             f"{r['offered_cores']:.1f} cores / {_mb(r['offered_mem_mb'])}", f"{r['spare_cores']:.1f}",
-            _power(r), gpu, "-" if r["state"] == "self" else _ago(r["last_seen_s"]),
+            _power(r) + (" (closed)" if r.get("lending") == "closed" else ""),
+            "-" if r.get("balance") is None else f"{r['balance']:+.0f}", gpu,
+            "-" if r["state"] == "self" else _ago(r["last_seen_s"]),
             style="dim" if r["state"] == "suspect" else None,
         )
     return table
@@ -90,6 +93,9 @@ def status_table(s: dict[str, Any]) -> Table:
         ("spare now", f"{budget['spare_cores']:.1f} cores"),
         ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
          if s["allow_exec"] else "off"),
+        ("lending hours", s["lending"]["describe"]),
+        ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
+                   f"with {s['ledger']['peers']} peers (vesta ledger)"),
         ("peers", f"{s['peers']['alive']} alive, {s['peers']['suspect']} suspect"),
         ("beacons", f"{counters.get('beacons_sent', 0)} sent, {counters.get('beacons_accepted', 0)} accepted"),
         ("dropped packets", ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"),
@@ -141,6 +147,37 @@ def status(ctx: click.Context, as_json: bool) -> None:
         print_json(s)
         return
     stdout_console().print(status_table(s))
+
+
+def ledger_table(data: dict[str, Any]) -> Table:
+    """The `vesta ledger` table (pure)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("peer", "lent", "borrowed", "balance", "cap", "state"):
+        table.add_column(col, justify="left" if col in ("peer", "state") else "right")
+    for r in data["peers"]:
+        table.add_row(f"{r['name']} ({r['fingerprint'][:8]})", f"{r['lent']:.1f}", f"{r['borrowed']:.1f}",
+                      f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"])
+    return table
+
+
+@cli.command()
+@option_json()
+@click.pass_context
+def ledger(ctx: click.Context, as_json: bool) -> None:
+    """What this node lent to and borrowed from each peer (core-seconds), and each peer's borrow cap."""
+    with _client(ctx) as c:
+        data = c.call("ledger")
+    if as_json:
+        print_json(data)
+        return
+    con = stdout_console()
+    if not data["peers"]:
+        con.print("no exchanges yet")
+    else:
+        con.print(ledger_table(data))
+    con.print(f"core-seconds; balance = lent - borrowed. A peer may borrow up to {data['max_borrow_ratio']:g} x "
+              f"max({data['goodwill_core_s']:g}, what it lent here); "
+              f"amounts halve every {data['half_life_days']:g} days.")
 
 
 @cli.command()
