@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.helpers import eventually_async, free_udp_port, new_key
+from tests.helpers import eventually_async, free_udp_port, idle_proc, new_key
 from vesta import proto
 from vesta.config import Config
 from vesta.control import ControlClient, RemoteError
@@ -158,3 +158,48 @@ async def test_stop_is_idempotent_and_removes_the_socket(tmp_path: Path, runtime
     assert sock.is_socket()
     await asyncio.gather(d.stop(), d.stop())
     assert not sock.exists()
+
+
+class SwitchableHours:
+    """Lending hours whose window the test opens and closes (a real one changes only on the minute)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.always = False
+
+    def is_open(self, ts: float | None = None) -> bool:
+        return self.open
+
+    def describe(self, ts: float | None = None) -> str:
+        return "open until Sat 08:00" if self.open else "closed; lending resumes Mon 18:00"
+
+
+async def test_work_running_when_the_window_closes_is_stopped_after_grace_and_replaced(
+        tmp_path: Path, runtime_dir: Path) -> None:
+    cfg = Config.for_tests(key=new_key(), dport=free_udp_port(), cpu_offer_pct=100, reserve_pct=0)
+    a = await Daemon.start(cfg.with_(name="a", state_dir=tmp_path / "a"))
+    b = await Daemon.start(cfg.with_(name="b", state_dir=tmp_path / "b", lend_grace_s=0.3,
+                                     proc_root=str(idle_proc(tmp_path / "proc-b"))))
+    hours = SwitchableHours()
+    b.hours = b.host.hours = hours  # type: ignore[assignment]
+    try:
+        await eventually_async(lambda: b.identity.fingerprint in a.table, timeout=5)
+        job = asyncio.ensure_future(a.submitter.run_cpu(300_000_000, on=None, split=True, emit=_ignore))
+        await eventually_async(lambda: b.host.running, timeout=10)
+        hours.open = False                       # the owner's agreed hours end now
+        result = await asyncio.wait_for(job, 120)
+        moved = [m for m in result["replaced"] if m["node"] == "b"]
+        assert moved and "lending hours ended" in moved[0]["why"]
+        assert sum(p["iterations"] for p in result["parts"]) == 300_000_000
+        assert not b.host.running
+        # and b now refuses new work from peers, saying when lending resumes
+        offer = proto.Offer(rid=1, job_id="j1", kind="cpu", iterations=1, count=1)
+        refusal = b.host.admit(offer, a.identity.fingerprint)
+        assert refusal is not None and refusal.reason == "hours" and "resumes Mon 18:00" in refusal.message
+        assert b.host.admit(offer, None) is None       # the owner's own work is not bound by the hours
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+async def _ignore(event: dict[str, object]) -> None:
+    return None

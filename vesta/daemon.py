@@ -270,8 +270,12 @@ class Daemon:
     def views(self) -> list[NodeView]:
         """This node and every live peer, as routing sees them."""
         own = self._status or self.node_status()
+        # Routing compares every node by mem_offer_mb and MemAvailable less the reserve; power and lending
+        # hours limit what peers get, not the owner's own jobs.
+        own_mem = int(max(0.0, min(float(self.cfg.mem_offer_mb),
+                                   own.mem_avail_mb - own.mem_total_mb * self.cfg.reserve_pct / 100.0)))
         out = [NodeView(self.identity.fingerprint, self.cfg.name, True, own.cores, own.cpu_pct, own.spare_cores,
-                        own.hash_rate, own.offered_mem_mb, own.exec_allowed)]
+                        own.hash_rate, own_mem, own.exec_allowed)]
         for p in self.table.alive():
             s = p.status
             out.append(NodeView(p.fingerprint, p.name, False, s.cores, s.cpu_pct, s.spare_cores, s.hash_rate,

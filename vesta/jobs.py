@@ -464,6 +464,8 @@ class Host:
         if peer is not None and self.hours is not None and not self.hours.is_open():
             return proto.Refuse(rid=offer.rid, reason="hours",
                                 message=f"{self.name} lends only in its agreed hours: {self.hours.describe()}")
+        if peer is None:
+            return None  # the owner's own work: what this node lends (and when) does not bind it
         if offer.kind == "mem":
             if offer.mib > mem_mb:
                 return proto.Refuse(rid=offer.rid, reason="memory",
