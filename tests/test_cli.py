@@ -149,13 +149,6 @@ def test_unknown_command_and_flag_are_one_line(runtime_dir: Path) -> None:
     assert out.returncode == 2 and "--jsn" in one_error_line(out.stderr, "vesta")
 
 
-@pytest.mark.parametrize("prog", ["vestatop"])
-def test_unbuilt_tools_say_so_and_fail(prog: str) -> None:
-    out = run(tool(prog))
-    assert out.returncode == 1
-    assert "not yet implemented" in out.stderr
-
-
 def test_peers_table_renders_rows() -> None:
     from rich.console import Console
 

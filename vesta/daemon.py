@@ -153,7 +153,8 @@ class Daemon:
         self.hash_rate = await asyncio.to_thread(executor.measure_hash_rate, 0.1)
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
-                                   counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed)
+                                   counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
+                                   on_event=self._event)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -234,7 +235,8 @@ class Daemon:
             version=__version__,
             cores=self.cores,
             cpu_pct=round(self.cpu_pct(), 1),
-            cpu_per_core=tuple(int(round(min(100.0, max(0.0, p)))) for p in self.cpu.per_core_pct),
+            cpu_per_core=tuple(int(round(min(100.0, max(0.0, self.cpu.per_core_pct[c]))))
+                               for c in self.allowed if c < len(self.cpu.per_core_pct)),
             load1=round(sysstat.read_loadavg(cfg.proc_root)[0], 2),
             mem_total_mb=mem.total_mb,
             mem_avail_mb=mem.available_mb,
@@ -675,7 +677,7 @@ def _peer_row(s: proto.NodeStatus, addr: tuple[str, int], age: float, state: str
         "gpus": [{"name": g.name, "mem_total_mb": g.mem_total_mb, "mem_used_mb": g.mem_used_mb,
                   "util_pct": g.util_pct} for g in s.gpus],
         "labels": list(s.labels), "version": s.version, "uptime_s": s.uptime_s, "last_seen_s": round(age, 2),
-        "lending": "open" if s.lending else "closed",
+        "lending": "open" if s.lending else "closed", "running": s.running,
     }
 
 

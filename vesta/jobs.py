@@ -100,8 +100,10 @@ class Submitter:
     def __init__(self, *, name: str, fingerprint: str, pool: LinkPool, table: PeerTable,
                  views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
                  run_local: RunLocal, on_borrowed: Callable[[str, str, proto.Offer, proto.Result], None]
-                 = lambda fp, name, offer, result: None) -> None:
+                 = lambda fp, name, offer, result: None,
+                 on_event: Callable[[str, str], None] = lambda kind, text: None) -> None:
         self.on_borrowed = on_borrowed
+        self.on_event = on_event
         self.name = name
         self.fingerprint = fingerprint
         self.pool = pool
@@ -329,6 +331,7 @@ class Submitter:
                     moved = {"node": o.node.name, "chunk": o.chunk, "why": failures[o.node.name]}
                     job.replaced.append(moved)
                     await emit({"type": "replaced", **moved})
+                    self.on_event("moved", f"{job.job_id} chunk {o.chunk} moved off {o.node.name}: {moved['why']}")
                     log.info("job %s chunk %d re-placed: %s %s", job.job_id, o.chunk, o.node.name,
                              failures[o.node.name])
         finally:
@@ -496,6 +499,8 @@ class Host:
         prepared = self.screen(offer, channel.peer_fingerprint)
         if isinstance(prepared, proto.Refuse):
             self.counters["offers_refused"] += 1
+            self.events("refused", f"refused {offer.kind} from {offer.submitter or channel.peer_fingerprint[:8]}: "
+                                   f"{prepared.reason} ({prepared.message})")
             await channel.send(prepared)
             return
         key = (channel.peer_fingerprint, offer.rid)
