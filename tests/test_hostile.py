@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import psutil
 import pytest
 from nacl.signing import SigningKey
 
-from tests.helpers import Cluster, Vestad, eventually
+from tests.helpers import Cluster, Vestad, eventually, tool
 from vesta import proto
 from vesta.crypto import derive_keys, fingerprint, seal_beacon
 from vesta.errors import PeerUnavailable, ProtocolError
@@ -230,3 +231,55 @@ def test_control_socket_rejects_other_users(target: Vestad, cluster: Cluster) ->
         outcome = f.read()
     assert outcome == "closed", f"a process of another user was not turned away: {outcome}"
     eventually(lambda: counters(target).get("control_rejected", 0) == 1, 3.0)
+
+
+async def test_job_offers_that_try_to_hide_work_or_overcommit_are_refused(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "host.json"
+    cfg.write_text(json.dumps({"mem_offer_mb": 300, "handshake_timeout_s": 2}))
+    host = cluster.add("host", args=["-config", str(cfg)])
+    keys = derive_keys(cluster.key)
+    port = host.status()["port"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ch = Channel(reader, writer, await handshake(reader, writer, keys, SigningKey.generate(), initiator=True,
+                                                 timeout=3))
+
+    async def answer(rid: int) -> proto.Message:
+        while True:
+            msg = await asyncio.wait_for(ch.recv(), 5)
+            if getattr(msg, "rid", None) == rid and not isinstance(msg, proto.Progress):
+                return msg
+
+    # 250 MiB held for 3 s is admitted; a second 250 MiB while the first is held would exceed 300 MiB.
+    await ch.send(proto.Offer(rid=1, job_id="jmem1", kind="mem", mib=250, ms=3000, submitter="greedy"))
+    assert isinstance(await answer(1), proto.Accept)
+    await ch.send(proto.Offer(rid=2, job_id="jmem2", kind="mem", mib=250, ms=10, submitter="greedy"))
+    refusal = await answer(2)
+    assert isinstance(refusal, proto.Refuse) and refusal.reason == "memory"
+    assert "250 MiB already lent" in refusal.message
+    # Reusing the live request id of the first offer is refused instead of hiding a second job.
+    await ch.send(proto.Offer(rid=1, job_id="jmem3", kind="mem", mib=10, ms=10, submitter="greedy"))
+    again = await answer(1)
+    assert isinstance(again, proto.Refuse) and again.reason == "invalid"
+    assert len(host.status()["hosting"]) == 1
+    await ch.close()
+    # the link dropped: the held memory is released
+    eventually(lambda: not host.status()["hosting"], 5, what="the host to stop the orphaned chunk")
+
+
+def test_killing_vesta_exec_stops_the_program_on_the_peer(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.add("a")
+    b = cluster.add("b", args=["-allow-exec"])
+    eventually(lambda: a.peer_names() == {"b"}, 5)
+    marker = tmp_path / "still-running"
+    script = f"echo started; while true; do touch {marker}; sleep 0.2; done"
+    cmd = tool("vesta") + ["-name", "a", "exec", "--", "sh", "-c", script]
+    with subprocess.Popen(cmd, env=a.env, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+        eventually(lambda: b.status()["hosting"], 5)
+        proc.kill()                                  # the person hit Ctrl-C hard, or the terminal closed
+    eventually(lambda: not b.status()["hosting"], 10, what="b to stop the orphaned program")
+    time.sleep(0.5)
+    marker.unlink(missing_ok=True)
+    time.sleep(0.6)
+    assert not marker.exists(), "the program kept running on the peer after its submitter went away"
+    eventually(lambda: not a.status()["jobs"], 5)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+MAX_UNITS_PER_CHUNK = 1 << 16   # the protocol's limit per offer (proto.MAX_UNITS_PER_CHUNK)
 SPLIT_MIN_UNITS = 16          # 16 x 2^20 iterations = 16.8M (about 0.7 s of one 1.5 GB/s core)
 CHUNKS_PER_SLOT = 3
 DEBIT_TTL = 30.0              # seconds; a debit outlives a missing beacon only this long
@@ -111,7 +112,7 @@ def cut_size_slots(nodes: Sequence[NodeView], chosen_slots: int) -> int:
 
 def cut(units: int, total_slots: int) -> list[tuple[int, int]]:
     """Chunks (first unit, count): about CHUNKS_PER_SLOT per slot, never empty."""
-    size = max(1, -(-units // max(1, total_slots * CHUNKS_PER_SLOT)))
+    size = min(MAX_UNITS_PER_CHUNK, max(1, -(-units // max(1, total_slots * CHUNKS_PER_SLOT))))
     return [(start, min(size, units - start)) for start in range(0, units, size)]
 
 

@@ -49,6 +49,7 @@ GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not e
 MAX_EVENTS = 200
 PING_TIMEOUT = 5.0
 MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
+LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
 
 class ControlError(VestaError):
@@ -138,6 +139,10 @@ class Daemon:
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
                                    lambda: self._status or self.node_status(), self._on_change)
+        self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
+                                   table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
+                                   counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
+                                   on_event=self._event)
         await self._open_control()
         try:
             server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
@@ -151,10 +156,6 @@ class Daemon:
         self.port = server.sockets[0].getsockname()[1]
         self.gpus = await asyncio.to_thread(sysstat.detect_gpus)
         self.hash_rate = await asyncio.to_thread(executor.measure_hash_rate, 0.1)
-        self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
-                                   table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
-                                   counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
-                                   on_event=self._event)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -312,17 +313,22 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _ledger_loop(self) -> None:
-        """Persist the ledger soon after every change (atomic replace, off the event loop)."""
+        """Persist the ledger soon after every change (atomic replace, off the event loop).
+
+        The first change after a quiet spell is saved at once; changes in the next LEDGER_FLUSH_S
+        go out together in one save (one save per job doubled small-job dispatch time).
+        """
         while True:
             await self._ledger_dirty.wait()
             self._ledger_dirty.clear()
             if self.ledger.path is None:
                 continue
             try:
-                await asyncio.to_thread(self.ledger.save)
+                await asyncio.to_thread(self.ledger.write, self.ledger.snapshot())
             except OSError as exc:
                 log.error("could not save the ledger to %s: %s", self.ledger.path, exc)
                 await asyncio.sleep(1.0)
+            await asyncio.sleep(LEDGER_FLUSH_S)
 
     def _borrowed(self, fp: str, name: str, offer: proto.Offer, result: proto.Result) -> None:
         self.ledger.record_borrowed(fp, name, result.cpu_s, offer.mib * result.elapsed_s if offer.kind == "mem" else 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ def identity_path(state_dir: Path, name: str) -> Path:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write, fsync, rename: the file is either the old one or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         try:

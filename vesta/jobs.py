@@ -15,6 +15,7 @@ no memory), then run in a thread with a Progress heartbeat every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -42,6 +43,8 @@ HEARTBEAT = 0.5          # seconds between Progress messages from a host
 ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
 SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
 REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
+CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
+MEM_EXTRA_SLOTS = 2      # mem chunks mostly sleep: a node may hold this many beyond its cpu slots
 HOSTNAME = socket.gethostname()
 INLINE_ITERATIONS = 4096  # a cpu chunk this small (256 KiB, ~0.2 ms) is hashed on the event loop, not in a thread
 
@@ -68,6 +71,7 @@ class ChunkOutcome:
     result: proto.Result | None = None
     refused: str = ""        # refuse reason word
     error: str = ""          # why it did not complete
+    started: bool = False    # the node accepted it (it may have run, at least in part)
 
 
 @dataclass
@@ -144,9 +148,6 @@ class Submitter:
         splittable = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
         chunks = autopilot.cut(units, autopilot.cut_size_slots(nodes, total) if splittable else total)
         job = Job(new_job_id(), "cpu")
-        self.jobs[job.job_id] = job
-        await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
-                    "chunks": len(chunks), "nodes": [c.node.name for c in choices]})
         t0 = time.perf_counter()
 
         def offer(i: int, start: int, count: int) -> Callable[[int], proto.Offer]:
@@ -156,7 +157,10 @@ class Submitter:
         def refresh() -> list[Choice]:  # peers that became free after the job started may join it
             return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
                                     debits=self.debits, fallback=False)
+        self.jobs[job.job_id] = job
         try:
+            await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
+                        "chunks": len(chunks), "nodes": [c.node.name for c in choices]})
             outcomes = await self._schedule(job, choices, chunks, offer, emit, allow_local_fallback=on is None,
                                             refresh=refresh if splittable else None)
         finally:
@@ -198,9 +202,9 @@ class Submitter:
         job = Job(new_job_id(), "mem")
         self.jobs[job.job_id] = job
         choices = [Choice(n, 1) for n in fits]
-        await emit({"type": "start", "job_id": job.job_id, "mib": mib, "ms": ms, "nodes": [n.name for n in fits]})
         t0 = time.perf_counter()
         try:
+            await emit({"type": "start", "job_id": job.job_id, "mib": mib, "ms": ms, "nodes": [n.name for n in fits]})
             outcomes = await self._schedule(
                 job, choices[:1] + choices[1:], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="mem", mib=mib, ms=ms,
@@ -225,13 +229,13 @@ class Submitter:
         candidates += [n for n in allowed if n not in candidates]
         job = Job(new_job_id(), "exec")
         self.jobs[job.job_id] = job
-        await emit({"type": "start", "job_id": job.job_id, "argv": argv, "nodes": [n.name for n in candidates]})
         t0 = time.perf_counter()
 
         async def output(stream: str, data: bytes) -> None:
             await emit({"type": "output", "stream": stream, "data": data})
 
         try:
+            await emit({"type": "start", "job_id": job.job_id, "argv": argv, "nodes": [n.name for n in candidates]})
             outcomes = await self._schedule(
                 job, [Choice(n, 1) for n in candidates], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
@@ -322,7 +326,7 @@ class Submitter:
                     if not o.node.local:
                         self.debits.release(fp)
                     failures[o.node.name] = o.refused and f"refused ({o.refused}: {o.error})" or o.error
-                    if not o.refused and not retry_lost:  # it may have run: never run it twice
+                    if o.started and not retry_lost:  # it may have run: never run it twice
                         raise JobFailed(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may have "
                                         "had effects)")
                     free[fp] = -len(chunks)          # this node is out of this job
@@ -344,8 +348,12 @@ class Submitter:
     async def _run_chunk(self, job: Job, o: ChunkOutcome, make: Callable[[int], proto.Offer],
                          add_progress: Callable[[int], None], on_output: OnOutput | None) -> ChunkOutcome:
         async def output(stream: str, data: bytes) -> None:
-            if on_output is not None:
+            if on_output is None:
+                return
+            try:
                 await on_output(stream, data)
+            except (PeerUnavailable, OSError):
+                job.cancel.set()   # the submitter's client went away: stop the work everywhere
 
         if o.node.local:
             cancel = threading.Event()
@@ -374,6 +382,7 @@ class Submitter:
             o.error = f"unreachable: {exc}"
             return o
         done = 0
+        cancel_deadline: float | None = None
         try:
             reply = await stream.next(ACCEPT_TIMEOUT)
             if isinstance(reply, proto.Refuse):
@@ -382,12 +391,26 @@ class Submitter:
             if not isinstance(reply, proto.Accept):
                 o.error = f"answered {type(reply).__name__} to an offer"
                 return o
-            cancel_sent = False
+            o.started = True
+            accepted = time.monotonic()
             while True:
-                if job.cancel.is_set() and not cancel_sent:
+                if job.cancel.is_set() and cancel_deadline is None:
                     await stream.send(proto.Cancel(rid=stream.rid))
-                    cancel_sent = True
-                msg = await stream.next(HEARTBEAT * 2 if job.cancel.is_set() and not cancel_sent else SILENCE_TIMEOUT)
+                    cancel_deadline = time.monotonic() + CANCEL_WAIT
+                if cancel_deadline is not None:
+                    left = cancel_deadline - time.monotonic()
+                    if left <= 0:
+                        o.error = "cancelled (the node did not confirm in time)"
+                        return o
+                    wait = min(left, HEARTBEAT)
+                else:
+                    wait = min(SILENCE_TIMEOUT, HEARTBEAT * 2) if job.cancel.is_set() else SILENCE_TIMEOUT
+                try:
+                    msg = await stream.next(wait)
+                except PeerUnavailable:
+                    if cancel_deadline is not None and not stream.link.closed:
+                        continue   # still waiting for the cancelled chunk's last word, up to the deadline
+                    raise
                 if isinstance(msg, proto.Output):
                     await output(msg.stream, msg.data)
                 elif isinstance(msg, proto.Progress):
@@ -395,14 +418,21 @@ class Submitter:
                         add_progress(msg.done - done)
                         done = msg.done
                 elif isinstance(msg, proto.Result):
-                    self.on_borrowed(peer.fingerprint, peer.name, offer_sent, msg)
-                    if msg.ok and msg.digests and len(msg.digests) != o.count:
+                    if msg.ok and offer_sent.kind == "cpu" and len(msg.digests) != o.count:
                         o.error = f"returned {len(msg.digests)} digests for {o.count} units"
                         return o
+                    # What the peer lent us counts toward its cap here: never more than we saw it take.
+                    wall = time.monotonic() - accepted
+                    self.on_borrowed(peer.fingerprint, peer.name, offer_sent,
+                                     dataclasses.replace(msg, cpu_s=min(msg.cpu_s, wall),
+                                                         elapsed_s=min(msg.elapsed_s, wall)))
                     o.result, o.ok, o.error = msg, msg.ok, msg.error
                     return o
         except PeerUnavailable as exc:
-            o.error = f"lost: {exc}"
+            o.error = f"lost: {exc}" if o.started else f"unreachable: {exc}"
+            if o.started and not stream.link.closed:
+                with contextlib.suppress(PeerUnavailable):   # it may still be running there: stop it
+                    await stream.send(proto.Cancel(rid=stream.rid))
             return o
         finally:
             stream.close()
@@ -470,9 +500,13 @@ class Host:
         if peer is None:
             return None  # the owner's own work: what this node lends (and when) does not bind it
         if offer.kind == "mem":
-            if offer.mib > mem_mb:
+            held = sum(h.offer.mib for h in self.running.values() if h.offer.kind == "mem")
+            if held + offer.mib > mem_mb:
                 return proto.Refuse(rid=offer.rid, reason="memory",
-                                    message=f"{self.name} offers {mem_mb} MiB, {offer.mib} MiB asked")
+                                    message=f"{self.name} offers {mem_mb} MiB ({held} MiB already lent), "
+                                            f"{offer.mib} MiB asked")
+            if self.lent_running >= max(slots, 1) + MEM_EXTRA_SLOTS:
+                return proto.Refuse(rid=offer.rid, reason="capacity", message=f"{self.name} is busy")
             return None
         if self.lent_running >= slots:
             return proto.Refuse(rid=offer.rid, reason="capacity",
@@ -496,6 +530,11 @@ class Host:
         return self.admit(offer, peer)
 
     async def serve_offer(self, offer: proto.Offer, channel: Channel) -> None:
+        key = (channel.peer_fingerprint, offer.rid)
+        if key in self.running:  # a peer reusing a live rid must not hide work from the capacity count
+            self.counters["offers_refused"] += 1
+            await channel.send(proto.Refuse(rid=offer.rid, reason="invalid", message="request id already in use"))
+            return
         prepared = self.screen(offer, channel.peer_fingerprint)
         if isinstance(prepared, proto.Refuse):
             self.counters["offers_refused"] += 1
@@ -503,7 +542,6 @@ class Host:
                                    f"{prepared.reason} ({prepared.message})")
             await channel.send(prepared)
             return
-        key = (channel.peer_fingerprint, offer.rid)
         hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, threading.Event(), time.time(), [0])
         self.running[key] = hosted
         self._peak = max(self._peak, len(self.running))
@@ -511,10 +549,12 @@ class Host:
         async def output(stream: str, data: bytes) -> None:
             await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
 
+        started = [False]
         try:
             self.counters["offers_accepted"] += 1
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:
+                started[0] = True
                 work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output))
             else:
                 work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name,
@@ -540,11 +580,18 @@ class Host:
         except PeerUnavailable:
             hosted.cancel.set()
         finally:
-            self.running.pop(key, None)
+            if self.running.get(key) is hosted:
+                del self.running[key]
+            if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
+                await asyncio.to_thread(execrun.remove_workdir, prepared[0])
 
     def prepare_exec(self, offer: proto.Offer) -> tuple[Path, str] | proto.Refuse:
         """A fresh working directory and the allowlisted program to run in it, or why not."""
-        workdir = execrun.make_workdir(None, offer.job_id)
+        try:
+            workdir = execrun.make_workdir(None, offer.job_id)
+        except OSError as exc:
+            return proto.Refuse(rid=offer.rid, reason="policy",
+                                message=f"{self.name} cannot make a working directory: {exc.strerror}")
         try:
             return workdir, self.allowlist.resolve(offer.argv[0], workdir)
         except Refused as exc:
@@ -572,7 +619,7 @@ class Host:
             return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
         finally:
             watcher.cancel()
-            execrun.remove_workdir(workdir)
+            await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=r.reason[:200])
 

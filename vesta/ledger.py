@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -75,6 +76,7 @@ class Ledger:
         self.clock = clock
         self.accounts: dict[str, Account] = {}
         self.dirty = False
+        self._write_lock = threading.Lock()
 
     # ------------------------------------------------------------ arithmetic
 
@@ -161,13 +163,22 @@ class Ledger:
 
     # ------------------------------------------------------------ persistence
 
-    def save(self) -> None:
-        if self.path is None:
-            return
+    def snapshot(self) -> bytes:
+        """The file's next contents; taken where the accounts change (the event loop), written anywhere."""
         body = {"version": LEDGER_VERSION, "saved": self.clock(),
                 "peers": {fp: asdict(acct) for fp, acct in self.accounts.items()}}
-        atomic_write(self.path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
         self.dirty = False
+        return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+
+    def write(self, data: bytes) -> None:
+        """Atomically replace the file with ``data``; writers queue, so the newest snapshot lands last."""
+        if self.path is None:
+            return
+        with self._write_lock:
+            atomic_write(self.path, data)
+
+    def save(self) -> None:
+        self.write(self.snapshot())
 
     @classmethod
     def load(cls, path: Path, **kw: Any) -> Ledger:

@@ -33,13 +33,16 @@ _handshake_warn = WarnOnce(log, logging.INFO)
 
 Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
 CONNECT_TIMEOUT = 3.0
+MAX_QUEUED = 1024        # messages waiting for one request's reader; a peer sending faster breaks that request
+MAX_IN_FLIGHT = 256      # requests one inbound connection may have running at once
 
 
 class _Link:
     """One outbound connection and the conversations (by rid) waiting on it."""
 
-    def __init__(self, channel: Channel, on_close: Callable[[_Link], None]) -> None:
+    def __init__(self, channel: Channel, on_close: Callable[[_Link], None], addr: tuple[str, int]) -> None:
         self.channel = channel
+        self.addr = addr
         self.pending: dict[int, asyncio.Queue[proto.Message | PeerUnavailable]] = {}
         self.closed = False
         self._on_close = on_close
@@ -52,7 +55,11 @@ class _Link:
                 msg = await self.channel.recv()
                 rid = getattr(msg, "rid", None)
                 queue = self.pending.get(rid) if isinstance(rid, int) else None
-                if queue is not None:
+                if queue is not None and isinstance(rid, int):
+                    if queue.qsize() >= MAX_QUEUED:  # memory stays bounded whatever the peer sends
+                        del self.pending[rid]
+                        queue.put_nowait(PeerUnavailable("peer sent more than this request could take"))
+                        continue
                     queue.put_nowait(msg)
         except (PeerUnavailable, ProtocolError) as exc:
             error = exc if isinstance(exc, PeerUnavailable) else PeerUnavailable(f"link broken: {exc}")
@@ -110,15 +117,18 @@ class LinkPool:
 
     async def _link(self, fingerprint: str, addr: tuple[str, int]) -> _Link:
         link = self._links.get(fingerprint)
-        if link is not None:
+        if link is not None and link.addr == addr:
             return link
         lock = self._connecting.setdefault(fingerprint, asyncio.Lock())
         async with lock:
             link = self._links.get(fingerprint)
-            if link is not None:
+            if link is not None and link.addr == addr:
                 return link
+            if link is not None:  # the peer moved (a laptop changed networks): the old link is stale
+                self._links.pop(fingerprint, None)
+                await link.channel.close()
             channel = await self._connect(fingerprint, addr)
-            link = _Link(channel, lambda dead: self._forget(fingerprint, dead))
+            link = _Link(channel, lambda dead: self._forget(fingerprint, dead), addr)
             self._links[fingerprint] = link
             return link
 
@@ -213,6 +223,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
         while True:
             msg = await channel.recv()
             counters["link_messages"] += 1
+            if len(tasks) >= MAX_IN_FLIGHT:
+                counters["tcp_flooded"] += 1
+                log.warning("closed link %s: more than %d requests in flight", where, MAX_IN_FLIGHT)
+                break
             spawn(answer(msg), f"answer-{type(msg).__name__}", tasks)
     except PeerUnavailable:
         pass

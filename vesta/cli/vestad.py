@@ -21,11 +21,13 @@ _INT_FLAGS = ("port", "dport", "advertise_spare_ms")
 
 async def run(cfg: Config) -> None:
     """Run one daemon until SIGINT or SIGTERM, then stop it cleanly."""
-    daemon = await Daemon.start(cfg)
+    # Handlers first: the control socket answers while start-up finishes, so a client may already
+    # have seen the daemon (and a supervisor may signal it) before Daemon.start returns.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    daemon = await Daemon.start(cfg)
     try:
         await stop.wait()
         log.info("signal received, stopping")
