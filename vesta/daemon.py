@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -38,6 +39,7 @@ from vesta.jobs import Emit, Host, JobFailed, Submitter, run_builtin
 from vesta.ledger import Ledger
 from vesta.link import LinkPool, serve
 from vesta.peertable import Change, Peer, PeerTable
+from vesta.records import Records
 from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel, read_frame, write_frame
 
@@ -115,6 +117,9 @@ class Daemon:
             "cancel": self._op_cancel,
             "snapshot": self._op_snapshot,
             "ledger": self._op_ledger,
+            "jobs": self._op_jobs,
+            "show": self._op_show,
+            "logs": self._op_logs,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -139,10 +144,15 @@ class Daemon:
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
                                    lambda: self._status or self.node_status(), self._on_change)
+        try:
+            self.records = Records(cfg.state_dir / f"vestad-records-{cfg.name}.db", log_cap_bytes=cfg.log_cap_bytes)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the records database in {cfg.state_dir}: {exc}") from exc
+        self.host.records = self.records
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
                                    counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
-                                   on_event=self._event)
+                                   on_event=self._event, records=self.records)
         await self._open_control()
         try:
             server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
@@ -194,6 +204,8 @@ class Daemon:
                 self.ledger.save()
             except OSError as exc:
                 log.error("could not save the ledger: %s", exc)
+        if getattr(self, "records", None) is not None:
+            self.records.close()
         self._remove_socket()
         self._stopped.set()
         log.info("vestad %s stopped", self.cfg.name)
@@ -564,6 +576,35 @@ class Daemon:
             raise ControlError("limit must be a positive whole number")
         return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
 
+
+    async def _op_jobs(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        limit = args.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ControlError("--limit must be from 1 to 10000")
+        if args.get("hosted"):
+            return self.records.hosted(limit=limit)
+        state = _opt_str(args, "state")
+        if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
+            raise ControlError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
+        return self.records.jobs(state=state, limit=limit)
+
+    def _record(self, args: dict[str, Any]) -> dict[str, Any]:
+        job_id = _opt_str(args, "job_id")
+        record = self.records.job(job_id) if job_id else None
+        if record is None:
+            raise ControlError(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
+        return record
+
+    async def _op_show(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return self._record(args)
+
+    async def _op_logs(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        record = self._record(args)
+        after = args.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ControlError("after must be a whole number >= 0")
+        data, nxt = self.records.log(record["id"], None, after)
+        return {"job_id": record["id"], "data": data, "next": nxt, "state": record["state"]}
 
     async def _op_ledger(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return {"peers": self.ledger.rows(), "goodwill_core_s": self.cfg.goodwill_core_s,

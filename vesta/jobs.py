@@ -35,6 +35,7 @@ from vesta.hours import LendingHours
 from vesta.ledger import Ledger
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
+from vesta.records import Records
 from vesta.wire import Channel
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class ChunkOutcome:
     refused: str = ""        # refuse reason word
     error: str = ""          # why it did not complete
     started: bool = False    # the node accepted it (it may have run, at least in part)
+    part_id: int | None = None  # its row in the records
 
 
 @dataclass
@@ -105,9 +107,11 @@ class Submitter:
                  views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
                  run_local: RunLocal, on_borrowed: Callable[[str, str, proto.Offer, proto.Result], None]
                  = lambda fp, name, offer, result: None,
-                 on_event: Callable[[str, str], None] = lambda kind, text: None) -> None:
+                 on_event: Callable[[str, str], None] = lambda kind, text: None,
+                 records: Records | None = None) -> None:
         self.on_borrowed = on_borrowed
         self.on_event = on_event
+        self.records = records
         self.name = name
         self.fingerprint = fingerprint
         self.pool = pool
@@ -118,6 +122,28 @@ class Submitter:
         self.run_local = run_local
         self.debits = autopilot.Debits()
         self.jobs: dict[str, Job] = {}
+
+    def _register(self, job: Job, args: dict[str, Any]) -> None:
+        self.jobs[job.job_id] = job
+        if self.records is not None:
+            self.records.create_job(job.job_id, job.kind, args, self.name, self.fingerprint)
+
+    def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
+                result: dict[str, Any] | None = None) -> None:
+        """Record how a job ended (once) and forget it."""
+        self.jobs.pop(job.job_id, None)
+        if self.records is not None:
+            try:
+                self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result)
+            except VestaError as exc:
+                log.warning("could not record the end of job %s: %s", job.job_id, exc)
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        if job.job_id not in self.jobs:
+            return
+        cancelled = job.cancel.is_set() and "cancelled" in str(exc)
+        reason = str(exc) if isinstance(exc, VestaError) else f"internal error: {type(exc).__name__}"
+        self._finish(job, "cancelled" if cancelled else "failed", reason=reason)
 
     def cancel(self, job_id: str) -> bool:
         job = self.jobs.get(job_id)
@@ -157,20 +183,22 @@ class Submitter:
         def refresh() -> list[Choice]:  # peers that became free after the job started may join it
             return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
                                     debits=self.debits, fallback=False)
-        self.jobs[job.job_id] = job
+        self._register(job, {"iterations": iterations, "on": on, "split": split})
         try:
             await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
                         "chunks": len(chunks), "nodes": [c.node.name for c in choices]})
             outcomes = await self._schedule(job, choices, chunks, offer, emit, allow_local_fallback=on is None,
                                             refresh=refresh if splittable else None)
-        finally:
-            self.jobs.pop(job.job_id, None)
+        except BaseException as exc:
+            self._failed(job, exc)
+            raise
         elapsed = time.perf_counter() - t0
         digests: list[bytes] = []
         for o in sorted(outcomes, key=lambda o: o.start):
             assert o.result is not None
             digests.extend(o.result.digests)
         if len(digests) != units:
+            self._finish(job, "failed", reason=f"got {len(digests)} of {units} unit digests")
             raise JobFailed(f"job {job.job_id}: got {len(digests)} of {units} unit digests")
         parts: dict[str, dict[str, Any]] = {}
         for o in outcomes:
@@ -185,6 +213,9 @@ class Submitter:
         for p in parts.values():
             p["rate"] = p["iterations"] / p["busy_s"] if p["busy_s"] else 0.0
             p["share_pct"] = 100.0 * p["iterations"] / iterations
+        summary = {"digest": executor.job_digest(digests), "elapsed_s": elapsed,
+                   "nodes": {p["node"]: p["iterations"] for p in parts.values()}}
+        self._finish(job, "succeeded", result=summary)
         return {"job_id": job.job_id, "kind": "cpu", "iterations": iterations, "units": units,
                 "chunks": len(outcomes), "digest": executor.job_digest(digests), "elapsed_s": elapsed,
                 "rate": iterations / elapsed if elapsed else 0.0,
@@ -200,7 +231,7 @@ class Submitter:
             offers = ", ".join(f"{n.name} offers {n.offered_mem_mb} MiB" for n in nodes)
             raise JobFailed(f"no node can hold {mib} MiB ({offers}); try less, or raise mem_offer_mb")
         job = Job(new_job_id(), "mem")
-        self.jobs[job.job_id] = job
+        self._register(job, {"mib": mib, "ms": ms, "on": on})
         choices = [Choice(n, 1) for n in fits]
         t0 = time.perf_counter()
         try:
@@ -210,10 +241,12 @@ class Submitter:
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="mem", mib=mib, ms=ms,
                                                           submitter=self.name)),
                 emit, allow_local_fallback=False, one_at_a_time=True)
-        finally:
-            self.jobs.pop(job.job_id, None)
+        except BaseException as exc:
+            self._failed(job, exc)
+            raise
         o = outcomes[0]
         assert o.result is not None
+        self._finish(job, "succeeded", result={"node": o.node.name})
         return {"job_id": job.job_id, "kind": "mem", "mib": mib, "ms": ms, "node": o.node.name,
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
@@ -228,10 +261,12 @@ class Submitter:
                                              debits=self.debits, exec_job=True)]
         candidates += [n for n in allowed if n not in candidates]
         job = Job(new_job_id(), "exec")
-        self.jobs[job.job_id] = job
+        self._register(job, {"argv": argv, "on": on, "timeout": timeout})
         t0 = time.perf_counter()
 
         async def output(stream: str, data: bytes) -> None:
+            if self.records is not None:
+                self.records.append_log(job.job_id, stream, data)
             await emit({"type": "output", "stream": stream, "data": data})
 
         try:
@@ -241,10 +276,13 @@ class Submitter:
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
                                                           timeout_s=timeout, submitter=self.name)),
                 emit, allow_local_fallback=False, one_at_a_time=True, retry_lost=False, on_output=output)
-        finally:
-            self.jobs.pop(job.job_id, None)
+        except BaseException as exc:
+            self._failed(job, exc)
+            raise
         r = outcomes[0].result
         assert r is not None
+        self._finish(job, "succeeded" if r.exit_code == 0 else "failed", reason=r.error, exit_code=r.exit_code,
+                     result={"node": outcomes[0].node.name, "signal": r.signal, "cpu_s": r.cpu_s})
         return {"job_id": job.job_id, "kind": "exec", "argv": argv, "node": outcomes[0].node.name,
                 "hostname": r.hostname, "exit_code": r.exit_code, "signal": r.signal, "reason": r.error,
                 "elapsed_s": time.perf_counter() - t0, "run_s": r.elapsed_s, "cpu_s": r.cpu_s,
@@ -264,6 +302,7 @@ class Submitter:
         progress = [0]
         last_emit = last_refresh = time.monotonic()
         cancel_wait = asyncio.ensure_future(job.cancel.wait())
+        attempts: dict[int, int] = {}
 
         def add_progress(n: int) -> None:
             progress[0] += n
@@ -288,6 +327,10 @@ class Submitter:
                             self.debits.place(node.fingerprint)
                         job.running_by_node[node.name] += 1
                         job.first_by_node.setdefault(node.name, time.monotonic())
+                        attempts[i] = attempts.get(i, 0) + 1
+                        if self.records is not None:
+                            o.part_id = self.records.add_part(job.job_id, chunk=i, attempt=attempts[i], node=node.name,
+                                                              node_fp=node.fingerprint, started=time.time())
 
                         def node_progress(n: int, name: str = node.name) -> None:
                             add_progress(n)
@@ -318,6 +361,7 @@ class Submitter:
                     o = task.result()
                     del running[task]
                     job.running_by_node[o.node.name] -= 1
+                    self._record_part(o)
                     fp = o.node.fingerprint
                     if o.ok:
                         done.append(o)
@@ -343,7 +387,25 @@ class Submitter:
             if running:
                 job.cancel.set()
                 await asyncio.gather(*running, return_exceptions=True)
+                for o in running.values():
+                    o.error = o.error or "cancelled"
+                    self._record_part(o, cancelled=True)
         return done
+
+    def _record_part(self, o: ChunkOutcome, cancelled: bool = False) -> None:
+        """One attempt at one chunk, as it ended."""
+        if self.records is None or o.part_id is None:
+            return
+        r = o.result
+        state = ("succeeded" if o.ok else "refused" if o.refused else "cancelled" if cancelled
+                 else "failed" if r is not None else "lost")
+        try:
+            self.records.finish_part(o.part_id, state=state, finished=time.time(), cpu_s=r.cpu_s if r else 0.0,
+                                     exit_code=r.exit_code if r else None, reason=(o.refused or o.error)[:500],
+                                     result={"hostname": r.hostname, "iterations": r.iterations} if r else None)
+        except VestaError as exc:
+            log.warning("could not record part %s: %s", o.part_id, exc)
+        o.part_id = None
 
     async def _run_chunk(self, job: Job, o: ChunkOutcome, make: Callable[[int], proto.Offer],
                          add_progress: Callable[[int], None], on_output: OnOutput | None) -> ChunkOutcome:
@@ -460,8 +522,9 @@ class Host:
                  events: Callable[[str, str], None], allow_exec: bool = False,
                  allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0,
                  ledger: Ledger | None = None, hours: LendingHours | None = None,
-                 on_ledger: Callable[[], None] = lambda: None) -> None:
+                 on_ledger: Callable[[], None] = lambda: None, records: Records | None = None) -> None:
         self.name = name
+        self.records = records
         self.ledger = ledger
         self.hours = hours
         self.on_ledger = on_ledger
@@ -550,6 +613,15 @@ class Host:
             await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
 
         started = [False]
+        run_id = None
+        ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
+        if self.records is not None:
+            args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s} if offer.kind == "exec"
+                                    else {"mib": offer.mib, "ms": offer.ms} if offer.kind == "mem"
+                                    else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
+            run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
+                                               peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
+                                               started=time.time())
         try:
             self.counters["offers_accepted"] += 1
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
@@ -576,12 +648,22 @@ class Host:
                     self.on_ledger()
             if hosted.stop_reason and not result.ok:
                 result = dataclasses.replace(result, error=hosted.stop_reason)
+            ok = result.ok and (offer.kind != "exec" or result.exit_code == 0)
+            ended = ("succeeded" if ok else "cancelled" if "cancel" in result.error else "failed",
+                     result.error, result.exit_code, result.cpu_s)
             await channel.send(result)
         except PeerUnavailable:
             hosted.cancel.set()
         finally:
             if self.running.get(key) is hosted:
                 del self.running[key]
+            if self.records is not None and run_id is not None:
+                state, reason, code, cpu_s = ended
+                try:
+                    self.records.finish_hosted(run_id, state=state, finished=time.time(), cpu_s=cpu_s,
+                                               exit_code=code, reason=reason[:500])
+                except VestaError as exc:
+                    log.warning("could not record hosted run %s: %s", run_id, exc)
             if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
                 await asyncio.to_thread(execrun.remove_workdir, prepared[0])
 

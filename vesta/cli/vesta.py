@@ -149,6 +149,44 @@ def status(ctx: click.Context, as_json: bool) -> None:
     stdout_console().print(status_table(s))
 
 
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _took(job: dict[str, Any]) -> str:
+    if job.get("started") and job.get("finished"):
+        return f"{job['finished'] - job['started']:.2f}s"
+    return "-"
+
+
+def _what(kind: str, args: dict[str, Any]) -> str:
+    if kind == "cpu":
+        return f"cpu {args.get('iterations', 0) / 1e6:g}M" if "iterations" in args and "count" not in args \
+            else f"cpu units {args.get('start', 0)}+{args.get('count', 0)}"
+    if kind == "mem":
+        return f"mem {args.get('mib')} MiB {args.get('ms')} ms"
+    return "exec " + " ".join(args.get("argv", []))[:60]
+
+
+def jobs_table(rows: list[dict[str, Any]], hosted: bool) -> Table:
+    """`vesta jobs` (pure)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ("run", "job", "for", "what", "started", "took", "state", "cpu s", "exit", "reason") if hosted else \
+        ("job", "what", "created", "took", "state", "exit", "reason")
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        what = _what(r["kind"], r.get("args") or {})
+        if hosted:
+            table.add_row(str(r["id"]), r["job_id"], r["peer"], what, _when(r["started"]), _took(r), r["state"],
+                          f"{r.get('cpu_s') or 0:.2f}", "-" if r.get("exit_code") is None else str(r["exit_code"]),
+                          r.get("reason") or "")
+        else:
+            table.add_row(r["id"], what, _when(r["created"]), _took(r), r["state"],
+                          "-" if r.get("exit_code") is None else str(r["exit_code"]), r.get("reason") or "")
+    return table
+
+
 def ledger_table(data: dict[str, Any]) -> Table:
     """The `vesta ledger` table (pure)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -158,6 +196,76 @@ def ledger_table(data: dict[str, Any]) -> Table:
         table.add_row(f"{r['name']} ({r['fingerprint'][:8]})", f"{r['lent']:.1f}", f"{r['borrowed']:.1f}",
                       f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"])
     return table
+
+
+@cli.command()
+@click.option("--state", "-state", "state",
+              help="Only jobs in this state: queued, running, succeeded, failed, cancelled.")
+@click.option("--limit", "-limit", default=20, show_default=True, help="How many, newest first.")
+@click.option("--hosted", "-hosted", is_flag=True, help="What this node ran for others instead.")
+@option_json()
+@click.pass_context
+def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, as_json: bool) -> None:
+    """Jobs submitted on this node (or, with --hosted, runs it did for peers), newest first."""
+    with _client(ctx) as c:
+        rows = c.call("jobs", state=state, limit=limit, hosted=hosted)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("no runs hosted for peers yet" if hosted else "no jobs yet")
+        return
+    stdout_console().print(jobs_table(rows, hosted))
+
+
+@cli.command()
+@click.argument("job_id")
+@option_json()
+@click.pass_context
+def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+    """The whole record of one job: who, what, when, where each part ran, how it ended."""
+    with _client(ctx) as c:
+        job = c.call("show", job_id=job_id)
+    if as_json:
+        print_json(job)
+        return
+    con = stdout_console()
+    con.print(f"[bold]{job['id']}[/]  {_what(job['kind'], job.get('args') or {})}  [bold]{job['state']}[/]"
+              + (f"  exit {job['exit_code']}" if job.get("exit_code") is not None else ""))
+    con.print(f"submitted by {job['submitter']} ({job['submitter_fp'][:8]}) at {_when(job['created'])}; "
+              f"started {_when(job.get('started'))}, finished {_when(job.get('finished'))}")
+    if job.get("reason"):
+        con.print(f"reason: {job['reason']}")
+    parts = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("chunk", "attempt", "node", "started", "took", "state", "cpu s", "reason"):
+        parts.add_column(col)
+    for p in job.get("parts", []):
+        parts.add_row(str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), p["state"],
+                      f"{p.get('cpu_s') or 0:.2f}", p.get("reason") or "")
+    con.print(parts)
+    if job.get("log_bytes"):
+        con.print(f"output: {job['log_bytes']} bytes" + (" (truncated)" if job.get("log_truncated") else "")
+                  + f"; see vesta logs {job['id']}")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", "follow", is_flag=True, help="Keep printing new output until the job ends.")
+@click.pass_context
+def logs(ctx: click.Context, job_id: str, follow: bool) -> None:
+    """The stored stdout and stderr of an exec job, in the order they were written."""
+    after = 0
+    with _client(ctx) as c:
+        while True:
+            r = c.call("logs", job_id=job_id, after=after)
+            sys.stdout.buffer.write(bytes(r["data"]))
+            sys.stdout.buffer.flush()
+            after = r["next"]
+            if not follow or r["state"] not in ("queued", "running"):
+                if follow and r["data"]:
+                    continue   # drain what came in with the final state
+                return
+            time.sleep(0.5)
 
 
 @cli.command()

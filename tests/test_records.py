@@ -1,0 +1,395 @@
+"""Job records in SQLite: lifecycle, parts, capped logs, hosted runs, restart recovery, SIGKILL, schema."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vesta import records
+from vesta.errors import ConfigError, VestaError
+from vesta.records import SCHEMA_VERSION, Records, RecordsError, TransitionError, UnknownRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def rec(tmp_path: Path, clock: FakeClock) -> Iterator[Records]:
+    r = Records(tmp_path / "records.db", log_cap_bytes=1000, clock=clock)
+    yield r
+    r.close()
+
+
+def job(r: Records, job_id: str = "j1", state: str = "running", kind: str = "cpu") -> None:
+    r.create_job(job_id, kind, {"iterations": 200}, "desk", "fp-desk", state=state)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------------------------
+
+def test_running_job_succeeds_with_exit_code_and_result(rec: Records, clock: FakeClock) -> None:
+    t0 = clock.t
+    job(rec)
+    clock.advance(5)
+    rec.transition("j1", "succeeded", exit_code=0, result={"digest": "ab" * 16, "n": [1, 2.5, None]})
+    j = rec.job("j1")
+    assert j is not None
+    assert j["state"] == "succeeded" and j["kind"] == "cpu" and j["args"] == {"iterations": 200}
+    assert (j["created"], j["started"], j["finished"]) == (t0, t0, t0 + 5)
+    assert j["exit_code"] == 0 and j["result"] == {"digest": "ab" * 16, "n": [1, 2.5, None]}
+    assert (j["submitter"], j["submitter_fp"], j["reason"], j["parts"]) == ("desk", "fp-desk", "", [])
+    assert (j["log_bytes"], j["log_truncated"]) == (0, False)
+
+
+def test_queued_then_running_then_failed_with_reason(rec: Records, clock: FakeClock) -> None:
+    t0 = clock.t
+    job(rec, state="queued")
+    j = rec.job("j1")
+    assert j is not None and j["state"] == "queued" and j["started"] is None
+    clock.advance(2)
+    rec.transition("j1", "running")
+    clock.advance(3)
+    rec.transition("j1", "failed", reason="no peer accepted", exit_code=1)
+    j = rec.job("j1")
+    assert j is not None
+    assert (j["state"], j["reason"], j["exit_code"]) == ("failed", "no peer accepted", 1)
+    assert (j["created"], j["started"], j["finished"]) == (t0, t0 + 2, t0 + 5)
+    assert j["result"] is None
+
+
+@pytest.mark.parametrize(("path", "bad"), [
+    (["succeeded"], "running"),
+    (["failed"], "succeeded"),
+    (["cancelled"], "running"),
+    ([], "queued"),        # running -> queued
+    ([], "running"),       # running -> running
+])
+def test_illegal_transitions_raise_and_change_nothing(rec: Records, path: list[str], bad: str) -> None:
+    job(rec)
+    for state in path:
+        rec.transition("j1", state, exit_code=0)
+    before = rec.job("j1")
+    with pytest.raises(TransitionError, match=f"'j1'.* to {bad}"):
+        rec.transition("j1", bad, reason="nope", exit_code=9, result={"x": 1})
+    assert rec.job("j1") == before
+
+
+def test_queued_cannot_succeed_directly(rec: Records) -> None:
+    job(rec, state="queued")
+    with pytest.raises(TransitionError, match="from queued to succeeded"):
+        rec.transition("j1", "succeeded")
+    rec.transition("j1", "cancelled", reason="user")
+    j = rec.job("j1")
+    assert j is not None and j["state"] == "cancelled" and j["started"] is None and j["finished"] is not None
+
+
+def test_unknown_job_and_bad_inputs(rec: Records) -> None:
+    assert rec.job("nope") is None
+    with pytest.raises(UnknownRecord, match="nope"):
+        rec.transition("nope", "failed")
+    with pytest.raises(LookupError):
+        rec.add_part("nope", chunk=0, attempt=0, node="n", node_fp="f", started=1.0)
+    with pytest.raises(UnknownRecord):
+        rec.append_log("nope", "stdout", b"x")
+    with pytest.raises(UnknownRecord):
+        rec.log("nope")
+    with pytest.raises(UnknownRecord):
+        rec.finish_part(12345, state="lost", finished=1.0)
+    with pytest.raises(UnknownRecord):
+        rec.finish_hosted(12345, state="failed", finished=1.0, cpu_s=0)
+    with pytest.raises(RecordsError, match="kind"):
+        rec.create_job("j", "gpu", {}, "desk", "fp")
+    with pytest.raises(RecordsError, match="queued or running"):
+        rec.create_job("j", "cpu", {}, "desk", "fp", state="succeeded")
+    with pytest.raises(RecordsError, match="JSON"):
+        rec.create_job("j", "cpu", {"x": object()}, "desk", "fp")
+    job(rec)
+    with pytest.raises(RecordsError, match="already"):
+        job(rec)
+    with pytest.raises(RecordsError, match="unknown job state"):
+        rec.transition("j1", "done")
+    with pytest.raises(RecordsError, match="stdout or stderr"):
+        rec.append_log("j1", "stdin", b"x")
+    with pytest.raises(RecordsError, match="unknown job state"):
+        rec.jobs(state="weird")
+    assert issubclass(RecordsError, VestaError) and issubclass(TransitionError, VestaError)
+
+
+# -- parts -------------------------------------------------------------------------------------------------------
+
+def test_every_attempt_of_a_chunk_is_kept_in_order(rec: Records) -> None:
+    job(rec)
+    p1 = rec.add_part("j1", chunk=1, attempt=0, node="pi4", node_fp="fp-pi", started=10.0)
+    p0 = rec.add_part("j1", chunk=0, attempt=0, node="desk", node_fp="fp-desk", started=10.0)
+    rec.finish_part(p0, state="succeeded", finished=12.0, cpu_s=2.0, mem_mib_s=64.0, exit_code=0, result={"h": "00"})
+    rec.finish_part(p1, state="lost", finished=30.0, reason="peer gone")
+    p1b = rec.add_part("j1", chunk=1, attempt=1, node="laptop", node_fp="fp-lap", started=31.0)
+    rec.finish_part(p1b, state="succeeded", finished=33.5, cpu_s=2.5, mem_mib_s=80.0, exit_code=0)
+    with pytest.raises(TransitionError, match=f"part {p1b} cannot go from succeeded to failed"):
+        rec.finish_part(p1b, state="failed", finished=40.0)
+    with pytest.raises(RecordsError, match="a part ends"):
+        rec.finish_part(p1b, state="running", finished=40.0)
+    j = rec.job("j1")
+    assert j is not None
+    got = [(p["chunk"], p["attempt"], p["node"], p["node_fp"], p["started"], p["finished"], p["state"],
+            p["cpu_s"], p["mem_mib_s"], p["reason"]) for p in j["parts"]]
+    assert got == [
+        (0, 0, "desk", "fp-desk", 10.0, 12.0, "succeeded", 2.0, 64.0, ""),
+        (1, 0, "pi4", "fp-pi", 10.0, 30.0, "lost", 0.0, 0.0, "peer gone"),
+        (1, 1, "laptop", "fp-lap", 31.0, 33.5, "succeeded", 2.5, 80.0, ""),
+    ]
+    assert j["parts"][0]["result"] == {"h": "00"} and j["parts"][0]["id"] == p0
+    assert j["parts"][1]["result"] is None
+
+
+# -- logs --------------------------------------------------------------------------------------------------------
+
+def test_interleaved_streams_round_trip_in_order(rec: Records) -> None:
+    job(rec, kind="exec")
+    rec.append_log("j1", "stdout", b"one\n")
+    rec.append_log("j1", "stderr", b"warn\n")
+    rec.append_log("j1", "stdout", b"")          # nothing to store
+    rec.append_log("j1", "stdout", b"two\n")
+    binary = bytes(range(256)) * 2
+    rec.append_log("j1", "stderr", binary)
+    assert rec.log("j1") == (b"one\nwarn\ntwo\n" + binary, 4)
+    assert rec.log("j1", "stdout") == (b"one\ntwo\n", 3)
+    assert rec.log("j1", "stderr") == (b"warn\n" + binary, 4)
+    j = rec.job("j1")
+    assert j is not None and j["log_bytes"] == 13 + 512 and j["log_dropped"] == 0 and not j["log_truncated"]
+
+
+def test_log_after_returns_only_the_new_part(rec: Records) -> None:
+    job(rec, kind="exec")
+    rec.append_log("j1", "stdout", b"a")
+    data, nxt = rec.log("j1")
+    assert data == b"a"
+    assert rec.log("j1", after=nxt) == (b"", nxt)      # nothing new: same cursor back
+    rec.append_log("j1", "stderr", b"b")
+    rec.append_log("j1", "stdout", b"c")
+    data, nxt2 = rec.log("j1", after=nxt)
+    assert data == b"bc" and nxt2 > nxt
+    assert rec.log("j1", "stdout", after=nxt) == (b"c", nxt2)
+
+
+def test_output_past_the_cap_is_dropped_with_one_marker(rec: Records) -> None:
+    cap = rec.log_cap_bytes
+    job(rec, kind="exec")
+    chunks = [bytes([65 + i]) * (cap // 2) for i in range(3)]
+    for c in chunks:
+        rec.append_log("j1", "stdout", c)
+    rec.append_log("j1", "stderr", b"late")
+    marker = f"\n[vesta: output truncated after {cap} bytes]\n".encode()
+    data, _ = rec.log("j1")
+    assert data == chunks[0] + chunks[1] + marker
+    assert data.count(b"truncated") == 1
+    j = rec.job("j1")
+    assert j is not None
+    assert j["log_truncated"] is True and j["log_bytes"] == cap and j["log_dropped"] == cap // 2 + 4
+
+
+def test_cap_cuts_inside_a_chunk(tmp_path: Path, clock: FakeClock) -> None:
+    with Records(tmp_path / "r.db", log_cap_bytes=10, clock=clock) as r:
+        job(r, kind="exec")
+        r.append_log("j1", "stdout", b"0123456")
+        r.append_log("j1", "stderr", b"789abcdef")
+        assert r.log("j1")[0] == b"0123456789\n[vesta: output truncated after 10 bytes]\n"
+        assert r.log("j1", "stdout")[0] == b"0123456"
+        j = r.job("j1")
+        assert j is not None and (j["log_bytes"], j["log_dropped"]) == (10, 6)
+
+
+# -- hosted runs -------------------------------------------------------------------------------------------------
+
+def test_hosted_runs_start_finish_and_list_newest_first(rec: Records) -> None:
+    a = rec.start_hosted(job_id="x1", chunk=0, peer="desk", peer_fp="fp-desk", kind="cpu",
+                         args={"iterations": 5}, started=100.0)
+    b = rec.start_hosted(job_id="x2", chunk=3, peer="laptop", peer_fp="fp-lap", kind="exec",
+                         args={"argv": ["make"]}, started=200.0)
+    rec.finish_hosted(a, state="succeeded", finished=110.0, cpu_s=9.5, mem_mib_s=12.0, exit_code=0)
+    rec.finish_hosted(b, state="failed", finished=205.0, cpu_s=1.0, exit_code=2, reason="exit status 2")
+    with pytest.raises(TransitionError, match=f"hosted run {b} cannot go from failed to succeeded"):
+        rec.finish_hosted(b, state="succeeded", finished=206.0, cpu_s=1.0)
+    runs = rec.hosted()
+    assert [r["id"] for r in runs] == [b, a]
+    assert runs[0] | {"id": 0} == {"id": 0, "job_id": "x2", "chunk": 3, "peer": "laptop", "peer_fp": "fp-lap",
+                                   "kind": "exec", "args": {"argv": ["make"]}, "started": 200.0, "finished": 205.0,
+                                   "state": "failed", "cpu_s": 1.0, "mem_mib_s": 0.0, "exit_code": 2,
+                                   "reason": "exit status 2"}
+    assert runs[1]["state"] == "succeeded" and runs[1]["cpu_s"] == 9.5 and runs[1]["mem_mib_s"] == 12.0
+    assert [r["id"] for r in rec.hosted(limit=1)] == [b]
+
+
+# -- restart, SIGKILL, schema ------------------------------------------------------------------------------------
+
+def test_restart_fails_what_was_running(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "records.db"
+    r = Records(path, clock=clock)
+    job(r, "done")
+    r.transition("done", "succeeded", exit_code=0)
+    job(r, "run")
+    job(r, "wait", state="queued")
+    pid = r.add_part("run", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
+    hid = r.start_hosted(job_id="x", chunk=0, peer="desk", peer_fp="fp", kind="cpu", args={}, started=1.0)
+    old = r.start_hosted(job_id="y", chunk=0, peer="desk", peer_fp="fp", kind="cpu", args={}, started=0.5)
+    r.finish_hosted(old, state="succeeded", finished=0.9, cpu_s=0.4, exit_code=0)
+    assert r.recovered == 0
+    done_before = r.job("done")
+    clock.advance(60)
+    r2 = Records(path, clock=clock)   # the first is never closed, as after a crash
+    assert r2.recovered == 3   # two jobs, one hosted run
+    for job_id in ("run", "wait"):
+        j = r2.job(job_id)
+        assert j is not None and (j["state"], j["reason"], j["finished"]) == ("failed", "daemon restarted", clock.t)
+    j = r2.job("run")
+    assert j is not None and j["parts"][0]["id"] == pid
+    assert (j["parts"][0]["state"], j["parts"][0]["reason"]) == ("failed", "daemon restarted")
+    assert r2.job("done") == done_before
+    runs = {h["id"]: h for h in r2.hosted()}
+    assert (runs[hid]["state"], runs[hid]["reason"]) == ("failed", "daemon restarted")
+    assert (runs[old]["state"], runs[old]["reason"]) == ("succeeded", "")
+    r2.close()
+    r.close()
+    with Records(path, clock=clock) as r3:
+        assert r3.recovered == 0
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from vesta.records import Records
+    r = Records(Path(sys.argv[1]))
+    r.create_job("first", "exec", {"argv": ["true"]}, "desk", "fp")
+    r.append_log("first", "stdout", b"hello")
+    r.transition("first", "succeeded", exit_code=0)
+    r.start_hosted(job_id="h", chunk=0, peer="pi4", peer_fp="fp-pi", kind="cpu", args={}, started=1.0)
+    print("ok", flush=True)
+    i = 0
+    while True:                     # commit as fast as possible until killed
+        r.create_job(f"n{i}", "cpu", {"i": i}, "desk", "fp")
+        print(i, flush=True)
+        i += 1
+""")
+
+
+def test_committed_records_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ok"
+        last = -1
+        while last < 30:
+            line = child.stdout.readline()
+            assert line, child.stderr.read() if child.stderr else ""
+            last = int(line)
+        child.send_signal(signal.SIGKILL)   # mid-write, most likely
+    finally:
+        child.kill()
+        child.communicate(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    assert Path(f"{path}-wal").exists()     # the records were still in the WAL, never checkpointed by a close
+    with Records(path) as r:
+        assert r.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        first = r.job("first")
+        assert first is not None and first["state"] == "succeeded" and r.log("first")[0] == b"hello"
+        for i in range(last + 1):    # every job the child reported committed is there
+            j = r.job(f"n{i}")
+            assert j is not None and j["args"] == {"i": i}
+            assert (j["state"], j["reason"]) == ("failed", "daemon restarted")
+        assert r.hosted()[0]["state"] == "failed"
+
+
+def test_new_database_is_wal_current_version_and_private(rec: Records, tmp_path: Path) -> None:
+    assert rec.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert rec.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert rec.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert stat.S_IMODE(os.stat(tmp_path / "records.db").st_mode) == 0o600
+
+
+def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    Records(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=7")
+    db.close()
+    with pytest.raises(ConfigError, match=r"schema version 7, this vesta knows up to 1: upgrade vesta"):
+        Records(path)
+    assert list(tmp_path.glob("*.corrupt-*")) == []   # not mistaken for corruption
+
+
+def test_migrations_apply_in_order_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "records.db"
+    with Records(path) as r:
+        job(r)
+    monkeypatch.setattr(records, "MIGRATIONS", (*records.MIGRATIONS, "CREATE TABLE t (x); CREATE TABLE t (x);"))
+    with pytest.raises(RecordsError, match="cannot be opened"):
+        Records(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1   # the failed step left nothing behind
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='t'").fetchone()[0] == 0
+    db.close()
+    monkeypatch.setattr(records, "MIGRATIONS", (*records.MIGRATIONS[:1], "ALTER TABLE jobs ADD COLUMN note TEXT;"))
+    with Records(path) as r:
+        assert r.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        j = r.job("j1")
+        assert j is not None and j["state"] == "failed"   # restart recovery ran after the migration
+
+
+def test_garbage_file_is_moved_aside_and_a_fresh_db_starts(tmp_path: Path, clock: FakeClock,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "records.db"
+    path.write_bytes(b"this is not a database, just bytes\n" * 200)
+    with Records(path, clock=clock) as r:
+        job(r)
+        assert r.job("j1") is not None
+    aside = tmp_path / f"records.db.corrupt-{int(clock.t)}"
+    assert aside.read_bytes().startswith(b"this is not a database")
+    assert "corrupt" in caplog.text
+    with Records(path, clock=clock) as r:     # and the fresh one reopens cleanly
+        assert r.job("j1") is not None
+
+
+# -- listing -----------------------------------------------------------------------------------------------------
+
+def test_jobs_filters_and_lists_newest_first(rec: Records, clock: FakeClock) -> None:
+    for i in range(6):
+        job(rec, f"j{i}")
+        clock.advance(1)
+    for i in (1, 3, 4):
+        rec.transition(f"j{i}", "succeeded")
+    rec.transition("j5", "failed", reason="boom")
+    assert [j["id"] for j in rec.jobs()] == ["j5", "j4", "j3", "j2", "j1", "j0"]
+    assert [j["id"] for j in rec.jobs(limit=2)] == ["j5", "j4"]
+    assert [j["id"] for j in rec.jobs(state="succeeded")] == ["j4", "j3", "j1"]
+    assert [j["id"] for j in rec.jobs(state="succeeded", limit=1)] == ["j4"]
+    assert [j["id"] for j in rec.jobs(state="running")] == ["j2", "j0"]
+    assert rec.jobs(state="cancelled") == []
+    listed = rec.jobs(state="failed")[0]
+    assert "parts" not in listed and listed["reason"] == "boom" and listed["args"] == {"iterations": 200}
+    with pytest.raises(RecordsError, match="limit"):
+        rec.jobs(limit=0)

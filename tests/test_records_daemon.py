@@ -1,0 +1,96 @@
+"""What ran where, from real daemons: job records, parts, hosted runs, stored logs, restarts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
+
+pytestmark = pytest.mark.integration
+
+
+def pair(cluster: Cluster, tmp_path: Path, **cfg: Any) -> tuple[Vestad, Vestad]:
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"allow_exec": True, **cfg}))
+    a = cluster.add("a", args=["-config", str(path)])
+    b = cluster.add("b", args=["-config", str(path), "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: a.peer_names() == {"b"} and b.peer_names() == {"a"}, 5)
+    return a, b
+
+
+def as_json(node: Vestad, *args: str) -> Any:
+    out = node.vesta(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_an_exec_job_is_recorded_on_both_sides_with_its_output(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = pair(cluster, tmp_path)
+    out = a.vesta("exec", "--on", "b", "--", "sh", "-c", "echo hello; echo oops >&2; exit 4")
+    assert out.returncode == 4
+    job = as_json(a, "jobs")[0]
+    assert job["kind"] == "exec" and job["state"] == "failed" and job["exit_code"] == 4
+    assert job["args"]["argv"] == ["sh", "-c", "echo hello; echo oops >&2; exit 4"]
+    record = as_json(a, "show", job["id"])
+    assert record["submitter"] == "a" and record["started"] and record["finished"] >= record["started"]
+    assert [(p["node"], p["state"]) for p in record["parts"]] == [("b", "succeeded")]
+    logs = a.vesta("logs", job["id"])
+    assert logs.returncode == 0 and logs.stdout == "hello\noops\n"
+    hosted = as_json(b, "jobs", "--hosted")[0]
+    assert hosted["job_id"] == job["id"] and hosted["peer"] == "a" and hosted["exit_code"] == 4
+    assert hosted["state"] == "failed" and hosted["finished"] >= hosted["started"]
+    text = b.vesta("jobs", "--hosted").stdout
+    assert job["id"] in text and "exec sh -c" in text
+    assert "succeeded" not in a.vesta("jobs", "--state", "failed").stdout
+    assert a.vesta("show", "jnothere").returncode == 1
+
+
+def test_output_over_the_cap_is_cut_and_marked(cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = pair(cluster, tmp_path, log_cap_bytes=1000)
+    out = a.vesta("exec", "--", "sh", "-c", "yes x | head -c 5000")
+    assert out.returncode == 0 and len(out.stdout) == 5000     # the live stream is not cut
+    job = as_json(a, "jobs")[0]
+    record = as_json(a, "show", job["id"])
+    assert record["log_truncated"] is True and record["log_bytes"] == 1000
+    stored = a.vesta("logs", job["id"]).stdout
+    assert stored.startswith("x\nx\n") and len(stored.split("[vesta")[0]) == 1001 and "output truncated" in stored
+
+
+def test_cpu_parts_show_a_lost_attempt_and_records_survive_kill_9(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = pair(cluster, tmp_path)
+    proc = subprocess.Popen(tool("vesta") + ["-name", "a", "cpu", "60", "--json"], env=a.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with proc:
+        try:
+            eventually(lambda: b.status()["hosting"], 10, interval=0.02)
+            b.kill()
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    job_id = json.loads(stdout)["job_id"]
+    record = as_json(a, "show", job_id)
+    assert record["state"] == "succeeded"
+    states = {(p["node"], p["state"]) for p in record["parts"]}
+    assert ("b", "lost") in states and ("a", "succeeded") in states
+    # a is killed in the middle of its next job: after a restart the finished record is intact
+    # and the interrupted one is marked failed, not left running forever.
+    proc = subprocess.Popen(tool("vesta") + ["-name", "a", "cpu", "5000"], env=a.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with proc:
+        try:
+            running = eventually(lambda: a.status()["jobs"], 10)[0]["job_id"]
+            a.kill()
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    a.start()
+    assert as_json(a, "show", job_id)["state"] == "succeeded"
+    again = as_json(a, "show", running)
+    assert again["state"] == "failed" and again["reason"] == "daemon restarted"

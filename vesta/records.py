@@ -1,0 +1,360 @@
+"""Job records: one SQLite database per node (stdlib ``sqlite3``, WAL) in its state directory.
+
+It holds the jobs this node submitted (with every part: each chunk's attempts,
+the node that ran it, times, CPU and memory used), the stdout/stderr of its
+exec jobs, and the runs it hosted for peers, so an owner can see exactly what
+ran on their machine.
+
+**Durability.** Every write is its own committed transaction. WAL with
+``synchronous=NORMAL``: a committed record survives SIGKILL of the daemon and
+the file stays consistent whatever moment a crash strikes; only a power cut
+can lose the last few commits (the database stays consistent then too). FULL
+would fsync on every commit, several per job, which on a Pi's SD card costs
+milliseconds on the event loop. The connection belongs to one thread (the
+daemon's event loop).
+
+**Schema.** ``PRAGMA user_version`` is the schema version; ``MIGRATIONS[i]``
+takes a database from version ``i`` to ``i + 1`` in one transaction. A
+database from a newer vesta is refused (upgrade vesta); a corrupt file is
+moved aside (``NAME.corrupt-TIME``) with a warning and a fresh one starts,
+never a crash loop.
+
+**Restart.** Jobs, parts and hosted runs still open when the daemon died are
+marked ``failed`` with reason ``daemon restarted`` when the records open.
+
+**Logs.** One row per appended chunk, numbered per job (``seq``, from 1);
+``log(after=seq)`` returns what came later, for ``--follow``. At most
+``log_cap_bytes`` of output are kept per job; past that a single marker
+``[vesta: output truncated after N bytes]`` is stored and the rest dropped
+(counted in ``log_dropped``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vesta.errors import ConfigError, VestaError
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+ALLOWED: dict[str, set[str]] = {"queued": {"running", "failed", "cancelled"},
+                                "running": {"succeeded", "failed", "cancelled"}}   # terminal states go nowhere
+PART_ENDS = {"succeeded", "failed", "cancelled", "refused", "lost"}   # a part is "running" until one of these
+HOSTED_ENDS = {"succeeded", "failed", "cancelled"}
+KINDS = ("cpu", "mem", "exec")
+STREAMS = ("stdout", "stderr")
+RESTARTED = "daemon restarted"
+BUSY_TIMEOUT_S = 5.0
+
+# Append only: MIGRATIONS[i] takes user_version i to i + 1. Never edit a shipped entry.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, args TEXT NOT NULL,
+        submitter TEXT NOT NULL, submitter_fp TEXT NOT NULL,
+        created REAL NOT NULL, started REAL, finished REAL, state TEXT NOT NULL,
+        exit_code INTEGER, reason TEXT NOT NULL DEFAULT '', result TEXT,
+        log_bytes INTEGER NOT NULL DEFAULT 0, log_dropped INTEGER NOT NULL DEFAULT 0);
+    CREATE INDEX jobs_created ON jobs(created);
+    CREATE TABLE parts (
+        id INTEGER PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        chunk INTEGER NOT NULL, attempt INTEGER NOT NULL, node TEXT NOT NULL, node_fp TEXT NOT NULL,
+        started REAL NOT NULL, finished REAL, state TEXT NOT NULL DEFAULT 'running',
+        cpu_s REAL NOT NULL DEFAULT 0, mem_mib_s REAL NOT NULL DEFAULT 0,
+        exit_code INTEGER, reason TEXT NOT NULL DEFAULT '', result TEXT);
+    CREATE INDEX parts_job ON parts(job_id);
+    CREATE TABLE logs (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, seq INTEGER NOT NULL,
+        stream TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, seq));
+    CREATE TABLE hosted (
+        id INTEGER PRIMARY KEY, job_id TEXT NOT NULL, chunk INTEGER NOT NULL,
+        peer TEXT NOT NULL, peer_fp TEXT NOT NULL, kind TEXT NOT NULL, args TEXT NOT NULL,
+        started REAL NOT NULL, finished REAL, state TEXT NOT NULL DEFAULT 'running',
+        cpu_s REAL NOT NULL DEFAULT 0, mem_mib_s REAL NOT NULL DEFAULT 0,
+        exit_code INTEGER, reason TEXT NOT NULL DEFAULT '');
+    CREATE INDEX hosted_started ON hosted(started);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+_CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_JOB_COLS = ("id, kind, args, submitter, submitter_fp, created, started, finished, state, exit_code, reason, "
+             "result, log_bytes, log_dropped")
+
+
+class RecordsError(VestaError):
+    """A records call was given something invalid, or the database cannot be used."""
+
+
+class RecordsVersionError(ConfigError):
+    """The records database was written by a newer vesta."""
+
+
+class TransitionError(RecordsError):
+    """An illegal state change (the message names the record, from and to)."""
+
+
+class UnknownRecord(RecordsError, LookupError):
+    """No job, part or hosted run with that id."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecordsError(message)
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise RecordsError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _row(row: sqlite3.Row, json_cols: tuple[str, ...] = ("args", "result")) -> dict[str, Any]:
+    out = dict(row)
+    for col in json_cols:
+        if col in out:
+            out[col] = None if out[col] is None else json.loads(out[col])
+    return out
+
+
+class Records:
+    """One SQLite database per node: jobs it submitted (with parts), runs it hosted for peers, logs."""
+
+    def __init__(self, path: Path, *, log_cap_bytes: int = 1 << 20, clock: Callable[[], float] = time.time) -> None:
+        _check(log_cap_bytes >= 0, f"log_cap_bytes must be >= 0 (got {log_cap_bytes})")
+        self.path = Path(path)
+        self.log_cap_bytes = log_cap_bytes
+        self.clock = clock
+        self.recovered = 0   # jobs + hosted runs marked failed because the daemon had restarted
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
+                raise RecordsError(f"records database {self.path} cannot be opened: {exc}") from exc
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.replace(aside.with_name(aside.name + suffix))
+            log.warning("records database %s is corrupt (%s); moved it to %s and started a fresh one",
+                        self.path, exc, aside)
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))   # SQLite gives -wal/-shm the same mode
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        try:
+            db.row_factory = sqlite3.Row
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                log.warning("records database %s: WAL unavailable, using journal_mode=%s", self.path, mode)
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            self._migrate(db)
+            self.recovered = self._recover(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise RecordsVersionError(f"records database {self.path} has schema version {version}, this vesta "
+                                      f"knows up to {len(MIGRATIONS)}: upgrade vesta")
+        for target in range(version + 1, len(MIGRATIONS) + 1):
+            try:   # one transaction per step: user_version moves with the tables, or neither does
+                db.executescript(f"BEGIN;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version={target};\nCOMMIT;")
+            except BaseException:
+                db.rollback()
+                raise
+            log.info("records database %s migrated to schema version %d", self.path, target)
+
+    def _recover(self, db: sqlite3.Connection) -> int:
+        """Close what a previous daemon left open: nothing can still be running after a restart."""
+        now = self.clock()
+        with db:
+            jobs = db.execute("UPDATE jobs SET state='failed', reason=?, finished=? "
+                              "WHERE state IN ('queued', 'running')", (RESTARTED, now)).rowcount
+            db.execute("UPDATE parts SET state='failed', reason=?, finished=? WHERE state='running'", (RESTARTED, now))
+            hosted = db.execute("UPDATE hosted SET state='failed', reason=?, finished=? WHERE state='running'",
+                                (RESTARTED, now)).rowcount
+        if jobs or hosted:
+            log.warning("records: %d unfinished job(s) and %d hosted run(s) marked failed: %s", jobs, hosted, RESTARTED)
+        return int(jobs + hosted)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitted jobs -------------------------------------------------------------------------------------------
+
+    def _job_state(self, job_id: str) -> sqlite3.Row:
+        row = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownRecord(f"no job {job_id!r} in the records")
+        return row   # type: ignore[no-any-return]
+
+    def create_job(self, job_id: str, kind: str, args: dict[str, Any], submitter: str, submitter_fp: str,
+                   state: str = "running") -> None:
+        """Record a new job; ``created`` is now, and so is ``started`` when it starts running at once."""
+        _check(isinstance(job_id, str) and job_id != "", f"job id must be a non-empty string (got {job_id!r})")
+        _check(kind in KINDS, f"job kind must be one of {', '.join(KINDS)} (got {kind!r})")
+        _check(state in ("queued", "running"), f"a new job is queued or running (got {state!r})")
+        _check(isinstance(args, dict), f"job args must be a dict (got {type(args).__name__})")
+        now = self.clock()
+        try:
+            with self.db:
+                self.db.execute("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (job_id, kind, _dumps(args, "job args"), submitter, submitter_fp, now,
+                                 now if state == "running" else None, state))
+        except sqlite3.IntegrityError:
+            raise RecordsError(f"job {job_id!r} is already in the records") from None
+
+    def transition(self, job_id: str, to: str, *, reason: str = "", exit_code: int | None = None,
+                   result: dict[str, Any] | None = None) -> None:
+        """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result are kept when not given."""
+        _check(to in STATES, f"unknown job state {to!r} (one of {', '.join(STATES)})")
+        row = self._job_state(job_id)
+        frm = row["state"]
+        if to not in ALLOWED.get(frm, set()):
+            raise TransitionError(f"job {job_id!r} cannot go from {frm} to {to}")
+        now = self.clock()
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE jobs SET state=?, started=?, finished=?, reason=?, exit_code=?, result=? "
+                "WHERE id=? AND state=?",
+                (to, now if to == "running" else row["started"], now if to in TERMINAL else None,
+                 reason or row["reason"], row["exit_code"] if exit_code is None else exit_code,
+                 row["result"] if result is None else _dumps(result, "job result"), job_id, frm))
+        if cur.rowcount != 1:   # cannot happen from one thread; guards a second writer
+            raise TransitionError(f"job {job_id!r} changed state while going from {frm} to {to}")
+
+    def add_part(self, job_id: str, *, chunk: int, attempt: int, node: str, node_fp: str, started: float) -> int:
+        """Record one attempt at one chunk, now running on ``node``; returns the part id."""
+        _check(chunk >= 0 and attempt >= 0, f"chunk and attempt must be >= 0 (got {chunk}, {attempt})")
+        self._job_state(job_id)
+        with self.db:
+            cur = self.db.execute("INSERT INTO parts (job_id, chunk, attempt, node, node_fp, started) "
+                                  "VALUES (?, ?, ?, ?, ?, ?)", (job_id, chunk, attempt, node, node_fp, started))
+        return int(cur.lastrowid or 0)
+
+    def finish_part(self, part_id: int, *, state: str, finished: float, cpu_s: float = 0.0, mem_mib_s: float = 0.0,
+                    exit_code: int | None = None, reason: str = "", result: dict[str, Any] | None = None) -> None:
+        """Close a running part: succeeded, failed, cancelled, refused or lost."""
+        _check(state in PART_ENDS, f"a part ends {', '.join(sorted(PART_ENDS))} (got {state!r})")
+        with self.db:
+            cur = self.db.execute(
+                "UPDATE parts SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, reason=?, result=? "
+                "WHERE id=? AND state='running'",
+                (state, finished, cpu_s, mem_mib_s, exit_code, reason,
+                 None if result is None else _dumps(result, "part result"), part_id))
+        if cur.rowcount != 1:
+            row = self.db.execute("SELECT state FROM parts WHERE id=?", (part_id,)).fetchone()
+            if row is None:
+                raise UnknownRecord(f"no part {part_id} in the records")
+            raise TransitionError(f"part {part_id} cannot go from {row['state']} to {state}")
+
+    def append_log(self, job_id: str, stream: str, data: bytes) -> None:
+        """Store a chunk of a job's output in order; past ``log_cap_bytes`` mark truncation once, drop the rest."""
+        _check(stream in STREAMS, f"log stream must be stdout or stderr (got {stream!r})")
+        data = bytes(data)
+        if not data:
+            return
+        row = self._job_state(job_id)
+        kept, dropped = row["log_bytes"], row["log_dropped"]
+        keep = data[: max(self.log_cap_bytes - kept, 0)]
+        lost = len(data) - len(keep)
+        with self.db:
+            seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id=?", (job_id,)).fetchone()[0]
+            rows = [(job_id, seq + 1, stream, keep)] if keep else []
+            if lost and not dropped:
+                marker = f"\n[vesta: output truncated after {self.log_cap_bytes} bytes]\n".encode()
+                rows.append((job_id, seq + 1 + len(rows), stream, marker))
+            self.db.executemany("INSERT INTO logs (job_id, seq, stream, data) VALUES (?, ?, ?, ?)", rows)
+            self.db.execute("UPDATE jobs SET log_bytes=?, log_dropped=? WHERE id=?",
+                            (kept + len(keep), dropped + lost, job_id))
+
+    def log(self, job_id: str, stream: str | None = None, after: int = 0) -> tuple[bytes, int]:
+        """Output stored after sequence number ``after`` (both streams interleaved when ``stream`` is None),
+        and the sequence number to pass next time."""
+        _check(stream is None or stream in STREAMS, f"log stream must be stdout or stderr (got {stream!r})")
+        self._job_state(job_id)
+        rows = self.db.execute("SELECT seq, data FROM logs WHERE job_id=? AND seq>? AND (? IS NULL OR stream=?) "
+                               "ORDER BY seq", (job_id, after, stream, stream)).fetchall()
+        return b"".join(r["data"] for r in rows), (rows[-1]["seq"] if rows else after)
+
+    def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        out = _row(row)
+        out["log_truncated"] = out["log_dropped"] > 0
+        return out
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """The whole record of one job, with its parts (by chunk, then attempt), or None."""
+        row = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        out = self._job_dict(row)
+        parts = self.db.execute("SELECT id, chunk, attempt, node, node_fp, started, finished, state, cpu_s, "
+                                "mem_mib_s, exit_code, reason, result FROM parts WHERE job_id=? "
+                                "ORDER BY chunk, attempt, id", (job_id,))
+        out["parts"] = [_row(p) for p in parts]
+        return out
+
+    def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Jobs newest first, without parts, optionally only those in ``state``."""
+        _check(state is None or state in STATES, f"unknown job state {state!r} (one of {', '.join(STATES)})")
+        _check(limit > 0, f"limit must be > 0 (got {limit})")
+        rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE (? IS NULL OR state=?) "
+                               "ORDER BY created DESC, rowid DESC LIMIT ?", (state, state, limit))
+        return [self._job_dict(r) for r in rows]
+
+    # -- runs hosted for peers ------------------------------------------------------------------------------------
+
+    def start_hosted(self, *, job_id: str, chunk: int, peer: str, peer_fp: str, kind: str, args: dict[str, Any],
+                     started: float) -> int:
+        """Record a run this node started for a peer; returns the run id."""
+        _check(kind in KINDS, f"job kind must be one of {', '.join(KINDS)} (got {kind!r})")
+        _check(isinstance(args, dict), f"hosted run args must be a dict (got {type(args).__name__})")
+        with self.db:
+            cur = self.db.execute("INSERT INTO hosted (job_id, chunk, peer, peer_fp, kind, args, started) "
+                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  (job_id, chunk, peer, peer_fp, kind, _dumps(args, "hosted run args"), started))
+        return int(cur.lastrowid or 0)
+
+    def finish_hosted(self, run_id: int, *, state: str, finished: float, cpu_s: float, mem_mib_s: float = 0.0,
+                      exit_code: int | None = None, reason: str = "") -> None:
+        """Close a hosted run: succeeded, failed or cancelled, with what it used."""
+        _check(state in HOSTED_ENDS, f"a hosted run ends {', '.join(sorted(HOSTED_ENDS))} (got {state!r})")
+        with self.db:
+            cur = self.db.execute("UPDATE hosted SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, "
+                                  "reason=? WHERE id=? AND state='running'",
+                                  (state, finished, cpu_s, mem_mib_s, exit_code, reason, run_id))
+        if cur.rowcount != 1:
+            row = self.db.execute("SELECT state FROM hosted WHERE id=?", (run_id,)).fetchone()
+            if row is None:
+                raise UnknownRecord(f"no hosted run {run_id} in the records")
+            raise TransitionError(f"hosted run {run_id} cannot go from {row['state']} to {state}")
+
+    def hosted(self, *, limit: int = 50) -> list[dict[str, Any]]:
+        """Runs hosted for peers, newest first."""
+        _check(limit > 0, f"limit must be > 0 (got {limit})")
+        rows = self.db.execute("SELECT * FROM hosted ORDER BY started DESC, id DESC LIMIT ?", (limit,))
+        return [_row(r, ("args",)) for r in rows]
