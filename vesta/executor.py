@@ -114,12 +114,15 @@ def hash_units(job_id: str, iterations: int, start: int, count: int, *, threads:
             with lock:
                 cpu_total[0] += time.thread_time() - c0
 
-    pool = [threading.Thread(target=worker, name=f"cpu-{job_id}-{i}", daemon=True)
-            for i in range(max(1, min(threads, count)))]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    n_threads = max(1, min(threads, count))
+    if n_threads == 1:
+        worker()   # already on a worker thread (or the caller's): no thread to start and join
+    else:
+        pool = [threading.Thread(target=worker, name=f"cpu-{job_id}-{i}", daemon=True) for i in range(n_threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
     if errors:
         raise errors[0]
     done = sum(unit_size(iterations, i) for i in range(start, start + count))
