@@ -3,10 +3,17 @@
 Target (jobs issue): "cpu hashing: per-core rate >= 0.90 x `openssl speed -bytes 16384 sha256`
 measured in the same run; two threads >= 1.8 x one."
 
-This measures the baseline: OpenSSL's own single-core SHA-256 rate, and Python's hashlib over
-1 MiB buffers (DESIGN.md: the GIL is released for large buffers) from one thread and from two.
-A workload is any ``hash_fn(stop) -> bytes hashed`` that hashes until ``stop`` is set; add the
-daemon's cpu workload to ``workloads()`` and it is measured and checked the same way.
+It measures OpenSSL's own single-core SHA-256 rate, then each workload from one thread and
+from two, against it:
+
+* ``hashlib`` (the baseline): hashlib.sha256 over 1 MiB buffers (DESIGN.md: the GIL is released
+  for large buffers), one digest per buffer, one Python thread per thread counted;
+* ``hash_units`` (the daemon's real cpu workload): ``vesta.executor.hash_units`` over a job far
+  larger than the measurement, with its own ``threads=`` pool, stopped through its ``cancel``
+  event; bytes = iterations (counted by its ``progress`` callback) x 64.
+
+A workload is any ``run(threads, stop) -> bytes hashed`` that hashes on ``threads`` threads until
+``stop`` is set; ``workloads()`` lists them and every one is measured and checked the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from collections.abc import Callable
 
 from common import LoadWatch, Report, settle
 
-HashFn = Callable[[threading.Event], int]
+from vesta import executor
+
+HashFn = Callable[[threading.Event], int]          # one thread's loop: hash until stop, bytes hashed
+Workload = Callable[[int, threading.Event], int]   # (threads, stop) -> bytes hashed by all of them
 
 SECONDS = 2.0
 MIB = 1 << 20
@@ -30,32 +40,53 @@ PER_CORE_VS_OPENSSL = 0.90
 TWO_VS_ONE = 1.8
 
 
-def measure(hash_fn: HashFn, threads: int, seconds: float = SECONDS) -> dict[str, float]:
-    """Run ``hash_fn`` on ``threads`` threads for about ``seconds``; total and per-thread MB/s (1 MB = 1e6 bytes)."""
+def measure(workload: Workload, threads: int, seconds: float = SECONDS) -> dict[str, float]:
+    """Run ``workload`` on ``threads`` threads for about ``seconds``; total and per-thread MB/s (1 MB = 1e6 bytes)."""
     stop = threading.Event()
-    done: list[int] = [0] * threads
+    done: list[int] = [0]
     errors: list[BaseException] = []
 
-    def run(i: int) -> None:
+    def run() -> None:
         try:
-            done[i] = hash_fn(stop)
+            done[0] = workload(threads, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the measuring thread
             errors.append(exc)
 
-    pool = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    driver = threading.Thread(target=run, daemon=True)
     start = time.perf_counter()
-    for t in pool:
-        t.start()
+    driver.start()
     time.sleep(seconds)
     stop.set()
-    for t in pool:
-        t.join()
+    driver.join()
     elapsed = time.perf_counter() - start
     if errors:
         raise errors[0]
-    total = sum(done) / elapsed / 1e6
-    return {"threads": threads, "seconds": elapsed, "bytes": sum(done), "mb_s": total,
+    total = done[0] / elapsed / 1e6
+    return {"threads": threads, "seconds": elapsed, "bytes": done[0], "mb_s": total,
             "mb_s_per_thread": total / threads}
+
+
+def per_thread(hash_fn: HashFn) -> Workload:
+    """A workload running ``hash_fn`` in ``threads`` plain Python threads."""
+    def workload(threads: int, stop: threading.Event) -> int:
+        done: list[int] = [0] * threads
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                done[i] = hash_fn(stop)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        pool = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if errors:
+            raise errors[0]
+        return sum(done)
+    return workload
 
 
 def hashlib_sha256(buffer_bytes: int = MIB) -> HashFn:
@@ -70,9 +101,36 @@ def hashlib_sha256(buffer_bytes: int = MIB) -> HashFn:
     return hash_fn
 
 
-def workloads() -> dict[str, HashFn]:
-    """What to measure, by short name: the baseline, plus the daemon's own cpu workload once it is plugged in here."""
-    return {"hashlib": hashlib_sha256()}     # hashlib.sha256 over 1 MiB buffers
+def hash_units_workload(threads: int, stop: threading.Event) -> int:
+    """The daemon's cpu workload: ``executor.hash_units`` with its own thread pool, until ``stop``.
+
+    The job is far larger than any measurement (10,000 units = 64 GiB), so it is always stopped
+    through ``cancel``; each finished segment reports its iterations (64 bytes each) to ``progress``.
+    """
+    units = 10_000
+    counted: list[int] = [0]
+    lock = threading.Lock()
+
+    def progress(n: int) -> None:
+        with lock:                      # called from every worker thread, once per 1 MiB segment
+            counted[0] += n
+
+    try:
+        executor.hash_units("bench-hash", units * executor.UNIT, 0, units, threads=threads,
+                            cancel=stop, progress=progress)
+    except executor.Cancelled:
+        pass
+    else:
+        raise RuntimeError("hash_units finished a 64 GiB job before the measurement ended")
+    return counted[0] * executor.BLOCK
+
+
+def workloads() -> dict[str, Workload]:
+    """What to measure, by short name: the plain-hashlib baseline and the daemon's own cpu workload."""
+    return {
+        "hashlib": per_thread(hashlib_sha256()),    # hashlib.sha256 over 1 MiB buffers, one thread each
+        "hash_units": hash_units_workload,          # vesta.executor.hash_units(threads=N)
+    }
 
 
 def openssl_sha256_mb_s(seconds: int = int(SECONDS)) -> tuple[float | None, str]:
@@ -94,7 +152,8 @@ def openssl_sha256_mb_s(seconds: int = int(SECONDS)) -> tuple[float | None, str]
 
 
 def main() -> None:
-    report = Report("hash", "cpu hashing: SHA-256 rate vs OpenSSL (hashlib: hashlib.sha256 over 1 MiB buffers)")
+    report = Report("hash", "cpu hashing: SHA-256 rate vs OpenSSL (hashlib: hashlib.sha256 over 1 MiB buffers; "
+                            "hash_units: the daemon's cpu workload, vesta.executor.hash_units)")
     report.extra["busy_pct_before"] = settle()
 
     with LoadWatch() as load:
@@ -115,6 +174,9 @@ def main() -> None:
         report.row(f"{name}: 2 threads", two["mb_s"], "MB/s",
                    f"{two['mb_s_per_thread']:,.0f} MB/s per thread" + _busy(load2))
         report.row(f"{name}: 2 threads / 1", ratio, "x", f"target ≥ {TWO_VS_ONE}")
+        if name == "hash_units":   # the daemon's unit of work: one iteration = one 64-byte block
+            report.row(f"{name}: iterations/s", one["mb_s"] / executor.BLOCK, "million/s",
+                       f"1 thread; {two['mb_s'] / executor.BLOCK:.1f} million/s on 2 threads")
         report.target(f"{name} per core ≥ {PER_CORE_VS_OPENSSL} x openssl", None if vs is None else
                       vs >= PER_CORE_VS_OPENSSL, f"{vs:.2f} x" if vs is not None else how)
         report.target(f"{name} 2 threads ≥ {TWO_VS_ONE} x 1", ratio >= TWO_VS_ONE, f"{ratio:.2f} x")

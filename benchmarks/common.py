@@ -98,6 +98,48 @@ class LoadWatch:
         self.others = max(0.0, (busy - self._busy - (_own_seconds() - self._own)) / wall)
 
 
+class ProcessCpu:
+    """CPU seconds some processes (``{label: pid}``, e.g. the daemons a benchmark started) used in a block.
+
+    ``used[label]`` counts the process and the children it reaped (exec'd jobs). ``LoadWatch``
+    counts such processes among the *others* (they are not waited for); ``others(load, wall)``
+    gives what was left of that once they are taken out.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self._procs = {label: psutil.Process(pid) for label, pid in pids.items()}
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+
+    def _cpu(self) -> dict[str, float]:
+        return {label: sum(p.cpu_times()[:4]) for label, p in self._procs.items()}   # user, system, children
+
+    def __enter__(self) -> ProcessCpu:
+        self._start, self._wall = self._cpu(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._cpu()
+        self.wall = time.monotonic() - self._wall
+        self.used = {label: end[label] - self._start[label] for label in end}
+
+    @property
+    def cores(self) -> float:
+        """Cores these processes kept busy on average."""
+        return sum(self.used.values()) / self.wall if self.wall > 0 else 0.0
+
+    def others(self, load: LoadWatch) -> float | None:
+        """``load.others`` less these processes (both measured over the same block)."""
+        return None if load.others is None else max(0.0, load.others - self.cores)
+
+
+def busy_note(others: float | None) -> str:
+    """"; other processes busy N cores" where that is worth saying, else ""."""
+    return f"; other processes busy {others:.1f} cores" if others is not None and others >= 0.1 else ""
+
+
 def settle(max_wait_s: float = 20.0, busy_below_pct: float = 10.0) -> float | None:
     """Wait (a bounded time) for other work on the machine to finish; the last busy % seen.
 

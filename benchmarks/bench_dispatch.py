@@ -1,0 +1,142 @@
+"""Dispatch latency: submit-to-result of tiny jobs on a peer over loopback.
+
+Target (jobs issue): "dispatch: submit-to-result of a 1-iteration cpu job on a peer over
+loopback, from a client on the control socket, p50 <= 1.2 ms, p99 <= 5 ms over 1,000
+sequential jobs; a remote `exec -- true` p50 <= 2 ms."
+
+Two real daemons, a and b (b with -allow-exec), bound to 127.0.0.1 with 200 ms beacons. Once a
+lists b, one persistent control-socket client on a runs 1,000 x ``cpu`` of one iteration forced
+onto b (``on="b"``) and then 200 x ``exec -- true`` on b, timing each call (request written to
+reply read) with perf_counter. The first calls open the peer link and are a warm-up, not counted.
+Besides the client's view the table gives a's own ``elapsed_s`` (from offering the chunk to its
+result), so the control socket's share can be told apart, and the CPU time each daemon spent per
+job (the daemons are not "other processes": the note says how busy the rest of the machine was).
+b must advertise a spare core before the runs start: a forced job that b refuses (start-up load)
+would count as failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+from common import ROOT, LoadWatch, ProcessCpu, Report, busy_note, settle
+
+sys.path.insert(0, str(ROOT))   # tests.helpers: real vestad processes
+
+from tests.helpers import Cluster, eventually, short_tmpdir  # noqa: E402
+from vesta.control import ControlClient, RemoteError  # noqa: E402
+
+CPU_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_JOBS", "1000"))
+EXEC_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_EXECS", "200"))
+WARMUP = 50
+ONE_ITERATION = 0.000001        # millions: the daemon rounds it to exactly 1 iteration
+CPU_P50_MS, CPU_P99_MS, EXEC_P50_MS = 1.2, 5.0, 2.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank: a value that was really measured."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def run_jobs(client: ControlClient, n: int, op: str, **args: Any) -> tuple[list[float], list[float], list[str]]:
+    """``n`` sequential calls; (client ms, daemon-side ms, errors)."""
+    client_ms: list[float] = []
+    daemon_ms: list[float] = []
+    errors: list[str] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            result = client.call(op, **args)
+        except RemoteError as exc:
+            errors.append(str(exc))
+            continue
+        client_ms.append((time.perf_counter() - t0) * 1000)
+        daemon_ms.append(float(result["elapsed_s"]) * 1000)
+        check(op, result)
+    return client_ms, daemon_ms, errors
+
+
+def check(op: str, result: dict[str, Any]) -> None:
+    if op == "cpu":
+        nodes = [p["node"] for p in result["parts"]]
+        if nodes != ["b"] or result["iterations"] != 1:
+            raise AssertionError(f"cpu job did not run 1 iteration on b: {nodes} {result['iterations']}")
+    elif result["node"] != "b" or result["exit_code"] != 0:
+        raise AssertionError(f"exec did not run `true` on b: node {result['node']}, exit {result['exit_code']}, "
+                             f"{result.get('reason')}")
+
+
+def describe(report: Report, label: str, client_ms: list[float], daemon_ms: list[float], errors: list[str],
+             n: int, load: LoadWatch, cpu: ProcessCpu) -> None:
+    busy = busy_note(cpu.others(load))
+    if not client_ms:
+        report.row(f"{label}: completed", 0, f"of {n}", errors[0] if errors else "")
+        return
+    for q in (50, 90, 99):
+        report.row(f"{label}: p{q}", percentile(client_ms, q), "ms", "client: request to reply" + (busy if q == 50
+                                                                                                   else ""))
+    report.row(f"{label}: max", max(client_ms), "ms", "")
+    report.row(f"{label}: a's elapsed_s p50", percentile(daemon_ms, 50), "ms",
+               f"offer to result, inside a (p99 {percentile(daemon_ms, 99):.2f} ms)")
+    per_job = ", ".join(f"{name} {used / len(client_ms) * 1000:.2f} ms" for name, used in cpu.used.items())
+    report.row(f"{label}: daemon CPU per job", sum(cpu.used.values()) / len(client_ms) * 1000, "ms", per_job)
+    if errors:
+        report.row(f"{label}: failed", len(errors), f"of {n}", errors[0][:80])
+
+
+def main() -> None:
+    report = Report("dispatch", f"dispatch: tiny jobs on a peer over loopback ({os.cpu_count()} cores)")
+    report.extra["busy_pct_before"] = settle()
+    base = short_tmpdir("vb")
+    cluster = Cluster(base)
+    try:
+        a = cluster.add("a", interval_ms=200)
+        cluster.add("b", interval_ms=200, args=["-allow-exec"])
+        eventually(lambda: "b" in a.peer_names(), 15, what="a to list b")
+        eventually(lambda: next(p for p in a.peers() if p["name"] == "b")["spare_cores"] >= 0.5, 30,
+                   what="b to settle after start-up and advertise a spare core")
+        pids = {"a": a.pid, "b": cluster.nodes[1].pid}
+        with a.client() as client:
+            run_jobs(client, WARMUP, "cpu", millions=ONE_ITERATION, on="b")   # opens the peer link
+            run_jobs(client, WARMUP // 5, "exec", argv=["true"], on="b")
+
+            with LoadWatch() as load, ProcessCpu(pids) as cpu:
+                cpu_ms, cpu_daemon, cpu_err = run_jobs(client, CPU_JOBS, "cpu", millions=ONE_ITERATION, on="b")
+            describe(report, f"cpu 1 iteration on b ×{CPU_JOBS}", cpu_ms, cpu_daemon, cpu_err, CPU_JOBS, load,
+                     cpu)
+            with LoadWatch() as load, ProcessCpu(pids) as cpu:
+                exec_ms, exec_daemon, exec_err = run_jobs(client, EXEC_JOBS, "exec", argv=["true"], on="b")
+            describe(report, f"exec true on b ×{EXEC_JOBS}", exec_ms, exec_daemon, exec_err, EXEC_JOBS, load,
+                     cpu)
+
+        report.extra["cpu_ms"] = cpu_ms
+        report.extra["cpu_daemon_ms"] = cpu_daemon
+        report.extra["exec_ms"] = exec_ms
+        report.extra["exec_daemon_ms"] = exec_daemon
+        report.extra["errors"] = cpu_err + exec_err
+        if cpu_ms:
+            p50, p99 = percentile(cpu_ms, 50), percentile(cpu_ms, 99)
+            report.target(f"cpu p50 ≤ {CPU_P50_MS:g} ms", p50 <= CPU_P50_MS and not cpu_err,
+                          f"{p50:.2f} ms" + (f"; {len(cpu_err)} failed" if cpu_err else ""))
+            report.target(f"cpu p99 ≤ {CPU_P99_MS:g} ms", p99 <= CPU_P99_MS and not cpu_err, f"{p99:.2f} ms")
+        else:
+            report.target(f"cpu p50 ≤ {CPU_P50_MS:g} ms", False, "no job completed: " + cpu_err[0][:60])
+        if exec_ms:
+            p50 = percentile(exec_ms, 50)
+            report.target(f"exec p50 ≤ {EXEC_P50_MS:g} ms", p50 <= EXEC_P50_MS and not exec_err, f"{p50:.2f} ms")
+        else:
+            report.target(f"exec p50 ≤ {EXEC_P50_MS:g} ms", False, "no job completed: " + exec_err[0][:60])
+    finally:
+        cluster.close()
+        shutil.rmtree(base, ignore_errors=True)
+    report.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
