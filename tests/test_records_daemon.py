@@ -94,3 +94,23 @@ def test_cpu_parts_show_a_lost_attempt_and_records_survive_kill_9(cluster: Clust
     assert as_json(a, "show", job_id)["state"] == "succeeded"
     again = as_json(a, "show", running)
     assert again["state"] == "failed" and again["reason"] == "daemon restarted"
+
+
+def test_detached_exec_and_wait(cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = pair(cluster, tmp_path)
+    out = a.vesta("exec", "--detach", "--", "sh", "-c", "sleep 1; echo done; exit 3")
+    assert out.returncode == 0
+    job_id = out.stdout.strip()
+    assert job_id.startswith("j") and as_json(a, "show", job_id)["state"] == "running"
+    out = a.vesta("wait", job_id, "--timeout", "0.2")
+    assert out.returncode == 124 and "still running" in out.stderr
+    out = a.vesta("wait", job_id)
+    assert out.returncode == 3 and f"{job_id} failed, exit 3" in out.stdout
+    assert a.vesta("logs", job_id).stdout == "done\n"
+    # a detached job that cannot run anywhere is on record too, with why
+    cluster.nodes[1].stop()
+    eventually(lambda: a.peer_names() == set(), 5)
+    out = a.vesta("exec", "--detach", "--on", "nowhere", "--", "true")
+    failed = out.stdout.strip()
+    out = a.vesta("wait", failed)
+    assert out.returncode == 1 and "no node named 'nowhere'" in out.stdout

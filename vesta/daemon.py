@@ -35,7 +35,7 @@ from vesta.discovery import Discovery
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
 from vesta.hours import LendingHours, parse_hours
 from vesta.identity import load_or_create
-from vesta.jobs import Emit, Host, JobFailed, Submitter, run_builtin
+from vesta.jobs import Emit, Host, JobFailed, Submitter, new_job_id, run_builtin
 from vesta.ledger import Ledger
 from vesta.link import LinkPool, serve
 from vesta.peertable import Change, Peer, PeerTable
@@ -673,6 +673,21 @@ class Daemon:
         timeout = args.get("timeout") or 0.0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
             raise ControlError("--timeout must be from 1 to 604800 seconds")
+        if args.get("detach"):
+            # Nobody listens: the output goes to the records only, and the job outlives this request.
+            job_id = new_job_id()
+
+            async def nowhere(event: dict[str, Any]) -> None:
+                return None
+
+            async def detached() -> None:
+                with contextlib.suppress(JobFailed, VestaError):
+                    await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
+                        argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=nowhere, job_id=job_id))
+
+            spawn(detached(), f"detached-{job_id}", self._tasks)
+            await asyncio.sleep(0)   # registered before we answer, so `vesta wait` finds it at once
+            return {"job_id": job_id, "detached": True}
         return await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
             argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=emit))
 

@@ -250,18 +250,23 @@ class Submitter:
         return {"job_id": job.job_id, "kind": "mem", "mib": mib, "ms": ms, "node": o.node.name,
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
-    async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit) -> dict[str, Any]:
-        nodes = self._pick(on)
-        allowed = [n for n in nodes if n.exec_allowed]
-        if on is None and not allowed:
-            states = ", ".join(f"{n.name}: exec off" for n in nodes)
-            raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
+    async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit,
+                       job_id: str | None = None) -> dict[str, Any]:
+        job = Job(job_id or new_job_id(), "exec")
+        self._register(job, {"argv": argv, "on": on, "timeout": timeout})   # first: every outcome is on record
+        try:
+            nodes = self._pick(on)
+            allowed = [n for n in nodes if n.exec_allowed]
+            if on is None and not allowed:
+                states = ", ".join(f"{n.name}: exec off" for n in nodes)
+                raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
+        except BaseException as exc:
+            self._failed(job, exc)
+            raise
         candidates = nodes if on is not None else [
             c.node for c in autopilot.choose(allowed, spill_cpu_pct=self.spill_cpu_pct, split=False,
                                              debits=self.debits, exec_job=True)]
         candidates += [n for n in allowed if n not in candidates]
-        job = Job(new_job_id(), "exec")
-        self._register(job, {"argv": argv, "on": on, "timeout": timeout})
         t0 = time.perf_counter()
 
         async def output(stream: str, data: bytes) -> None:

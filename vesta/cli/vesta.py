@@ -250,6 +250,32 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("job_id")
+@click.option("--timeout", "-timeout", type=float, help="Give up after this many seconds (exit 124).")
+@option_json()
+@click.pass_context
+def wait(ctx: click.Context, job_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait until a job ends; exit with its exit code (1 if it failed without one, 0 if it succeeded)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _client(ctx) as c:
+        while True:
+            job = c.call("show", job_id=job_id)
+            if job["state"] not in ("queued", "running"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                click.echo(f"vesta: {job_id} is still {job['state']} after {timeout:g}s", err=True)
+                ctx.exit(124)
+            time.sleep(0.2)
+    if as_json:
+        print_json(job)
+    else:
+        click.echo(f"{job_id} {job['state']}" + (f", exit {job['exit_code']}" if job.get("exit_code") is not None
+                                                else "") + (f": {job['reason']}" if job.get("reason") else ""))
+    code = job.get("exit_code")
+    ctx.exit(code if isinstance(code, int) else 0 if job["state"] == "succeeded" else 1)
+
+
+@cli.command()
+@click.argument("job_id")
 @click.option("--follow", "-f", "follow", is_flag=True, help="Keep printing new output until the job ends.")
 @click.pass_context
 def logs(ctx: click.Context, job_id: str, follow: bool) -> None:
@@ -449,10 +475,12 @@ def stop_stress(ctx: click.Context, as_json: bool) -> None:
 @cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--timeout", "-timeout", type=float, help="Stop the command after this many seconds.")
 @click.option("--on", "-on", "on", help="Run on this node only.")
+@click.option("--detach", "-detach", is_flag=True, help="Print the job id at once; see vesta wait, logs, show.")
 @option_json()
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
-def exec_(ctx: click.Context, timeout: float | None, on: str | None, as_json: bool, argv: tuple[str, ...]) -> None:
+def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, as_json: bool,
+          argv: tuple[str, ...]) -> None:
     """Run a command on the best node that allows exec: vesta exec [--timeout S] -- CMD ARGS...
 
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
@@ -472,6 +500,11 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, as_json: bo
         out.write(data)
         out.flush()
 
+    if detach:
+        with _client(ctx) as c:
+            r = c.call("exec", argv=list(argv), timeout=timeout, on=on, detach=True)
+        print_json(r) if as_json else click.echo(r["job_id"])
+        return
     with _client(ctx) as c:
         r = c.call("exec", on_event=event, argv=list(argv), timeout=timeout, on=on)
     code = r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0)
