@@ -29,6 +29,23 @@ def tool(name: str) -> list[str]:
     return [sys.executable, "-m", f"vesta.cli.{name}"]
 
 
+class FakeClock:
+    """Time that moves only when a test says so (for the pure units that take a ``clock``)."""
+
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    @property
+    def now(self) -> float:
+        return self.t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
 def new_key() -> str:
     return secrets.token_hex(24)
 

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
+from tests.helpers import FakeClock
 from vesta import autopilot, proto
 from vesta.autopilot import Debits, NodeView, choose, cut, cut_size_slots, fits_memory, slots
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def node(name: str, *, local: bool = False, cores: int = 4, cpu: float = 0.0, spare: float = 3.0,
@@ -21,7 +14,7 @@ def node(name: str, *, local: bool = False, cores: int = 4, cpu: float = 0.0, sp
 
 
 def test_peer_slots_come_from_its_spare_cores_minus_debits() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     debits = Debits(clock)
     pi = node("pi", spare=2.4, seen=999.0)
     assert slots(pi) == 2 and slots(node("x", spare=0.4)) == 0 and slots(node("y", spare=0.5)) == 1

@@ -8,20 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import FakeClock
 from vesta.ledger import MIB_S_PER_CORE_S, Ledger, cost
 
 DAY = 86400.0
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def make(clock: FakeClock, path: Path | None = None, **kw: float) -> Ledger:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import FakeClock
 from vesta.peertable import Freshness, PeerTable
 from vesta.proto import Beacon, NodeStatus
 
@@ -14,17 +15,6 @@ FP_B = "bb" * 16
 SRC = ("192.168.1.20", 7778)
 
 
-class FakeClock:
-    """Monotonic time that moves only when told."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, dt: float) -> None:
-        self.now += dt
 
 
 def make_beacon(
@@ -46,7 +36,7 @@ def make_beacon(
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import FakeClock
 from vesta import records
 from vesta.errors import ConfigError, VestaError
 from vesta.records import SCHEMA_VERSION, Records, RecordsError, TransitionError, UnknownRecord
@@ -21,15 +22,6 @@ from vesta.records import SCHEMA_VERSION, Records, RecordsError, TransitionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 @pytest.fixture
