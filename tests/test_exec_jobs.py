@@ -103,3 +103,31 @@ def test_output_streams_live_and_timeout_is_enforced(cluster: Cluster, tmp_path:
     assert time.monotonic() - t0 < 8
     assert out.returncode == 143
     assert "timed out after 1s" in out.stderr
+
+
+def test_limits_stop_hogs_and_say_which_limit(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec", "-config", str(limits_config(tmp_path)))
+    # memory hog: 600 MiB in a job limited to 200 MiB of address space
+    out = a.vesta("exec", "--mem", "200", "--", "python3", "-c", "x = bytearray(600 * 1024 * 1024)")
+    assert out.returncode != 0
+    assert "memory limit hit (200 MiB of address space)" in out.stderr
+    # the same program within its limit runs
+    out = a.vesta("exec", "--mem", "400", "--", "python3", "-c", "x = bytearray(50 * 1024 * 1024); print(len(x))")
+    assert out.returncode == 0 and out.stdout.strip() == str(50 * 1024 * 1024)
+    # a job may not ask for more memory than the node offers
+    out = a.vesta("exec", "--on", "b", "--mem", "100000", "--", "true")
+    assert out.returncode == 1 and "refused (memory: b gives exec jobs at most 512 MiB" in out.stderr
+    # file-size hog: a 20 MiB file where 5 MiB is the limit
+    out = a.vesta("exec", "--", "sh", "-c", "exec head -c 20000000 /dev/zero > big")
+    assert out.returncode == 128 + 25      # killed by SIGXFSZ
+    assert "file size limit hit (5 MiB per file)" in out.stderr
+    # no core files, few open files
+    out = a.vesta("exec", "--", "sh", "-c", "ulimit -c; ulimit -n")
+    assert out.stdout.split() == ["0", "1024"]
+    _ = b
+
+
+def limits_config(tmp_path: Path) -> Path:
+    path = tmp_path / "limits.json"
+    path.write_text(json.dumps({"mem_offer_mb": 512, "exec_max_file_mb": 5}))
+    return path

@@ -92,7 +92,8 @@ class Daemon:
                              half_life_days=cfg.ledger_half_life_days)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self._capacity, events=self._event,
                          allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s,
-                         ledger=self.ledger, hours=self.hours, on_ledger=self._ledger_dirty.set)
+                         ledger=self.ledger, hours=self.hours, on_ledger=self._ledger_dirty.set,
+                         exec_mem_mib=cfg.mem_offer_mb, exec_file_mib=cfg.exec_max_file_mb)
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
         self._status: proto.NodeStatus | None = None   # refreshed every beacon round
@@ -670,6 +671,9 @@ class Daemon:
             raise ControlError("exec needs a command: vesta exec -- CMD ARGS...")
         if len(argv) > proto.MAX_ARGV or any(len(a) > proto.MAX_ARG or "\x00" in a for a in argv):
             raise ControlError(f"command too long: at most {proto.MAX_ARGV} arguments of {proto.MAX_ARG} bytes")
+        mem = args.get("mem") or 0
+        if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem <= proto.MAX_MEM_MIB:
+            raise ControlError("--mem must be a whole number of MiB")
         timeout = args.get("timeout") or 0.0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
             raise ControlError("--timeout must be from 1 to 604800 seconds")
@@ -683,13 +687,14 @@ class Daemon:
             async def detached() -> None:
                 with contextlib.suppress(JobFailed, VestaError):
                     await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
-                        argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=nowhere, job_id=job_id))
+                        argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=nowhere, job_id=job_id,
+                        mem_mib=mem))
 
             spawn(detached(), f"detached-{job_id}", self._tasks)
             await asyncio.sleep(0)   # registered before we answer, so `vesta wait` finds it at once
             return {"job_id": job_id, "detached": True}
         return await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
-            argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=emit))
+            argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=emit, mem_mib=mem))
 
     async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cores, secs = args.get("cores", 0), args.get("secs")

@@ -578,3 +578,46 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     except BaseException:
         job.abandon()
         raise
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits for one exec run, applied with setrlimit in the child before exec."""
+
+    mem_mib: int            # RLIMIT_AS: address space (virtual memory), MiB
+    cpu_s: int              # RLIMIT_CPU: CPU seconds (SIGXCPU, then SIGKILL)
+    file_mib: int           # RLIMIT_FSIZE: largest file it may write (SIGXFSZ)
+    open_files: int = 1024  # RLIMIT_NOFILE
+
+    def preexec(self) -> Callable[[], None]:
+        """The child-side function: only setrlimit calls (safe between fork and exec)."""
+        settings = (
+            (resource.RLIMIT_AS, self.mem_mib * 1024 * 1024),
+            (resource.RLIMIT_CPU, self.cpu_s),
+            (resource.RLIMIT_FSIZE, self.file_mib * 1024 * 1024),
+            (resource.RLIMIT_NOFILE, self.open_files),
+            (resource.RLIMIT_CORE, 0),
+        )
+
+        def apply() -> None:
+            for which, value in settings:
+                resource.setrlimit(which, (value, value))
+
+        return apply
+
+    def explain(self, result: ExecResult, output_tail: bytes) -> str:
+        """Which limit a failed run most likely hit, or "" when none."""
+        if result.signal == signal.SIGXCPU:
+            return f"CPU time limit hit ({self.cpu_s} s)"
+        if result.signal == signal.SIGXFSZ:
+            return f"file size limit hit ({self.file_mib} MiB per file)"
+        failed = result.signal is not None or (result.exit_code or 0) != 0
+        if failed and any(m in output_tail for m in _OOM_MARKERS):
+            return f"memory limit hit ({self.mem_mib} MiB of address space)"
+        return ""
+
+
+_OOM_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc", b"out of memory", b"Out of memory")

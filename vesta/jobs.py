@@ -251,9 +251,9 @@ class Submitter:
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
     async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit,
-                       job_id: str | None = None) -> dict[str, Any]:
+                       job_id: str | None = None, mem_mib: int = 0) -> dict[str, Any]:
         job = Job(job_id or new_job_id(), "exec")
-        self._register(job, {"argv": argv, "on": on, "timeout": timeout})   # first: every outcome is on record
+        self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib})  # first: all on record
         try:
             nodes = self._pick(on)
             allowed = [n for n in nodes if n.exec_allowed]
@@ -279,7 +279,7 @@ class Submitter:
             outcomes = await self._schedule(
                 job, [Choice(n, 1) for n in candidates], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
-                                                          timeout_s=timeout, submitter=self.name)),
+                                                          timeout_s=timeout, mem_mib=mem_mib, submitter=self.name)),
                 emit, allow_local_fallback=False, one_at_a_time=True, retry_lost=False, on_output=output)
         except BaseException as exc:
             self._failed(job, exc)
@@ -527,8 +527,11 @@ class Host:
                  events: Callable[[str, str], None], allow_exec: bool = False,
                  allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0,
                  ledger: Ledger | None = None, hours: LendingHours | None = None,
-                 on_ledger: Callable[[], None] = lambda: None, records: Records | None = None) -> None:
+                 on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
+                 exec_mem_mib: int = 1024, exec_file_mib: int = 1024) -> None:
         self.name = name
+        self.exec_mem_mib = exec_mem_mib
+        self.exec_file_mib = exec_file_mib
         self.records = records
         self.ledger = ledger
         self.hours = hours
@@ -558,6 +561,10 @@ class Host:
         if offer.kind == "exec" and not self.allow_exec:
             return proto.Refuse(rid=offer.rid, reason="exec_disabled",
                                 message=f"{self.name} does not allow exec (start it with -allow-exec)")
+        if offer.kind == "exec" and offer.mem_mib > self.exec_mem_mib:
+            return proto.Refuse(rid=offer.rid, reason="memory",
+                                message=f"{self.name} gives exec jobs at most {self.exec_mem_mib} MiB "
+                                        f"({offer.mem_mib} MiB asked)")
         if peer is not None and self.ledger is not None:
             ok, why = self.ledger.admits(peer)
             if not ok:
@@ -698,17 +705,28 @@ class Host:
             stop.set()
 
         watcher = asyncio.ensure_future(watch())
+        timeout = offer.timeout_s or self.exec_timeout
+        limits = execrun.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
+                                file_mib=self.exec_file_mib)
+        tail = bytearray()
+
+        async def keep_tail(stream: str, data: bytes) -> None:  # enough to tell which limit a program hit
+            tail.extend(data)
+            del tail[:-4096]
+            await output(stream, data)
+
         try:
             env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
-            r = await execrun.run(list(offer.argv), program=program, cwd=workdir, env=env,
-                                  timeout=offer.timeout_s or self.exec_timeout, on_output=output, cancel=stop)
+            r = await execrun.run(list(offer.argv), program=program, cwd=workdir, env=env, timeout=timeout,
+                                  on_output=keep_tail, cancel=stop, preexec=limits.preexec())
         except Refused as exc:
             return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
         finally:
             watcher.cancel()
             await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
+        reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
-                            cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=r.reason[:200])
+                            cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])
 
     def flows(self, me: str) -> list[dict[str, Any]]:
         """Chunks this node runs for peers, grouped by peer: the flows where we lend."""

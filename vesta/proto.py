@@ -358,6 +358,7 @@ class Offer:
     ms: int = 0                   # mem
     argv: tuple[str, ...] = ()    # exec
     timeout_s: float = 0.0        # exec: 0 = the host's default
+    mem_mib: int = 0              # exec: address-space limit; 0 = the host's default (its mem_offer_mb)
     submitter: str = ""           # the submitter's node name, for the host's logs and records
 
     def validate(self) -> None:
@@ -388,6 +389,7 @@ class Offer:
             if not argv[0]:
                 raise ProtocolError("offer.argv[0] is empty")
             _num("offer.timeout_s", self.timeout_s, 0, 7 * 86400)
+            _int("offer.mem_mib", self.mem_mib, 0, MAX_MEM_MIB)
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> Offer:

@@ -476,17 +476,20 @@ def stop_stress(ctx: click.Context, as_json: bool) -> None:
 @click.option("--timeout", "-timeout", type=float, help="Stop the command after this many seconds.")
 @click.option("--on", "-on", "on", help="Run on this node only.")
 @click.option("--detach", "-detach", is_flag=True, help="Print the job id at once; see vesta wait, logs, show.")
+@click.option("--mem", "-mem", "mem", type=int, help="Memory limit in MiB (address space; default: the node's offer).")
 @option_json()
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
-def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, as_json: bool,
-          argv: tuple[str, ...]) -> None:
+def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
+          as_json: bool, argv: tuple[str, ...]) -> None:
     """Run a command on the best node that allows exec: vesta exec [--timeout S] -- CMD ARGS...
 
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
     """
     if timeout is not None and not 0 < timeout <= 7 * 86400:
         raise ConfigError("--timeout must be from 1 to 604800 seconds")
+    if mem is not None and mem <= 0:
+        raise ConfigError("--mem must be a positive number of MiB")
     captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
 
     def event(ev: dict[str, Any]) -> None:
@@ -502,11 +505,11 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
 
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", argv=list(argv), timeout=timeout, on=on, detach=True)
+            r = c.call("exec", argv=list(argv), timeout=timeout, on=on, detach=True, mem=mem)
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
-        r = c.call("exec", on_event=event, argv=list(argv), timeout=timeout, on=on)
+        r = c.call("exec", on_event=event, argv=list(argv), timeout=timeout, on=on, mem=mem)
     code = r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0)
     if as_json:
         print_json(r | {k: v.decode("utf-8", "replace") for k, v in captured.items()})
