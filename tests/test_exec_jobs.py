@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -131,3 +132,73 @@ def limits_config(tmp_path: Path) -> Path:
     path = tmp_path / "limits.json"
     path.write_text(json.dumps({"mem_offer_mb": 512, "exec_max_file_mb": 5}))
     return path
+
+
+def need_bwrap() -> None:
+    if shutil.which("bwrap") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("bubblewrap is required in CI (scripts/setup installs it)")
+        pytest.skip("bubblewrap is not installed")
+
+
+def test_sandboxed_job_cannot_write_outside_read_home_or_use_the_network(cluster: Cluster, tmp_path: Path) -> None:
+    need_bwrap()
+    planted = Path.home() / f".vesta-planted-{secrets.token_hex(4)}"
+    planted.write_text("the owner's secret\n")
+    escape = f"vesta-escape-{secrets.token_hex(4)}"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        a, b = exec_pair(cluster, tmp_path, "-allow-exec")
+        assert "bubblewrap" in b.status()["isolation"] and "no network" in b.status()["isolation"]
+        # its own directory is writable
+        out = a.vesta("exec", "--", "sh", "-c", "echo ok > mine.txt && cat mine.txt")
+        assert out.returncode == 0 and out.stdout == "ok\n"
+        # the system is read-only and /tmp is private
+        out = a.vesta("exec", "--", "sh", "-c", f"touch /etc/{escape}; touch /var/tmp/{escape}; echo x > /tmp/{escape}")
+        assert not Path(f"/etc/{escape}").exists() and not Path(f"/var/tmp/{escape}").exists()
+        assert not Path(f"/tmp/{escape}").exists()
+        assert "Read-only file system" in out.stderr
+        # the owner's home and the node's own identity are out of sight
+        identity = b.state_dir / "vestad-identity-b.json"
+        out = a.vesta("exec", "--", "sh", "-c", f"cat {planted}; cat {identity}")
+        assert out.returncode != 0 and "secret" not in out.stdout and "seed" not in out.stdout
+        # no network
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')"
+        out = a.vesta("exec", "--", "python3", "-c", probe)
+        assert out.returncode != 0 and "connected" not in out.stdout
+    finally:
+        planted.unlink(missing_ok=True)
+        listener.close()
+
+
+def test_network_when_the_owner_allows_it(cluster: Cluster, tmp_path: Path) -> None:
+    need_bwrap()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    cfg = tmp_path / "net.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "allow_network": True}))
+    try:
+        a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+        assert "network allowed" in b.status()["isolation"]
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('connected')"
+        out = a.vesta("exec", "--", "python3", "-c", probe)
+        assert out.returncode == 0 and out.stdout.strip() == "connected"
+    finally:
+        listener.close()
+
+
+def test_sandbox_bwrap_without_bubblewrap_is_a_config_error(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "strict.json"
+    cfg.write_text(json.dumps({"sandbox": "bwrap"}))
+    node = cluster.add("strict", start=False, args=["-config", str(cfg)])
+    env = dict(node.env, PATH=str(BIN))          # a PATH on which there is no bwrap
+    out = subprocess.run(node.command(), env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]    # (test daemons log at debug level before it)
+    assert last.startswith("vestad: error: sandbox is 'bwrap' but bubblewrap is not installed")
+    assert "Traceback" not in out.stderr

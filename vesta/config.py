@@ -81,6 +81,8 @@ class Config:
     exec_timeout_s: float = 3600.0   # an exec job without --timeout is stopped after this
     log_cap_bytes: int = 1 << 20     # stdout+stderr kept per job in the records; the rest is cut, marked
     exec_max_file_mb: int = 1024     # largest file an exec job may write (RLIMIT_FSIZE)
+    sandbox: str = "auto"            # exec isolation: auto (bubblewrap when installed), bwrap (required), none
+    allow_network: bool = False      # let sandboxed exec jobs use the network
     max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
     battery_min_pct: int = 15        # stop lending below this battery charge
     goodwill_core_s: float = 720.0   # what a new peer may borrow x max_borrow_ratio before it lends (core-s)
@@ -250,6 +252,8 @@ _CHECKS: dict[str, Check] = {
     "exec_timeout_s": _float(1.0, 7 * 86400.0),
     "log_cap_bytes": _int(0, 1 << 30),
     "exec_max_file_mb": _int(1, 1 << 24),
+    "sandbox": _choice("auto", "bwrap", "none"),
+    "allow_network": _bool,
     "max_borrow_ratio": _float(0.0, 1000.0),
     "battery_min_pct": _int(0, 100),
     "goodwill_core_s": _float(0.0, 1e9),

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import struct
@@ -93,7 +94,10 @@ class Daemon:
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self._capacity, events=self._event,
                          allow_exec=cfg.allow_exec, allowlist=self.allowlist, exec_timeout=cfg.exec_timeout_s,
                          ledger=self.ledger, hours=self.hours, on_ledger=self._ledger_dirty.set,
-                         exec_mem_mib=cfg.mem_offer_mb, exec_file_mib=cfg.exec_max_file_mb)
+                         exec_mem_mib=cfg.mem_offer_mb, exec_file_mib=cfg.exec_max_file_mb,
+                         bwrap=shutil.which("bwrap") if cfg.sandbox != "none" else None,
+                         allow_network=cfg.allow_network,
+                         hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()))
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
         self._status: proto.NodeStatus | None = None   # refreshed every beacon round
@@ -137,6 +141,9 @@ class Daemon:
 
     async def _start(self) -> None:
         cfg = self.cfg
+        if cfg.sandbox == "bwrap" and self.host.bwrap is None:
+            raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
+                              "(apt install bubblewrap) or set sandbox to auto")
         self.identity = load_or_create(cfg.state_dir, cfg.name)
         loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                              ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
@@ -270,6 +277,15 @@ class Daemon:
             running=self.host.lent_running,
             lending=lending,
         )
+
+    def isolation(self) -> str:
+        """What exec jobs run inside, in words (for vesta status)."""
+        base = "own process group, scrubbed environment, rlimits"
+        if self.host.bwrap is None:
+            return f"{base}; no sandbox (" + ("sandbox none" if self.cfg.sandbox == "none"
+                                               else "bubblewrap not installed") + ")"
+        net = "network allowed" if self.cfg.allow_network else "no network"
+        return f"{base}; bubblewrap: system read-only, private /tmp and home, {net}"
 
     def _capacity(self) -> tuple[int, int]:
         """(chunks this node would run for peers now, MiB it offers): the owner's load comes first."""
@@ -529,6 +545,7 @@ class Daemon:
                        "mem_offer_mb": cfg.mem_offer_mb, "spill_cpu_pct": cfg.spill_cpu_pct,
                        "max_borrow_ratio": cfg.max_borrow_ratio},
             "allow_exec": cfg.allow_exec,
+            "isolation": self.isolation(),
             "exec_allowlist": list(cfg.exec_allowlist),
             "peers": {"alive": alive, "suspect": len(self.table) - alive},
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],

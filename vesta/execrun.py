@@ -610,9 +610,11 @@ class Limits:
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
         """Which limit a failed run most likely hit, or "" when none."""
-        if result.signal == signal.SIGXCPU:
+        # A sandboxed run reports its program's death by signal N as exit status 128+N.
+        died_of = result.signal or ((result.exit_code or 0) - 128 if (result.exit_code or 0) > 128 else None)
+        if died_of == signal.SIGXCPU:
             return f"CPU time limit hit ({self.cpu_s} s)"
-        if result.signal == signal.SIGXFSZ:
+        if died_of == signal.SIGXFSZ:
             return f"file size limit hit ({self.file_mib} MiB per file)"
         failed = result.signal is not None or (result.exit_code or 0) != 0
         if failed and any(m in output_tail for m in _OOM_MARKERS):
@@ -621,3 +623,33 @@ class Limits:
 
 
 _OOM_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc", b"out of memory", b"Out of memory")
+
+
+# ------------------------------------------------------------------------------------------------ sandbox
+
+
+def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Path, allow_network: bool,
+                  hide: Sequence[Path] = (), expose: Sequence[Path] = ()) -> tuple[str, list[str]]:
+    """Wrap a run in bubblewrap: the system read-only, the working directory read-write, a private
+    /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
+    by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
+    bound back read-only so the program and its interpreter can still be found; new pid/ipc/uts
+    namespaces, no network unless allowed, and the job killed when the runner dies. Returns
+    (program, argv) to hand to ``run``.
+
+    The program's argv[0] becomes its resolved path (bwrap 0.8 cannot set it), so a multi-call
+    binary (busybox) sees its own name inside the sandbox.
+    """
+    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+           "--tmpfs", "/tmp", "--tmpfs", "/home", "--tmpfs", "/root"]
+    for path in hide:
+        if path.is_dir() and str(path) not in ("/", "/tmp"):
+            cmd += ["--tmpfs", str(path)]
+    for shown in sorted({str(p) for p in expose if p.is_dir() and str(p) != "/"}, key=len):
+        cmd += ["--ro-bind", shown, shown]
+    cmd += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir),
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
+    if not allow_network:
+        cmd.append("--unshare-net")
+    cmd += ["--", program, *argv[1:]]
+    return bwrap, cmd

@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -528,8 +530,12 @@ class Host:
                  allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0,
                  ledger: Ledger | None = None, hours: LendingHours | None = None,
                  on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
-                 exec_mem_mib: int = 1024, exec_file_mib: int = 1024) -> None:
+                 exec_mem_mib: int = 1024, exec_file_mib: int = 1024, bwrap: str | None = None,
+                 allow_network: bool = False, hide: tuple[Path, ...] = ()) -> None:
         self.name = name
+        self.bwrap = bwrap                  # path of bubblewrap when exec runs sandboxed
+        self.allow_network = allow_network
+        self.hide = hide
         self.exec_mem_mib = exec_mem_mib
         self.exec_file_mib = exec_file_mib
         self.records = records
@@ -717,7 +723,12 @@ class Host:
 
         try:
             env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
-            r = await execrun.run(list(offer.argv), program=program, cwd=workdir, env=env, timeout=timeout,
+            runner, argv = program, list(offer.argv)
+            if self.bwrap is not None:
+                runner, argv = execrun.bwrap_command(
+                    self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
+                    hide=self.hide, expose=(*python_dirs(), Path(program).parent))
+            r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout,
                                   on_output=keep_tail, cancel=stop, preexec=limits.preexec())
         except Refused as exc:
             return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
@@ -754,6 +765,13 @@ class Host:
             return False
         hosted.cancel.set()
         return True
+
+
+def python_dirs() -> tuple[Path, ...]:
+    """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
+    installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""
+    dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent.parent}
+    return tuple(sorted(dirs))
 
 
 async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,

@@ -93,6 +93,7 @@ def status_table(s: dict[str, Any]) -> Table:
         ("spare now", f"{budget['spare_cores']:.1f} cores"),
         ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
          if s["allow_exec"] else "off"),
+        ("isolation", s["isolation"]),
         ("lending hours", s["lending"]["describe"]),
         ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
                    f"with {s['ledger']['peers']} peers (vesta ledger)"),
