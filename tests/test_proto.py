@@ -112,7 +112,7 @@ def test_kinds_are_stable_wire_numbers() -> None:
     # Append only: changing these numbers breaks every deployed node.
     assert [(k.name, k.value) for k in Kind] == [
         ("BEACON", 1), ("PING", 2), ("PONG", 3), ("ERROR", 4), ("OFFER", 5), ("ACCEPT", 6), ("REFUSE", 7),
-        ("PROGRESS", 8), ("OUTPUT", 9), ("RESULT", 10), ("CANCEL", 11)]
+        ("PROGRESS", 8), ("OUTPUT", 9), ("RESULT", 10), ("CANCEL", 11), ("RECORDS_REQUEST", 12), ("RECORDS", 13)]
 
 
 def test_decoded_beacon_uses_tuples_and_part_types() -> None:
@@ -547,3 +547,17 @@ def test_bad_offers_are_protocol_errors(bad: dict[str, object]) -> None:
 def test_bad_job_replies_are_protocol_errors(msg: proto.Message) -> None:
     with pytest.raises(ProtocolError):
         proto.decode(proto.encode(msg))
+
+
+def test_records_messages_round_trip_and_reject_bad_rows() -> None:
+    req = proto.RecordsRequest(rid=7, limit=20, hosted=True)
+    assert proto.decode(proto.encode(req)) == req
+    rows = ({"id": "j1", "kind": "cpu", "state": "succeeded", "created": 1.5, "args": {"iterations": 3}},)
+    rec = proto.Records(rid=7, node="pi4", rows=rows)
+    assert proto.decode(proto.encode(rec)) == rec
+    for bad in (proto.RecordsRequest(rid=1, limit=0), proto.RecordsRequest(rid=1, limit=proto.MAX_RECORDS + 1),
+                proto.Records(rid=1, node="pi4", rows=("not a map",)),  # type: ignore[arg-type]
+                proto.Records(rid=1, node="pi4", rows=({"k" * 40: 1},)),
+                proto.Records(rid=1, node="bad name", rows=())):
+        with pytest.raises(ProtocolError):
+            proto.decode(proto.encode(bad))

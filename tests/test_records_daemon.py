@@ -114,3 +114,24 @@ def test_detached_exec_and_wait(cluster: Cluster, tmp_path: Path) -> None:
     failed = out.stdout.strip()
     out = a.vesta("wait", failed)
     assert out.returncode == 1 and "no node named 'nowhere'" in out.stdout
+
+
+def test_jobs_all_gathers_every_members_records(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = pair(cluster, tmp_path)
+    c = cluster.add("c", args=["-allow-exec"], interval_ms=1000)   # listed for seconds after it dies
+    eventually(lambda: a.peer_names() == {"b", "c"} and c.peer_names() == {"a", "b"}, 5)
+    assert a.vesta("exec", "--on", "b", "--", "echo", "from-a").returncode == 0
+    assert c.vesta("exec", "--on", "b", "--", "echo", "from-c").returncode == 0
+    assert b.vesta("cpu", "1", "--on", "b").returncode == 0
+    rows = as_json(a, "jobs", "--all")
+    by_node = {(r["node"], r["kind"]) for r in rows}
+    assert {("a", "exec"), ("c", "exec"), ("b", "cpu")} <= by_node
+    text = a.vesta("jobs", "--all").stdout
+    assert "node" in text and "echo from-c" in text
+    hosted = as_json(c, "jobs", "--hosted", "--all")
+    assert {r["peer"] for r in hosted if r["node"] == "b"} == {"a", "c"}
+    # a member that stops answering is listed as unreachable, not an error
+    c.kill()
+    rows = as_json(a, "jobs", "--all")
+    assert [r["state"] for r in rows if r["node"] == "c"] == ["unreachable"]
+    assert any(r["node"] == "b" for r in rows)

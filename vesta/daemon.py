@@ -51,6 +51,7 @@ MAX_CONTROL_FRAME = 1 << 20   # control requests are small
 GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not every beacon
 MAX_EVENTS = 200
 PING_TIMEOUT = 5.0
+RECORDS_TIMEOUT = 5.0         # a member that does not answer `vesta jobs --all` in time is listed unreachable
 MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
@@ -425,6 +426,9 @@ class Daemon:
         if isinstance(msg, proto.Cancel):
             self.host.cancel(channel.peer_fingerprint, msg.rid)
             return None
+        if isinstance(msg, proto.RecordsRequest):
+            rows = self.records.hosted(limit=msg.limit) if msg.hosted else self.records.jobs(limit=msg.limit)
+            return proto.Records(rid=msg.rid, node=self.cfg.name, rows=tuple(rows))
         rid = getattr(msg, "rid", 0)
         return proto.Error(rid=rid, reason="unsupported", message=f"{type(msg).__name__} is not a request")
 
@@ -599,12 +603,34 @@ class Daemon:
         limit = args.get("limit", 50)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise ControlError("--limit must be from 1 to 10000")
-        if args.get("hosted"):
-            return self.records.hosted(limit=limit)
+        hosted = bool(args.get("hosted"))
         state = _opt_str(args, "state")
         if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
             raise ControlError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
-        return self.records.jobs(state=state, limit=limit)
+        own = self.records.hosted(limit=limit) if hosted else self.records.jobs(state=state, limit=limit)
+        if not args.get("all"):
+            return own
+        # Every reachable member's records, each row labelled with the node that keeps it.
+        rows = [r | {"node": self.cfg.name} for r in own]
+        peers = self.table.alive()
+
+        async def ask(peer: Peer) -> list[dict[str, Any]]:
+            reply = await self.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.RecordsRequest(
+                rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
+            if not isinstance(reply, proto.Records):
+                raise ControlError(f"{peer.name} answered {type(reply).__name__}")
+            return [dict(r) | {"node": reply.node} for r in reply.rows]
+
+        answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
+        for peer, answer in zip(peers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                rows.append({"node": peer.name, "id": "-", "kind": "-", "state": "unreachable",
+                             "reason": str(answer)[:200], "created": 0.0, "args": {}})
+            else:
+                rows.extend(r for r in answer if state is None or r.get("state") == state)
+        key = "started" if hosted else "created"
+        rows.sort(key=lambda r: -(r.get(key) or 0.0))
+        return rows[:limit] + [r for r in rows[limit:] if r.get("state") == "unreachable"]
 
     def _record(self, args: dict[str, Any]) -> dict[str, Any]:
         job_id = _opt_str(args, "job_id")

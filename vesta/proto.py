@@ -63,6 +63,8 @@ class Kind(IntEnum):
     OUTPUT = 9
     RESULT = 10
     CANCEL = 11
+    RECORDS_REQUEST = 12
+    RECORDS = 13
 
 
 # ---------------------------------------------------------------- field checks
@@ -520,9 +522,55 @@ class Cancel:
         _int("cancel.rid", self.rid, 0, 1 << 63)
 
 
-Message = Beacon | Ping | Pong | Error | Offer | Accept | Refuse | Progress | Output | Result | Cancel
+MAX_RECORDS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsRequest:
+    """Ask a member for its job records, newest first (any member -> any member: transparency)."""
+
+    KIND: ClassVar[Kind] = Kind.RECORDS_REQUEST
+    rid: int
+    limit: int = 50
+    hosted: bool = False
+
+    def validate(self) -> None:
+        _int("records_request.rid", self.rid, 0, 1 << 63)
+        _int("records_request.limit", self.limit, 1, MAX_RECORDS)
+        _bool("records_request.hosted", self.hosted)
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """A member's job records (answer to RecordsRequest): a list of maps as ``vesta jobs --json`` shows them."""
+
+    KIND: ClassVar[Kind] = Kind.RECORDS
+    rid: int
+    node: str
+    rows: tuple[dict[str, Any], ...] = ()
+
+    def validate(self) -> None:
+        _int("records.rid", self.rid, 0, 1 << 63)
+        check_name("records.node", self.node)
+        for row in _list("records.rows", self.rows, MAX_RECORDS):
+            if not isinstance(row, dict) or not all(isinstance(k, str) and len(k) <= 32 for k in row):
+                raise ProtocolError("records.rows must be maps with short string keys")
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Records:
+        body = dict(body)
+        body["rows"] = tuple(_list("records.rows", body.get("rows", []), MAX_RECORDS))
+        return cast(Records, _build(cls, body, "records"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"rid": self.rid, "node": self.node, "rows": list(self.rows)}
+
+
+Message = (Beacon | Ping | Pong | Error | Offer | Accept | Refuse | Progress | Output | Result | Cancel
+           | RecordsRequest | Records)
 _BY_KIND: dict[Kind, type[Any]] = {
-    cls.KIND: cls for cls in (Beacon, Ping, Pong, Error, Offer, Accept, Refuse, Progress, Output, Result, Cancel)
+    cls.KIND: cls for cls in (Beacon, Ping, Pong, Error, Offer, Accept, Refuse, Progress, Output, Result, Cancel,
+                              RecordsRequest, Records)
 }
 
 

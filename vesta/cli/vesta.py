@@ -172,19 +172,25 @@ def _what(kind: str, args: dict[str, Any]) -> str:
 def jobs_table(rows: list[dict[str, Any]], hosted: bool) -> Table:
     """`vesta jobs` (pure)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    gathered = any("node" in r for r in rows)
     cols = ("run", "job", "for", "what", "started", "took", "state", "cpu s", "exit", "reason") if hosted else \
         ("job", "what", "created", "took", "state", "exit", "reason")
-    for col in cols:
+    for col in (("node",) if gathered else ()) + cols:
         table.add_column(col)
     for r in rows:
-        what = _what(r["kind"], r.get("args") or {})
+        node = (str(r.get("node", "")),) if gathered else ()
+        if r.get("state") == "unreachable":
+            cells = {c: "-" for c in cols} | {"state": "unreachable", "reason": str(r.get("reason", ""))}
+            table.add_row(*node, *(cells[c] for c in cols))
+            continue
+        what = _what(str(r.get("kind")), r.get("args") or {})
+        code = "-" if r.get("exit_code") is None else str(r["exit_code"])
         if hosted:
-            table.add_row(str(r["id"]), r["job_id"], r["peer"], what, _when(r["started"]), _took(r), r["state"],
-                          f"{r.get('cpu_s') or 0:.2f}", "-" if r.get("exit_code") is None else str(r["exit_code"]),
-                          r.get("reason") or "")
+            table.add_row(*node, str(r["id"]), str(r["job_id"]), str(r["peer"]), what, _when(r["started"]), _took(r),
+                          str(r["state"]), f"{r.get('cpu_s') or 0:.2f}", code, str(r.get("reason") or ""))
         else:
-            table.add_row(r["id"], what, _when(r["created"]), _took(r), r["state"],
-                          "-" if r.get("exit_code") is None else str(r["exit_code"]), r.get("reason") or "")
+            table.add_row(*node, str(r["id"]), what, _when(r["created"]), _took(r), str(r["state"]), code,
+                          str(r.get("reason") or ""))
     return table
 
 
@@ -204,12 +210,13 @@ def ledger_table(data: dict[str, Any]) -> Table:
               help="Only jobs in this state: queued, running, succeeded, failed, cancelled.")
 @click.option("--limit", "-limit", default=20, show_default=True, help="How many, newest first.")
 @click.option("--hosted", "-hosted", is_flag=True, help="What this node ran for others instead.")
+@click.option("--all", "-all", "everyone", is_flag=True, help="Gather the records of every reachable member.")
 @option_json()
 @click.pass_context
-def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, as_json: bool) -> None:
+def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, everyone: bool, as_json: bool) -> None:
     """Jobs submitted on this node (or, with --hosted, runs it did for peers), newest first."""
     with _client(ctx) as c:
-        rows = c.call("jobs", state=state, limit=limit, hosted=hosted)
+        rows = c.call("jobs", state=state, limit=limit, hosted=hosted, all=everyone)
     if as_json:
         print_json(rows)
         return
