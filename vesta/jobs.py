@@ -770,7 +770,8 @@ class Host:
 def python_dirs() -> tuple[Path, ...]:
     """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
     installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""
-    dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent.parent}
+    dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent.parent,
+            Path(__file__).resolve().parent}   # the vesta package itself (an editable install lives in a checkout)
     return tuple(sorted(dirs))
 
 
