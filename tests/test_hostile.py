@@ -283,3 +283,35 @@ def test_killing_vesta_exec_stops_the_program_on_the_peer(cluster: Cluster, tmp_
     time.sleep(0.6)
     assert not marker.exists(), "the program kept running on the peer after its submitter went away"
     eventually(lambda: not a.status()["jobs"], 5)
+
+
+async def test_stalled_handshakes_cannot_take_over_the_daemon(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "slow.json"
+    cfg.write_text(json.dumps({"handshake_timeout_s": 20}))
+    target = cluster.add("target", args=["-config", str(cfg)])
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+
+    async def link() -> Channel:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return Channel(reader, writer, await handshake(reader, writer, keys, SigningKey.generate(),
+                                                       initiator=True, timeout=5))
+
+    friend = await link()                                  # a peer already linked before the flood
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]  # no key, silent
+    try:
+        # one source may hold only a few unauthenticated connections: the rest are closed at once
+        eventually(lambda: target.status()["counters"].get("tcp_rejected_busy", 0) >= 30, 5,
+                   what="strangers beyond the per-source handshake limit to be turned away")
+        await friend.send(proto.Ping(rid=1, ts=time.time()))
+        assert isinstance(await asyncio.wait_for(friend.recv(), 5), proto.Pong)   # links keep working
+        assert target.status()["name"] == "target"                                # and so does control
+    finally:
+        for s in stalled:
+            s.close()
+    # once the strangers are gone, new peers link up again at once
+    again = await link()
+    await again.send(proto.Ping(rid=2, ts=time.time()))
+    assert isinstance(await asyncio.wait_for(again.recv(), 5), proto.Pong)
+    await again.close()
+    await friend.close()

@@ -192,7 +192,7 @@ class LinkPool:
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, keys: FederationKeys,
                 identity: Identity, counters: Counter[str], handshake_timeout: float,
-                handler: Handler) -> None:
+                handler: Handler, on_authenticated: Callable[[], None] = lambda: None) -> None:
     """Serve one inbound peer connection until it closes or misbehaves."""
     peer = writer.get_extra_info("peername") or ("?", 0)
     where = f"addr={peer[0]}:{peer[1]}"
@@ -208,6 +208,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
                         where, exc)
         writer.close()
         return
+    on_authenticated()
     channel = Channel(reader, writer, session)
     where = f"peer={session.peer_fingerprint[:8]} {where}"
     log.debug("link up %s", where)
