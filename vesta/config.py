@@ -16,7 +16,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +380,3 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     validate(cfg)
     return cfg
 
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(Config)]

@@ -188,7 +188,6 @@ class Handshake:
             },
             use_bin_type=True,
         )
-        self._peer_hello: bytes | None = None
         self._peer_id: bytes | None = None
         self._k_send: bytes | None = None
         self._k_recv: bytes | None = None
@@ -224,7 +223,6 @@ class Handshake:
             raise ProtocolError(f"unsupported handshake version {version!r}")
         if not (isinstance(eph, bytes) and len(eph) == 32 and isinstance(ident, bytes) and len(ident) == 32):
             raise ProtocolError("handshake hello keys must be 32 bytes each")
-        self._peer_hello = plain
         self._peer_id = ident
         first, second = (self._own_hello, plain) if self._initiator else (plain, self._own_hello)
         self._transcript = hashlib.sha256(first + second).digest()

@@ -5,8 +5,7 @@ VestaError
 │   └── IdentityError  identity file unreadable or corrupt
 ├── ProtocolError      a peer or packet sent something unacceptable: drop and count
 │   ├── FrameTooLarge  length prefix over the hard limit (checked before reading)
-│   ├── AuthError      wrong key, bad tag, bad signature, failed handshake
-│   └── ReplayError    stale, future-dated or repeated beacon / frame
+│   └── AuthError      wrong key, bad tag, bad signature, failed handshake
 ├── PeerUnavailable    connect/read timeout, peer gone, connection dropped
 ├── DaemonNotRunning   no control socket to talk to; CLI exits 3
 └── Refused            the other side declined (.reason says why)
@@ -38,10 +37,6 @@ class FrameTooLarge(ProtocolError):
 
 class AuthError(ProtocolError):
     """Decryption, signature or handshake failed: wrong key or tampering."""
-
-
-class ReplayError(ProtocolError):
-    """A message is stale, from the future, or was already seen."""
 
 
 class PeerUnavailable(VestaError):

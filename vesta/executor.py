@@ -179,7 +179,6 @@ class Stress:
     def __init__(self) -> None:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.until = 0.0
         self.cores = 0
 
     @property
@@ -190,9 +189,8 @@ class Stress:
         self.stop()
         self._stop = threading.Event()
         stop = self._stop
-        self.until = time.monotonic() + seconds
         self.cores = cores
-        until = self.until
+        until = time.monotonic() + seconds
 
         def burn() -> None:
             data = b"\x00" * (SEGMENT_BLOCKS * BLOCK)
