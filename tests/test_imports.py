@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
      "vesta.hours"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun"},
     {"vesta.discovery", "vesta.link", "vesta.executor"},
-    {"vesta.autopilot"},
+    {"vesta.autopilot", "vesta.host"},
     {"vesta.jobs"},
     {"vesta.daemon", "vesta.control"},
     {"vesta.cli"},  # and every vesta.cli.* module

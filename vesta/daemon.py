@@ -34,9 +34,10 @@ from vesta.config import Config
 from vesta.crypto import derive_keys
 from vesta.discovery import Discovery
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
+from vesta.host import Host, run_builtin
 from vesta.hours import LendingHours, parse_hours
 from vesta.identity import load_or_create
-from vesta.jobs import Emit, Host, JobFailed, Submitter, new_job_id, run_builtin
+from vesta.jobs import Emit, JobFailed, Submitter, new_job_id
 from vesta.ledger import Ledger
 from vesta.link import LinkPool, serve
 from vesta.peertable import Change, Peer, PeerTable
@@ -222,9 +223,6 @@ class Daemon:
         self._remove_socket()
         self._stopped.set()
         log.info("vestad %s stopped", self.cfg.name)
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
     # ------------------------------------------------------------ status
 
@@ -542,6 +540,7 @@ class Daemon:
         status = self.node_status()
         mode, info = self.power()
         alive = len(self.table.alive())
+        accounts = self.ledger.rows()
         return {
             "name": cfg.name,
             "fingerprint": self.identity.fingerprint,
@@ -581,8 +580,8 @@ class Daemon:
                         "hours": list(cfg.lend_hours), "grace_s": cfg.lend_grace_s,
                         "describe": self.hours.describe() if self.hours else "always (no lend_hours set)"},
             "ledger": {"peers": len(self.ledger.accounts),
-                       "lent": round(sum(r["lent"] for r in self.ledger.rows()), 3),
-                       "borrowed": round(sum(r["borrowed"] for r in self.ledger.rows()), 3),
+                       "lent": round(sum(r["lent"] for r in accounts), 3),
+                       "borrowed": round(sum(r["borrowed"] for r in accounts), 3),
                        "goodwill_core_s": cfg.goodwill_core_s, "half_life_days": cfg.ledger_half_life_days,
                        "file": str(self.ledger.path)},
         }

@@ -1,4 +1,4 @@
-"""Jobs: the submitter's side (place chunks, re-place, merge) and the host's side (admit, run, report).
+"""Jobs this node submits: place chunks, re-place them, merge the results (the host's side is ``host``).
 
 Submitter: a job is cut into chunks (see ``autopilot``); each chosen node
 holds at most its slots of chunks at once and gets the next chunk when one
@@ -7,9 +7,6 @@ back to the queue and that node leaves this job; the job fails only when no
 node is left, with the reason of each. The submitting node is the last
 resort for its own cpu and mem work.
 
-Host: an Offer is admitted or refused (exec off, not allowed, no capacity,
-no memory), then run in a thread with a Progress heartbeat every
-``HEARTBEAT`` seconds and one Result; a Cancel or a dropped link stops it.
 """
 
 from __future__ import annotations
@@ -18,41 +15,30 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import secrets
-import socket
-import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from vesta import autopilot, execrun, executor, proto
+from vesta import autopilot, executor, proto
 from vesta.autopilot import Choice, NodeView
 from vesta.errors import PeerUnavailable, Refused, VestaError
-from vesta.hours import LendingHours
-from vesta.ledger import Ledger
+from vesta.host import HEARTBEAT, OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.records import Records
-from vesta.wire import Channel
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = 0.5          # seconds between Progress messages from a host
 ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
 SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
 REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
 CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
-MEM_EXTRA_SLOTS = 2      # mem chunks mostly sleep: a node may hold this many beyond its cpu slots
-HOSTNAME = socket.gethostname()
-INLINE_ITERATIONS = 4096  # a cpu chunk this small (256 KiB, ~0.2 ms) is hashed on the event loop, not in a thread
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-OnOutput = Callable[[str, bytes], Awaitable[None]]
 RunLocal = Callable[[proto.Offer, threading.Event, Callable[[int], None], OnOutput], Awaitable[proto.Result]]
 
 
@@ -505,302 +491,3 @@ class Submitter:
             return o
         finally:
             stream.close()
-
-
-# ---------------------------------------------------------------- host side
-
-
-@dataclass
-class Hosted:
-    """A chunk this node runs for a peer."""
-
-    peer: str
-    offer: proto.Offer
-    cancel: threading.Event
-    started: float
-    done: list[int]
-    stop_reason: str = ""
-
-
-class Host:
-    """Admits and runs chunks offered by peers (and by this node's own Submitter, in-process)."""
-
-    def __init__(self, *, name: str, counters: Counter[str], capacity: Callable[[], tuple[int, int]],
-                 events: Callable[[str, str], None], allow_exec: bool = False,
-                 allowlist: execrun.Allowlist | None = None, exec_timeout: float = 3600.0,
-                 ledger: Ledger | None = None, hours: LendingHours | None = None,
-                 on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
-                 exec_mem_mib: int = 1024, exec_file_mib: int = 1024, bwrap: str | None = None,
-                 allow_network: bool = False, hide: tuple[Path, ...] = ()) -> None:
-        self.name = name
-        self.bwrap = bwrap                  # path of bubblewrap when exec runs sandboxed
-        self.allow_network = allow_network
-        self.hide = hide
-        self.exec_mem_mib = exec_mem_mib
-        self.exec_file_mib = exec_file_mib
-        self.records = records
-        self.ledger = ledger
-        self.hours = hours
-        self.on_ledger = on_ledger
-        self.allow_exec = allow_exec
-        self.allowlist = allowlist or execrun.Allowlist([])
-        self.exec_timeout = exec_timeout
-        self.counters = counters
-        self.capacity = capacity          # () -> (cpu slots for peers now, offered MiB)
-        self.events = events
-        self.running: dict[tuple[str, int], Hosted] = {}
-        self._peak = 0   # most chunks running at once since take_peak(): they are in the CPU sample too
-
-    @property
-    def lent_running(self) -> int:
-        return len(self.running)
-
-    def take_peak(self) -> int:
-        """Most chunks lent at once since the last call (one call per CPU sample window)."""
-        peak, self._peak = max(self._peak, len(self.running)), len(self.running)
-        return peak
-
-    def admit(self, offer: proto.Offer, peer: str | None = None) -> proto.Refuse | None:
-        """Exec policy, the peer's borrow cap, lending hours, memory, capacity: the first that says no.
-        ``peer`` is the submitter's fingerprint; None for this node's own work (no cap, no hours)."""
-        slots, mem_mb = self.capacity()
-        if offer.kind == "exec" and not self.allow_exec:
-            return proto.Refuse(rid=offer.rid, reason="exec_disabled",
-                                message=f"{self.name} does not allow exec (start it with -allow-exec)")
-        if offer.kind == "exec" and offer.mem_mib > self.exec_mem_mib:
-            return proto.Refuse(rid=offer.rid, reason="memory",
-                                message=f"{self.name} gives exec jobs at most {self.exec_mem_mib} MiB "
-                                        f"({offer.mem_mib} MiB asked)")
-        if peer is not None and self.ledger is not None:
-            ok, why = self.ledger.admits(peer)
-            if not ok:
-                return proto.Refuse(rid=offer.rid, reason="ledger", message=why[: proto.MAX_REASON])
-        if peer is not None and self.hours is not None and not self.hours.is_open():
-            return proto.Refuse(rid=offer.rid, reason="hours",
-                                message=f"{self.name} lends only in its agreed hours: {self.hours.describe()}")
-        if peer is None:
-            return None  # the owner's own work: what this node lends (and when) does not bind it
-        if offer.kind == "mem":
-            held = sum(h.offer.mib for h in self.running.values() if h.offer.kind == "mem")
-            if held + offer.mib > mem_mb:
-                return proto.Refuse(rid=offer.rid, reason="memory",
-                                    message=f"{self.name} offers {mem_mb} MiB ({held} MiB already lent), "
-                                            f"{offer.mib} MiB asked")
-            if self.lent_running >= max(slots, 1) + MEM_EXTRA_SLOTS:
-                return proto.Refuse(rid=offer.rid, reason="capacity", message=f"{self.name} is busy")
-            return None
-        if self.lent_running >= slots:
-            return proto.Refuse(rid=offer.rid, reason="capacity",
-                                message=f"{self.name} is busy ({self.lent_running} chunks running, "
-                                        f"{slots} slots offered now)")
-        return None
-
-    def screen(self, offer: proto.Offer, peer: str | None = None) -> tuple[Path, str] | proto.Refuse | None:
-        """Policy first (exec off, program not allowed), then memory and capacity: a program that is
-        not allowed is refused as such however busy the node is. An admitted exec gets its
-        (working directory, program); other admitted offers get None."""
-        if offer.kind == "exec" and self.allow_exec:
-            prepared = self.prepare_exec(offer)
-            if isinstance(prepared, proto.Refuse):
-                return prepared
-            refusal = self.admit(offer, peer)
-            if refusal is not None:
-                execrun.remove_workdir(prepared[0])
-                return refusal
-            return prepared
-        return self.admit(offer, peer)
-
-    async def serve_offer(self, offer: proto.Offer, channel: Channel) -> None:
-        key = (channel.peer_fingerprint, offer.rid)
-        if key in self.running:  # a peer reusing a live rid must not hide work from the capacity count
-            self.counters["offers_refused"] += 1
-            await channel.send(proto.Refuse(rid=offer.rid, reason="invalid", message="request id already in use"))
-            return
-        prepared = self.screen(offer, channel.peer_fingerprint)
-        if isinstance(prepared, proto.Refuse):
-            self.counters["offers_refused"] += 1
-            self.events("refused", f"refused {offer.kind} from {offer.submitter or channel.peer_fingerprint[:8]}: "
-                                   f"{prepared.reason} ({prepared.message})")
-            await channel.send(prepared)
-            return
-        hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, threading.Event(), time.time(), [0])
-        self.running[key] = hosted
-        self._peak = max(self._peak, len(self.running))
-
-        async def output(stream: str, data: bytes) -> None:
-            await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
-
-        started = [False]
-        run_id = None
-        ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
-        if self.records is not None:
-            args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s} if offer.kind == "exec"
-                                    else {"mib": offer.mib, "ms": offer.ms} if offer.kind == "mem"
-                                    else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
-            run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
-                                               peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
-                                               started=time.time())
-        try:
-            self.counters["offers_accepted"] += 1
-            await channel.send(proto.Accept(rid=offer.rid, node=self.name))
-            if prepared is not None:
-                started[0] = True
-                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output))
-            else:
-                work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name,
-                                                         lambda n: hosted.done.__setitem__(0, hosted.done[0] + n)))
-            try:
-                while not work.done():
-                    await asyncio.wait([work], timeout=HEARTBEAT)
-                    if not work.done():
-                        await channel.send(proto.Progress(rid=offer.rid, done=hosted.done[0]))
-                result = await work
-            except BaseException:
-                hosted.cancel.set()   # link dropped or daemon stopping: stop the thread's loop
-                raise
-            finally:
-                if self.ledger is not None and work.done() and not work.cancelled() and work.exception() is None:
-                    r = work.result()
-                    self.ledger.record_lent(channel.peer_fingerprint, offer.submitter, r.cpu_s,
-                                            offer.mib * r.elapsed_s if offer.kind == "mem" else 0.0)
-                    self.on_ledger()
-            if hosted.stop_reason and not result.ok:
-                result = dataclasses.replace(result, error=hosted.stop_reason)
-            ok = result.ok and (offer.kind != "exec" or result.exit_code == 0)
-            ended = ("succeeded" if ok else "cancelled" if "cancel" in result.error else "failed",
-                     result.error, result.exit_code, result.cpu_s)
-            await channel.send(result)
-        except PeerUnavailable:
-            hosted.cancel.set()
-        finally:
-            if self.running.get(key) is hosted:
-                del self.running[key]
-            if self.records is not None and run_id is not None:
-                state, reason, code, cpu_s = ended
-                try:
-                    self.records.finish_hosted(run_id, state=state, finished=time.time(), cpu_s=cpu_s,
-                                               exit_code=code, reason=reason[:500])
-                except VestaError as exc:
-                    log.warning("could not record hosted run %s: %s", run_id, exc)
-            if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
-                await asyncio.to_thread(execrun.remove_workdir, prepared[0])
-
-    def prepare_exec(self, offer: proto.Offer) -> tuple[Path, str] | proto.Refuse:
-        """A fresh working directory and the allowlisted program to run in it, or why not."""
-        try:
-            workdir = execrun.make_workdir(None, offer.job_id)
-        except OSError as exc:
-            return proto.Refuse(rid=offer.rid, reason="policy",
-                                message=f"{self.name} cannot make a working directory: {exc.strerror}")
-        try:
-            return workdir, self.allowlist.resolve(offer.argv[0], workdir)
-        except Refused as exc:
-            execrun.remove_workdir(workdir)
-            reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
-            return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
-
-    async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
-                       output: OnOutput) -> proto.Result:
-        """Run an admitted exec offer in its working directory; the directory is removed afterwards."""
-        workdir, program = prepared
-        stop = asyncio.Event()
-
-        async def watch() -> None:  # the thread-side cancel flag, seen from the event loop
-            while not cancel.is_set():
-                await asyncio.sleep(0.05)
-            stop.set()
-
-        watcher = asyncio.ensure_future(watch())
-        timeout = offer.timeout_s or self.exec_timeout
-        limits = execrun.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
-                                file_mib=self.exec_file_mib)
-        tail = bytearray()
-
-        async def keep_tail(stream: str, data: bytes) -> None:  # enough to tell which limit a program hit
-            tail.extend(data)
-            del tail[:-4096]
-            await output(stream, data)
-
-        try:
-            env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
-            runner, argv = program, list(offer.argv)
-            if self.bwrap is not None:
-                runner, argv = execrun.bwrap_command(
-                    self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
-                    hide=self.hide, expose=(*python_dirs(), Path(program).parent))
-            r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout,
-                                  on_output=keep_tail, cancel=stop, preexec=limits.preexec())
-        except Refused as exc:
-            return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
-        finally:
-            watcher.cancel()
-            await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
-        reason = limits.explain(r, bytes(tail)) or r.reason
-        return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
-                            cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])
-
-    def flows(self, me: str) -> list[dict[str, Any]]:
-        """Chunks this node runs for peers, grouped by peer: the flows where we lend."""
-        now = time.time()
-        grouped: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for h in self.running.values():
-            key = (h.peer, h.offer.job_id, h.offer.kind)
-            f = grouped.setdefault(key, {"from": me, "to": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind,
-                                         "chunks": 0, "done": 0, "rate": 0.0})
-            f["chunks"] += 1
-            f["done"] += h.done[0]
-            f["rate"] += h.done[0] / max(now - h.started, 1e-3)
-        return list(grouped.values())
-
-    def stop_all(self, reason: str) -> int:
-        """Stop every chunk run for peers (their submitters re-place them); returns how many."""
-        for hosted in self.running.values():
-            hosted.stop_reason = reason
-            hosted.cancel.set()
-        return len(self.running)
-
-    def cancel(self, peer: str, rid: int) -> bool:
-        hosted = self.running.get((peer, rid))
-        if hosted is None:
-            return False
-        hosted.cancel.set()
-        return True
-
-
-def python_dirs() -> tuple[Path, ...]:
-    """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
-    installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""
-    dirs = {Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent.parent,
-            Path(__file__).resolve().parent}   # the vesta package itself (an editable install lives in a checkout)
-    return tuple(sorted(dirs))
-
-
-async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,
-                      progress: Callable[[int], None]) -> proto.Result:
-    """Run a cpu or mem chunk in a worker thread and describe how it ended."""
-    t0 = time.perf_counter()
-    try:
-        if offer.kind == "cpu" and offer.count == 1 and (
-                size := executor.unit_size(offer.iterations, offer.start)) <= INLINE_ITERATIONS:
-            # A tiny chunk hashes in microseconds: on the loop it skips two thread hand-offs (to_thread,
-            # then hash_units' own worker), which cost ~0.5 ms of a 1-iteration job (benchmarks/bench_dispatch.py).
-            c0 = time.thread_time()
-            digest = executor.unit_digest(offer.job_id, offer.start, size, cancel=cancel, progress=progress)
-            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=(digest,),
-                                iterations=size, elapsed_s=time.perf_counter() - t0, cpu_s=time.thread_time() - c0)
-        if offer.kind == "cpu":
-            r = await asyncio.to_thread(executor.hash_units, offer.job_id, offer.iterations, offer.start,
-                                        offer.count, threads=1, cancel=cancel, progress=progress)
-            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=tuple(r.digests),
-                                iterations=r.iterations, elapsed_s=r.elapsed_s, cpu_s=r.cpu_s)
-        if offer.kind == "mem":
-            m = await asyncio.to_thread(executor.hold_memory, offer.mib, offer.ms, cancel)
-            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME,
-                                elapsed_s=m.held_s + m.touch_s, cpu_s=m.touch_s)
-    except executor.Cancelled:
-        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
-                            elapsed_s=time.perf_counter() - t0, error="cancelled")
-    except MemoryError:
-        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
-                            elapsed_s=time.perf_counter() - t0, error="out of memory")
-    raise Refused(f"{node} cannot run {offer.kind} jobs here", reason="policy")
