@@ -21,10 +21,12 @@ LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
      "vesta.hours"},
-    {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun"},
+    {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
+     "vesta.artifacts"},
     {"vesta.discovery", "vesta.link", "vesta.executor"},
     {"vesta.autopilot", "vesta.host"},
     {"vesta.jobs"},
+    {"vesta.jobqueue"},
     {"vesta.daemon", "vesta.control"},
     {"vesta.cli"},  # and every vesta.cli.* module
 ]

@@ -112,7 +112,8 @@ def test_kinds_are_stable_wire_numbers() -> None:
     # Append only: changing these numbers breaks every deployed node.
     assert [(k.name, k.value) for k in Kind] == [
         ("BEACON", 1), ("PING", 2), ("PONG", 3), ("ERROR", 4), ("OFFER", 5), ("ACCEPT", 6), ("REFUSE", 7),
-        ("PROGRESS", 8), ("OUTPUT", 9), ("RESULT", 10), ("CANCEL", 11), ("RECORDS_REQUEST", 12), ("RECORDS", 13)]
+        ("PROGRESS", 8), ("OUTPUT", 9), ("RESULT", 10), ("CANCEL", 11), ("RECORDS_REQUEST", 12), ("RECORDS", 13),
+        ("FILE_CHUNK", 14)]
 
 
 def test_decoded_beacon_uses_tuples_and_part_types() -> None:

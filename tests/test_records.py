@@ -237,7 +237,7 @@ def test_hosted_runs_start_finish_and_list_newest_first(rec: Records) -> None:
 
 # -- restart, SIGKILL, schema ------------------------------------------------------------------------------------
 
-def test_restart_fails_what_was_running(tmp_path: Path, clock: FakeClock) -> None:
+def test_restart_fails_what_was_running_and_keeps_the_queue(tmp_path: Path, clock: FakeClock) -> None:
     path = tmp_path / "records.db"
     r = Records(path, clock=clock)
     job(r, "done")
@@ -252,10 +252,10 @@ def test_restart_fails_what_was_running(tmp_path: Path, clock: FakeClock) -> Non
     done_before = r.job("done")
     clock.advance(60)
     r2 = Records(path, clock=clock)   # the first is never closed, as after a crash
-    assert r2.recovered == 3   # two jobs, one hosted run
-    for job_id in ("run", "wait"):
-        j = r2.job(job_id)
-        assert j is not None and (j["state"], j["reason"], j["finished"]) == ("failed", "daemon restarted", clock.t)
+    assert r2.recovered == 2   # one job, one hosted run
+    j = r2.job("run")
+    assert j is not None and (j["state"], j["reason"], j["finished"]) == ("failed", "daemon restarted", clock.t)
+    assert [q["id"] for q in r2.queued()] == ["wait"]   # never started: it stays queued, to be placed later
     j = r2.job("run")
     assert j is not None and j["parts"][0]["id"] == pid
     assert (j["parts"][0]["state"], j["parts"][0]["reason"]) == ("failed", "daemon restarted")
@@ -267,6 +267,34 @@ def test_restart_fails_what_was_running(tmp_path: Path, clock: FakeClock) -> Non
     r.close()
     with Records(path, clock=clock) as r3:
         assert r3.recovered == 0
+
+
+def test_queue_order_and_wait_reason(rec: Records, clock: FakeClock) -> None:
+    job(rec, "q1", state="queued")
+    clock.advance(1)
+    job(rec, "q2", state="queued")
+    job(rec, "r1")
+    rec.wait_reason("q2", "b: capacity")
+    rec.wait_reason("r1", "ignored: not queued")
+    assert [(q["id"], q["reason"]) for q in rec.queued()] == [("q1", ""), ("q2", "b: capacity")]
+    assert rec.job("r1")["reason"] == ""   # type: ignore[index]
+    rec.transition("q1", "running")
+    assert [q["id"] for q in rec.queued()] == ["q2"]
+
+
+def test_artifacts_are_kept_per_job_and_replaced_by_a_later_attempt(rec: Records) -> None:
+    job(rec, "a")
+    rec.add_artifact("a", path="out/x.bin", size=3, sha256="0" * 64, state="corrupt", reason="checksum mismatch")
+    rec.add_artifact("a", path="out/x.bin", size=3, sha256="1" * 64, state="stored", node="pi4")
+    rec.add_artifact("a", path="big", size=0, sha256="", state="refused", reason="over the cap")
+    j = rec.job("a")
+    assert j is not None
+    assert [(f["path"], f["state"], f["node"]) for f in j["artifacts"]] == [("big", "refused", ""),
+                                                                            ("out/x.bin", "stored", "pi4")]
+    with pytest.raises(RecordsError, match="an artifact is stored"):
+        rec.add_artifact("a", path="y", size=0, sha256="", state="lost")
+    with pytest.raises(UnknownRecord):
+        rec.add_artifact("nope", path="y", size=0, sha256="", state="stored")
 
 
 _CHILD = textwrap.dedent("""
@@ -317,7 +345,7 @@ def test_committed_records_survive_sigkill(tmp_path: Path) -> None:
 
 
 def test_new_database_is_wal_current_version_and_private(rec: Records, tmp_path: Path) -> None:
-    assert rec.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert rec.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(records.MIGRATIONS)
     assert rec.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert rec.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert stat.S_IMODE(os.stat(tmp_path / "records.db").st_mode) == 0o600
@@ -329,27 +357,31 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version=7")
     db.close()
-    with pytest.raises(ConfigError, match=r"schema version 7, this vesta knows up to 1: upgrade vesta"):
+    with pytest.raises(ConfigError, match=rf"schema version 7, this vesta knows up to {SCHEMA_VERSION}: upgrade vesta"):
         Records(path)
     assert list(tmp_path.glob("*.corrupt-*")) == []   # not mistaken for corruption
 
 
 def test_migrations_apply_in_order_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "records.db"
+    shipped = records.MIGRATIONS
+    monkeypatch.setattr(records, "MIGRATIONS", shipped[:1])   # a database written by the first release
     with Records(path) as r:
         job(r)
-    monkeypatch.setattr(records, "MIGRATIONS", (*records.MIGRATIONS, "CREATE TABLE t (x); CREATE TABLE t (x);"))
+    monkeypatch.setattr(records, "MIGRATIONS", (*shipped, "CREATE TABLE t (x); CREATE TABLE t (x);"))
     with pytest.raises(RecordsError, match="cannot be opened"):
         Records(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1   # the failed step left nothing behind
+    # Each step is its own transaction: the good steps stayed, the failed one left nothing behind.
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(shipped)
     assert db.execute("SELECT count(*) FROM sqlite_master WHERE name='t'").fetchone()[0] == 0
     db.close()
-    monkeypatch.setattr(records, "MIGRATIONS", (*records.MIGRATIONS[:1], "ALTER TABLE jobs ADD COLUMN note TEXT;"))
+    monkeypatch.setattr(records, "MIGRATIONS", (*shipped, "ALTER TABLE jobs ADD COLUMN note TEXT;"))
     with Records(path) as r:
-        assert r.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert r.db.execute("PRAGMA user_version").fetchone()[0] == len(shipped) + 1
         j = r.job("j1")
         assert j is not None and j["state"] == "failed"   # restart recovery ran after the migration
+        assert j["artifacts"] == []                        # the v1 -> v2 table is there
 
 
 def test_garbage_file_is_moved_aside_and_a_fresh_db_starts(tmp_path: Path, clock: FakeClock,

@@ -83,6 +83,10 @@ class Config:
     exec_max_file_mb: int = 1024     # largest file an exec job may write (RLIMIT_FSIZE)
     sandbox: str = "auto"            # exec isolation: auto (bubblewrap when installed), bwrap (required), none
     allow_network: bool = False      # let sandboxed exec jobs use the network
+    exec_max_input_mb: int = 256     # files a peer may ship with one exec job (--put), MiB in all
+    artifact_max_mb: int = 256       # files this node takes back from one of its exec jobs ($VESTA_OUTPUT), MiB
+    keep_runs: bool = False          # keep each exec run's working directory afterwards (debugging; uses disk)
+    max_attempts: int = 3            # runs of one cpu/mem chunk lost to a node or link failure before the job fails
     max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
     battery_min_pct: int = 15        # stop lending below this battery charge
     goodwill_core_s: float = 720.0   # what a new peer may borrow x max_borrow_ratio before it lends (core-s)
@@ -254,6 +258,10 @@ _CHECKS: dict[str, Check] = {
     "exec_max_file_mb": _int(1, 1 << 24),
     "sandbox": _choice("auto", "bwrap", "none"),
     "allow_network": _bool,
+    "exec_max_input_mb": _int(0, 1 << 20),
+    "artifact_max_mb": _int(0, 1 << 20),
+    "keep_runs": _bool,
+    "max_attempts": _int(1, 100),
     "max_borrow_ratio": _float(0.0, 1000.0),
     "battery_min_pct": _int(0, 100),
     "goodwill_core_s": _float(0.0, 1e9),

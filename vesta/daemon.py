@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import struct
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -27,16 +26,17 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, execrun, executor, proto, sysstat
+from vesta import __version__, autopilot, execrun, executor, proto, sysstat
 from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
 from vesta.config import Config
 from vesta.crypto import derive_keys
 from vesta.discovery import Discovery
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
-from vesta.host import Host, run_builtin
+from vesta.host import Host, LocalRun, run_builtin
 from vesta.hours import LendingHours, parse_hours
 from vesta.identity import load_or_create
+from vesta.jobqueue import ExecQueue, stage_inputs
 from vesta.jobs import Emit, JobFailed, Submitter, new_job_id
 from vesta.ledger import Ledger
 from vesta.link import LinkPool, serve
@@ -100,7 +100,8 @@ class Daemon:
                          ledger=self.ledger, hours=self.hours, on_ledger=self._ledger_dirty.set,
                          exec_mem_mib=cfg.mem_offer_mb, exec_file_mib=cfg.exec_max_file_mb,
                          bwrap=shutil.which("bwrap") if cfg.sandbox != "none" else None,
-                         allow_network=cfg.allow_network,
+                         allow_network=cfg.allow_network, input_cap_mib=cfg.exec_max_input_mb,
+                         keep_runs=cfg.keep_runs,
                          hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()))
         self.gpus: tuple[sysstat.Gpu, ...] = ()
         self.port = cfg.port
@@ -131,6 +132,7 @@ class Daemon:
             "jobs": self._op_jobs,
             "show": self._op_show,
             "logs": self._op_logs,
+            "artifacts": self._op_artifacts,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -166,7 +168,12 @@ class Daemon:
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
                                    counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
-                                   on_event=self._event, records=self.records)
+                                   on_event=self._event, records=self.records,
+                                   artifacts_dir=cfg.state_dir / "artifacts", artifact_cap=cfg.artifact_max_mb << 20,
+                                   max_attempts=cfg.max_attempts)
+        self.queue = ExecQueue(self.submitter, self.records, cfg.state_dir / "inputs" / cfg.name,
+                               self._can_place, self._queued_done)
+        self.queue.forget_stale_inputs()
         await self._open_control()
         try:
             server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
@@ -188,6 +195,7 @@ class Daemon:
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)
+        spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
                  __version__, cfg.name, self.identity.fingerprint, self.keys.key_id, cfg.bind, self.port,
                  cfg.dport, cfg.control_socket)
@@ -317,16 +325,38 @@ class Daemon:
                                 s.offered_mem_mb, s.exec_allowed, p.last_seen))
         return out
 
-    async def _run_local(self, offer: proto.Offer, cancel: threading.Event, progress: Callable[[int], None],
-                         output: Callable[[str, bytes], Awaitable[None]]) -> proto.Result:
+    async def _run_local(self, offer: proto.Offer, run: LocalRun) -> proto.Result:
         """A chunk of this node's own job, run here without a link (same admission rules for exec)."""
         if offer.kind != "exec":
-            return await run_builtin(offer, cancel, self.cfg.name, progress)
+            run.started()
+            return await run_builtin(offer, run.cancel, self.cfg.name, run.progress)
         prepared = self.host.screen(offer)
         if isinstance(prepared, proto.Refuse):
             raise Refused(prepared.message, reason=prepared.reason)
         assert prepared is not None   # screen() prepares every admitted exec offer
-        return await self.host.run_exec(offer, prepared, cancel, output)
+        run.started()
+        return await self.host.run_exec(offer, prepared, run.cancel, run.output, run.files)
+
+    def _can_place(self, on: str | None) -> str:
+        """Why no node that allows exec may take a queued job now (by what they advertise), or ""."""
+        views = [v for v in self.views()
+                 if on is None or v.name == on or (len(on) >= 8 and v.fingerprint.startswith(on))]
+        if not views:
+            return f"waiting for node {on} to come back"
+        allowed = [v for v in views if v.exec_allowed]
+        if not allowed:
+            return "waiting: no node allows exec (" + ", ".join(f"{v.name}: exec off" for v in views) + ")"
+        for v in allowed:
+            if v.local or autopilot.slots(v, self.submitter.debits) >= 1:
+                return ""
+        return "waiting: every node that allows exec is busy (" + ", ".join(
+            f"{v.name}: no free core" for v in allowed) + ")"
+
+    def _queued_done(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        if error is not None:
+            self._event("job_failed", f"{job_id} exec (queued): {error}")
+        elif result is not None:
+            self._event("job_done", f"{job_id} exec (queued) on {result['node']} in {result['elapsed_s']:.2f}s")
 
     async def _beacon_loop(self) -> None:
         interval = self.cfg.beacon_interval
@@ -397,6 +427,8 @@ class Daemon:
         level = logging.INFO if change.event in ("joined", "left", "restarted", "renamed") else logging.DEBUG
         log.log(level, "peer %s %s: %s%s", p.name, change.event, tag, detail)
         self._event(f"peer_{change.event}", f"{p.name} {change.event}{detail}")
+        if change.event in ("joined", "restarted") and hasattr(self, "queue"):
+            self.queue.wake.set()   # a node that may take queued work
 
     def _event(self, kind: str, text: str) -> None:
         self.events.append(Event(time.time(), kind, text))
@@ -443,6 +475,9 @@ class Daemon:
             return None
         if isinstance(msg, proto.Cancel):
             self.host.cancel(channel.peer_fingerprint, msg.rid)
+            return None
+        if isinstance(msg, proto.FileChunk):
+            self.host.receive(channel.peer_fingerprint, msg)
             return None
         if isinstance(msg, proto.RecordsRequest):
             rows = self.records.hosted(limit=msg.limit) if msg.hosted else self.records.jobs(limit=msg.limit)
@@ -739,24 +774,53 @@ class Daemon:
         timeout = args.get("timeout") or 0.0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
             raise ControlError("--timeout must be from 1 to 604800 seconds")
+        retries = args.get("retries") or 0
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ControlError("--retries must be from 0 to 10")
+        puts = args.get("puts") or []
+        if not isinstance(puts, list) or not all(isinstance(p, str) and p for p in puts):
+            raise ControlError("puts must be a list of file paths")
+        on = _opt_str(args, "on")
+        job_id = new_job_id()
+        inputs_dir = self.queue.inputs_root / job_id
+        inputs = await asyncio.to_thread(stage_inputs, puts, inputs_dir) if puts else ()
+        what = " ".join(argv)[:60]
+        if args.get("queue"):
+            self.queue.add(job_id, argv, on=on, timeout=float(timeout), mem_mib=mem, inputs=inputs, retries=retries,
+                           submitter=self.cfg.name, fingerprint=self.identity.fingerprint)
+            if args.get("detach"):
+                return {"job_id": job_id, "detached": True, "queued": True}
+            await emit({"type": "queued", "job_id": job_id, "why": "waiting for a node that can take it"})
+            return await self.queue.follow(job_id, emit)
+
+        async def run(emit: Emit) -> dict[str, Any]:
+            try:
+                return await self._job("exec", what, self.submitter.run_exec(
+                    argv, on=on, timeout=float(timeout), emit=emit, job_id=job_id, mem_mib=mem, inputs=inputs,
+                    inputs_dir=inputs_dir, retries=retries))
+            finally:
+                if inputs:
+                    await asyncio.to_thread(shutil.rmtree, inputs_dir, True)
+
         if args.get("detach"):
             # Nobody listens: the output goes to the records only, and the job outlives this request.
-            job_id = new_job_id()
-
             async def nowhere(event: dict[str, Any]) -> None:
                 return None
 
             async def detached() -> None:
                 with contextlib.suppress(JobFailed, VestaError):
-                    await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
-                        argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=nowhere, job_id=job_id,
-                        mem_mib=mem))
+                    await run(nowhere)
 
             spawn(detached(), f"detached-{job_id}", self._tasks)
             await asyncio.sleep(0)   # registered before we answer, so `vesta wait` finds it at once
             return {"job_id": job_id, "detached": True}
-        return await self._job("exec", " ".join(argv)[:60], self.submitter.run_exec(
-            argv, on=_opt_str(args, "on"), timeout=float(timeout), emit=emit, mem_mib=mem))
+        return await run(emit)
+
+    async def _op_artifacts(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        record = self._record(args)
+        return {"job_id": record["id"], "state": record["state"],
+                "dir": str(self.cfg.state_dir.expanduser().resolve() / "artifacts" / record["id"]),
+                "files": self.records.artifacts(record["id"])}
 
     async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cores, secs = args.get("cores", 0), args.get("secs")
@@ -774,7 +838,7 @@ class Daemon:
 
     async def _op_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         job_id = _opt_str(args, "job_id")
-        if not job_id or not self.submitter.cancel(job_id):
+        if not job_id or not (self.submitter.cancel(job_id) or self.queue.cancel(job_id)):
             running = ", ".join(self.submitter.jobs) or "none"
             raise ControlError(f"no running job {job_id!r} submitted here (running: {running})")
         return {"cancelled": job_id}

@@ -9,6 +9,7 @@ of the lending hours stops it. Every run is recorded and charged to the peer in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vesta import execrun, executor, proto
+from vesta import artifacts, execrun, executor, proto
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hours import LendingHours
 from vesta.ledger import Ledger
@@ -35,8 +36,109 @@ HEARTBEAT = 0.5          # seconds between Progress messages from a host
 MEM_EXTRA_SLOTS = 2      # mem chunks mostly sleep: a node may hold this many beyond its cpu slots
 HOSTNAME = socket.gethostname()
 INLINE_ITERATIONS = 4096  # a cpu chunk this small (256 KiB, ~0.2 ms) is hashed on the event loop, not in a thread
+INPUT_WAIT_S = 30.0       # an exec job's inputs must start arriving within this of the Accept ...
+INPUT_MIN_RATE = 1 << 20  # ... and keep coming at this many bytes/s at least
 
 OnOutput = Callable[[str, bytes], Awaitable[None]]
+
+
+class ExecFiles:
+    """How an exec run gets its inputs and gives back its artifacts. This base is the run on the
+    submitting node itself: inputs are copied from the submitter's staged copy (checked like any
+    other), artifacts go straight into the job's ``Sink``."""
+
+    def __init__(self, inputs: tuple[artifacts.FileInfo, ...] = (), source: Path | None = None,
+                 sink: artifacts.Sink | None = None) -> None:
+        self.inputs = inputs
+        self.source = source
+        self.sink = sink
+
+    async def fill(self, offer: proto.Offer, workdir: Path) -> str:
+        """Put the inputs in the working directory; "" or why they are not there."""
+        if not self.inputs:
+            return ""
+        if self.source is None:
+            return "inputs were announced but are nowhere to be read"
+        return await asyncio.to_thread(self._copy, workdir)
+
+    def _copy(self, workdir: Path) -> str:
+        sink = artifacts.Sink(workdir, cap=sum(i.size for i in self.inputs), expect=self.inputs)
+        assert self.source is not None
+        try:
+            for piece in artifacts.input_pieces(0, self.source, self.inputs):
+                sink.feed(piece)
+        except OSError as exc:
+            return f"cannot read the staged inputs: {exc.strerror or exc}"
+        finally:
+            sink.finish()
+        return input_problem(sink)
+
+    async def ship(self, offer: proto.Offer, workdir: Path) -> None:
+        """Send what the job left in $VESTA_OUTPUT back to the submitter."""
+        sink = self.sink
+        if sink is None:
+            return
+
+        def copy() -> None:
+            for piece in artifacts.output_pieces(0, workdir, max(0, sink.cap - sink.stored)):
+                sink.feed(piece)
+
+        await asyncio.to_thread(copy)
+
+
+def input_problem(sink: artifacts.Sink) -> str:
+    bad = sink.problems
+    if bad:
+        return f"input {bad[0].path}: {bad[0].reason}"
+    missing = [p for p in sink.expect or {} if p not in sink.files]
+    return f"input {missing[0]} never arrived" if missing else ""
+
+
+class _RemoteFiles(ExecFiles):
+    """A peer's exec run: inputs arrive as FileChunks on the link (``Host.receive``), artifacts go back
+    the same way before the Result."""
+
+    def __init__(self, hosted: Hosted, channel: Channel) -> None:
+        super().__init__()
+        self.hosted = hosted
+        self.channel = channel
+
+    async def fill(self, offer: proto.Offer, workdir: Path) -> str:
+        sink = self.hosted.sink
+        if sink is None:
+            return ""
+        total = sum(size for _, size, _, _ in offer.inputs)
+        deadline = time.monotonic() + INPUT_WAIT_S + total / INPUT_MIN_RATE
+        try:
+            while not (sink.complete or sink.problems):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return f"the inputs did not arrive in time ({len(sink.files)} of {len(offer.inputs)} files)"
+                self.hosted.inputs_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self.hosted.inputs_changed.wait()
+            return input_problem(sink)
+        finally:
+            sink.finish()
+            self.hosted.sink = None
+
+    async def ship(self, offer: proto.Offer, workdir: Path) -> None:
+        if offer.output_cap <= 0 or self.hosted.cancel.is_set():
+            return
+        for piece in artifacts.output_pieces(offer.rid, workdir, offer.output_cap):
+            await self.channel.send(piece)
+
+
+@dataclass
+class LocalRun:
+    """What a chunk run on the submitting node itself gets instead of a link."""
+
+    cancel: threading.Event
+    progress: Callable[[int], None]
+    output: OnOutput
+    started: Callable[[], None] = lambda: None   # called once the run is admitted
+    files: ExecFiles | None = None
 
 
 @dataclass
@@ -49,6 +151,8 @@ class Hosted:
     started: float
     done: list[int]
     stop_reason: str = ""
+    sink: artifacts.Sink | None = None    # exec: where its inputs are being received
+    inputs_changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class Host:
@@ -60,8 +164,11 @@ class Host:
                  ledger: Ledger | None = None, hours: LendingHours | None = None,
                  on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
                  exec_mem_mib: int = 1024, exec_file_mib: int = 1024, bwrap: str | None = None,
-                 allow_network: bool = False, hide: tuple[Path, ...] = ()) -> None:
+                 allow_network: bool = False, hide: tuple[Path, ...] = (), input_cap_mib: int = 256,
+                 keep_runs: bool = False) -> None:
         self.name = name
+        self.input_cap = input_cap_mib << 20
+        self.keep_runs = keep_runs
         self.bwrap = bwrap                  # path of bubblewrap when exec runs sandboxed
         self.allow_network = allow_network
         self.hide = hide
@@ -96,6 +203,11 @@ class Host:
         if offer.kind == "exec" and not self.allow_exec:
             return proto.Refuse(rid=offer.rid, reason="exec_disabled",
                                 message=f"{self.name} does not allow exec (start it with -allow-exec)")
+        if offer.kind == "exec" and sum(size for _, size, _, _ in offer.inputs) > self.input_cap:
+            total = sum(size for _, size, _, _ in offer.inputs)
+            return proto.Refuse(rid=offer.rid, reason="policy",
+                                message=f"{self.name} takes at most {self.input_cap >> 20} MiB of input files per "
+                                        f"job ({total / (1 << 20):.1f} MiB sent; exec_max_input_mb)")
         if offer.kind == "exec" and offer.mem_mib > self.exec_mem_mib:
             return proto.Refuse(rid=offer.rid, reason="memory",
                                 message=f"{self.name} gives exec jobs at most {self.exec_mem_mib} MiB "
@@ -153,6 +265,9 @@ class Host:
             await channel.send(prepared)
             return
         hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, threading.Event(), time.time(), [0])
+        if prepared is not None and offer.inputs:   # ready before the Accept: the inputs follow it at once
+            hosted.sink = artifacts.Sink(prepared[0], cap=sum(size for _, size, _, _ in offer.inputs),
+                                         expect=tuple(artifacts.FileInfo(*e) for e in offer.inputs))
         self.running[key] = hosted
         self._peak = max(self._peak, len(self.running))
 
@@ -163,9 +278,12 @@ class Host:
         run_id = None
         ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
         if self.records is not None:
-            args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s} if offer.kind == "exec"
+            args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s,
+                                     "inputs": [e[0] for e in offer.inputs]} if offer.kind == "exec"
                                     else {"mib": offer.mib, "ms": offer.ms} if offer.kind == "mem"
                                     else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
+            if prepared is not None and self.keep_runs:
+                args["workdir"] = str(prepared[0])
             run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
                                                peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
                                                started=time.time())
@@ -174,7 +292,8 @@ class Host:
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:
                 started[0] = True
-                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output))
+                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output,
+                                                           _RemoteFiles(hosted, channel)))
             else:
                 work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name,
                                                          lambda n: hosted.done.__setitem__(0, hosted.done[0] + n)))
@@ -204,6 +323,8 @@ class Host:
         finally:
             if self.running.get(key) is hosted:
                 del self.running[key]
+            if hosted.sink is not None:
+                hosted.sink.finish()
             if self.records is not None and run_id is not None:
                 state, reason, code, cpu_s = ended
                 try:
@@ -214,24 +335,51 @@ class Host:
             if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
                 await asyncio.to_thread(execrun.remove_workdir, prepared[0])
 
+    def receive(self, peer: str, piece: proto.FileChunk) -> None:
+        """A piece of an input file for a run this node hosts (ignored when no run waits for it)."""
+        hosted = self.running.get((peer, piece.rid))
+        if hosted is None or hosted.sink is None:
+            self.counters["file_chunks_unexpected"] += 1
+            return
+        hosted.sink.feed(piece)
+        hosted.inputs_changed.set()
+
     def prepare_exec(self, offer: proto.Offer) -> tuple[Path, str] | proto.Refuse:
-        """A fresh working directory and the allowlisted program to run in it, or why not."""
+        """A fresh working directory and the allowlisted program to run in it, or why not.
+
+        A program shipped with the job (``--put run.sh -- ./run.sh``) is in no allowlist: it may run
+        only where ``exec_allowlist`` is empty (the owner allows any program); it is resolved once
+        it has arrived."""
+        shipped = {path for path, _, _, _ in offer.inputs}
+        argv0 = offer.argv[0]
+        if "/" in argv0 and os.path.normpath(argv0) in shipped:
+            if not self.allowlist.any:
+                return proto.Refuse(rid=offer.rid, reason="not_allowed",
+                                    message=f"{argv0!r} was shipped with the job; {self.name} runs only its "
+                                            f"exec_allowlist ({', '.join(self.allowlist.names()) or 'nothing'})")
+            try:
+                return execrun.make_workdir(None, offer.job_id), ""   # "": resolved once the inputs are in
+            except OSError as exc:
+                return proto.Refuse(rid=offer.rid, reason="policy",
+                                    message=f"{self.name} cannot make a working directory: {exc.strerror}")
         try:
             workdir = execrun.make_workdir(None, offer.job_id)
         except OSError as exc:
             return proto.Refuse(rid=offer.rid, reason="policy",
                                 message=f"{self.name} cannot make a working directory: {exc.strerror}")
         try:
-            return workdir, self.allowlist.resolve(offer.argv[0], workdir)
+            return workdir, self.allowlist.resolve(argv0, workdir)
         except Refused as exc:
             execrun.remove_workdir(workdir)
             reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
             return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
 
     async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
-                       output: OnOutput) -> proto.Result:
-        """Run an admitted exec offer in its working directory; the directory is removed afterwards."""
+                       output: OnOutput, files: ExecFiles | None = None) -> proto.Result:
+        """Run an admitted exec offer in its working directory: its inputs first, its artifacts back
+        afterwards; the directory is removed at the end unless ``keep_runs``."""
         workdir, program = prepared
+        files = files or ExecFiles()
         stop = asyncio.Event()
 
         async def watch() -> None:  # the thread-side cancel flag, seen from the event loop
@@ -250,8 +398,18 @@ class Host:
             del tail[:-4096]
             await output(stream, data)
 
+        def failed(why: str) -> proto.Result:
+            return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=why[:200])
+
         try:
             env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
+            (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
+            env["VESTA_OUTPUT"] = str(workdir / artifacts.OUTPUT_DIR)
+            problem = await files.fill(offer, workdir)
+            if problem:
+                return failed(problem)
+            if not program:   # shipped with the job: only now is there a file to resolve
+                program = self.allowlist.resolve(offer.argv[0], workdir)
             runner, argv = program, list(offer.argv)
             if self.bwrap is not None:
                 runner, argv = execrun.bwrap_command(
@@ -259,11 +417,16 @@ class Host:
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent))
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout,
                                   on_output=keep_tail, cancel=stop, preexec=limits.preexec())
+            if not cancel.is_set():
+                await files.ship(offer, workdir)
         except Refused as exc:
-            return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
+            return failed(str(exc))
         finally:
             watcher.cancel()
-            await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
+            if self.keep_runs:
+                log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)
+            else:
+                await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
         reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])

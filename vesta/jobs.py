@@ -21,12 +21,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from vesta import autopilot, executor, proto
+from vesta import artifacts, autopilot, executor, proto
 from vesta.autopilot import Choice, NodeView
 from vesta.errors import PeerUnavailable, Refused, VestaError
-from vesta.host import HEARTBEAT, OnOutput
+from vesta.host import HEARTBEAT, ExecFiles, LocalRun, OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.records import Records
@@ -39,11 +40,18 @@ REFRESH_EVERY = 0.5      # seconds between looks for peers that became free duri
 CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
-RunLocal = Callable[[proto.Offer, threading.Event, Callable[[int], None], OnOutput], Awaitable[proto.Result]]
+RunLocal = Callable[[proto.Offer, LocalRun], Awaitable[proto.Result]]
+# Refusals that may not last: a queued job waits them out instead of failing.
+PASSING = frozenset({"capacity", "hours", "ledger", "busy"})
 
 
 class JobFailed(VestaError):
     """No node could run the job; the message says why for each node."""
+
+
+class NotNow(JobFailed):
+    """No node can take a queued job right now, for reasons that pass (busy, outside its hours, not
+    around, exec off): it stays queued. The message says why for each node."""
 
 
 def new_job_id() -> str:
@@ -74,6 +82,10 @@ class Job:
     running_by_node: Counter[str] = field(default_factory=Counter)    # chunks running now, per node name
     done_by_node: Counter[str] = field(default_factory=Counter)       # iterations done so far, per node name
     first_by_node: dict[str, float] = field(default_factory=dict)     # monotonic time of its first chunk
+    queued: bool = False                  # on record as queued until a node accepts it
+    inputs: tuple[artifacts.FileInfo, ...] = ()   # exec: files shipped with it (--put) ...
+    inputs_dir: Path | None = None                # ... staged here on the submitting node
+    sink: artifacts.Sink | None = None            # exec: where its $VESTA_OUTPUT files are stored
 
     def flows(self, me: str) -> list[dict[str, Any]]:
         """This job's live flows: which node works for us, how many chunks, how fast."""
@@ -96,7 +108,11 @@ class Submitter:
                  run_local: RunLocal, on_borrowed: Callable[[str, str, proto.Offer, proto.Result], None]
                  = lambda fp, name, offer, result: None,
                  on_event: Callable[[str, str], None] = lambda kind, text: None,
-                 records: Records | None = None) -> None:
+                 records: Records | None = None, artifacts_dir: Path | None = None, artifact_cap: int = 0,
+                 max_attempts: int = 3) -> None:
+        self.artifacts_dir = artifacts_dir   # where each exec job's $VESTA_OUTPUT files are stored (JOB/...)
+        self.artifact_cap = artifact_cap     # bytes of them per job
+        self.max_attempts = max_attempts     # runs of a cpu/mem chunk lost to failures before its job fails
         self.on_borrowed = on_borrowed
         self.on_event = on_event
         self.records = records
@@ -113,8 +129,18 @@ class Submitter:
 
     def _register(self, job: Job, args: dict[str, Any]) -> None:
         self.jobs[job.job_id] = job
-        if self.records is not None:
+        if self.records is not None and not job.queued:   # a queued job is on record already
             self.records.create_job(job.job_id, job.kind, args, self.name, self.fingerprint)
+
+    def _mark_running(self, job: Job) -> None:
+        """A node accepted the job: a queued job is now running."""
+        if job.queued:
+            job.queued = False
+            if self.records is not None:
+                try:
+                    self.records.transition(job.job_id, "running")
+                except VestaError as exc:
+                    log.warning("could not record the start of job %s: %s", job.job_id, exc)
 
     def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
                 result: dict[str, Any] | None = None) -> None:
@@ -128,6 +154,11 @@ class Submitter:
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         if job.job_id not in self.jobs:
+            return
+        if isinstance(exc, NotNow) and job.queued:   # still queued: say why it waits
+            self.jobs.pop(job.job_id, None)
+            if self.records is not None:
+                self.records.wait_reason(job.job_id, str(exc)[:500])
             return
         cancelled = job.cancel.is_set() and "cancelled" in str(exc)
         reason = str(exc) if isinstance(exc, VestaError) else f"internal error: {type(exc).__name__}"
@@ -239,15 +270,22 @@ class Submitter:
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
     async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit,
-                       job_id: str | None = None, mem_mib: int = 0) -> dict[str, Any]:
-        job = Job(job_id or new_job_id(), "exec")
-        self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib})  # first: all on record
+                       job_id: str | None = None, mem_mib: int = 0, inputs: tuple[artifacts.FileInfo, ...] = (),
+                       inputs_dir: Path | None = None, retries: int = 0, queued: bool = False) -> dict[str, Any]:
+        """Run a command on one node. ``queued``: the job is on record as queued, and when no node can
+        take it now for reasons that pass, NotNow leaves it so (the daemon tries again later)."""
+        job = Job(job_id or new_job_id(), "exec", queued=queued, inputs=inputs, inputs_dir=inputs_dir)
+        self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries,
+                             "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]})  # first
         try:
-            nodes = self._pick(on)
-            allowed = [n for n in nodes if n.exec_allowed]
-            if on is None and not allowed:
-                states = ", ".join(f"{n.name}: exec off" for n in nodes)
-                raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
+            try:
+                nodes = self._pick(on)
+                allowed = [n for n in nodes if n.exec_allowed]
+                if on is None and not allowed:
+                    states = ", ".join(f"{n.name}: exec off" for n in nodes)
+                    raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
+            except JobFailed as exc:   # a node may yet come, or allow exec after a restart
+                raise NotNow(str(exc)) if queued else exc from None
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -255,6 +293,9 @@ class Submitter:
             c.node for c in autopilot.choose(allowed, spill_cpu_pct=self.spill_cpu_pct, split=False,
                                              debits=self.debits, exec_job=True)]
         candidates += [n for n in allowed if n not in candidates]
+        if self.artifacts_dir is not None and self.artifact_cap > 0:
+            job.sink = artifacts.Sink(self.artifacts_dir / job.job_id, cap=self.artifact_cap)
+        manifest = tuple((i.path, i.size, i.sha256, i.executable) for i in inputs)
         t0 = time.perf_counter()
 
         async def output(stream: str, data: bytes) -> None:
@@ -267,23 +308,45 @@ class Submitter:
             outcomes = await self._schedule(
                 job, [Choice(n, 1) for n in candidates], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
-                                                          timeout_s=timeout, mem_mib=mem_mib, submitter=self.name)),
-                emit, allow_local_fallback=False, one_at_a_time=True, retry_lost=False, on_output=output)
+                                                          timeout_s=timeout, mem_mib=mem_mib, submitter=self.name,
+                                                          inputs=manifest,
+                                                          output_cap=job.sink.cap if job.sink else 0)),
+                emit, allow_local_fallback=False, one_at_a_time=True, max_attempts=1 + retries, on_output=output)
         except BaseException as exc:
+            self._store_artifacts(job)
             self._failed(job, exc)
             raise
         r = outcomes[0].result
         assert r is not None
+        stored_in = job.sink.dest if job.sink is not None else None
+        files = self._store_artifacts(job, outcomes[0].node.name)
         self._finish(job, "succeeded" if r.exit_code == 0 else "failed", reason=r.error, exit_code=r.exit_code,
-                     result={"node": outcomes[0].node.name, "signal": r.signal, "cpu_s": r.cpu_s})
+                     result={"node": outcomes[0].node.name, "signal": r.signal, "cpu_s": r.cpu_s,
+                             "artifacts": sum(1 for f in files if f["state"] == artifacts.STORED)})
         return {"job_id": job.job_id, "kind": "exec", "argv": argv, "node": outcomes[0].node.name,
                 "hostname": r.hostname, "exit_code": r.exit_code, "signal": r.signal, "reason": r.error,
                 "elapsed_s": time.perf_counter() - t0, "run_s": r.elapsed_s, "cpu_s": r.cpu_s,
-                "replaced": job.replaced}
+                "replaced": job.replaced, "artifacts": files,
+                "artifacts_dir": str(stored_in) if stored_in is not None and files else None}
+
+    def _store_artifacts(self, job: Job, node: str = "") -> list[dict[str, Any]]:
+        """Close the job's artifact sink and put what it got on record."""
+        if job.sink is None:
+            return []
+        files = [dataclasses.asdict(f) for f in job.sink.finish()]
+        job.sink = None
+        for f in files:
+            f.pop("executable", None)
+            if self.records is not None:
+                try:
+                    self.records.add_artifact(job.job_id, node=node, **f)
+                except VestaError as exc:
+                    log.warning("could not record artifact %s of job %s: %s", f["path"], job.job_id, exc)
+        return files
 
     async def _schedule(self, job: Job, choices: list[Choice], chunks: list[tuple[int, int]],
                         offer: Callable[[int, int, int], Callable[[int], proto.Offer]], emit: Emit,
-                        *, allow_local_fallback: bool, one_at_a_time: bool = False, retry_lost: bool = True,
+                        *, allow_local_fallback: bool, one_at_a_time: bool = False, max_attempts: int | None = None,
                         on_output: OnOutput | None = None,
                         refresh: Callable[[], list[Choice]] | None = None) -> list[ChunkOutcome]:
         queue = deque((i, start, count) for i, (start, count) in enumerate(chunks))
@@ -296,6 +359,9 @@ class Submitter:
         last_emit = last_refresh = time.monotonic()
         cancel_wait = asyncio.ensure_future(job.cancel.wait())
         attempts: dict[int, int] = {}
+        lost: Counter[int] = Counter()     # runs of each chunk that started and did not finish
+        passing: set[str] = set()          # nodes whose "no" may not last (busy, closed hours, unreachable)
+        max_attempts = max_attempts or self.max_attempts
 
         def add_progress(n: int) -> None:
             progress[0] += n
@@ -342,6 +408,8 @@ class Submitter:
                         free[local.fingerprint] = 1
                         continue
                     why = "; ".join(f"{name}: {reason}" for name, reason in failures.items()) or "no node available"
+                    if job.queued and (passing or not failures):
+                        raise NotNow(f"waiting: {why}")
                     raise JobFailed(f"no node could run job {job.job_id} ({why})")
                 waiting: list[asyncio.Future[Any]] = [*running, cancel_wait]
                 await asyncio.wait(waiting, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
@@ -363,9 +431,16 @@ class Submitter:
                     if not o.node.local:
                         self.debits.release(fp)
                     failures[o.node.name] = o.refused and f"refused ({o.refused}: {o.error})" or o.error
-                    if o.started and not retry_lost:  # it may have run: never run it twice
-                        raise JobFailed(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may have "
-                                        "had effects)")
+                    if o.refused in PASSING or not (o.started or o.refused):
+                        passing.add(o.node.name)
+                    if o.started:   # a run that began counts as an attempt; a refusal does not
+                        lost[o.chunk] += 1
+                        if lost[o.chunk] >= max_attempts:
+                            if job.kind == "exec" and max_attempts == 1:   # it may have had effects: not twice
+                                raise JobFailed(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may "
+                                                "have had effects; vesta exec --retries N allows re-runs)")
+                            raise JobFailed(f"job {job.job_id}: chunk {o.chunk} failed {lost[o.chunk]} times "
+                                            f"(max_attempts {max_attempts}); last on {o.node.name}: {o.error}")
                     free[fp] = -len(chunks)          # this node is out of this job
                     queue.appendleft((o.chunk, o.start, o.count))
                     self.counters["chunks_replaced"] += 1
@@ -413,7 +488,9 @@ class Submitter:
         if o.node.local:
             cancel = threading.Event()
             watcher = asyncio.ensure_future(job.cancel.wait())
-            run = asyncio.ensure_future(self.run_local(make(0), cancel, add_progress, output))
+            files = ExecFiles(job.inputs, job.inputs_dir, job.sink) if job.kind == "exec" else None
+            run = asyncio.ensure_future(self.run_local(make(0), LocalRun(cancel, add_progress, output,
+                                                                          lambda: self._mark_running(job), files)))
             await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 cancel.set()
@@ -448,6 +525,16 @@ class Submitter:
                 return o
             o.started = True
             accepted = time.monotonic()
+            self._mark_running(job)
+            if job.inputs and job.inputs_dir is not None:
+                try:
+                    for piece in artifacts.input_pieces(stream.rid, job.inputs_dir, job.inputs):
+                        await stream.send(piece)
+                except OSError as exc:
+                    with contextlib.suppress(PeerUnavailable):
+                        await stream.send(proto.Cancel(rid=stream.rid))
+                    o.error = f"cannot read the job's staged inputs: {exc.strerror or exc}"
+                    return o
             while True:
                 if job.cancel.is_set() and cancel_deadline is None:
                     await stream.send(proto.Cancel(rid=stream.rid))
@@ -468,6 +555,9 @@ class Submitter:
                     raise
                 if isinstance(msg, proto.Output):
                     await output(msg.stream, msg.data)
+                elif isinstance(msg, proto.FileChunk):
+                    if job.sink is not None:
+                        job.sink.feed(msg)
                 elif isinstance(msg, proto.Progress):
                     if msg.done > done:
                         add_progress(msg.done - done)

@@ -38,6 +38,11 @@ MAX_ARGV = 256                    # arguments of an exec job
 MAX_ARG = 4096                    # bytes per argument
 MAX_OUTPUT_CHUNK = 64 * 1024      # bytes of stdout/stderr per Output message
 MAX_MEM_MIB = 1 << 22
+MAX_FILE_PIECE = 256 * 1024       # bytes of a file per FileChunk message
+MAX_FILE_BYTES = 1 << 40          # one input or artifact, whole (each node has its own, smaller cap)
+MAX_INPUTS = 64                   # files shipped with one exec job (vesta exec --put)
+MAX_PATH = 1024                   # bytes of a relative file path (inputs, artifacts)
+MAX_PATH_DEPTH = 32
 JOB_KINDS = ("cpu", "mem", "exec")
 REFUSE_REASONS = ("capacity", "exec_disabled", "not_allowed", "not_found", "memory", "ledger", "hours",
                   "policy", "busy", "invalid")
@@ -65,6 +70,7 @@ class Kind(IntEnum):
     CANCEL = 11
     RECORDS_REQUEST = 12
     RECORDS = 13
+    FILE_CHUNK = 14
 
 
 # ---------------------------------------------------------------- field checks
@@ -124,6 +130,25 @@ def check_fingerprint(where: str, value: object) -> str:
     if len(fp) != FINGERPRINT_HEX or not _HEX_RE.match(fp):
         raise ProtocolError(f"{where} is not a fingerprint: {fp!r}")
     return fp
+
+
+def check_rel_path(where: str, value: object) -> str:
+    """A relative file path from outside: '/'-separated, no empty, '.' or '..' part, no NUL, bounded.
+    Whoever writes it joins it under a directory of its own, so it cannot land anywhere else."""
+    path = _str(where, value, MAX_PATH, empty=False)
+    parts = path.split("/")
+    if "\x00" in path or path.startswith("/") or len(parts) > MAX_PATH_DEPTH:
+        raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
+    if any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts):
+        raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
+    return path
+
+
+def check_sha256_hex(where: str, value: object) -> str:
+    digest = _str(where, value, 64, empty=False)
+    if len(digest) != 64 or not _HEX_RE.match(digest):
+        raise ProtocolError(f"{where} is not a SHA-256 in hex")
+    return digest
 
 
 # ---------------------------------------------------------------- parts
@@ -362,6 +387,10 @@ class Offer:
     timeout_s: float = 0.0        # exec: 0 = the host's default
     mem_mib: int = 0              # exec: address-space limit; 0 = the host's default (its mem_offer_mb)
     submitter: str = ""           # the submitter's node name, for the host's logs and records
+    # exec: files the submitter sends (FileChunk, after Accept) before the program starts:
+    # (relative path, size, sha256 hex, executable)
+    inputs: tuple[tuple[str, int, str, bool], ...] = ()
+    output_cap: int = 0           # exec: bytes of $VESTA_OUTPUT the submitter takes back (0: none)
 
     def validate(self) -> None:
         _int("offer.rid", self.rid, 0, 1 << 63)
@@ -392,16 +421,33 @@ class Offer:
                 raise ProtocolError("offer.argv[0] is empty")
             _num("offer.timeout_s", self.timeout_s, 0, 7 * 86400)
             _int("offer.mem_mib", self.mem_mib, 0, MAX_MEM_MIB)
+            _int("offer.output_cap", self.output_cap, 0, MAX_FILE_BYTES)
+            seen = set()
+            for entry in _list("offer.inputs", self.inputs, MAX_INPUTS):
+                if not isinstance(entry, tuple) or len(entry) != 4:
+                    raise ProtocolError("offer.inputs[] must be [path, size, sha256, executable]")
+                path = check_rel_path("offer.inputs[].path", entry[0])
+                _int("offer.inputs[].size", entry[1], 0, MAX_FILE_BYTES)
+                check_sha256_hex("offer.inputs[].sha256", entry[2])
+                _bool("offer.inputs[].executable", entry[3])
+                if path in seen:
+                    raise ProtocolError(f"offer.inputs names {path!r} twice")
+                seen.add(path)
+        if self.kind != "exec" and (self.inputs or self.output_cap):
+            raise ProtocolError("offer.inputs and offer.output_cap are for exec jobs")
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> Offer:
         body = dict(body)
         body["argv"] = tuple(_list("offer.argv", body.get("argv", []), MAX_ARGV))
+        body["inputs"] = tuple(tuple(e) if isinstance(e, list) else e
+                               for e in _list("offer.inputs", body.get("inputs", []), MAX_INPUTS))
         return cast(Offer, _build(cls, body, "offer"))
 
     def to_wire(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         body["argv"] = list(self.argv)
+        body["inputs"] = [list(e) for e in self.inputs]
         return body
 
 
@@ -566,11 +612,45 @@ class Records:
         return {"rid": self.rid, "node": self.node, "rows": list(self.rows)}
 
 
+@dataclass(frozen=True, slots=True)
+class FileChunk:
+    """A piece of a file that travels with an exec job, on the job's rid: an input (``vesta exec --put``,
+    submitter -> host, after Accept) or an artifact from ``$VESTA_OUTPUT`` (host -> submitter, before
+    the Result). A file's pieces come in order; the last (``eof``) carries the SHA-256 of the whole
+    file. ``refused`` instead says why a file is not sent (over the cap, a symlink); it has no data."""
+
+    KIND: ClassVar[Kind] = Kind.FILE_CHUNK
+    rid: int
+    path: str
+    offset: int = 0
+    data: bytes = b""
+    eof: bool = False
+    sha256: bytes = b""
+    executable: bool = False
+    refused: str = ""
+
+    def validate(self) -> None:
+        _int("file_chunk.rid", self.rid, 0, 1 << 63)
+        check_rel_path("file_chunk.path", self.path)
+        _int("file_chunk.offset", self.offset, 0, MAX_FILE_BYTES)
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_FILE_PIECE:
+            raise ProtocolError(f"file_chunk.data must be at most {MAX_FILE_PIECE} bytes")
+        _bool("file_chunk.eof", self.eof)
+        _bool("file_chunk.executable", self.executable)
+        _str("file_chunk.refused", self.refused, MAX_REASON)
+        if not isinstance(self.sha256, bytes) or len(self.sha256) not in (0, 32):
+            raise ProtocolError("file_chunk.sha256 must be 32 bytes")
+        if self.eof and not self.refused and len(self.sha256) != 32:
+            raise ProtocolError("file_chunk: the last piece of a file must carry its sha256")
+        if self.refused and self.data:
+            raise ProtocolError("file_chunk: a refused file carries no data")
+
+
 Message = (Beacon | Ping | Pong | Error | Offer | Accept | Refuse | Progress | Output | Result | Cancel
-           | RecordsRequest | Records)
+           | RecordsRequest | Records | FileChunk)
 _BY_KIND: dict[Kind, type[Any]] = {
     cls.KIND: cls for cls in (Beacon, Ping, Pong, Error, Offer, Accept, Refuse, Progress, Output, Result, Cancel,
-                              RecordsRequest, Records)
+                              RecordsRequest, Records, FileChunk)
 }
 
 

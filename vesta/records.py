@@ -19,8 +19,15 @@ database from a newer vesta is refused (upgrade vesta); a corrupt file is
 moved aside (``NAME.corrupt-TIME``) with a warning and a fresh one starts,
 never a crash loop.
 
-**Restart.** Jobs, parts and hosted runs still open when the daemon died are
-marked ``failed`` with reason ``daemon restarted`` when the records open.
+**Restart.** Jobs, parts and hosted runs still running when the daemon died are
+marked ``failed`` with reason ``daemon restarted`` when the records open (a job
+that may have had effects is never re-run behind its owner's back). Jobs still
+``queued`` stay queued: they never started, and ``vesta exec --queue`` promised
+to place them when capacity appears.
+
+**Artifacts.** One row per file a job sent back (``$VESTA_OUTPUT``): its path,
+size and SHA-256, and whether it was ``stored`` (under ``artifacts/JOB/`` in the
+state directory) or ``refused``/``corrupt``/``incomplete`` with the reason.
 
 **Logs.** One row per appended chunk, numbered per job (``seq``, from 1);
 ``log(after=seq)`` returns what came later, for ``--follow``. At most
@@ -52,6 +59,7 @@ PART_ENDS = {"succeeded", "failed", "cancelled", "refused", "lost"}   # a part i
 HOSTED_ENDS = {"succeeded", "failed", "cancelled"}
 KINDS = ("cpu", "mem", "exec")
 STREAMS = ("stdout", "stderr")
+ARTIFACT_STATES = ("stored", "refused", "corrupt", "incomplete")
 RESTARTED = "daemon restarted"
 BUSY_TIMEOUT_S = 5.0
 
@@ -82,6 +90,12 @@ MIGRATIONS: tuple[str, ...] = (
         cpu_s REAL NOT NULL DEFAULT 0, mem_mib_s REAL NOT NULL DEFAULT 0,
         exit_code INTEGER, reason TEXT NOT NULL DEFAULT '');
     CREATE INDEX hosted_started ON hosted(started);
+    """,
+    """
+    CREATE TABLE artifacts (
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, path TEXT NOT NULL,
+        size INTEGER NOT NULL, sha256 TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+        node TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, path));
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -186,7 +200,7 @@ class Records:
         now = self.clock()
         with db:
             jobs = db.execute("UPDATE jobs SET state='failed', reason=?, finished=? "
-                              "WHERE state IN ('queued', 'running')", (RESTARTED, now)).rowcount
+                              "WHERE state='running'", (RESTARTED, now)).rowcount
             db.execute("UPDATE parts SET state='failed', reason=?, finished=? WHERE state='running'", (RESTARTED, now))
             hosted = db.execute("UPDATE hosted SET state='failed', reason=?, finished=? WHERE state='running'",
                                 (RESTARTED, now)).rowcount
@@ -301,6 +315,31 @@ class Records:
                                "ORDER BY seq", (job_id, after, stream, stream)).fetchall()
         return b"".join(r["data"] for r in rows), (rows[-1]["seq"] if rows else after)
 
+    def wait_reason(self, job_id: str, reason: str) -> None:
+        """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``)."""
+        with self.db:
+            self.db.execute("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
+
+    def queued(self) -> list[dict[str, Any]]:
+        """Queued jobs, oldest first: the order they are placed in."""
+        rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE state='queued' ORDER BY created, rowid")
+        return [self._job_dict(r) for r in rows]
+
+    def add_artifact(self, job_id: str, *, path: str, size: int, sha256: str, state: str, reason: str = "",
+                     node: str = "") -> None:
+        """Record one file a job sent back (a later attempt's file of the same path replaces it)."""
+        _check(state in ARTIFACT_STATES, f"an artifact is {', '.join(ARTIFACT_STATES)} (got {state!r})")
+        self._job_state(job_id)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO artifacts (job_id, path, size, sha256, state, reason, node) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (job_id, path, size, sha256, state, reason, node))
+
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's artifacts by path."""
+        rows = self.db.execute("SELECT path, size, sha256, state, reason, node FROM artifacts WHERE job_id=? "
+                               "ORDER BY path", (job_id,))
+        return [dict(r) for r in rows]
+
     def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         out = _row(row)
         out["log_truncated"] = out["log_dropped"] > 0
@@ -316,6 +355,7 @@ class Records:
                                 "mem_mib_s, exit_code, reason, result FROM parts WHERE job_id=? "
                                 "ORDER BY chunk, attempt, id", (job_id,))
         out["parts"] = [_row(p) for p in parts]
+        out["artifacts"] = self.artifacts(job_id)
         return out
 
     def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

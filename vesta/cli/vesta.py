@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import sys
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from vesta.cli.common import option_json, print_json, run_command, stdout_console
 from vesta.control import ControlClient
-from vesta.errors import ConfigError
+from vesta.errors import ConfigError, VestaError
 
 
 def _client(ctx: click.Context) -> ControlClient:
@@ -251,6 +252,9 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         parts.add_row(str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), p["state"],
                       f"{p.get('cpu_s') or 0:.2f}", p.get("reason") or "")
     con.print(parts)
+    for f in job.get("artifacts", []):
+        con.print(f"artifact {f['path']}: {f['size']:,} bytes, {f['state']}"
+                  + (f" ({f['reason']})" if f.get("reason") else f", sha256 {f['sha256'][:16]}"))
     if job.get("log_bytes"):
         con.print(f"output: {job['log_bytes']} bytes" + (" (truncated)" if job.get("log_truncated") else "")
                   + f"; see vesta logs {job['id']}")
@@ -485,22 +489,42 @@ def stop_stress(ctx: click.Context, as_json: bool) -> None:
 @click.option("--on", "-on", "on", help="Run on this node only.")
 @click.option("--detach", "-detach", is_flag=True, help="Print the job id at once; see vesta wait, logs, show.")
 @click.option("--mem", "-mem", "mem", type=int, help="Memory limit in MiB (address space; default: the node's offer).")
+@click.option("--put", "-put", "puts", multiple=True, metavar="FILE",
+              help="Ship this file into the job's working directory (repeat for more).")
+@click.option("--queue", "-queue", is_flag=True,
+              help="If no node can take it now, wait in the queue instead of failing.")
+@click.option("--retries", "-retries", type=int, default=0, show_default=True,
+              help="Run it again elsewhere this many times if its node dies or the link drops.")
 @option_json()
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
 def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
-          as_json: bool, argv: tuple[str, ...]) -> None:
+          puts: tuple[str, ...], queue: bool, retries: int, as_json: bool, argv: tuple[str, ...]) -> None:
     """Run a command on the best node that allows exec: vesta exec [--timeout S] -- CMD ARGS...
 
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
+    Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
     if timeout is not None and not 0 < timeout <= 7 * 86400:
         raise ConfigError("--timeout must be from 1 to 604800 seconds")
     if mem is not None and mem <= 0:
         raise ConfigError("--mem must be a positive number of MiB")
+    if not 0 <= retries <= 10:
+        raise ConfigError("--retries must be from 0 to 10")
+    files = []
+    for put in puts:
+        path = os.path.abspath(put)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--put {put}: " + ("not a regular file (ship a directory as an archive: tar czf)"
+                                                  if os.path.exists(path) else "no such file"))
+        files.append(path)
     captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+    said: set[str] = set()
 
     def event(ev: dict[str, Any]) -> None:
+        if ev.get("type") == "queued" and not as_json and ev.get("why") not in said:
+            said.add(ev.get("why", ""))
+            click.echo(f"vesta: {ev['job_id']} queued: {ev.get('why', '')}", err=True)
         if ev.get("type") != "output":
             return
         data = bytes(ev["data"])
@@ -511,21 +535,96 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
         out.write(data)
         out.flush()
 
+    request: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "on": on, "mem": mem, "puts": files,
+                               "queue": queue, "retries": retries}
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", argv=list(argv), timeout=timeout, on=on, detach=True, mem=mem)
+            r = c.call("exec", detach=True, **request)
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
-        r = c.call("exec", on_event=event, argv=list(argv), timeout=timeout, on=on, mem=mem)
+        try:
+            r = c.call("exec", on_event=event, **request)
+        except KeyboardInterrupt:
+            if queue and said:
+                click.echo("vesta: the job stays queued; see vesta jobs, or vesta cancel JOB", err=True)
+            raise
     code = r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0)
     if as_json:
         print_json(r | {k: v.decode("utf-8", "replace") for k, v in captured.items()})
-    elif r["reason"]:
+        ctx.exit(code)
+    if r["reason"]:
         click.echo(f"vesta: {' '.join(argv)} on {r['node']}: {r['reason']}", err=True)
     elif sys.stderr.isatty():  # where it ran, for a person watching; scripts get the program's output only
         click.echo(f"vesta: ran on {r['node']} ({r['hostname']}) in {r['run_s']:.2f}s, exit {code}", err=True)
+    stored = [f for f in r.get("artifacts") or [] if f["state"] == "stored"]
+    for f in r.get("artifacts") or []:
+        if f["state"] != "stored":
+            click.echo(f"vesta: artifact {f['path']} not kept: {f['reason']}", err=True)
+    if stored and sys.stderr.isatty():
+        click.echo(f"vesta: {len(stored)} artifact(s) in {r['artifacts_dir']} (vesta artifacts {r['job_id']})",
+                   err=True)
     ctx.exit(code)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Copy the stored files into this directory, checking each one's SHA-256.")
+@option_json()
+@click.pass_context
+def artifacts(ctx: click.Context, job_id: str, out: Path | None, as_json: bool) -> None:
+    """The files an exec job left in $VESTA_OUTPUT: list them, or copy them out with -o DIR."""
+    with _client(ctx) as c:
+        r = c.call("artifacts", job_id=job_id)
+    files = r["files"]
+    copied: list[str] = []
+    if out is not None:
+        copied = copy_artifacts(Path(r["dir"]), [f for f in files if f["state"] == "stored"], out)
+    if as_json:
+        print_json(r | ({"copied_to": str(out), "copied": copied} if out is not None else {}))
+        return
+    if not files:
+        click.echo(f"{job_id} has no artifacts (state {r['state']})")
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("path", "size", "sha256", "state", "from", "reason"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for f in files:
+        table.add_row(f["path"], f"{f['size']:,}", f["sha256"][:16], f["state"], f.get("node") or "", f["reason"])
+    stdout_console().print(table)
+    if out is not None:
+        click.echo(f"copied {len(copied)} file(s) to {out}, SHA-256 checked")
+    elif any(f["state"] == "stored" for f in files):
+        click.echo(f"stored in {r['dir']}; copy them out with: vesta artifacts {job_id} -o DIR")
+
+
+def copy_artifacts(src: Path, files: list[dict[str, Any]], out: Path) -> list[str]:
+    """Copy stored artifacts to ``out``, refusing to overwrite, each checked against its recorded SHA-256."""
+    for f in files:
+        if (out / f["path"]).exists():
+            raise ConfigError(f"{out / f['path']} exists: choose another -o directory or remove it")
+    done = []
+    for f in files:
+        dest = out / f["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        tmp = dest.with_name(dest.name + ".vesta-partial")
+        try:
+            with open(src / f["path"], "rb") as fin, open(tmp, "wb") as fout:
+                while piece := fin.read(1 << 20):
+                    h.update(piece)
+                    fout.write(piece)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise VestaError(f"cannot copy {f['path']}: {exc.strerror or exc}") from None
+        if h.hexdigest() != f["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise VestaError(f"stored artifact {f['path']} no longer matches its SHA-256 (changed or damaged on "
+                             f"disk in {src}): not copied")
+        tmp.replace(dest)
+        done.append(f["path"])
+    return done
 
 
 @cli.command()

@@ -1,0 +1,212 @@
+"""Exec jobs that wait: ``vesta exec --queue`` keeps a job ``queued`` until a node can take it.
+
+A queued job is on record (the records database) from the moment it is submitted, with everything
+needed to run it: its command, limits, retries and the manifest of its input files, whose staged
+copies stay under ``state_dir/inputs/JOB/`` until the job ends. So a queued job survives a restart
+of the daemon: the records keep it queued (see ``records``) and this queue picks it up again.
+
+Placement is pull-style, from the submitting node: after every beacon round, and whenever a job
+ends, the queue looks at what the peers advertise; when some node that allows exec shows a free
+core (or the job names a node that is back), it offers the oldest queued job. When every node says
+"not now" (busy, outside its lending hours, over its ledger cap, not around, exec off) the job stays
+queued with the reasons on record (``vesta show``); when no node could ever run it (not in any
+allowlist, too big) it fails like any job. A client that submitted with ``--queue`` and waits is a
+watcher: it sees the job start and its output, and its going away does not cancel the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vesta import artifacts, proto
+from vesta.errors import PeerUnavailable, VestaError
+from vesta.jobs import Emit, JobFailed, NotNow, Submitter
+from vesta.records import Records
+from vesta.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+
+class InputError(VestaError):
+    """A file given with --put cannot be shipped (the message names it and the fix)."""
+
+
+def stage_inputs(paths: list[str], dest: Path) -> tuple[artifacts.FileInfo, ...]:
+    """Copy the files to ship with a job into ``dest`` (so later edits do not change what runs, and a
+    queued job keeps them across a restart), with their size and SHA-256."""
+    if len(paths) > proto.MAX_INPUTS:
+        raise InputError(f"--put takes at most {proto.MAX_INPUTS} files ({len(paths)} given)")
+    names: dict[str, str] = {}
+    for raw in paths:
+        name = os.path.basename(raw.rstrip("/"))
+        if not os.path.isabs(raw):
+            raise InputError(f"--put {raw}: the path must be absolute (the vesta CLI makes it so)")
+        try:
+            st = os.stat(raw)
+        except OSError as exc:
+            raise InputError(f"--put {raw}: {exc.strerror.lower() if exc.strerror else exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"--put {raw}: not a regular file (ship a directory as an archive: tar czf)")
+        if name in names:
+            raise InputError(f"--put {raw}: another file is also called {name} ({names[name]}); rename one")
+        if name in (artifacts.OUTPUT_DIR, "tmp"):
+            raise InputError(f"--put {raw}: {name} is the name of a directory every job has; rename the file")
+        names[name] = raw
+    dest.mkdir(parents=True, exist_ok=True)
+    os.chmod(dest, 0o700)
+    staged = []
+    try:
+        for name, raw in names.items():
+            try:
+                shutil.copyfile(raw, dest / name)
+                size, sha = artifacts.sha256_file(dest / name)
+            except OSError as exc:
+                raise InputError(f"--put {raw}: cannot read it: {exc.strerror or exc}") from None
+            if size > proto.MAX_FILE_BYTES:
+                raise InputError(f"--put {raw}: too big to ship")
+            staged.append(artifacts.FileInfo(name, size, sha, bool(os.stat(raw).st_mode & 0o100)))
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return tuple(staged)
+
+
+class ExecQueue:
+    """The queued exec jobs of one node and the clients waiting on them."""
+
+    def __init__(self, submitter: Submitter, records: Records, inputs_root: Path,
+                 can_place: Callable[[str | None], str], on_done: Callable[[str, dict[str, Any] | None,
+                                                                               BaseException | None], None]) -> None:
+        self.submitter = submitter
+        self.records = records
+        self.inputs_root = inputs_root
+        self.can_place = can_place          # (node or None) -> why no node may take it now, or ""
+        self.on_done = on_done              # (job id, result, error): for the event feed
+        self.wake = asyncio.Event()
+        self._placing: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchers: dict[str, list[Emit]] = {}
+        self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._not_before: dict[str, float] = {}   # a job every node just turned away waits a round
+        self.retry_s = 1.0
+
+    def forget_stale_inputs(self) -> None:
+        """Staged inputs of jobs that are no longer queued (the daemon died while they ran)."""
+        keep = {row["id"] for row in self.records.queued()}
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.inputs_root):
+                if entry.name not in keep:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    def add(self, job_id: str, argv: list[str], *, on: str | None, timeout: float, mem_mib: int,
+            inputs: tuple[artifacts.FileInfo, ...], retries: int, submitter: str, fingerprint: str) -> None:
+        """Put a job on record as queued; it is tried at once."""
+        self.records.create_job(job_id, "exec", {
+            "argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries, "queue": True,
+            "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]}, submitter, fingerprint,
+            state="queued")
+        self.wake.set()
+
+    async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
+        """Wait for a queued job to end, passing its events to ``emit``; the job's result."""
+        end: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._ends.setdefault(job_id, []).append(end)
+        self._watchers.setdefault(job_id, []).append(emit)
+        try:
+            return await end
+        finally:
+            with contextlib.suppress(ValueError, KeyError):
+                self._watchers[job_id].remove(emit)
+                self._ends[job_id].remove(end)
+
+    async def _emit(self, job_id: str, event: dict[str, Any]) -> None:
+        for emit in list(self._watchers.get(job_id, ())):
+            try:
+                await emit(event)
+            except (PeerUnavailable, OSError):   # that client went away; the job goes on
+                with contextlib.suppress(ValueError):
+                    self._watchers[job_id].remove(emit)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that is queued and not being offered right now."""
+        if job_id in self._placing:
+            return self.submitter.cancel(job_id)
+        row = self.records.job(job_id)
+        if row is None or row["state"] != "queued":
+            return False
+        self.records.transition(job_id, "cancelled", reason="cancelled while queued")
+        self._ended(job_id, None, JobFailed(f"job {job_id} cancelled while queued"))
+        return True
+
+    def _ended(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        self._not_before.pop(job_id, None)
+        shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
+        for end in self._ends.pop(job_id, []):
+            if not end.done():
+                if error is not None:
+                    end.set_exception(error)
+                else:
+                    assert result is not None
+                    end.set_result(result)
+        self._watchers.pop(job_id, None)
+        self.on_done(job_id, result, error)
+
+    async def run(self, interval: float) -> None:
+        """Offer queued jobs whenever a node may take them: forever (cancel to stop)."""
+        self.retry_s = interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self.wake.wait()
+            self.wake.clear()
+            try:
+                rows = self.records.queued()
+            except VestaError as exc:
+                log.warning("cannot read the queue: %s", exc)
+                continue
+            now = time.monotonic()
+            for row in rows:
+                args = row["args"]
+                if row["id"] in self._placing or row["kind"] != "exec" or self._not_before.get(row["id"], 0) > now:
+                    continue
+                why = self.can_place(args.get("on"))
+                if why:
+                    if why != row["reason"]:
+                        self.records.wait_reason(row["id"], why)
+                    continue
+                self._placing.add(row["id"])
+                spawn(self._place(row["id"], args), f"queued-{row['id']}", self._tasks)
+
+    async def _place(self, job_id: str, args: dict[str, Any]) -> None:
+        try:
+            inputs = tuple(artifacts.FileInfo(str(p), int(n), str(h), bool(x))
+                           for p, n, h, x in args.get("inputs", []))
+            result = await self.submitter.run_exec(
+                list(args["argv"]), on=args.get("on"), timeout=float(args.get("timeout") or 0.0),
+                emit=lambda event: self._emit(job_id, event), job_id=job_id, mem_mib=int(args.get("mem_mib") or 0),
+                inputs=inputs, inputs_dir=self.inputs_root / job_id, retries=int(args.get("retries") or 0),
+                queued=True)
+        except NotNow as exc:   # still queued (the reasons are on record): try again after a while
+            self._not_before[job_id] = time.monotonic() + self.retry_s
+            self._placing.discard(job_id)
+            await self._emit(job_id, {"type": "queued", "job_id": job_id, "why": str(exc)})
+            return
+        except (JobFailed, VestaError) as exc:
+            self._ended(job_id, None, exc)
+        except Exception as exc:
+            log.exception("queued job %s failed inside vesta", job_id)
+            self._ended(job_id, None, exc)
+        else:
+            self._ended(job_id, result, None)
+        finally:
+            self._placing.discard(job_id)
+            self.wake.set()   # a job ended: capacity may have freed for the next one
