@@ -107,11 +107,13 @@ def test_symlinks_in_the_output_are_listed_not_followed(tmp_path: Path) -> None:
     os.symlink(secret, out / "stolen")
     os.symlink(tmp_path, out / "dir" / "up")
     os.mkfifo(out / "pipe")
+    os.link(secret, out / "hard")
     _, got = ship(tmp_path / "work", tmp_path / "store")
     by = {f.path: f for f in got}
     assert (by["stolen"].state, by["dir/up"].state) == (REFUSED, REFUSED)
     assert "a symlink (not followed)" in by["stolen"].reason
     assert "not a regular file" in by["pipe"].reason
+    assert (by["hard"].state, by["hard"].reason) == (REFUSED, "not sent: a hard link (not sent)")
     stored = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     assert stored == []
 

@@ -128,6 +128,27 @@ def test_limits_stop_hogs_and_say_which_limit(cluster: Cluster, tmp_path: Path) 
     _ = b
 
 
+def test_a_fork_bomb_is_bounded_and_jobs_never_run_as_root(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "procs.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "exec_max_procs": 20}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    assert "at most 20 processes" in b.status()["isolation"]
+    out = a.vesta("exec", "--", "sh", "-c", "id -u; grep 'Max processes' /proc/self/limits")
+    assert out.returncode == 0, out.stderr
+    uid, nproc = out.stdout.split()[0], out.stdout.split()[3]
+    if os.geteuid() == 0:   # a root vestad runs peers' jobs as exec_user (nobody), where RLIMIT_NPROC holds
+        assert uid != "0" and "runs as nobody" in b.status()["isolation"]
+    assert nproc != "unlimited"
+    # Children that each sleep, forked until fork fails (with a safety net of 500).
+    bomb = 'n=0; while [ $n -lt 500 ]; do sleep 29.37 & n=$((n + 1)); done; echo "forked $n"'
+    out = a.vesta("exec", "--timeout", "20", "--", "sh", "-c", bomb, timeout=40)
+    assert out.returncode != 0 and "forked 500" not in out.stdout
+    assert "process limit hit (20 processes)" in out.stderr
+    eventually(lambda: not b.status()["hosting"], 10)
+    left = subprocess.run(["pgrep", "-f", "sleep 29.37"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the bomb's children outlived the job"
+
+
 def limits_config(tmp_path: Path) -> Path:
     path = tmp_path / "limits.json"
     path.write_text(json.dumps({"mem_offer_mb": 512, "exec_max_file_mb": 5}))

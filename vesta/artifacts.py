@@ -13,7 +13,7 @@ reason (over the cap, checksum mismatch, incomplete, refused by the sender).
 
 Security. The host reads ``$VESTA_OUTPUT`` with directory-fd-relative opens and ``O_NOFOLLOW``, so
 a job cannot ship the host's own files by leaving a symlink (or swapping a directory for one while
-it is read); symlinks and special files are listed as refused, never followed. A receiver accepts
+it is read); symlinks, hard links and special files are listed as refused, never read. A receiver accepts
 only relative paths without ``..`` (``proto.check_rel_path``) and writes under its own directory.
 """
 
@@ -138,6 +138,9 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
                 continue
             if not stat.S_ISREG(st.st_mode):
                 yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="not a regular file")
+                continue
+            if st.st_nlink > 1:   # may be the host's own file, linked in: never read it for the job
+                yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="a hard link (not sent)")
                 continue
             if left[1] <= 0:
                 yield proto.FileChunk(rid=rid, path=rel, eof=True, refused=f"more than {MAX_ARTIFACTS} files")

@@ -83,6 +83,8 @@ class Config:
     exec_max_file_mb: int = 1024     # largest file an exec job may write (RLIMIT_FSIZE)
     sandbox: str = "auto"            # exec isolation: auto (bubblewrap when installed), bwrap (required), none
     allow_network: bool = False      # let sandboxed exec jobs use the network
+    exec_user: str = "nobody"        # who exec jobs run as when vestad runs as root ("" = root itself: unsafe)
+    exec_max_procs: int = 256        # processes + threads one exec job may have (RLIMIT_NPROC); 0 = no bound
     exec_max_input_mb: int = 256     # files a peer may ship with one exec job (--put), MiB in all
     artifact_max_mb: int = 256       # files this node takes back from one of its exec jobs ($VESTA_OUTPUT), MiB
     keep_runs: bool = False          # keep each exec run's working directory afterwards (debugging; uses disk)
@@ -258,6 +260,8 @@ _CHECKS: dict[str, Check] = {
     "exec_max_file_mb": _int(1, 1 << 24),
     "sandbox": _choice("auto", "bwrap", "none"),
     "allow_network": _bool,
+    "exec_user": _str,
+    "exec_max_procs": _int(0, 1 << 20),
     "exec_max_input_mb": _int(0, 1 << 20),
     "artifact_max_mb": _int(0, 1 << 20),
     "keep_runs": _bool,

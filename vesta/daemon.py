@@ -152,6 +152,10 @@ class Daemon:
         if cfg.sandbox == "bwrap" and self.host.bwrap is None:
             raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
                               "(apt install bubblewrap) or set sandbox to auto")
+        self.host.job_user = execrun.job_identity(cfg.exec_user)
+        self.host.max_procs = cfg.exec_max_procs
+        if self.host.bwrap is not None and self.host.job_user is not None:
+            self.host.setpriv = execrun.find_setpriv()
         self.identity = load_or_create(cfg.state_dir, cfg.name)
         loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                              ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
@@ -292,6 +296,12 @@ class Daemon:
     def isolation(self) -> str:
         """What exec jobs run inside, in words (for vesta status)."""
         base = "own process group, scrubbed environment, rlimits"
+        if self.host.max_procs:
+            base += f" (at most {self.host.max_procs} processes)"
+        if self.host.job_user is not None:
+            base += f"; runs as {self.cfg.exec_user} (uid {self.host.job_user[0]})"
+        elif os.geteuid() == 0:
+            base += "; runs as root (exec_user is empty)"
         if self.host.bwrap is None:
             return f"{base}; no sandbox (" + ("sandbox none" if self.cfg.sandbox == "none"
                                                else "bubblewrap not installed") + ")"

@@ -165,8 +165,12 @@ class Host:
                  on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
                  exec_mem_mib: int = 1024, exec_file_mib: int = 1024, bwrap: str | None = None,
                  allow_network: bool = False, hide: tuple[Path, ...] = (), input_cap_mib: int = 256,
-                 keep_runs: bool = False) -> None:
+                 keep_runs: bool = False, job_user: tuple[int, int] | None = None, setpriv: str | None = None,
+                 max_procs: int = 0) -> None:
         self.name = name
+        self.job_user = job_user   # (uid, gid) exec jobs run as (vestad is root), or None: the daemon's user
+        self.setpriv = setpriv     # drops to job_user inside the sandbox (bwrap itself stays root)
+        self.max_procs = max_procs
         self.input_cap = input_cap_mib << 20
         self.keep_runs = keep_runs
         self.bwrap = bwrap                  # path of bubblewrap when exec runs sandboxed
@@ -390,7 +394,7 @@ class Host:
         watcher = asyncio.ensure_future(watch())
         timeout = offer.timeout_s or self.exec_timeout
         limits = execrun.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
-                                file_mib=self.exec_file_mib)
+                                file_mib=self.exec_file_mib, procs=self.max_procs, run_as=self.job_user)
         tail = bytearray()
 
         async def keep_tail(stream: str, data: bytes) -> None:  # enough to tell which limit a program hit
@@ -410,13 +414,21 @@ class Host:
                 return failed(problem)
             if not program:   # shipped with the job: only now is there a file to resolve
                 program = self.allowlist.resolve(offer.argv[0], workdir)
+            execrun.give_workdir(workdir, self.job_user)
+            if self.job_user is not None:   # what we put there (inputs, $VESTA_OUTPUT) is the job's too
+                for entry in workdir.iterdir():
+                    os.chown(entry, *self.job_user, follow_symlinks=False)
             runner, argv = program, list(offer.argv)
             if self.bwrap is not None:
                 runner, argv = execrun.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
-                    hide=self.hide, expose=(*python_dirs(), Path(program).parent))
-            r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout,
-                                  on_output=keep_tail, cancel=stop, preexec=limits.preexec())
+                    hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
+                    setpriv=self.setpriv)
+            elif not execrun.usable_by(program, self.job_user):
+                return failed(f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
+                              "on this node: see exec_user")
+            r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
+                                  cancel=stop, preexec=limits.preexec(switch_user=self.bwrap is None))
             if not cancel.is_set():
                 await files.ship(offer, workdir)
         except Refused as exc:
