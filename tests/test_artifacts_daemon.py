@@ -182,3 +182,18 @@ def test_a_lost_exec_runs_again_only_with_retries(cluster: Cluster, tmp_path: Pa
         assert out.returncode == 1 and record["state"] == "failed"
         assert "not re-run: it may have had effects; vesta exec --retries N allows re-runs" in record["reason"]
         assert states == [(victim.name, "lost")]
+
+
+def test_keep_runs_keeps_the_working_directory_and_says_where(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "keep_runs": True}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    out = a.vesta("exec", "--on", "b", "--", "sh", "-c", "echo kept > here.txt")
+    assert out.returncode == 0, out.stderr
+    run = b.call("jobs", hosted=True)[0]
+    kept = Path(run["args"]["workdir"])
+    try:
+        assert (kept / "here.txt").read_text() == "kept\n"
+        assert "kept the working directory" in b.log()
+    finally:
+        subprocess.run(["rm", "-rf", str(kept)], check=True)

@@ -137,6 +137,28 @@ def test_peer_killed_mid_job_and_the_job_still_completes(cluster: Cluster, tmp_p
     assert r["digest"] == expected_digest(r["job_id"], 60_000_000)
 
 
+def test_max_attempts_bounds_how_often_a_lost_chunk_runs_again(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.add("a", cpus="0", args=generous(tmp_path, max_attempts=1))
+    b = cluster.add("b", cpus="1", args=generous(tmp_path) + ["-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: a.peer_names() == {"b"}, 5)
+    eventually(lambda: next(p for p in a.peers() if p["name"] == "b")["spare_cores"] >= 0.5, 5)
+    proc = subprocess.Popen(tool("vesta") + ["-name", "a", "cpu", "60", "--on", "b"], env=a.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with proc:
+        try:
+            eventually(lambda: b.status()["hosting"], 10, interval=0.02, what="b to run a chunk")
+            b.kill()
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "chunk 0 failed 1 times (max_attempts 1); last on b: lost" in stderr, stderr
+    job = a.call("jobs")[0]
+    assert job["state"] == "failed"
+    parts = a.call("show", job_id=job["id"])["parts"]
+    assert [(p["node"], p["state"]) for p in parts] == [("b", "lost")]
+
+
 def test_cancel_stops_the_job_everywhere(cluster: Cluster, tmp_path: Path) -> None:
     a, b = pair(cluster, tmp_path)
     eventually(lambda: next(p for p in a.peers() if p["name"] == "b")["spare_cores"] >= 0.5, 5)

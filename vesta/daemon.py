@@ -152,6 +152,9 @@ class Daemon:
         if cfg.sandbox == "bwrap" and self.host.bwrap is None:
             raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
                               "(apt install bubblewrap) or set sandbox to auto")
+        self.host.runs = execrun.runs_dir(cfg.name)
+        if self.host.runs.exists() and not cfg.keep_runs:   # runs of a daemon that died: nothing runs there now
+            await asyncio.to_thread(execrun.remove_workdir, self.host.runs)
         self.host.job_user = execrun.job_identity(cfg.exec_user)
         self.host.max_procs = cfg.exec_max_procs
         if self.host.bwrap is not None and self.host.job_user is not None:

@@ -307,8 +307,14 @@ def make_workdir(base: Path | None, job_id: str) -> Path:
     """A fresh private directory (0700) for one run, under ``base`` or the system temp dir."""
     safe = _UNSAFE_NAME_CHARS.sub("_", job_id)[:48].strip("._") or "job"
     if base is not None:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        base.mkdir(mode=0o711, parents=True, exist_ok=True)   # 0711: a job user may reach its own run in it
     return Path(tempfile.mkdtemp(prefix=f"vesta-{safe}-", dir=base))
+
+
+def runs_dir(node: str) -> Path:
+    """Where one node makes its runs' working directories: ``$TMPDIR/vesta-runs-NODE``. A restarted
+    daemon empties it (nothing can still be running), so a crash leaves no job trees behind."""
+    return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}"
 
 
 def remove_workdir(path: Path) -> None:

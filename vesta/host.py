@@ -168,6 +168,7 @@ class Host:
                  keep_runs: bool = False, job_user: tuple[int, int] | None = None, setpriv: str | None = None,
                  max_procs: int = 0) -> None:
         self.name = name
+        self.runs: Path | None = None   # where run directories are made (None: the system temp dir)
         self.job_user = job_user   # (uid, gid) exec jobs run as (vestad is root), or None: the daemon's user
         self.setpriv = setpriv     # drops to job_user inside the sandbox (bwrap itself stays root)
         self.max_procs = max_procs
@@ -362,12 +363,12 @@ class Host:
                                     message=f"{argv0!r} was shipped with the job; {self.name} runs only its "
                                             f"exec_allowlist ({', '.join(self.allowlist.names()) or 'nothing'})")
             try:
-                return execrun.make_workdir(None, offer.job_id), ""   # "": resolved once the inputs are in
+                return execrun.make_workdir(self.runs, offer.job_id), ""   # "": resolved once the inputs are in
             except OSError as exc:
                 return proto.Refuse(rid=offer.rid, reason="policy",
                                     message=f"{self.name} cannot make a working directory: {exc.strerror}")
         try:
-            workdir = execrun.make_workdir(None, offer.job_id)
+            workdir = execrun.make_workdir(self.runs, offer.job_id)
         except OSError as exc:
             return proto.Refuse(rid=offer.rid, reason="policy",
                                 message=f"{self.name} cannot make a working directory: {exc.strerror}")
