@@ -245,6 +245,9 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
               f"started {_when(job.get('started'))}, finished {_when(job.get('finished'))}")
     if job.get("reason"):
         con.print(f"reason: {job['reason']}")
+    inputs = (job.get("args") or {}).get("inputs") or []
+    if inputs:
+        con.print("inputs: " + ", ".join(f"{i[0]} ({i[1]:,} bytes)" for i in inputs))
     parts = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("chunk", "attempt", "node", "started", "took", "state", "cpu s", "reason"):
         parts.add_column(col)
