@@ -98,7 +98,7 @@ def test_cpu_parts_show_a_lost_attempt_and_records_survive_kill_9(cluster: Clust
 
 def test_detached_exec_and_wait(cluster: Cluster, tmp_path: Path) -> None:
     a, _ = pair(cluster, tmp_path)
-    out = a.vesta("exec", "--detach", "--", "sh", "-c", "sleep 1; echo done; exit 3")
+    out = a.vesta("exec", "--detach", "--", "sh", "-c", "sleep 4; echo done; exit 3")
     assert out.returncode == 0
     job_id = out.stdout.strip()
     assert job_id.startswith("j") and as_json(a, "show", job_id)["state"] == "running"

@@ -224,6 +224,8 @@ class Daemon:
         for server in self._servers:
             server.close()
         await cancel_all(self._tasks)
+        if hasattr(self, "queue"):
+            await self.queue.close()
         await cancel_all(self._inbound)
         await cancel_all(self._control)
         if hasattr(self, "pool"):

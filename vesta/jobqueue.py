@@ -31,7 +31,7 @@ from vesta import artifacts, proto
 from vesta.errors import PeerUnavailable, VestaError
 from vesta.jobs import Emit, JobFailed, NotNow, Submitter
 from vesta.records import Records
-from vesta.tasks import spawn
+from vesta.tasks import cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,10 @@ class ExecQueue:
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._not_before: dict[str, float] = {}   # a job every node just turned away waits a round
         self.retry_s = 1.0
+
+    async def close(self) -> None:
+        """Stop the jobs being placed from the queue (the daemon is stopping)."""
+        await cancel_all(self._tasks)
 
     def forget_stale_inputs(self) -> None:
         """Staged inputs of jobs that are no longer queued (the daemon died while they ran)."""

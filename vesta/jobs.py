@@ -161,7 +161,9 @@ class Submitter:
                 self.records.wait_reason(job.job_id, str(exc)[:500])
             return
         cancelled = job.cancel.is_set() and "cancelled" in str(exc)
-        reason = str(exc) if isinstance(exc, VestaError) else f"internal error: {type(exc).__name__}"
+        reason = (str(exc) if isinstance(exc, VestaError)
+                  else "daemon stopped" if isinstance(exc, asyncio.CancelledError)
+                  else f"internal error: {type(exc).__name__}")
         self._finish(job, "cancelled" if cancelled else "failed", reason=reason)
 
     def cancel(self, job_id: str) -> bool:
