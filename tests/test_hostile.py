@@ -16,7 +16,7 @@ import psutil
 import pytest
 from nacl.signing import SigningKey
 
-from tests.helpers import Cluster, Vestad, eventually, tool
+from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
 from vesta import proto
 from vesta.crypto import derive_keys, fingerprint, seal_beacon
 from vesta.errors import PeerUnavailable, ProtocolError
@@ -268,20 +268,20 @@ async def test_job_offers_that_try_to_hide_work_or_overcommit_are_refused(cluste
 
 def test_killing_vesta_exec_stops_the_program_on_the_peer(cluster: Cluster, tmp_path: Path) -> None:
     a = cluster.add("a")
-    b = cluster.add("b", args=["-allow-exec"])
+    # b plays an idle machine: on this shared test machine a busy moment would refuse the job for capacity.
+    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
     eventually(lambda: a.peer_names() == {"b"}, 5)
-    marker = tmp_path / "still-running"
-    script = f"echo started; while true; do touch {marker}; sleep 0.2; done"
+    token = "77.31"   # the program's own command line: `sleep 77.31`, found with pgrep
+    script = f"echo started; exec sleep {token}"
     cmd = tool("vesta") + ["-name", "a", "exec", "--", "sh", "-c", script]
     with subprocess.Popen(cmd, env=a.env, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stdout.readline() == "started\n"
         eventually(lambda: b.status()["hosting"], 5)
+        assert subprocess.run(["pgrep", "-f", f"sleep {token}"], capture_output=True).returncode == 0
         proc.kill()                                  # the person hit Ctrl-C hard, or the terminal closed
     eventually(lambda: not b.status()["hosting"], 10, what="b to stop the orphaned program")
-    time.sleep(0.5)
-    marker.unlink(missing_ok=True)
-    time.sleep(0.6)
-    assert not marker.exists(), "the program kept running on the peer after its submitter went away"
+    eventually(lambda: subprocess.run(["pgrep", "-f", f"sleep {token}"], capture_output=True).returncode == 1, 5,
+               what="the program on the peer to be gone after its submitter went away")
     eventually(lambda: not a.status()["jobs"], 5)
 
 
