@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vesta import execrun
+from vesta import confine, execrun
 from vesta.errors import ConfigError, Refused
 from vesta.execrun import SAFE_PATH, Allowlist, ExecResult, make_workdir, remove_workdir, scrubbed_env
 
@@ -435,38 +435,38 @@ def fake_proc(root: Path, tasks: dict[int, tuple[int, int]]) -> Path:
 
 def test_nproc_limit_is_what_the_uid_has_now_plus_the_allowance(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path / "proc", {10: (1000, 1), 11: (1000, 4), 12: (0, 50), 13: (1001, 1)})
-    assert execrun.count_tasks(1000, proc) == 5          # threads count: RLIMIT_NPROC counts tasks
-    assert execrun.nproc_limit(1000, 16, proc) == 21
-    assert execrun.nproc_limit(4242, 16, proc) == 16
+    assert confine.count_tasks(1000, proc) == 5          # threads count: RLIMIT_NPROC counts tasks
+    assert confine.nproc_limit(1000, 16, proc) == 21
+    assert confine.nproc_limit(4242, 16, proc) == 16
     with pytest.raises(ValueError, match="allowance must be positive"):
-        execrun.nproc_limit(1000, 0, proc)
+        confine.nproc_limit(1000, 0, proc)
     # here, for real: this test process and its threads are some of ours
     import threading
-    assert execrun.nproc_limit(os.getuid(), 5) >= 5 + threading.active_count()
+    assert confine.nproc_limit(os.getuid(), 5) >= 5 + threading.active_count()
 
 
 def test_job_identity_is_the_exec_user_only_when_root(monkeypatch: pytest.MonkeyPatch) -> None:
     import pwd
     nobody = pwd.getpwnam("nobody")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert execrun.job_identity("nobody") is None            # not root: jobs run as the daemon's user
-    assert execrun.job_identity("no-such-user-vesta") is None
+    assert confine.job_identity("nobody") is None            # not root: jobs run as the daemon's user
+    assert confine.job_identity("no-such-user-vesta") is None
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert execrun.job_identity("nobody") == (nobody.pw_uid, nobody.pw_gid)
-    assert execrun.job_identity(str(nobody.pw_uid)) == (nobody.pw_uid, nobody.pw_gid)
-    assert execrun.job_identity("") is None                  # the owner's explicit choice: jobs run as root
+    assert confine.job_identity("nobody") == (nobody.pw_uid, nobody.pw_gid)
+    assert confine.job_identity(str(nobody.pw_uid)) == (nobody.pw_uid, nobody.pw_gid)
+    assert confine.job_identity("") is None                  # the owner's explicit choice: jobs run as root
     with pytest.raises(ConfigError) as info:
-        execrun.job_identity("no-such-user-vesta")
+        confine.job_identity("no-such-user-vesta")
     assert str(info.value).startswith("exec_user 'no-such-user-vesta' does not exist on this node")
     assert "useradd --system --no-create-home no-such-user-vesta" in str(info.value)
     with pytest.raises(ConfigError, match="exec_user 'root' is root"):
-        execrun.job_identity("root")
+        confine.job_identity("root")
     with pytest.raises(ConfigError, match="is root"):
-        execrun.job_identity("0")
+        confine.job_identity("0")
 
 
 def test_explain_names_the_process_limit_when_fork_failed() -> None:
-    limits = execrun.Limits(mem_mib=64, cpu_s=5, file_mib=1, procs=16)
+    limits = confine.Limits(mem_mib=64, cpu_s=5, file_mib=1, procs=16)
     failed = ExecResult(exit_code=2, signal=None, timed_out=False, cancelled=False, elapsed_s=0.1, cpu_s=0.0,
                         max_rss_kb=0, reason="")
     for tail in (b"sh: 1: Cannot fork\n", b"bash: fork: retry: Resource temporarily unavailable\n",
@@ -477,13 +477,13 @@ def test_explain_names_the_process_limit_when_fork_failed() -> None:
     ok = ExecResult(exit_code=0, signal=None, timed_out=False, cancelled=False, elapsed_s=0.1, cpu_s=0.0,
                     max_rss_kb=0, reason="")
     assert limits.explain(ok, b"Cannot fork") == ""
-    unlimited = execrun.Limits(mem_mib=64, cpu_s=5, file_mib=1)
+    unlimited = confine.Limits(mem_mib=64, cpu_s=5, file_mib=1)
     assert unlimited.explain(failed, b"Cannot fork") == ""   # no process limit: it is not what failed
 
 
 async def test_the_process_limit_is_set_in_the_child(job: Path) -> None:
-    limits = execrun.Limits(mem_mib=1024, cpu_s=10, file_mib=16, procs=40)
-    before = execrun.count_tasks(os.getuid())
+    limits = confine.Limits(mem_mib=1024, cpu_s=10, file_mib=16, procs=40)
+    before = confine.count_tasks(os.getuid())
     result, out = await run_sh("grep 'Max processes' /proc/self/limits", job, preexec=limits.preexec())
     assert result.exit_code == 0
     value = int(out.text("stdout").split()[2])
@@ -495,13 +495,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs
 
 @needs_root
 async def test_run_as_drops_to_the_job_user_after_the_limits(tmp_path: Path) -> None:
-    ident = execrun.job_identity("nobody")
+    ident = confine.job_identity("nobody")
     assert ident is not None
     work = make_workdir(None, "runas")
     try:
-        execrun.give_workdir(work, ident)
+        confine.give_workdir(work, ident)
         assert (work.stat().st_uid, (work / "tmp").stat().st_uid) == (ident[0], ident[0])
-        limits = execrun.Limits(mem_mib=1024, cpu_s=10, file_mib=16, procs=8, run_as=ident)
+        limits = confine.Limits(mem_mib=1024, cpu_s=10, file_mib=16, procs=8, run_as=ident)
         script = "grep -E '^(Uid|Gid|Groups):' /proc/self/status; grep 'Max processes' /proc/self/limits; touch mine"
         result, out = await run_sh(script, work, preexec=limits.preexec())
         assert result.exit_code == 0, out.text("stderr")
@@ -521,36 +521,36 @@ def test_give_workdir_refuses_a_directory_the_job_user_cannot_reach(tmp_path: Pa
     closed.mkdir(mode=0o700)
     work = make_workdir(closed, "j")
     with pytest.raises(Refused) as info:
-        execrun.give_workdir(work, (65534, 65534))
+        confine.give_workdir(work, (65534, 65534))
     assert info.value.reason == "policy" and f"{closed} is closed to it" in str(info.value)
-    execrun.give_workdir(work, None)     # jobs run as ourselves: nothing to hand over
+    confine.give_workdir(work, None)     # jobs run as ourselves: nothing to hand over
     assert (work / "tmp").is_dir()
 
 
 def test_usable_by_follows_the_modes_on_the_way() -> None:
-    assert execrun.usable_by(SH, (65534, 65534)) and execrun.usable_by("/anything", None)
+    assert confine.usable_by(SH, (65534, 65534)) and confine.usable_by("/anything", None)
     top = make_workdir(None, "usable")       # in the system temp dir: every directory above is open
     try:
         prog = executable(top / "closed" / "prog")
         (top / "closed").chmod(0o700)
         owner = (top.stat().st_uid, top.stat().st_gid)
         stranger = (owner[0] + 12345, owner[1] + 12345)
-        assert execrun.usable_by(prog, owner)
-        assert not execrun.usable_by(prog, stranger)          # top/ is 0700 too
+        assert confine.usable_by(prog, owner)
+        assert not confine.usable_by(prog, stranger)          # top/ is 0700 too
         top.chmod(0o701)
-        assert not execrun.usable_by(prog, stranger)
+        assert not confine.usable_by(prog, stranger)
         (top / "closed").chmod(0o701)
-        assert execrun.usable_by(prog, stranger)
-        assert not execrun.usable_by(top / "closed" / "absent", owner)
+        assert confine.usable_by(prog, stranger)
+        assert not confine.usable_by(top / "closed" / "absent", owner)
         # a script is as usable as its interpreter
         (top / "hidden").mkdir(mode=0o700)
         python = executable(top / "hidden" / "python")
         script = executable(top / "closed" / "script", f"#!{python} -u\nprint(1)\n")
-        assert execrun.usable_by(script, owner) and not execrun.usable_by(script, stranger)
+        assert confine.usable_by(script, owner) and not confine.usable_by(script, stranger)
         (top / "hidden").chmod(0o701)
-        assert execrun.usable_by(script, stranger)
+        assert confine.usable_by(script, stranger)
         script.chmod(0o711)                   # it must be read to be run
-        assert not execrun.usable_by(script, stranger)
+        assert not confine.usable_by(script, stranger)
     finally:
         remove_workdir(top)
 
@@ -560,11 +560,11 @@ def test_bwrap_command_switches_user_inside_and_opens_the_way_to_exposed_paths(t
     (hidden / "py" / "lib").mkdir(parents=True)
     work = tmp_path / "work"
     work.mkdir()
-    plain, argv = execrun.bwrap_command("/usr/bin/bwrap", program=SH, argv=["sh", "-c", "x"], workdir=work,
+    plain, argv = confine.bwrap_command("/usr/bin/bwrap", program=SH, argv=["sh", "-c", "x"], workdir=work,
                                         allow_network=False, hide=[hidden], expose=[hidden / "py" / "lib"])
     assert "--perms" not in argv and "setpriv" not in " ".join(argv)
     assert argv[-4:] == ["--", SH, "-c", "x"]
-    _, argv = execrun.bwrap_command("/usr/bin/bwrap", program=SH, argv=["sh", "-c", "x"], workdir=work,
+    _, argv = confine.bwrap_command("/usr/bin/bwrap", program=SH, argv=["sh", "-c", "x"], workdir=work,
                                     allow_network=False, hide=[hidden], expose=[hidden / "py" / "lib"],
                                     run_as=(65534, 65534), setpriv="/usr/bin/setpriv")
     i = argv.index("--ro-bind", 3)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vesta import execrun
-from vesta.execrun import ExecResult, Limits
+from vesta import confine, execrun
+from vesta.confine import Limits
+from vesta.execrun import ExecResult
 
 PROCS = 24      # tasks a job may have
 # Other processes of the same uid that exit during the run leave the job that much more room: as root the
@@ -63,7 +64,7 @@ def workdir() -> Iterator[Path]:
 
 
 def identity() -> tuple[int, int] | None:
-    return execrun.job_identity("nobody")
+    return confine.job_identity("nobody")
 
 
 class Tail:
@@ -79,11 +80,11 @@ async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: flo
     """Run ``argv`` as host.py would: limits, the job user, the workdir handed over, optionally in bwrap."""
     run_as = identity()
     limits = Limits(mem_mib=1024, cpu_s=30, file_mib=16, procs=PROCS, run_as=run_as)
-    execrun.give_workdir(workdir, run_as)
+    confine.give_workdir(workdir, run_as)
     env = execrun.scrubbed_env(job_id="bomb", node="testnode", workdir=workdir)
     program = argv[0]
     if sandbox:
-        program, argv = execrun.bwrap_command(need_bwrap(), program=argv[0], argv=argv, workdir=workdir,
+        program, argv = confine.bwrap_command(need_bwrap(), program=argv[0], argv=argv, workdir=workdir,
                                               allow_network=False, expose=(Path(argv[0]).parent,),
                                               run_as=run_as)
     tail = Tail()
@@ -168,9 +169,9 @@ async def test_in_bwrap_the_job_user_reaches_exposed_programs_under_closed_direc
         tool.write_text("#!/bin/sh\nid -u\n")
         tool.chmod(0o755)
         (top / "py").chmod(0o700)
-        assert not execrun.usable_by(tool, run_as)       # outside the sandbox it cannot be run
-        execrun.give_workdir(workdir, run_as)
-        program, argv = execrun.bwrap_command(bwrap, program=str(tool), argv=["tool"], workdir=workdir,
+        assert not confine.usable_by(tool, run_as)       # outside the sandbox it cannot be run
+        confine.give_workdir(workdir, run_as)
+        program, argv = confine.bwrap_command(bwrap, program=str(tool), argv=["tool"], workdir=workdir,
                                               allow_network=False, hide=(top, top / "py" / "state" / "vesta"),
                                               expose=(tool.parent,),
                                               run_as=run_as)

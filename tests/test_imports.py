@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
      "vesta.hours"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
      "vesta.artifacts"},
-    {"vesta.discovery", "vesta.link", "vesta.executor"},
+    {"vesta.discovery", "vesta.link", "vesta.executor", "vesta.confine"},
     {"vesta.autopilot", "vesta.host"},
     {"vesta.jobs"},
     {"vesta.jobqueue"},

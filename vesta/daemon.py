@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, autopilot, execrun, executor, proto, sysstat
+from vesta import __version__, autopilot, confine, execrun, executor, proto, sysstat
 from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
 from vesta.config import Config
@@ -155,10 +155,10 @@ class Daemon:
         self.host.runs = execrun.runs_dir(cfg.name)
         if self.host.runs.exists() and not cfg.keep_runs:   # runs of a daemon that died: nothing runs there now
             await asyncio.to_thread(execrun.remove_workdir, self.host.runs)
-        self.host.job_user = execrun.job_identity(cfg.exec_user)
+        self.host.job_user = confine.job_identity(cfg.exec_user)
         self.host.max_procs = cfg.exec_max_procs
         if self.host.bwrap is not None and self.host.job_user is not None:
-            self.host.setpriv = execrun.find_setpriv()
+            self.host.setpriv = confine.find_setpriv()
         self.identity = load_or_create(cfg.state_dir, cfg.name)
         loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                              ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vesta import artifacts, execrun, executor, proto
+from vesta import artifacts, confine, execrun, executor, proto
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hours import LendingHours
 from vesta.ledger import Ledger
@@ -394,7 +394,7 @@ class Host:
 
         watcher = asyncio.ensure_future(watch())
         timeout = offer.timeout_s or self.exec_timeout
-        limits = execrun.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
+        limits = confine.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
                                 file_mib=self.exec_file_mib, procs=self.max_procs, run_as=self.job_user)
         tail = bytearray()
 
@@ -415,17 +415,17 @@ class Host:
                 return failed(problem)
             if not program:   # shipped with the job: only now is there a file to resolve
                 program = self.allowlist.resolve(offer.argv[0], workdir)
-            execrun.give_workdir(workdir, self.job_user)
+            confine.give_workdir(workdir, self.job_user)
             if self.job_user is not None:   # what we put there (inputs, $VESTA_OUTPUT) is the job's too
                 for entry in workdir.iterdir():
                     os.chown(entry, *self.job_user, follow_symlinks=False)
             runner, argv = program, list(offer.argv)
             if self.bwrap is not None:
-                runner, argv = execrun.bwrap_command(
+                runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
                     setpriv=self.setpriv)
-            elif not execrun.usable_by(program, self.job_user):
+            elif not confine.usable_by(program, self.job_user):
                 return failed(f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                               "on this node: see exec_user")
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
