@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -178,3 +179,54 @@ def test_file_chunk_validation() -> None:
         dataclasses.replace(ok, inputs=(("a", 1, "0" * 64, False),) * 2).validate()
     with pytest.raises(ProtocolError, match="for exec jobs"):
         proto.Offer(rid=1, job_id="j1", kind="mem", mib=1, output_cap=5).validate()
+
+
+def test_names_that_are_not_utf8_are_refused_not_fatal(tmp_path: Path) -> None:
+    out = tmp_path / "work" / artifacts.OUTPUT_DIR
+    out.mkdir(parents=True)
+    (out / "fine.txt").write_text("ok")
+    with open(os.path.join(os.fsencode(out), b"caf\xe9.txt"), "wb") as f:   # a C-locale program's file name
+        f.write(b"x")
+    _, got = ship(tmp_path / "work", tmp_path / "store")
+    by = {f.path: f for f in got}
+    assert by["fine.txt"].state == STORED
+    assert by["caf\ufffd.txt"].state == REFUSED and "not valid UTF-8" in by["caf\ufffd.txt"].reason
+
+
+def test_a_flood_of_entries_is_bounded_on_both_sides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(artifacts, "MAX_ARTIFACTS", 5)
+    out = tmp_path / "work" / artifacts.OUTPUT_DIR
+    out.mkdir(parents=True)
+    for i in range(40):
+        os.symlink("/etc/hostname", out / f"l{i:02}")
+    pieces = list(artifacts.output_pieces(1, tmp_path / "work", 1 << 20))
+    assert len(pieces) == 6 and "more than 5 entries" in pieces[-1].refused
+    sink = Sink(tmp_path / "store", cap=1 << 20, max_files=3)   # a hostile sender ignores any limit
+    for i in range(1000):
+        sink.feed(proto.FileChunk(rid=1, path=f"r{i}", eof=True, refused="no"))
+    got = sink.finish()
+    assert len(got) == 4 and got[-1].path == "... 997 more"
+
+
+def test_a_new_attempt_starts_the_artifacts_afresh(tmp_path: Path) -> None:
+    sink = Sink(tmp_path / "store", cap=1 << 20)
+    sink.feed(proto.FileChunk(rid=1, path="done", eof=True, sha256=hashlib.sha256(b"").digest()))
+    sink.feed(proto.FileChunk(rid=1, path="half", offset=0, data=b"abc"))   # then the node died
+    sink.restart()
+    assert not (tmp_path / "store" / "done").exists()
+    data = b"whole"
+    sink.feed(proto.FileChunk(rid=2, path="half", offset=0, data=data))
+    sink.feed(proto.FileChunk(rid=2, path="half", offset=len(data), eof=True, sha256=hashlib.sha256(data).digest()))
+    assert [(f.path, f.state) for f in sink.finish()] == [("half", STORED)]
+    assert (tmp_path / "store" / "half").read_bytes() == data
+
+
+def test_a_file_that_cannot_be_stored_is_refused_and_the_rest_kept(tmp_path: Path) -> None:
+    sink = Sink(tmp_path / "store", cap=1 << 20)
+    empty = hashlib.sha256(b"").digest()
+    sink.feed(proto.FileChunk(rid=1, path="a", eof=True, sha256=empty))
+    sink.feed(proto.FileChunk(rid=1, path="a/b", eof=True, sha256=empty))   # "a" is a file: no directory there
+    sink.feed(proto.FileChunk(rid=1, path="c", eof=True, sha256=empty))
+    by = {f.path: f for f in sink.finish()}
+    assert (by["a"].state, by["c"].state) == (STORED, STORED)
+    assert by["a/b"].state == REFUSED and "cannot store it" in by["a/b"].reason

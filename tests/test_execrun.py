@@ -402,6 +402,16 @@ def test_make_workdir_is_private_unique_and_named_for_the_job(tmp_path: Path) ->
         remove_workdir(default)
 
 
+def test_a_runs_directory_someone_else_could_write_is_refused(tmp_path: Path) -> None:
+    base = tmp_path / "runs"
+    base.mkdir(mode=0o777)
+    base.chmod(0o777)   # as a stranger's /tmp/vesta-runs-NODE would be
+    with pytest.raises(Refused, match="is not a private directory of this node's user"):
+        make_workdir(base, "j")
+    base.chmod(0o711)
+    assert make_workdir(base, "j").parent == base
+
+
 def test_remove_workdir_removes_a_tree_the_job_locked(tmp_path: Path) -> None:
     work = make_workdir(tmp_path, "j")
     (work / "ro" / "deeper").mkdir(parents=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -315,3 +316,31 @@ async def test_stalled_handshakes_cannot_take_over_the_daemon(cluster: Cluster, 
     assert isinstance(await asyncio.wait_for(again.recv(), 5), proto.Pong)
     await again.close()
     await friend.close()
+
+
+async def test_file_pieces_from_a_peer_are_checked_and_never_land_elsewhere(cluster: Cluster, tmp_path: Path) -> None:
+    target = cluster.add("target", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc"))])
+    port = target.status()["port"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer = Channel(reader, writer, await handshake(reader, writer, derive_keys(cluster.key), SigningKey.generate(),
+                                                   initiator=True, timeout=5))
+    try:
+        # Pieces for a run that does not exist (or is someone else's) are counted and dropped; the link lives.
+        await peer.send(proto.FileChunk(rid=42, path="x", data=b"junk"))
+        await peer.send(proto.Ping(rid=1, ts=time.time()))
+        assert isinstance(await asyncio.wait_for(peer.recv(), 5), proto.Pong)
+        eventually(lambda: target.status()["counters"].get("file_chunks_unexpected") == 1, 5)
+        # An input that is not the file announced in the offer: the program never starts.
+        announced = hashlib.sha256(b"abc").hexdigest()
+        await peer.send(proto.Offer(rid=5, job_id="jhostile1", kind="exec", argv=("cat", "x"),
+                                    inputs=(("x", 3, announced, False),)))
+        assert isinstance(await asyncio.wait_for(peer.recv(), 5), proto.Accept)
+        await peer.send(proto.FileChunk(rid=5, path="x", data=b"abd"))
+        await peer.send(proto.FileChunk(rid=5, path="x", offset=3, eof=True, sha256=hashlib.sha256(b"abd").digest()))
+        result = await asyncio.wait_for(peer.recv(), 10)
+        assert isinstance(result, proto.Result) and not result.ok
+        assert result.error == "input x: checksum mismatch: the file arrived damaged"
+        hosted = target.call("jobs", hosted=True)[0]
+        assert (hosted["job_id"], hosted["state"]) == ("jhostile1", "failed")
+    finally:
+        await peer.close()

@@ -19,6 +19,7 @@ only relative paths without ``..`` (``proto.check_rel_path``) and writes under i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -105,7 +106,7 @@ def output_pieces(rid: int, workdir: Path, cap: int) -> Iterator[proto.FileChunk
             yield proto.FileChunk(rid=rid, path=OUTPUT_DIR, eof=True,
                                   refused="$VESTA_OUTPUT is a symlink (not followed)")
         return
-    left = [cap, MAX_ARTIFACTS]
+    left = [cap, MAX_ARTIFACTS]   # bytes, then entries (files sent or refused) still allowed
     yield from _walk(rid, root, "", 0, left)
 
 
@@ -113,15 +114,28 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
     try:
         names = sorted(os.listdir(dir_fd))
         for name in names:
+            if left[1] <= 0:
+                if left[1] == 0:   # said once, then nothing more
+                    left[1] = -1
+                    yield proto.FileChunk(rid=rid, path=_printable(f"{prefix}{name}"), eof=True,
+                                          refused=f"more than {MAX_ARTIFACTS} entries: this one and the rest not sent")
+                return
             rel = f"{prefix}{name}"
             try:
                 proto.check_rel_path("artifact", rel)
-            except ProtocolError:
-                continue   # a name no receiver would take (too long, too deep): nothing to say it with
+            except ProtocolError as exc:
+                left[1] -= 1
+                shown = _printable(rel)
+                with contextlib.suppress(ProtocolError):
+                    proto.check_rel_path("artifact", shown)
+                    yield proto.FileChunk(rid=rid, path=shown, eof=True, refused=f"unusable name ({exc})"[:200])
+                continue
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 continue   # gone meanwhile
+            if not stat.S_ISDIR(st.st_mode):
+                left[1] -= 1
             if stat.S_ISDIR(st.st_mode):
                 if depth + 1 >= MAX_WALK_DEPTH:
                     yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="directory nested too deep")
@@ -142,9 +156,6 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
             if st.st_nlink > 1:   # may be the host's own file, linked in: never read it for the job
                 yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="a hard link (not sent)")
                 continue
-            if left[1] <= 0:
-                yield proto.FileChunk(rid=rid, path=rel, eof=True, refused=f"more than {MAX_ARTIFACTS} files")
-                continue
             if st.st_size > left[0]:
                 yield proto.FileChunk(rid=rid, path=rel, eof=True,
                                       refused=f"{_size(st.st_size)}, over the {_size(left[0])} left of the "
@@ -155,11 +166,11 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
             except OSError as exc:
                 yield proto.FileChunk(rid=rid, path=rel, eof=True, refused=f"cannot open: {exc.strerror}")
                 continue
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="not a regular file")
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode) or opened.st_nlink > 1 or opened.st_ino != st.st_ino:
+                os.close(fd)   # swapped since the lstat: what is open now is not what was looked at
+                yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="changed while being read (not sent)")
                 continue
-            left[1] -= 1
             sent = 0
             for piece in file_pieces(rid, rel, fd, executable=bool(st.st_mode & 0o100), budget=left[0]):
                 sent = piece.offset + len(piece.data)
@@ -167,6 +178,11 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
             left[0] -= sent
     finally:
         os.close(dir_fd)
+
+
+def _printable(path: str) -> str:
+    """A file name as UTF-8, undecodable bytes shown as U+FFFD (for saying what was not sent)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[: proto.MAX_PATH]
 
 
 def _size(n: int) -> str:
@@ -201,6 +217,7 @@ class Sink:
         self.expect = None if expect is None else {f.path: f for f in expect}
         self.files: dict[str, FileInfo] = {}
         self.stored = 0
+        self.overflow = 0       # files not even listed: past max_files entries
         self._open: _Open | None = None
         self._staging: Path | None = None
         self._skip: str | None = None    # a file refused mid-way: ignore its remaining pieces
@@ -222,6 +239,9 @@ class Sink:
         return [f for f in self.files.values() if f.state != STORED]
 
     def _end(self, path: str, state: str, reason: str, size: int = 0, sha: str = "", executable: bool = False) -> None:
+        if path not in self.files and len(self.files) >= self.max_files:
+            self.overflow += 1   # a flood of refusals must not grow without bound either
+            return
         self.files[path] = FileInfo(path, size, sha, executable, state, reason[: proto.MAX_REASON])
         if state != STORED:
             log.info("file %s not kept: %s", path, reason)
@@ -237,6 +257,26 @@ class Sink:
 
     def feed(self, piece: proto.FileChunk) -> None:
         """Take one piece; a bad one ends its file (recorded), never raises."""
+        try:
+            self._feed(piece)
+        except OSError as exc:   # disk full, a directory in the way: this file is not kept, the rest may be
+            self._drop_open(REFUSED, f"cannot store it: {exc.strerror or exc}")
+            if piece.path not in self.files:
+                self._end(piece.path, REFUSED, f"cannot store it: {exc.strerror or exc}")
+            self._skip = None if piece.eof else piece.path
+
+    def restart(self) -> None:
+        """A new attempt at the job (the last one was lost): forget what the last one sent."""
+        self._drop_open(INCOMPLETE, "incomplete: the attempt was lost")
+        for info in self.files.values():
+            if info.state == STORED:
+                with contextlib.suppress(OSError):
+                    (self.dest / info.path).unlink()
+        self.files.clear()
+        self.stored = self.overflow = 0
+        self._skip = None
+
+    def _feed(self, piece: proto.FileChunk) -> None:
         if self._skip == piece.path:
             if piece.eof:
                 self._skip = None
@@ -311,9 +351,14 @@ class Sink:
         self._end(o.path, STORED, "", o.received, got, o.executable)
 
     def finish(self) -> list[FileInfo]:
-        """No more pieces: a file still half-received is incomplete. Returns every file heard of."""
+        """No more pieces: a file still half-received is incomplete. Returns every file heard of (past
+        ``max_files``, one last entry counts the rest)."""
         self._drop_open(INCOMPLETE, "incomplete: the transfer stopped (link dropped or job stopped)")
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
-        return list(self.files.values())
+        out = list(self.files.values())
+        if self.overflow:
+            out.append(FileInfo(f"... {self.overflow} more", 0, "", False, REFUSED,
+                                f"{self.overflow} more files not kept or listed (more than {self.max_files})"))
+        return out

@@ -152,9 +152,11 @@ class Daemon:
         if cfg.sandbox == "bwrap" and self.host.bwrap is None:
             raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
                               "(apt install bubblewrap) or set sandbox to auto")
-        self.host.runs = execrun.runs_dir(cfg.name)
-        if self.host.runs.exists() and not cfg.keep_runs:   # runs of a daemon that died: nothing runs there now
-            await asyncio.to_thread(execrun.remove_workdir, self.host.runs)
+        runs = self.host.runs = execrun.runs_dir(cfg.name)
+        if runs.is_dir() and not runs.is_symlink() and runs.stat().st_uid == os.geteuid() and not cfg.keep_runs:
+            await asyncio.to_thread(execrun.remove_workdir, runs)   # runs of a daemon that died: none runs now
+        for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
+            await asyncio.to_thread(shutil.rmtree, stale, True)
         self.host.job_user = confine.job_identity(cfg.exec_user)
         self.host.max_procs = cfg.exec_max_procs
         if self.host.bwrap is not None and self.host.job_user is not None:

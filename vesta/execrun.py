@@ -283,6 +283,10 @@ def make_workdir(base: Path | None, job_id: str) -> Path:
     safe = _UNSAFE_NAME_CHARS.sub("_", job_id)[:48].strip("._") or "job"
     if base is not None:
         base.mkdir(mode=0o711, parents=True, exist_ok=True)   # 0711: a job user may reach its own run in it
+        st = os.lstat(base)   # at a guessable path in /tmp: it must be ours, or someone could swap runs in it
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise Refused(f"{base} is not a private directory of this node's user (someone else made it?): "
+                          "remove it and try again", reason="policy")
     return Path(tempfile.mkdtemp(prefix=f"vesta-{safe}-", dir=base))
 
 

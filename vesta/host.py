@@ -357,21 +357,19 @@ class Host:
         it has arrived."""
         shipped = {path for path, _, _, _ in offer.inputs}
         argv0 = offer.argv[0]
-        if "/" in argv0 and os.path.normpath(argv0) in shipped:
-            if not self.allowlist.any:
-                return proto.Refuse(rid=offer.rid, reason="not_allowed",
-                                    message=f"{argv0!r} was shipped with the job; {self.name} runs only its "
-                                            f"exec_allowlist ({', '.join(self.allowlist.names()) or 'nothing'})")
-            try:
-                return execrun.make_workdir(self.runs, offer.job_id), ""   # "": resolved once the inputs are in
-            except OSError as exc:
-                return proto.Refuse(rid=offer.rid, reason="policy",
-                                    message=f"{self.name} cannot make a working directory: {exc.strerror}")
+        deferred = "/" in argv0 and os.path.normpath(argv0) in shipped
+        if deferred and not self.allowlist.any:
+            return proto.Refuse(rid=offer.rid, reason="not_allowed",
+                                message=f"{argv0!r} was shipped with the job; {self.name} runs only its "
+                                        f"exec_allowlist ({', '.join(self.allowlist.names()) or 'nothing'})")
         try:
             workdir = execrun.make_workdir(self.runs, offer.job_id)
-        except OSError as exc:
+        except (OSError, Refused) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
             return proto.Refuse(rid=offer.rid, reason="policy",
-                                message=f"{self.name} cannot make a working directory: {exc.strerror}")
+                                message=f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON])
+        if deferred:
+            return workdir, ""   # "": resolved once the inputs are in
         try:
             return workdir, self.allowlist.resolve(argv0, workdir)
         except Refused as exc:
@@ -417,8 +415,9 @@ class Host:
                 program = self.allowlist.resolve(offer.argv[0], workdir)
             confine.give_workdir(workdir, self.job_user)
             if self.job_user is not None:   # what we put there (inputs, $VESTA_OUTPUT) is the job's too
-                for entry in workdir.iterdir():
-                    os.chown(entry, *self.job_user, follow_symlinks=False)
+                for top, dirs, names in os.walk(workdir):
+                    for entry in (*dirs, *names):
+                        os.chown(os.path.join(top, entry), *self.job_user, follow_symlinks=False)
             runner, argv = program, list(offer.argv)
             if self.bwrap is not None:
                 runner, argv = confine.bwrap_command(
@@ -431,7 +430,10 @@ class Host:
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
                                   cancel=stop, preexec=limits.preexec(switch_user=self.bwrap is None))
             if not cancel.is_set():
-                await files.ship(offer, workdir)
+                try:
+                    await files.ship(offer, workdir)
+                except (OSError, ValueError) as exc:   # the Result must still go out; the files are lost
+                    log.warning("could not send the artifacts of job %s: %s", offer.job_id, exc)
         except Refused as exc:
             return failed(str(exc))
         finally:
@@ -469,6 +471,7 @@ class Host:
         if hosted is None:
             return False
         hosted.cancel.set()
+        hosted.inputs_changed.set()   # a run still waiting for its inputs sees it at once
         return True
 
 

@@ -35,6 +35,8 @@ from vesta.tasks import cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_S = 60.0   # a queued job every node keeps turning away is still offered at least this often
+
 
 class InputError(VestaError):
     """A file given with --put cannot be shipped (the message names it and the fix)."""
@@ -96,7 +98,8 @@ class ExecQueue:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, list[Emit]] = {}
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
-        self._not_before: dict[str, float] = {}   # a job every node just turned away waits a round
+        self._not_before: dict[str, float] = {}   # a job every node just turned away waits before the next try
+        self._tries: dict[str, int] = {}
         self.retry_s = 1.0
 
     async def close(self) -> None:
@@ -113,12 +116,21 @@ class ExecQueue:
 
     def add(self, job_id: str, argv: list[str], *, on: str | None, timeout: float, mem_mib: int,
             inputs: tuple[artifacts.FileInfo, ...], retries: int, submitter: str, fingerprint: str) -> None:
-        """Put a job on record as queued; it is tried at once."""
+        """Put a job on record as queued; it is tried at once. (Its inputs are staged already.)"""
+        try:
+            self._create(job_id, argv, on=on, timeout=timeout, mem_mib=mem_mib, inputs=inputs, retries=retries,
+                         submitter=submitter, fingerprint=fingerprint)
+        except BaseException:
+            shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
+            raise
+        self.wake.set()
+
+    def _create(self, job_id: str, argv: list[str], *, on: str | None, timeout: float, mem_mib: int,
+                inputs: tuple[artifacts.FileInfo, ...], retries: int, submitter: str, fingerprint: str) -> None:
         self.records.create_job(job_id, "exec", {
             "argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries, "queue": True,
             "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]}, submitter, fingerprint,
             state="queued")
-        self.wake.set()
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
         """Wait for a queued job to end, passing its events to ``emit``; the job's result."""
@@ -153,6 +165,7 @@ class ExecQueue:
 
     def _ended(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
         self._not_before.pop(job_id, None)
+        self._tries.pop(job_id, None)
         shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
         for end in self._ends.pop(job_id, []):
             if not end.done():
@@ -199,8 +212,10 @@ class ExecQueue:
                 emit=lambda event: self._emit(job_id, event), job_id=job_id, mem_mib=int(args.get("mem_mib") or 0),
                 inputs=inputs, inputs_dir=self.inputs_root / job_id, retries=int(args.get("retries") or 0),
                 queued=True)
-        except NotNow as exc:   # still queued (the reasons are on record): try again after a while
-            self._not_before[job_id] = time.monotonic() + self.retry_s
+        except NotNow as exc:   # still queued (the reasons are on record): try again later, less and less often
+            tries = self._tries.get(job_id, 0) + 1
+            self._tries[job_id] = tries
+            self._not_before[job_id] = time.monotonic() + min(self.retry_s * 2 ** min(tries, 10), MAX_BACKOFF_S)
             self._placing.discard(job_id)
             await self._emit(job_id, {"type": "queued", "job_id": job_id, "why": str(exc)})
             return

@@ -70,6 +70,8 @@ class ChunkOutcome:
     error: str = ""          # why it did not complete
     started: bool = False    # the node accepted it (it may have run, at least in part)
     part_id: int | None = None  # its row in the records
+    attempt: int = 0         # which attempt at this chunk
+    placed: float = 0.0      # when it was offered (wall clock)
 
 
 @dataclass
@@ -132,8 +134,16 @@ class Submitter:
         if self.records is not None and not job.queued:   # a queued job is on record already
             self.records.create_job(job.job_id, job.kind, args, self.name, self.fingerprint)
 
-    def _mark_running(self, job: Job) -> None:
-        """A node accepted the job: a queued job is now running."""
+    def _add_part(self, job: Job, o: ChunkOutcome) -> None:
+        if self.records is not None and o.part_id is None:
+            o.part_id = self.records.add_part(job.job_id, chunk=o.chunk, attempt=o.attempt, node=o.node.name,
+                                              node_fp=o.node.fingerprint, started=o.placed)
+
+    def _mark_running(self, job: Job, o: ChunkOutcome) -> None:
+        """A node accepted a chunk: a queued job is now running; an exec job re-run after a lost
+        attempt starts its artifacts afresh."""
+        if job.sink is not None and o.attempt > 1:
+            job.sink.restart()
         if job.queued:
             job.queued = False
             if self.records is not None:
@@ -141,6 +151,7 @@ class Submitter:
                     self.records.transition(job.job_id, "running")
                 except VestaError as exc:
                     log.warning("could not record the start of job %s: %s", job.job_id, exc)
+            self._add_part(job, o)
 
     def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
                 result: dict[str, Any] | None = None) -> None:
@@ -155,9 +166,9 @@ class Submitter:
     def _failed(self, job: Job, exc: BaseException) -> None:
         if job.job_id not in self.jobs:
             return
-        if isinstance(exc, NotNow) and job.queued:   # still queued: say why it waits
+        if job.queued and isinstance(exc, (NotNow, asyncio.CancelledError)):   # never started: still queued
             self.jobs.pop(job.job_id, None)
-            if self.records is not None:
+            if self.records is not None and isinstance(exc, NotNow):
                 self.records.wait_reason(job.job_id, str(exc)[:500])
             return
         cancelled = job.cancel.is_set() and "cancelled" in str(exc)
@@ -389,9 +400,9 @@ class Submitter:
                         job.running_by_node[node.name] += 1
                         job.first_by_node.setdefault(node.name, time.monotonic())
                         attempts[i] = attempts.get(i, 0) + 1
-                        if self.records is not None:
-                            o.part_id = self.records.add_part(job.job_id, chunk=i, attempt=attempts[i], node=node.name,
-                                                              node_fp=node.fingerprint, started=time.time())
+                        o.attempt, o.placed = attempts[i], time.time()
+                        if not job.queued:   # a queued job's tries are on record only once one is accepted
+                            self._add_part(job, o)
 
                         def node_progress(n: int, name: str = node.name) -> None:
                             add_progress(n)
@@ -492,7 +503,7 @@ class Submitter:
             watcher = asyncio.ensure_future(job.cancel.wait())
             files = ExecFiles(job.inputs, job.inputs_dir, job.sink) if job.kind == "exec" else None
             run = asyncio.ensure_future(self.run_local(make(0), LocalRun(cancel, add_progress, output,
-                                                                          lambda: self._mark_running(job), files)))
+                                                                          lambda: self._mark_running(job, o), files)))
             await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 cancel.set()
@@ -527,10 +538,12 @@ class Submitter:
                 return o
             o.started = True
             accepted = time.monotonic()
-            self._mark_running(job)
+            self._mark_running(job, o)
             if job.inputs and job.inputs_dir is not None:
                 try:
                     for piece in artifacts.input_pieces(stream.rid, job.inputs_dir, job.inputs):
+                        if job.cancel.is_set():
+                            break   # the loop below sends the Cancel
                         await stream.send(piece)
                 except OSError as exc:
                     with contextlib.suppress(PeerUnavailable):

@@ -139,7 +139,11 @@ def check_rel_path(where: str, value: object) -> str:
     parts = path.split("/")
     if "\x00" in path or path.startswith("/") or len(parts) > MAX_PATH_DEPTH:
         raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
-    if any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts):
+    try:
+        too_long = any(len(part.encode()) > 255 for part in parts)
+    except UnicodeEncodeError:   # a file name that is not UTF-8 (os.listdir hands those over escaped)
+        raise ProtocolError(f"{where} is not valid UTF-8: {path!r}") from None
+    if too_long or any(part in ("", ".", "..") for part in parts):
         raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
     return path
 

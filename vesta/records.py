@@ -256,7 +256,8 @@ class Records:
                 "UPDATE jobs SET state=?, started=?, finished=?, reason=?, exit_code=?, result=? "
                 "WHERE id=? AND state=?",
                 (to, now if to == "running" else row["started"], now if to in TERMINAL else None,
-                 reason or row["reason"], row["exit_code"] if exit_code is None else exit_code,
+                 reason or ("" if frm == "queued" else row["reason"]),   # why it waited is over once it runs
+                 row["exit_code"] if exit_code is None else exit_code,
                  row["result"] if result is None else _dumps(result, "job result"), job_id, frm))
         if cur.rowcount != 1:   # cannot happen from one thread; guards a second writer
             raise TransitionError(f"job {job_id!r} changed state while going from {frm} to {to}")

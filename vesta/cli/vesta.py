@@ -605,16 +605,16 @@ def artifacts(ctx: click.Context, job_id: str, out: Path | None, as_json: bool) 
 def copy_artifacts(src: Path, files: list[dict[str, Any]], out: Path) -> list[str]:
     """Copy stored artifacts to ``out``, refusing to overwrite, each checked against its recorded SHA-256."""
     for f in files:
-        if (out / f["path"]).exists():
+        if os.path.lexists(out / f["path"]):
             raise ConfigError(f"{out / f['path']} exists: choose another -o directory or remove it")
     done = []
     for f in files:
         dest = out / f["path"]
-        dest.parent.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256()
         tmp = dest.with_name(dest.name + ".vesta-partial")
         try:
-            with open(src / f["path"], "rb") as fin, open(tmp, "wb") as fout:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(src / f["path"], "rb") as fin, open(tmp, "xb") as fout:
                 while piece := fin.read(1 << 20):
                     h.update(piece)
                     fout.write(piece)
