@@ -159,7 +159,6 @@ class Host:
         async def output(stream: str, data: bytes) -> None:
             await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
 
-        started = [False]
         run_id = None
         ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
         inline = prepared is None and is_inline(offer)
@@ -192,6 +191,7 @@ class Host:
         def progress(n: int) -> None:
             hosted.done[0] += n
 
+        work: asyncio.Future[proto.Result] | None = None
         try:
             self.counters["offers_accepted"] += 1
             if inline:   # done in microseconds: Accept and Result leave together, one wake-up for the submitter
@@ -204,8 +204,7 @@ class Host:
                 return
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:
-                started[0] = True
-                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output))
+                work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output, remove=False))
             else:
                 work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name, progress))
             try:
@@ -228,8 +227,11 @@ class Host:
             if self.running.get(key) is hosted:
                 del self.running[key]
             record_end()
-            if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
-                await asyncio.to_thread(execrun.remove_workdir, prepared[0])
+            if prepared is not None:   # after the Result is sent: off the submitter's wait
+                if work is not None and not work.done():   # stopped mid-run: it ends on hosted.cancel, then goes
+                    work.add_done_callback(lambda _: _remove_soon(prepared[0]))
+                else:
+                    await asyncio.to_thread(execrun.remove_workdir, prepared[0])
 
     @staticmethod
     def _ending(offer: proto.Offer, hosted: Hosted,
@@ -256,8 +258,9 @@ class Host:
             return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
 
     async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
-                       output: OnOutput) -> proto.Result:
-        """Run an admitted exec offer in its working directory; the directory is removed afterwards."""
+                       output: OnOutput, *, remove: bool = True) -> proto.Result:
+        """Run an admitted exec offer in its working directory; the directory is removed afterwards
+        (by the caller, when ``remove`` is False)."""
         workdir, program = prepared
         stop = asyncio.Event()
 
@@ -290,7 +293,8 @@ class Host:
             return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=str(exc)[:200])
         finally:
             watcher.cancel()
-            await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
+            if remove:
+                await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
         reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])
@@ -321,6 +325,14 @@ class Host:
             return False
         hosted.cancel.set()
         return True
+
+
+def _remove_soon(workdir: Path) -> None:
+    """Remove a working directory in a worker thread, or here if the loop can no longer start one."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, execrun.remove_workdir, workdir)
+    except RuntimeError:
+        execrun.remove_workdir(workdir)
 
 
 def python_dirs() -> tuple[Path, ...]:
