@@ -347,10 +347,7 @@ class Submitter:
                     raise JobFailed(f"no node could run job {job.job_id} ({why})")
                 if self.records is not None:
                     self.records.flush()   # the job and its parts are on disk before the loop runs anything else
-                if start_event is not None:
-                    # The offers go out first (the chunk tasks run before this task resumes); the client's
-                    # wake-up for the event then overlaps the host's work instead of delaying the offer.
-                    await asyncio.sleep(0)
+                if start_event is not None:   # after the records are on disk, so it never names a job they lack
                     await emit(start_event)
                     start_event = None
                 waiting: list[asyncio.Future[Any]] = [*running, cancel_wait]
