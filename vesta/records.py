@@ -20,7 +20,11 @@ the file stays consistent whatever moment a crash strikes; only a power cut
 can lose the last few commits (the database stays consistent then too). FULL
 would fsync on every commit, several per job, which on a Pi's SD card costs
 milliseconds on the event loop. The connection belongs to one thread (the
-daemon's event loop).
+daemon's event loop). With ``background_checkpoint`` SQLite's own checkpoints
+(every ~1000 WAL pages, two fsyncs, several ms on a slow disk) leave the commit
+path: the owner calls ``checkpoint()`` from a worker thread instead (the
+daemon does, about once a second after writes); that changes when pages reach
+the main file, not what survives a crash.
 
 **Schema.** ``PRAGMA user_version`` is the schema version; ``MIGRATIONS[i]``
 takes a database from version ``i`` to ``i + 1`` in one transaction. A
@@ -139,12 +143,15 @@ def _row(row: sqlite3.Row, json_cols: tuple[str, ...] = ("args", "result")) -> d
 class Records:
     """One SQLite database per node: jobs it submitted (with parts), runs it hosted for peers, logs."""
 
-    def __init__(self, path: Path, *, log_cap_bytes: int = 1 << 20, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, log_cap_bytes: int = 1 << 20, clock: Callable[[], float] = time.time,
+                 background_checkpoint: bool = False) -> None:
         _check(log_cap_bytes >= 0, f"log_cap_bytes must be >= 0 (got {log_cap_bytes})")
         self.path = Path(path)
         self.log_cap_bytes = log_cap_bytes
         self.clock = clock
         self.recovered = 0   # jobs + hosted runs marked failed because the daemon had restarted
+        self.commits = 0     # committing writes so far: a checkpoint is due when this moved
+        self.background_checkpoint = background_checkpoint
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
@@ -171,6 +178,8 @@ class Records:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            if self.background_checkpoint:
+                db.execute("PRAGMA wal_autocheckpoint=0")
             self._migrate(db)
             self.recovered = self._recover(db)
         except BaseException:
@@ -213,6 +222,15 @@ class Records:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def checkpoint(self) -> None:
+        """Copy committed WAL pages into the database file. PASSIVE: it neither waits for nor blocks the
+        event loop's writes, and it uses its own connection, so it may run in a worker thread."""
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
     def flush(self) -> None:
         """Commit deferred writes, if any (cheap when there are none)."""
         if self.db.in_transaction:
@@ -227,6 +245,7 @@ class Records:
             return
         with self.db:
             yield
+        self.commits += 1
 
     # -- submitted jobs -------------------------------------------------------------------------------------------
 
@@ -259,7 +278,7 @@ class Records:
         _check(to in STATES, f"unknown job state {to!r} (one of {', '.join(STATES)})")
         froms = [frm for frm, tos in ALLOWED.items() if to in tos]
         now = self.clock()
-        with self.db:   # one statement: the check against ALLOWED is its WHERE clause
+        with self._tx():   # one statement: the check against ALLOWED is its WHERE clause
             cur = self.db.execute(
                 "UPDATE jobs SET state=?, started=CASE WHEN ? THEN ? ELSE started END, finished=?, "
                 "reason=CASE WHEN ?='' THEN reason ELSE ? END, exit_code=COALESCE(?, exit_code), "
@@ -310,7 +329,7 @@ class Records:
         kept, dropped = row["log_bytes"], row["log_dropped"]
         keep = data[: max(self.log_cap_bytes - kept, 0)]
         lost = len(data) - len(keep)
-        with self.db:
+        with self._tx():
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id=?", (job_id,)).fetchone()[0]
             rows = [(job_id, seq + 1, stream, keep)] if keep else []
             if lost and not dropped:
@@ -371,7 +390,7 @@ class Records:
                       exit_code: int | None = None, reason: str = "") -> None:
         """Close a hosted run: succeeded, failed or cancelled, with what it used."""
         _check(state in HOSTED_ENDS, f"a hosted run ends {', '.join(sorted(HOSTED_ENDS))} (got {state!r})")
-        with self.db:
+        with self._tx():
             cur = self.db.execute("UPDATE hosted SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, "
                                   "reason=? WHERE id=? AND state='running'",
                                   (state, finished, cpu_s, mem_mib_s, exit_code, reason, run_id))
