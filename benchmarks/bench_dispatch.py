@@ -12,11 +12,14 @@ Besides the client's view the table gives a's own ``elapsed_s`` (from offering t
 result), so the control socket's share can be told apart, and the CPU time each daemon spent per
 job (the daemons are not "other processes": the note says how busy the rest of the machine was).
 b must advertise a spare core before the runs start: a forced job that b refuses (start-up load)
-would count as failed.
+would count as failed. b's exec sandbox is its default (``auto``: bubblewrap when installed, which
+alone costs several ms per run); VESTA_BENCH_DISPATCH_SANDBOX=none|bwrap sets it, and the exec rows
+name the one used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -32,6 +35,7 @@ from vesta.control import ControlClient, RemoteError  # noqa: E402
 
 CPU_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_JOBS", "1000"))
 EXEC_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_EXECS", "200"))
+SANDBOX = os.environ.get("VESTA_BENCH_DISPATCH_SANDBOX", "auto")
 WARMUP = 50
 ONE_ITERATION = 0.000001        # millions: the daemon rounds it to exactly 1 iteration
 CPU_P50_MS, CPU_P99_MS, EXEC_P50_MS = 1.2, 5.0, 2.0
@@ -97,11 +101,15 @@ def main() -> None:
     cluster = Cluster(base)
     try:
         a = cluster.add("a", interval_ms=200)
-        cluster.add("b", interval_ms=200, args=["-allow-exec"])
+        b_config = base / "b.json"
+        b_config.write_text(json.dumps({"sandbox": SANDBOX}))
+        b = cluster.add("b", interval_ms=200, args=["-allow-exec", "-config", str(b_config)])
+        sandbox = "bubblewrap" if "bubblewrap:" in b.status()["isolation"] else "no sandbox"
+        report.extra["exec_sandbox"] = sandbox
         eventually(lambda: "b" in a.peer_names(), 15, what="a to list b")
         eventually(lambda: next(p for p in a.peers() if p["name"] == "b")["spare_cores"] >= 0.5, 30,
                    what="b to settle after start-up and advertise a spare core")
-        pids = {"a": a.pid, "b": cluster.nodes[1].pid}
+        pids = {"a": a.pid, "b": b.pid}
         with a.client() as client:
             run_jobs(client, WARMUP, "cpu", millions=ONE_ITERATION, on="b")   # opens the peer link
             run_jobs(client, WARMUP // 5, "exec", argv=["true"], on="b")
@@ -112,8 +120,8 @@ def main() -> None:
                      cpu)
             with LoadWatch() as load, ProcessCpu(pids) as cpu:
                 exec_ms, exec_daemon, exec_err = run_jobs(client, EXEC_JOBS, "exec", argv=["true"], on="b")
-            describe(report, f"exec true on b ×{EXEC_JOBS}", exec_ms, exec_daemon, exec_err, EXEC_JOBS, load,
-                     cpu)
+            describe(report, f"exec true on b ({sandbox}) ×{EXEC_JOBS}", exec_ms, exec_daemon, exec_err, EXEC_JOBS,
+                     load, cpu)
 
         report.extra["cpu_ms"] = cpu_ms
         report.extra["cpu_daemon_ms"] = cpu_daemon

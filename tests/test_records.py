@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -233,6 +234,51 @@ def test_hosted_runs_start_finish_and_list_newest_first(rec: Records) -> None:
                                    "reason": "exit status 2"}
     assert runs[1]["state"] == "succeeded" and runs[1]["cpu_s"] == 9.5 and runs[1]["mem_mib_s"] == 12.0
     assert [r["id"] for r in rec.hosted(limit=1)] == [b]
+
+
+def test_a_deferred_write_is_committed_by_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    r = Records(path)
+    other = sqlite3.connect(path)   # what a crash would leave: only committed rows
+    r.create_job("j1", "cpu", {}, "desk", "fp", defer=True)
+    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    part = r.add_part("j1", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
+    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    r.finish_part(part, state="succeeded", finished=2.0, defer=True)
+    assert other.execute("SELECT state FROM parts").fetchone()[0] == "running"
+    r.transition("j1", "succeeded")
+    assert other.execute("SELECT state FROM parts").fetchone()[0] == "succeeded"
+    with pytest.raises(UnknownRecord):   # a failed write keeps what was deferred before it
+        r.create_job("j2", "cpu", {}, "desk", "fp", defer=True)
+        r.add_part("nope", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
+    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 2
+    other.close()
+    r.close()
+
+
+def test_background_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    r = Records(path, background_checkpoint=True)
+    assert r.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for i in range(300):
+        job(r, f"j{i}")
+    assert r.commits == 300
+
+    def jobs_in_main_file() -> int:   # the database file alone, without its WAL
+        copy = tmp_path / f"copy-{r.commits}.db"
+        copy.write_bytes(path.read_bytes())
+        with contextlib.closing(sqlite3.connect(copy)) as db:
+            try:
+                return int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+            except sqlite3.OperationalError:   # not even the schema is there yet
+                return 0
+
+    assert jobs_in_main_file() < 300
+    r.checkpoint()
+    assert jobs_in_main_file() == 300
+    job(r, "after")
+    assert len(r.jobs(limit=1000)) == 301
+    r.close()
 
 
 # -- restart, SIGKILL, schema ------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def unit_digest(job_id: str, index: int, size: int, *, cancel: threading.Event |
                 progress: Callable[[int], None] | None = None) -> bytes:
     """Hash one unit of ``size`` iterations; the result depends only on the arguments."""
     seed = _unit_seed(job_id, index, size)
-    buf = memoryview(seed * (SEGMENT_BLOCKS * BLOCK // len(seed)))
+    # no bigger than the unit needs: a 1 MiB buffer for a 1-iteration unit was most of a tiny job's work on its host
+    buf = memoryview(seed * (min(size, SEGMENT_BLOCKS) * BLOCK // len(seed)))
     outer = hashlib.sha256()
     done, segment = 0, 0
     while done < size:

@@ -279,9 +279,9 @@ class Host:
         async def output(stream: str, data: bytes) -> None:
             await channel.send(proto.Output(rid=offer.rid, stream=stream, data=data))
 
-        started = [False]
         run_id = None
         ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
+        inline = prepared is None and is_inline(offer)
         if self.records is not None:
             args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s,
                                      "inputs": [e[0] for e in offer.inputs]} if offer.kind == "exec"
@@ -289,19 +289,48 @@ class Host:
                                     else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
             if prepared is not None and self.keep_runs:
                 args["workdir"] = str(prepared[0])
+            # An inline run is committed once, start and end together, before its Accept goes out.
             run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
                                                peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
-                                               started=time.time())
+                                               started=time.time(), defer=inline)
+
+        def record_end() -> None:
+            nonlocal run_id
+            if self.records is None or run_id is None:
+                return
+            (state, reason, code, cpu_s), done_id, run_id = ended, run_id, None
+            try:
+                self.records.finish_hosted(done_id, state=state, finished=time.time(), cpu_s=cpu_s, exit_code=code,
+                                           reason=reason[:500])
+            except VestaError as exc:
+                log.warning("could not record hosted run %s: %s", done_id, exc)
+
+        def charge(r: proto.Result) -> None:
+            if self.ledger is not None:
+                self.ledger.record_lent(channel.peer_fingerprint, offer.submitter, r.cpu_s,
+                                        offer.mib * r.elapsed_s if offer.kind == "mem" else 0.0)
+                self.on_ledger()
+
+        def progress(n: int) -> None:
+            hosted.done[0] += n
+
+        work: asyncio.Future[proto.Result] | None = None
         try:
             self.counters["offers_accepted"] += 1
+            if inline:   # done in microseconds: Accept and Result leave together, one wake-up for the submitter
+                result = run_inline(offer, hosted.cancel, self.name, progress)
+                assert result is not None
+                charge(result)
+                ended = self._ending(offer, hosted, result)[1]
+                record_end()
+                await channel.send(proto.Accept(rid=offer.rid, node=self.name), result)
+                return
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:
-                started[0] = True
                 work = asyncio.ensure_future(self.run_exec(offer, prepared, hosted.cancel, output,
-                                                           _RemoteFiles(hosted, channel)))
+                                                           _RemoteFiles(hosted, channel), remove=False))
             else:
-                work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name,
-                                                         lambda n: hosted.done.__setitem__(0, hosted.done[0] + n)))
+                work = asyncio.ensure_future(run_builtin(offer, hosted.cancel, self.name, progress))
             try:
                 while not work.done():
                     await asyncio.wait([work], timeout=HEARTBEAT)
@@ -312,16 +341,9 @@ class Host:
                 hosted.cancel.set()   # link dropped or daemon stopping: stop the thread's loop
                 raise
             finally:
-                if self.ledger is not None and work.done() and not work.cancelled() and work.exception() is None:
-                    r = work.result()
-                    self.ledger.record_lent(channel.peer_fingerprint, offer.submitter, r.cpu_s,
-                                            offer.mib * r.elapsed_s if offer.kind == "mem" else 0.0)
-                    self.on_ledger()
-            if hosted.stop_reason and not result.ok:
-                result = dataclasses.replace(result, error=hosted.stop_reason)
-            ok = result.ok and (offer.kind != "exec" or result.exit_code == 0)
-            ended = ("succeeded" if ok else "cancelled" if "cancel" in result.error else "failed",
-                     result.error, result.exit_code, result.cpu_s)
+                if work.done() and not work.cancelled() and work.exception() is None:
+                    charge(work.result())
+            result, ended = self._ending(offer, hosted, result)
             await channel.send(result)
         except PeerUnavailable:
             hosted.cancel.set()
@@ -330,15 +352,22 @@ class Host:
                 del self.running[key]
             if hosted.sink is not None:
                 hosted.sink.finish()
-            if self.records is not None and run_id is not None:
-                state, reason, code, cpu_s = ended
-                try:
-                    self.records.finish_hosted(run_id, state=state, finished=time.time(), cpu_s=cpu_s,
-                                               exit_code=code, reason=reason[:500])
-                except VestaError as exc:
-                    log.warning("could not record hosted run %s: %s", run_id, exc)
-            if prepared is not None and not started[0]:   # accepted but never ran: nothing else removes it
-                await asyncio.to_thread(execrun.remove_workdir, prepared[0])
+            record_end()
+            if prepared is not None and not self.keep_runs:   # after the Result is sent: off the submitter's wait
+                if work is not None and not work.done():   # stopped mid-run: it ends on hosted.cancel, then goes
+                    work.add_done_callback(lambda _: _remove_soon(prepared[0]))
+                else:
+                    await asyncio.to_thread(execrun.remove_workdir, prepared[0])
+
+    @staticmethod
+    def _ending(offer: proto.Offer, hosted: Hosted,
+                result: proto.Result) -> tuple[proto.Result, tuple[str, str, int | None, float]]:
+        """The result to send (naming why the host stopped it, if it did) and how the run ended, for the records."""
+        if hosted.stop_reason and not result.ok:
+            result = dataclasses.replace(result, error=hosted.stop_reason)
+        ok = result.ok and (offer.kind != "exec" or result.exit_code == 0)
+        return result, ("succeeded" if ok else "cancelled" if "cancel" in result.error else "failed",
+                        result.error, result.exit_code, result.cpu_s)
 
     def receive(self, peer: str, piece: proto.FileChunk) -> None:
         """A piece of an input file for a run this node hosts (ignored when no run waits for it)."""
@@ -378,9 +407,10 @@ class Host:
             return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
 
     async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
-                       output: OnOutput, files: ExecFiles | None = None) -> proto.Result:
+                       output: OnOutput, files: ExecFiles | None = None, *, remove: bool = True) -> proto.Result:
         """Run an admitted exec offer in its working directory: its inputs first, its artifacts back
-        afterwards; the directory is removed at the end unless ``keep_runs``."""
+        afterwards; the directory is removed at the end (by the caller when ``remove`` is False), unless
+        ``keep_runs``."""
         workdir, program = prepared
         files = files or ExecFiles()
         stop = asyncio.Event()
@@ -440,7 +470,7 @@ class Host:
             watcher.cancel()
             if self.keep_runs:
                 log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)
-            else:
+            elif remove:
                 await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
         reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
@@ -475,6 +505,14 @@ class Host:
         return True
 
 
+def _remove_soon(workdir: Path) -> None:
+    """Remove a working directory in a worker thread, or here if the loop can no longer start one."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, execrun.remove_workdir, workdir)
+    except RuntimeError:
+        execrun.remove_workdir(workdir)
+
+
 def python_dirs() -> tuple[Path, ...]:
     """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
     installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""
@@ -483,19 +521,40 @@ def python_dirs() -> tuple[Path, ...]:
     return tuple(sorted(dirs))
 
 
+def is_inline(offer: proto.Offer) -> bool:
+    """A cpu chunk of one small unit: it hashes in microseconds, so it runs on the event loop."""
+    return (offer.kind == "cpu" and offer.count == 1
+            and executor.unit_size(offer.iterations, offer.start) <= INLINE_ITERATIONS)
+
+
+def run_inline(offer: proto.Offer, cancel: threading.Event, node: str,
+               progress: Callable[[int], None]) -> proto.Result | None:
+    """Run a tiny cpu chunk right here (None if it is not one, see ``is_inline``).
+
+    On the loop it skips two thread hand-offs (to_thread, then hash_units' own worker), which cost
+    ~0.5 ms of a 1-iteration job (benchmarks/bench_dispatch.py)."""
+    if not is_inline(offer):
+        return None
+    t0 = time.perf_counter()
+    c0 = time.thread_time()
+    size = executor.unit_size(offer.iterations, offer.start)
+    try:
+        digest = executor.unit_digest(offer.job_id, offer.start, size, cancel=cancel, progress=progress)
+    except executor.Cancelled:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="cancelled")
+    return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=(digest,),
+                        iterations=size, elapsed_s=time.perf_counter() - t0, cpu_s=time.thread_time() - c0)
+
+
 async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,
                       progress: Callable[[int], None]) -> proto.Result:
     """Run a cpu or mem chunk in a worker thread and describe how it ended."""
+    quick = run_inline(offer, cancel, node, progress)
+    if quick is not None:
+        return quick
     t0 = time.perf_counter()
     try:
-        if offer.kind == "cpu" and offer.count == 1 and (
-                size := executor.unit_size(offer.iterations, offer.start)) <= INLINE_ITERATIONS:
-            # A tiny chunk hashes in microseconds: on the loop it skips two thread hand-offs (to_thread,
-            # then hash_units' own worker), which cost ~0.5 ms of a 1-iteration job (benchmarks/bench_dispatch.py).
-            c0 = time.thread_time()
-            digest = executor.unit_digest(offer.job_id, offer.start, size, cancel=cancel, progress=progress)
-            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=(digest,),
-                                iterations=size, elapsed_s=time.perf_counter() - t0, cpu_s=time.thread_time() - c0)
         if offer.kind == "cpu":
             r = await asyncio.to_thread(executor.hash_units, offer.job_id, offer.iterations, offer.start,
                                         offer.count, threads=1, cancel=cancel, progress=progress)

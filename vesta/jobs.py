@@ -130,9 +130,11 @@ class Submitter:
         self.jobs: dict[str, Job] = {}
 
     def _register(self, job: Job, args: dict[str, Any]) -> None:
+        """Put the job on record: committed with its first part, before any chunk is offered (``_schedule``),
+        or with its end if it fails first. Nothing may be awaited from here to there."""
         self.jobs[job.job_id] = job
         if self.records is not None and not job.queued:   # a queued job is on record already
-            self.records.create_job(job.job_id, job.kind, args, self.name, self.fingerprint)
+            self.records.create_job(job.job_id, job.kind, args, self.name, self.fingerprint, defer=True)
 
     def _add_part(self, job: Job, o: ChunkOutcome) -> None:
         if self.records is not None and o.part_id is None:
@@ -217,9 +219,9 @@ class Submitter:
                                     debits=self.debits, fallback=False)
         self._register(job, {"iterations": iterations, "on": on, "split": split})
         try:
-            await emit({"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
-                        "chunks": len(chunks), "nodes": [c.node.name for c in choices]})
-            outcomes = await self._schedule(job, choices, chunks, offer, emit, allow_local_fallback=on is None,
+            start = {"type": "start", "job_id": job.job_id, "iterations": iterations, "units": units,
+                     "chunks": len(chunks), "nodes": [c.node.name for c in choices]}
+            outcomes = await self._schedule(job, choices, chunks, offer, emit, start, allow_local_fallback=on is None,
                                             refresh=refresh if splittable else None)
         except BaseException as exc:
             self._failed(job, exc)
@@ -267,12 +269,12 @@ class Submitter:
         choices = [Choice(n, 1) for n in fits]
         t0 = time.perf_counter()
         try:
-            await emit({"type": "start", "job_id": job.job_id, "mib": mib, "ms": ms, "nodes": [n.name for n in fits]})
             outcomes = await self._schedule(
                 job, choices[:1] + choices[1:], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="mem", mib=mib, ms=ms,
                                                           submitter=self.name)),
-                emit, allow_local_fallback=False, one_at_a_time=True)
+                emit, {"type": "start", "job_id": job.job_id, "mib": mib, "ms": ms, "nodes": [n.name for n in fits]},
+                allow_local_fallback=False, one_at_a_time=True)
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -317,14 +319,14 @@ class Submitter:
             await emit({"type": "output", "stream": stream, "data": data})
 
         try:
-            await emit({"type": "start", "job_id": job.job_id, "argv": argv, "nodes": [n.name for n in candidates]})
             outcomes = await self._schedule(
                 job, [Choice(n, 1) for n in candidates], [(0, 1)],
                 lambda i, s, c: (lambda rid: proto.Offer(rid=rid, job_id=job.job_id, kind="exec", argv=tuple(argv),
                                                           timeout_s=timeout, mem_mib=mem_mib, submitter=self.name,
                                                           inputs=manifest,
                                                           output_cap=job.sink.cap if job.sink else 0)),
-                emit, allow_local_fallback=False, one_at_a_time=True, max_attempts=1 + retries, on_output=output)
+                emit, {"type": "start", "job_id": job.job_id, "argv": argv, "nodes": [n.name for n in candidates]},
+                allow_local_fallback=False, one_at_a_time=True, max_attempts=1 + retries, on_output=output)
         except BaseException as exc:
             self._store_artifacts(job)
             self._failed(job, exc)
@@ -359,7 +361,8 @@ class Submitter:
 
     async def _schedule(self, job: Job, choices: list[Choice], chunks: list[tuple[int, int]],
                         offer: Callable[[int, int, int], Callable[[int], proto.Offer]], emit: Emit,
-                        *, allow_local_fallback: bool, one_at_a_time: bool = False, max_attempts: int | None = None,
+                        start_event: dict[str, Any] | None, *, allow_local_fallback: bool,
+                        one_at_a_time: bool = False, max_attempts: int | None = None,
                         on_output: OnOutput | None = None,
                         refresh: Callable[[], list[Choice]] | None = None) -> list[ChunkOutcome]:
         queue = deque((i, start, count) for i, (start, count) in enumerate(chunks))
@@ -424,6 +427,11 @@ class Submitter:
                     if job.queued and (passing or not failures):
                         raise NotNow(f"waiting: {why}")
                     raise JobFailed(f"no node could run job {job.job_id} ({why})")
+                if self.records is not None:
+                    self.records.flush()   # the job and its parts are on disk before the loop runs anything else
+                if start_event is not None:   # after the records are on disk, so it never names a job they lack
+                    await emit(start_event)
+                    start_event = None
                 waiting: list[asyncio.Future[Any]] = [*running, cancel_wait]
                 await asyncio.wait(waiting, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
                 now = time.monotonic()
@@ -435,7 +443,8 @@ class Submitter:
                     o = task.result()
                     del running[task]
                     job.running_by_node[o.node.name] -= 1
-                    self._record_part(o)
+                    # The job's last part ends in the same commit as the job (_finish follows, nothing awaited).
+                    self._record_part(o, defer=o.ok and not queue and not running)
                     fp = o.node.fingerprint
                     if o.ok:
                         done.append(o)
@@ -473,7 +482,7 @@ class Submitter:
                     self._record_part(o, cancelled=True)
         return done
 
-    def _record_part(self, o: ChunkOutcome, cancelled: bool = False) -> None:
+    def _record_part(self, o: ChunkOutcome, cancelled: bool = False, defer: bool = False) -> None:
         """One attempt at one chunk, as it ended."""
         if self.records is None or o.part_id is None:
             return
@@ -483,7 +492,8 @@ class Submitter:
         try:
             self.records.finish_part(o.part_id, state=state, finished=time.time(), cpu_s=r.cpu_s if r else 0.0,
                                      exit_code=r.exit_code if r else None, reason=(o.refused or o.error)[:500],
-                                     result={"hostname": r.hostname, "iterations": r.iterations} if r else None)
+                                     result={"hostname": r.hostname, "iterations": r.iterations} if r else None,
+                                     defer=defer)
         except VestaError as exc:
             log.warning("could not record part %s: %s", o.part_id, exc)
         o.part_id = None

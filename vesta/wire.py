@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Iterable
 
 from nacl.signing import SigningKey
 
@@ -40,7 +41,12 @@ def pack_frame(payload: bytes, limit: int = MAX_FRAME) -> bytes:
 
 
 async def write_frame(writer: asyncio.StreamWriter, payload: bytes, limit: int = MAX_FRAME) -> None:
-    writer.write(pack_frame(payload, limit))
+    await write_frames(writer, (payload,), limit)
+
+
+async def write_frames(writer: asyncio.StreamWriter, payloads: Iterable[bytes], limit: int = MAX_FRAME) -> None:
+    """Frames back to back in one write (one wake-up for the reader)."""
+    writer.write(b"".join(pack_frame(p, limit) for p in payloads))
     try:
         await writer.drain()
     except (ConnectionError, OSError) as exc:
@@ -89,10 +95,12 @@ class Channel:
     def peer_fingerprint(self) -> str:
         return self.session.peer_fingerprint
 
-    async def send(self, msg: proto.Message) -> None:
+    async def send(self, msg: proto.Message, *more: proto.Message) -> None:
+        """Send ``msg`` (and ``more`` right behind it, as back-to-back frames in one write: one wake-up
+        of the peer, not one per message)."""
         # Sealing and writing under one lock: the counter nonce must match the write order.
         async with self._send_lock:
-            await write_frame(self.writer, self.session.send.seal(proto.encode(msg)))
+            await write_frames(self.writer, [self.session.send.seal(proto.encode(m)) for m in (msg, *more)])
 
     async def recv(self) -> proto.Message:
         return proto.decode(self.session.recv.open(await read_frame(self.reader)))
