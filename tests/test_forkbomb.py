@@ -76,8 +76,11 @@ class Tail:
         del self.data[:-4096]
 
 
-async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: float) -> tuple[ExecResult, bytes]:
-    """Run ``argv`` as host.py would: limits, the job user, the workdir handed over, optionally in bwrap."""
+async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: float,
+                  prefix: bool = False) -> tuple[ExecResult, bytes]:
+    """Run ``argv`` as host.py would: limits (a preexec function, or with ``prefix`` the prlimit/setpriv
+    command prefix), the job user, the workdir handed over, optionally in bwrap."""
+    confine._counted.clear()   # every run counts the job user's tasks afresh
     run_as = identity()
     limits = Limits(mem_mib=1024, cpu_s=30, file_mib=16, procs=PROCS, run_as=run_as)
     confine.give_workdir(workdir, run_as)
@@ -87,10 +90,17 @@ async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: flo
         program, argv = confine.bwrap_command(need_bwrap(), program=argv[0], argv=argv, workdir=workdir,
                                               allow_network=False, expose=(Path(argv[0]).parent,),
                                               run_as=run_as)
+    preexec = limits.preexec(switch_user=not sandbox)
+    if prefix:
+        prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
+        assert prlimit is not None, "scripts/setup installs util-linux"
+        program, argv = limits.command(prlimit, program, argv, setpriv=confine.find_setpriv(),
+                                       switch_user=not sandbox)
+        preexec = None
     tail = Tail()
     async with asyncio.timeout(timeout + 10):
         result = await execrun.run(argv, program=program, cwd=workdir, env=env, timeout=timeout, on_output=tail,
-                                   term_grace=0.5, preexec=limits.preexec(switch_user=not sandbox))
+                                   term_grace=0.5, preexec=preexec)
     return result, bytes(tail.data)
 
 
@@ -111,13 +121,14 @@ def processes_with(token: str, uid: int | None = None) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("prefix", [False, True], ids=["preexec", "prlimit"])
 @pytest.mark.parametrize("sandbox", [False, True], ids=["plain", "bwrap"])
-async def test_a_fork_bomb_is_bounded_explained_and_leaves_nothing(workdir: Path, sandbox: bool) -> None:
+async def test_a_fork_bomb_is_bounded_explained_and_leaves_nothing(workdir: Path, sandbox: bool, prefix: bool) -> None:
     if sandbox:
         need_bwrap()
     # The probe: not root, and a finite process limit, or the bomb below would be a real one.
     result, out = await run_job([SH, "-c", "cat /proc/self/status /proc/self/limits"], workdir,
-                                sandbox=sandbox, timeout=10)
+                                sandbox=sandbox, timeout=10, prefix=prefix)
     assert result.exit_code == 0, out
     text = out.decode()
     uid = int(next(line for line in text.splitlines() if line.startswith("Uid:")).split()[1])
@@ -126,7 +137,8 @@ async def test_a_fork_bomb_is_bounded_explained_and_leaves_nothing(workdir: Path
     assert uid == (identity() or (os.getuid(), 0))[0]
 
     token = f"{300 + secrets.randbelow(10**6) / 10**7:.7f}"      # a sleep length no other process has
-    result, tail = await run_job([SH, "-c", BOMB, "bomb", token], workdir, sandbox=sandbox, timeout=20)
+    result, tail = await run_job([SH, "-c", BOMB, "bomb", token], workdir, sandbox=sandbox, timeout=20,
+                                 prefix=prefix)
 
     assert not result.timed_out, (result, tail[-300:])          # the leader's fork failed: it gave up
     assert result.exit_code != 0 and (b"Cannot fork" in tail or b"fork: " in tail), (result, tail[-300:])

@@ -36,6 +36,7 @@ import resource
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,23 @@ def count_tasks(uid: int, proc_root: Path = Path("/proc")) -> int:
     return total
 
 
+COUNT_TTL_S = 1.0   # jobs started within this of each other share one count of the uid's tasks
+_counted: dict[tuple[int, Path], tuple[float, int]] = {}
+
+
 def nproc_limit(uid: int, allowance: int, proc_root: Path = Path("/proc")) -> int:
     """The RLIMIT_NPROC value that lets one more job of ``uid`` have ``allowance`` tasks: the kernel
-    counts every task of that real uid, so it is what the uid has now plus the allowance."""
+    counts every task of that real uid, so it is what the uid has now plus the allowance. (Counting
+    reads every process's status, milliseconds: a count less than COUNT_TTL_S old is reused, as if
+    those jobs had started together.)"""
     if allowance <= 0:
         raise ValueError(f"allowance must be positive, not {allowance!r}")
-    return count_tasks(uid, proc_root) + allowance
+    now = time.monotonic()
+    when, count = _counted.get((uid, proc_root), (-COUNT_TTL_S, 0))
+    if now - when >= COUNT_TTL_S:
+        count = count_tasks(uid, proc_root)
+        _counted[(uid, proc_root)] = (now, count)
+    return count + allowance
 
 
 _warned_root_nproc = False
@@ -200,6 +212,27 @@ class Limits:
                 os.setuid(ids[0])
 
         return apply
+
+    def command(self, prlimit: str, program: str, argv: Sequence[str], *, setpriv: str | None = None,
+                switch_user: bool = True) -> tuple[str, list[str]]:
+        """The same limits (and user switch) as ``preexec``, as a command prefix instead: ``prlimit``
+        (util-linux) sets them on itself and execs the rest, ``setpriv`` then drops to ``run_as``.
+        Without a preexec function Python spawns with vfork; with one it forks the whole daemon,
+        about 8 ms more per run here. The program sees its resolved path as ``argv[0]``."""
+        limits = [f"--as={self.mem_mib * 1024 * 1024}", f"--cpu={self.cpu_s}",
+                  f"--fsize={self.file_mib * 1024 * 1024}", f"--nofile={self.open_files}", "--core=0"]
+        if self.procs > 0:
+            uid = os.getuid() if self.run_as is None else self.run_as[0]
+            if uid == 0:
+                _warn_root_nproc()
+            limits.append(f"--nproc={nproc_limit(uid, self.procs)}")
+        cmd = [prlimit, *limits, "--"]
+        if switch_user and self.run_as is not None:
+            if setpriv is None:
+                raise ConfigError("running jobs as another user needs setpriv (util-linux): install util-linux")
+            cmd += [setpriv, f"--reuid={self.run_as[0]}", f"--regid={self.run_as[1]}", "--clear-groups",
+                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        return prlimit, [*cmd, program, *argv[1:]]
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
         """Which limit a failed run most likely hit, or "" when none."""

@@ -162,7 +162,8 @@ class Daemon:
             await asyncio.to_thread(shutil.rmtree, stale, True)
         self.host.job_user = confine.job_identity(cfg.exec_user)
         self.host.max_procs = cfg.exec_max_procs
-        if self.host.bwrap is not None and self.host.job_user is not None:
+        self.host.prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
+        if self.host.job_user is not None and (self.host.bwrap is not None or self.host.prlimit is not None):
             self.host.setpriv = confine.find_setpriv()
         self.identity = load_or_create(cfg.state_dir, cfg.name)
         loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,

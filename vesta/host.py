@@ -170,7 +170,8 @@ class Host:
         self.name = name
         self.runs: Path | None = None   # where run directories are made (None: the system temp dir)
         self.job_user = job_user   # (uid, gid) exec jobs run as (vestad is root), or None: the daemon's user
-        self.setpriv = setpriv     # drops to job_user inside the sandbox (bwrap itself stays root)
+        self.setpriv = setpriv     # drops to job_user (inside the sandbox, where bwrap itself stays root)
+        self.prlimit: str | None = None   # sets a run's limits as a command prefix (else a preexec function)
         self.max_procs = max_procs
         self.input_cap = input_cap_mib << 20
         self.keep_runs = keep_runs
@@ -457,8 +458,14 @@ class Host:
             elif not confine.usable_by(program, self.job_user):
                 return failed(f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                               "on this node: see exec_user")
+            preexec = None
+            if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
+                runner, argv = limits.command(self.prlimit, runner, argv, setpriv=self.setpriv,
+                                              switch_user=self.bwrap is None)
+            else:
+                preexec = limits.preexec(switch_user=self.bwrap is None)
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
-                                  cancel=stop, preexec=limits.preexec(switch_user=self.bwrap is None))
+                                  cancel=stop, preexec=preexec)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
