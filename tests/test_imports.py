@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"vesta.autopilot", "vesta.host"},
     {"vesta.jobs"},
     {"vesta.jobqueue"},
-    {"vesta.daemon", "vesta.control"},
+    {"vesta.daemon", "vesta.control", "vesta.ops"},
     {"vesta.cli"},  # and every vesta.cli.* module
 ]
 SAME_LAYER: dict[str, set[str]] = {
@@ -35,6 +35,7 @@ SAME_LAYER: dict[str, set[str]] = {
     "vesta.identity": {"vesta.crypto"},              # the fingerprint function
     "vesta.budget": {"vesta.sysstat"},               # PowerInfo
     "vesta.config": {"vesta.hours"},                 # lend_hours are checked when the config is read
+    "vesta.daemon": {"vesta.ops"},                   # the daemon is its control operations plus the wiring
 }
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {

@@ -1,0 +1,383 @@
+"""vestad's control operations: one ``_op_NAME(args, emit)`` per request of the ``vesta`` CLI.
+
+``ControlOps`` is mixed into ``daemon.Daemon``, which wires the parts these operations use (declared
+below) and dispatches requests to them by name. Each operation checks its arguments itself: a bad one
+is a ``ControlError`` whose one-line message goes back to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vesta import __version__, executor, proto, sysstat
+from vesta.budget import PowerMode
+from vesta.config import Config
+from vesta.crypto import FederationKeys
+from vesta.errors import VestaError
+from vesta.host import Host
+from vesta.hours import LendingHours
+from vesta.identity import Identity
+from vesta.jobqueue import ExecQueue, stage_inputs
+from vesta.jobs import Emit, JobFailed, Submitter, new_job_id
+from vesta.ledger import Ledger
+from vesta.link import LinkPool
+from vesta.peertable import Peer, PeerTable
+from vesta.records import Records
+from vesta.tasks import spawn
+
+PING_TIMEOUT = 5.0
+RECORDS_TIMEOUT = 5.0         # a member that does not answer `vesta jobs --all` in time is listed unreachable
+
+
+class ControlError(VestaError):
+    """A control request that cannot be served; the message goes back to the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts: float
+    kind: str
+    text: str
+
+
+class ControlOps:
+    """The operations; the attributes and methods below are the daemon's (see ``daemon.Daemon``)."""
+
+    cfg: Config
+    counters: Counter[str]
+    events: deque[Event]
+    table: PeerTable
+    started: float
+    started_wall: float
+    cores: int
+    port: int
+    stress: executor.Stress
+    hours: LendingHours | None
+    ledger: Ledger
+    host: Host
+    identity: Identity
+    keys: FederationKeys
+    pool: LinkPool
+    records: Records
+    submitter: Submitter
+    queue: ExecQueue
+    _tasks: set[asyncio.Task[Any]]
+    node_status: Callable[[], proto.NodeStatus]
+    power: Callable[[], tuple[PowerMode, sysstat.PowerInfo]]
+    isolation: Callable[[], str]
+    find_peer: Callable[[str], Peer]
+    _event: Callable[[str, str], None]
+
+    def ops(self) -> dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]]:
+        """Request name -> operation."""
+        return {
+            "status": self._op_status, "peers": self._op_peers, "ping": self._op_ping, "events": self._op_events,
+            "cpu": self._op_cpu, "mem": self._op_mem, "exec": self._op_exec, "stress": self._op_stress,
+            "stop-stress": self._op_stop_stress, "cancel": self._op_cancel, "snapshot": self._op_snapshot,
+            "ledger": self._op_ledger, "jobs": self._op_jobs, "show": self._op_show, "logs": self._op_logs,
+            "artifacts": self._op_artifacts,
+        }
+
+    async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        cfg = self.cfg
+        status = self.node_status()
+        mode, info = self.power()
+        alive = len(self.table.alive())
+        accounts = self.ledger.rows()
+        return {
+            "name": cfg.name,
+            "fingerprint": self.identity.fingerprint,
+            "key_id": self.keys.key_id,
+            "version": __version__,
+            "pid": os.getpid(),
+            "bind": cfg.bind,
+            "port": self.port,
+            "dport": cfg.dport,
+            "advertise": status.host,
+            "seeds": list(cfg.seeds),
+            "socket": str(cfg.control_socket),
+            "state_dir": str(cfg.state_dir),
+            "identity_file": str(self.identity.path),
+            "started": self.started_wall,
+            "uptime_s": time.monotonic() - self.started,
+            "beacon_interval_ms": cfg.advertise_spare_ms,
+            "node": status.to_wire(),
+            "power": {"mode": mode.mode, "willingness": mode.willingness, "forced": mode.forced,
+                      "setting": cfg.power, "ac_online": info.ac_online, "battery_pct": info.battery_pct,
+                      "battery_status": info.battery_status, "battery_min_pct": cfg.battery_min_pct},
+            "budget": {"cores": self.cores, "offered_cores": status.offered_cores,
+                       "spare_cores": status.spare_cores, "offered_mem_mb": status.offered_mem_mb,
+                       "cpu_offer_pct": cfg.cpu_offer_pct, "reserve_pct": cfg.reserve_pct,
+                       "mem_offer_mb": cfg.mem_offer_mb, "spill_cpu_pct": cfg.spill_cpu_pct,
+                       "max_borrow_ratio": cfg.max_borrow_ratio},
+            "allow_exec": cfg.allow_exec,
+            "isolation": self.isolation(),
+            "exec_allowlist": list(cfg.exec_allowlist),
+            "peers": {"alive": alive, "suspect": len(self.table) - alive},
+            "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
+            "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,
+                         "started": h.started} for h in self.host.running.values()],
+            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
+            "counters": dict(sorted(self.counters.items())),
+            "lending": {"open": self.hours is None or self.hours.is_open(),
+                        "hours": list(cfg.lend_hours), "grace_s": cfg.lend_grace_s,
+                        "describe": self.hours.describe() if self.hours else "always (no lend_hours set)"},
+            "ledger": {"peers": len(self.ledger.accounts),
+                       "lent": round(sum(r["lent"] for r in accounts), 3),
+                       "borrowed": round(sum(r["borrowed"] for r in accounts), 3),
+                       "goodwill_core_s": cfg.goodwill_core_s, "half_life_days": cfg.ledger_half_life_days,
+                       "file": str(self.ledger.path)},
+        }
+
+    async def _op_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        own = self.node_status()
+        rows = [_peer_row(own, (own.host or "*", self.port), 0.0, "self")]
+        for p in sorted(self.table.all(), key=lambda p: p.name):
+            rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
+                        | {"restarts": p.restarts, "beacons": p.beacons,
+                           "balance": round(self.ledger.balance(p.fingerprint), 3),
+                           "ledger_state": self.ledger.state(p.fingerprint)})
+        return rows
+
+    async def _op_ping(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        node = args.get("node")
+        if not isinstance(node, str) or not node:
+            raise ControlError("ping needs a node name")
+        peer = self.find_peer(node)
+        t0 = time.perf_counter()
+        reply = await self.pool.request(peer.fingerprint, peer.addr,
+                                        lambda rid: proto.Ping(rid=rid, ts=time.time()), PING_TIMEOUT)
+        rtt = (time.perf_counter() - t0) * 1000
+        if not isinstance(reply, proto.Pong):
+            raise ControlError(f"{peer.name} answered {type(reply).__name__} to a ping")
+        return {"node": reply.name, "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
+                "rtt_ms": round(rtt, 3)}
+
+    async def _op_events(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        limit = args.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ControlError("limit must be a positive whole number")
+        return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
+
+
+    async def _op_jobs(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
+        limit = args.get("limit", 50)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ControlError("--limit must be from 1 to 10000")
+        hosted = bool(args.get("hosted"))
+        state = _opt_str(args, "state")
+        if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
+            raise ControlError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
+        own = self.records.hosted(limit=limit) if hosted else self.records.jobs(state=state, limit=limit)
+        if not args.get("all"):
+            return own
+        # Every reachable member's records, each row labelled with the node that keeps it.
+        rows = [r | {"node": self.cfg.name} for r in own]
+        peers = self.table.alive()
+
+        async def ask(peer: Peer) -> list[dict[str, Any]]:
+            reply = await self.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.RecordsRequest(
+                rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
+            if not isinstance(reply, proto.Records):
+                raise ControlError(f"{peer.name} answered {type(reply).__name__}")
+            return [dict(r) | {"node": reply.node} for r in reply.rows]
+
+        answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
+        for peer, answer in zip(peers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                rows.append({"node": peer.name, "id": "-", "kind": "-", "state": "unreachable",
+                             "reason": str(answer)[:200], "created": 0.0, "args": {}})
+            else:
+                rows.extend(r for r in answer if state is None or r.get("state") == state)
+        key = "started" if hosted else "created"
+        rows.sort(key=lambda r: -(r.get(key) or 0.0))
+        return rows[:limit] + [r for r in rows[limit:] if r.get("state") == "unreachable"]
+
+    def _record(self, args: dict[str, Any]) -> dict[str, Any]:
+        job_id = _opt_str(args, "job_id")
+        record = self.records.job(job_id) if job_id else None
+        if record is None:
+            raise ControlError(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
+        return record
+
+    async def _op_show(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return self._record(args)
+
+    async def _op_logs(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        record = self._record(args)
+        after = args.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ControlError("after must be a whole number >= 0")
+        data, nxt = self.records.log(record["id"], None, after)
+        return {"job_id": record["id"], "data": data, "next": nxt, "state": record["state"]}
+
+    async def _op_ledger(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {"peers": self.ledger.rows(), "goodwill_core_s": self.cfg.goodwill_core_s,
+                "max_borrow_ratio": self.cfg.max_borrow_ratio, "half_life_days": self.cfg.ledger_half_life_days,
+                "file": str(self.ledger.path)}
+
+    async def _op_snapshot(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Everything a monitor shows, in one call: nodes, live flows, recent events."""
+        rows = await self._op_peers(args, emit)
+        flows = self.host.flows(self.cfg.name)
+        for job in self.submitter.jobs.values():
+            flows.extend(f for f in job.flows(self.cfg.name) if f["from"] != self.cfg.name)
+        local = [f for job in self.submitter.jobs.values() for f in job.flows(self.cfg.name)
+                 if f["from"] == self.cfg.name]
+        return {
+            "time": time.time(),
+            "self": self.cfg.name,
+            "fingerprint": self.identity.fingerprint,
+            "beacon_interval_ms": self.cfg.advertise_spare_ms,
+            "expire_after": self.cfg.expire_after,
+            "suspect_after": self.cfg.suspect_after,
+            "nodes": rows,
+            "flows": flows,
+            "local_work": local,
+            "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
+            "hosting": len(self.host.running),
+            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
+            "events": [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-20:]],
+            "counters": {k: v for k, v in self.counters.items() if k.startswith("dropped_")},
+        }
+
+    async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        millions = args.get("millions")
+        if isinstance(millions, bool) or not isinstance(millions, (int, float)) or not 0 < millions <= 1e9:
+            raise ControlError("cpu needs a positive number of million iterations (e.g. vesta cpu 200)")
+        iterations = max(1, int(round(millions * 1_000_000)))
+        return await self._job("cpu", f"{millions:g}M iterations", self.submitter.run_cpu(
+            iterations, on=_opt_str(args, "on"), split=bool(args.get("split", True)), emit=emit))
+
+    async def _job(self, kind: str, what: str, run: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """Run a submitted job, with its start and end in the event feed."""
+        try:
+            result = await run
+        except JobFailed as exc:
+            self._event("job_failed", f"{kind} {what}: {exc}")
+            raise
+        nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
+        self._event("job_done", f"{result['job_id']} {kind} {what} on {nodes} in {result['elapsed_s']:.2f}s")
+        return result
+
+    async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        mib, ms = args.get("mib"), args.get("ms")
+        if isinstance(mib, bool) or not isinstance(mib, int) or not 0 < mib <= proto.MAX_MEM_MIB:
+            raise ControlError("mem needs a size in MiB from 1 (e.g. vesta mem 512 5000)")
+        if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= 86_400_000:
+            raise ControlError("mem needs a hold time in milliseconds from 0 to 86400000")
+        return await self._job("mem", f"{mib} MiB", self.submitter.run_mem(mib, ms, on=_opt_str(args, "on"),
+                                                                          emit=emit))
+
+    async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
+            raise ControlError("exec needs a command: vesta exec -- CMD ARGS...")
+        if len(argv) > proto.MAX_ARGV or any(len(a) > proto.MAX_ARG or "\x00" in a for a in argv):
+            raise ControlError(f"command too long: at most {proto.MAX_ARGV} arguments of {proto.MAX_ARG} bytes")
+        mem = args.get("mem") or 0
+        if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem <= proto.MAX_MEM_MIB:
+            raise ControlError("--mem must be a whole number of MiB")
+        timeout = args.get("timeout") or 0.0
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
+            raise ControlError("--timeout must be from 1 to 604800 seconds")
+        retries = args.get("retries") or 0
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            raise ControlError("--retries must be from 0 to 10")
+        puts = args.get("puts") or []
+        if not isinstance(puts, list) or not all(isinstance(p, str) and p for p in puts):
+            raise ControlError("puts must be a list of file paths")
+        on = _opt_str(args, "on")
+        job_id = new_job_id()
+        inputs_dir = self.queue.inputs_root / job_id
+        inputs = await asyncio.to_thread(stage_inputs, puts, inputs_dir) if puts else ()
+        what = " ".join(argv)[:60]
+        if args.get("queue"):
+            self.queue.add(job_id, argv, on=on, timeout=float(timeout), mem_mib=mem, inputs=inputs, retries=retries,
+                           submitter=self.cfg.name, fingerprint=self.identity.fingerprint)
+            if args.get("detach"):
+                return {"job_id": job_id, "detached": True, "queued": True}
+            await emit({"type": "queued", "job_id": job_id, "why": "waiting for a node that can take it"})
+            return await self.queue.follow(job_id, emit)
+
+        async def run(emit: Emit) -> dict[str, Any]:
+            try:
+                return await self._job("exec", what, self.submitter.run_exec(
+                    argv, on=on, timeout=float(timeout), emit=emit, job_id=job_id, mem_mib=mem, inputs=inputs,
+                    inputs_dir=inputs_dir, retries=retries))
+            finally:
+                if inputs:
+                    await asyncio.to_thread(shutil.rmtree, inputs_dir, True)
+
+        if args.get("detach"):
+            # Nobody listens: the output goes to the records only, and the job outlives this request.
+            async def nowhere(event: dict[str, Any]) -> None:
+                return None
+
+            async def detached() -> None:
+                with contextlib.suppress(JobFailed, VestaError):
+                    await run(nowhere)
+
+            spawn(detached(), f"detached-{job_id}", self._tasks)
+            await asyncio.sleep(0)   # registered before we answer, so `vesta wait` finds it at once
+            return {"job_id": job_id, "detached": True}
+        return await run(emit)
+
+    async def _op_artifacts(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        record = self._record(args)
+        return {"job_id": record["id"], "state": record["state"],
+                "dir": str(self.cfg.state_dir.expanduser().resolve() / "artifacts" / record["id"]),
+                "files": self.records.artifacts(record["id"])}
+
+    async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        cores, secs = args.get("cores", 0), args.get("secs")
+        if isinstance(cores, bool) or not isinstance(cores, int) or not 0 <= cores <= 4096:
+            raise ControlError("stress needs a number of cores (0 = all)")
+        if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 < secs <= 86400:
+            raise ControlError("stress needs a duration in seconds from 1 to 86400")
+        n = cores or self.cores
+        self.stress.start(n, float(secs))
+        self._event("stress", f"stressing {n} cores for {secs:g}s")
+        return {"cores": n, "secs": secs}
+
+    async def _op_stop_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return {"stopped": await asyncio.to_thread(self.stress.stop)}
+
+    async def _op_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        job_id = _opt_str(args, "job_id")
+        if not job_id or not (self.submitter.cancel(job_id) or self.queue.cancel(job_id)):
+            running = ", ".join(self.submitter.jobs) or "none"
+            raise ControlError(f"no running job {job_id!r} submitted here (running: {running})")
+        return {"cancelled": job_id}
+
+
+def _opt_str(args: dict[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"{key} must be a non-empty string")
+    return value
+
+
+def _peer_row(s: proto.NodeStatus, addr: tuple[str, int], age: float, state: str) -> dict[str, Any]:
+    return {
+        "name": s.name, "fingerprint": s.fingerprint, "address": f"{addr[0]}:{addr[1]}", "state": state,
+        "cores": s.cores, "cpu_pct": s.cpu_pct, "cpu_per_core": list(s.cpu_per_core), "load1": s.load1,
+        "mem_total_mb": s.mem_total_mb, "mem_avail_mb": s.mem_avail_mb, "offered_cores": s.offered_cores,
+        "offered_mem_mb": s.offered_mem_mb, "spare_cores": s.spare_cores, "power": s.power,
+        "willingness": s.willingness, "battery_pct": s.battery_pct, "temp_c": s.temp_c,
+        "gpus": [{"name": g.name, "mem_total_mb": g.mem_total_mb, "mem_used_mb": g.mem_used_mb,
+                  "util_pct": g.util_pct} for g in s.gpus],
+        "labels": list(s.labels), "version": s.version, "uptime_s": s.uptime_s, "last_seen_s": round(age, 2),
+        "lending": "open" if s.lending else "closed", "running": s.running,
+    }
