@@ -199,6 +199,7 @@ class ExecQueue:
                 if why:
                     if why != row["reason"]:
                         self.records.wait_reason(row["id"], why)
+                        await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
                     continue
                 self._placing.add(row["id"])
                 spawn(self._place(row["id"], args), f"queued-{row['id']}", self._tasks)

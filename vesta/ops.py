@@ -306,7 +306,6 @@ class ControlOps:
                            submitter=self.cfg.name, fingerprint=self.identity.fingerprint)
             if args.get("detach"):
                 return {"job_id": job_id, "detached": True, "queued": True}
-            await emit({"type": "queued", "job_id": job_id, "why": "waiting for a node that can take it"})
             return await self.queue.follow(job_id, emit)
 
         async def run(emit: Emit) -> dict[str, Any]:
