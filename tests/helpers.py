@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from vesta.control import ControlClient
 
 BIN = Path(sys.executable).parent
@@ -255,3 +257,14 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"===== {n.name}\n{n.log()}" for n in self.nodes)
+
+
+def need_tool(name: str, what: str) -> str:
+    """The path of a system tool a test needs. Missing: a failure in CI (scripts/setup installs it), a skip
+    on a developer's machine without it."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{what} is required in CI (scripts/setup installs it)")
+        pytest.skip(f"{what} is not installed")
+    return found

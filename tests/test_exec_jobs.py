@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, Cluster, Vestad, eventually, idle_proc, tool
+from tests.helpers import BIN, Cluster, Vestad, eventually, idle_proc, need_tool, tool
 
 pytestmark = pytest.mark.integration
 
@@ -156,10 +156,7 @@ def limits_config(tmp_path: Path) -> Path:
 
 
 def need_bwrap() -> None:
-    if shutil.which("bwrap") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("bubblewrap is required in CI (scripts/setup installs it)")
-        pytest.skip("bubblewrap is not installed")
+    need_tool("bwrap", "bubblewrap")
 
 
 def test_sandboxed_job_cannot_write_outside_read_home_or_use_the_network(cluster: Cluster, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import need_tool
 from vesta import confine, execrun
 from vesta.confine import Limits
 from vesta.execrun import ExecResult
@@ -44,12 +45,7 @@ exec sleep "$1"
 
 
 def need_bwrap() -> str:
-    found = shutil.which("bwrap")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("bubblewrap is required in CI (scripts/setup installs it)")
-        pytest.skip("bubblewrap is not installed")
-    return found
+    return need_tool("bwrap", "bubblewrap")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import subprocess
 import termios
 import threading
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from tests.helpers import Cluster, eventually, tool
+from tests.helpers import Cluster, eventually, need_tool, tool
 from vesta.cli.vestatop import Keys, Monitor, render
 from vesta.errors import DaemonNotRunning
 
@@ -270,12 +269,7 @@ def test_once_and_json_against_a_real_pair(cluster: Cluster) -> None:
 
 
 def tmux_or_skip() -> str:
-    path = shutil.which("tmux")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tmux is required for the terminal test in CI")
-        pytest.skip("tmux is not installed")
-    return path
+    return need_tool("tmux", "tmux")
 
 
 _BAR_PCT = re.compile(r"[█▏▎▍▌▋▊▉░]+ +(\d+)%")
