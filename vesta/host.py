@@ -290,7 +290,7 @@ class Host:
                                     else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
             if prepared is not None and self.keep_runs:
                 args["workdir"] = str(prepared[0])
-            # An inline run is committed once, start and end together, before its Accept goes out.
+            # An inline run is committed once, start and end together, just after its Accept and Result go out.
             run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
                                                peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
                                                started=time.time(), defer=inline)
@@ -323,8 +323,10 @@ class Host:
                 assert result is not None
                 charge(result)
                 ended = self._ending(offer, hosted, result)[1]
-                record_end()
-                await channel.send(proto.Accept(rid=offer.rid, node=self.name), result)
+                try:
+                    await channel.send(proto.Accept(rid=offer.rid, node=self.name), result)
+                finally:
+                    record_end()   # after the answer: the commit is off the submitter's wait
                 return
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:

@@ -13,8 +13,11 @@ write is followed by a committing one *before the event loop runs anything
 else* (no ``await`` between them), and before the work it describes is
 offered or answered. So a job's row and its first part are on disk before its
 first chunk is offered; a hosted run that is answered at once (a tiny cpu
-chunk, run inline) is on disk, start and end together, before its Accept and
-Result are sent; a part's end is committed with the job's end. WAL with
+chunk, run inline) is committed, start and end together, right after its
+Accept and Result are sent (so the commit is not on the submitter's wait: a
+crash in that instant loses the host's record of a chunk with no effects,
+which the submitter's record still shows); a part's end is committed with the
+job's end. WAL with
 ``synchronous=NORMAL``: a committed record survives SIGKILL of the daemon and
 the file stays consistent whatever moment a crash strikes; only a power cut
 can lose the last few commits (the database stays consistent then too). FULL

@@ -76,7 +76,13 @@ def cli(verbose: int, quiet: bool, **flags: Any) -> None:
     cfg = load(flags)
     if flags.get("key"):
         log.warning("the key given with -key is visible to other users in `ps`; prefer -key-file or VESTA_KEY")
-    asyncio.run(run(cfg))
+    try:
+        import uvloop  # a faster event loop where it is installed (a job's dispatch is mostly loop work)
+    except ImportError:
+        asyncio.run(run(cfg))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(cfg))
 
 
 def main() -> NoReturn:
