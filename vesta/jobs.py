@@ -74,11 +74,37 @@ class ChunkOutcome:
     placed: float = 0.0      # when it was offered (wall clock)
 
 
+class CancelFlag:
+    """A job's cancel switch: set once; ``future()`` to wait on it without a task per waiter."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._futures: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        self._set = True
+        for fut in self._futures:
+            if not fut.done():
+                fut.set_result(None)
+        self._futures.clear()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def future(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._set:
+            fut.set_result(None)
+        else:
+            self._futures.append(fut)
+        return fut
+
+
 @dataclass
 class Job:
     job_id: str
     kind: str
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: CancelFlag = field(default_factory=lambda: CancelFlag())
     replaced: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     running_by_node: Counter[str] = field(default_factory=Counter)    # chunks running now, per node name
@@ -373,7 +399,7 @@ class Submitter:
         done: list[ChunkOutcome] = []
         progress = [0]
         last_emit = last_refresh = time.monotonic()
-        cancel_wait = asyncio.ensure_future(job.cancel.wait())
+        cancel_wait = job.cancel.future()
         attempts: dict[int, int] = {}
         lost: Counter[int] = Counter()     # runs of each chunk that started and did not finish
         passing: set[str] = set()          # nodes whose "no" may not last (busy, closed hours, unreachable)
@@ -510,11 +536,12 @@ class Submitter:
 
         if o.node.local:
             cancel = threading.Event()
-            watcher = asyncio.ensure_future(job.cancel.wait())
+            watcher = job.cancel.future()
             files = ExecFiles(job.inputs, job.inputs_dir, job.sink) if job.kind == "exec" else None
             run = asyncio.ensure_future(self.run_local(make(0), LocalRun(cancel, add_progress, output,
                                                                           lambda: self._mark_running(job, o), files)))
-            await asyncio.wait([run, watcher], return_when=asyncio.FIRST_COMPLETED)
+            both: list[asyncio.Future[Any]] = [run, watcher]
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 cancel.set()
             watcher.cancel()

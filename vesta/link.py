@@ -88,11 +88,14 @@ class Stream:
 
     async def next(self, timeout: float | None) -> proto.Message:
         """The next message for this rid; PeerUnavailable if the link dies or nothing comes in time."""
-        try:
-            async with asyncio.timeout(timeout):
-                item = await self.queue.get()
-        except TimeoutError as exc:
-            raise PeerUnavailable(f"no answer from peer {self.peer} within {timeout:g}s") from exc
+        if not self.queue.empty():   # already here (a Result right behind its Accept): no timer to set up
+            item = self.queue.get_nowait()
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self.queue.get()
+            except TimeoutError as exc:
+                raise PeerUnavailable(f"no answer from peer {self.peer} within {timeout:g}s") from exc
         if isinstance(item, PeerUnavailable):
             self.queue.put_nowait(item)  # every later call sees the same end
             raise item
