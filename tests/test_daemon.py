@@ -15,6 +15,7 @@ from vesta import proto
 from vesta.config import Config
 from vesta.control import ControlClient, RemoteError
 from vesta.daemon import Daemon
+from vesta.errors import PeerUnavailable
 
 
 def battery_tree(root: Path, capacity: int, status: str = "Discharging", ac_online: int = 0) -> Path:
@@ -203,3 +204,18 @@ async def test_work_running_when_the_window_closes_is_stopped_after_grace_and_re
 
 async def _ignore(event: dict[str, object]) -> None:
     return None
+
+
+async def test_a_link_silent_through_a_whole_request_is_closed_and_the_next_reconnects(
+        pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    peer = a.table.get(b.identity.fingerprint)
+    assert peer is not None
+    await a.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.Ping(rid=rid, ts=0.0), timeout=3)
+    assert a.counters["links_opened"] == 1
+    # b answers nothing to a Cancel for a run it does not have: to a, the link is as silent as a frozen peer's.
+    with pytest.raises(PeerUnavailable, match="no answer from peer"):
+        await a.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.Cancel(rid=rid), timeout=0.3)
+    await eventually_async(lambda: peer.fingerprint not in a.pool._links)
+    reply = await a.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.Ping(rid=rid, ts=0.0), timeout=3)
+    assert isinstance(reply, proto.Pong) and a.counters["links_opened"] == 2

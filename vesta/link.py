@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,7 @@ class _Link:
         self.addr = addr
         self.pending: dict[int, asyncio.Queue[proto.Message | PeerUnavailable]] = {}
         self.closed = False
+        self.last_heard = time.monotonic()   # when the peer last sent anything on this link
         self._on_close = on_close
         self.reader = spawn(self._read(), f"link-reader-{channel.peer_fingerprint[:8]}")
 
@@ -53,6 +55,7 @@ class _Link:
         try:
             while True:
                 msg = await self.channel.recv()
+                self.last_heard = time.monotonic()
                 rid = getattr(msg, "rid", None)
                 queue = self.pending.get(rid) if isinstance(rid, int) else None
                 if queue is not None and isinstance(rid, int):
@@ -91,10 +94,16 @@ class Stream:
         if not self.queue.empty():   # already here (a Result right behind its Accept): no timer to set up
             item = self.queue.get_nowait()
         else:
+            began = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
                     item = await self.queue.get()
             except TimeoutError as exc:
+                if self.link.last_heard < began and not self.link.closed:
+                    # Not a word on the whole link all that time: a frozen or vanished peer behind a connection
+                    # that still looks open. Close it, so the next request reconnects instead of waiting again.
+                    log.info("closing the link to %s: silent for %gs", self.peer, timeout)
+                    await self.link.channel.close()
                 raise PeerUnavailable(f"no answer from peer {self.peer} within {timeout:g}s") from exc
         if isinstance(item, PeerUnavailable):
             self.queue.put_nowait(item)  # every later call sees the same end
