@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
 
-from common import ROOT, LoadWatch, ProcessCpu, Report, busy_note, settle
+from common import LoadWatch, ProcessCpu, Report, busy_note, daemons, settle
 
-sys.path.insert(0, str(ROOT))   # tests.helpers: real vestad processes
-
-from tests.helpers import Cluster, eventually, short_tmpdir  # noqa: E402
-from vesta.control import ControlClient, RemoteError  # noqa: E402
+from tests.helpers import eventually
+from vesta.control import ControlClient, RemoteError
 
 CPU_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_JOBS", "1000"))
 EXEC_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_EXECS", "200"))
@@ -97,9 +94,8 @@ def describe(report: Report, label: str, client_ms: list[float], daemon_ms: list
 def main() -> None:
     report = Report("dispatch", f"dispatch: tiny jobs on a peer over loopback ({os.cpu_count()} cores)")
     report.extra["busy_pct_before"] = settle()
-    base = short_tmpdir("vb")
-    cluster = Cluster(base)
-    try:
+    with daemons() as cluster:
+        base = cluster.base
         a = cluster.add("a", interval_ms=200)
         b_config = base / "b.json"
         b_config.write_text(json.dumps({"sandbox": SANDBOX}))
@@ -140,9 +136,6 @@ def main() -> None:
             report.target(f"exec p50 ≤ {EXEC_P50_MS:g} ms", p50 <= EXEC_P50_MS and not exec_err, f"{p50:.2f} ms")
         else:
             report.target(f"exec p50 ≤ {EXEC_P50_MS:g} ms", False, "no job completed: " + exec_err[0][:60])
-    finally:
-        cluster.close()
-        shutil.rmtree(base, ignore_errors=True)
     report.finish()
 
 

@@ -12,17 +12,14 @@ wall time, its RSS and USS, and whether any numpy file is mapped into it (/proc/
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import psutil
-from common import ROOT, LoadWatch, Report, busy_note, settle
+from common import LoadWatch, Report, busy_note, daemons, settle
 
-sys.path.insert(0, str(ROOT))   # tests.helpers: real vestad processes
-
-from tests.helpers import Cluster, Vestad, eventually, short_tmpdir  # noqa: E402
+from tests.helpers import Vestad, eventually
 
 INTERVAL_MS = 1000              # vestad's default beacon interval
 SETTLE_S = 3.0
@@ -69,9 +66,8 @@ def numpy_mapped(pid: int) -> list[str]:
 def main() -> None:
     report = Report("idle", f"idle daemon: CPU and memory ({INTERVAL_MS} ms beacons, one peer)")
     report.extra["busy_pct_before"] = settle()
-    base = short_tmpdir("vb")
-    cluster = Cluster(base)
-    try:
+    with daemons() as cluster:
+        base = cluster.base
         nodes: list[Vestad] = []
         for name in ("a", "b"):
             node = QuietVestad(name, cluster.key, cluster.dport, base / name, cluster.runtime_dir,
@@ -115,9 +111,6 @@ def main() -> None:
         report.target("numpy not imported while idle", not numpy, f"{len(numpy)} numpy files mapped")
         report.extra.update({"cpu_s": cpu_s, "cpu_ticks_s": ticks_s, "wall_s": wall, "rss_bytes": mem.rss,
                              "uss_bytes": None if uss is None else uss, "numpy_files": numpy})
-    finally:
-        cluster.close()
-        shutil.rmtree(base, ignore_errors=True)
     report.finish()
 
 

@@ -19,11 +19,9 @@ import sys
 import time
 from typing import Any
 
-from common import ROOT, LoadWatch, ProcessCpu, Report, busy_note, settle
+from common import LoadWatch, ProcessCpu, Report, busy_note, daemons, settle
 
-sys.path.insert(0, str(ROOT))   # tests.helpers: real vestad processes
-
-from tests.helpers import Cluster, Vestad, eventually, short_tmpdir  # noqa: E402
+from tests.helpers import Vestad, eventually
 
 QUICK = os.environ.get("VESTA_BENCH_QUICK", "") not in ("", "0")
 MILLIONS = 100 if QUICK else 400
@@ -81,11 +79,9 @@ def main() -> None:
     report = Report("split", f"split: cpu {MILLIONS} on two one-core daemons (taskset) vs one"
                     + (" [quick]" if QUICK else ""))
     report.extra["busy_pct_before"] = settle()
-    base = short_tmpdir("vb")
-    cfg = base / "lend.json"
-    cfg.write_text(json.dumps({"cpu_offer_pct": 100, "reserve_pct": 0}))
-    cluster = Cluster(base)
-    try:
+    with daemons() as cluster:
+        cfg = cluster.base / "lend.json"
+        cfg.write_text(json.dumps({"cpu_offer_pct": 100, "reserve_pct": 0}))
         a = cluster.add("a", cpus="0", args=["-config", str(cfg)])
         b = cluster.add("b", cpus="1", args=["-config", str(cfg)])
         eventually(lambda: "b" in a.peer_names() and "a" in b.peer_names(), 15, what="a and b to see each other")
@@ -115,9 +111,6 @@ def main() -> None:
                       f"{speedup:.2f} x")
         report.extra.update({"millions": MILLIONS, "quick": QUICK, "one_node": {"seconds": one_s, "result": one},
                              "split": {"seconds": two_s, "result": two}})
-    finally:
-        cluster.close()
-        shutil.rmtree(base, ignore_errors=True)
     report.finish()
 
 

@@ -8,14 +8,16 @@ table and writes ``bench-results/<name>.json`` at the repository root. Run them 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,21 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+sys.path.insert(0, str(ROOT))   # tests.helpers: real vestad processes
+
+from tests.helpers import Cluster, short_tmpdir  # noqa: E402
+
+
+@contextlib.contextmanager
+def daemons() -> Iterator[Cluster]:
+    """Real vestad processes (``tests.helpers.Cluster``) under a short temporary directory
+    (``cluster.base``); every one is stopped and the directory removed afterwards."""
+    cluster = Cluster(short_tmpdir("vb"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(cluster.base, ignore_errors=True)
 
 
 def repeat(fn: Callable[[], Any], times: int) -> list[Any]:

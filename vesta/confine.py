@@ -182,6 +182,23 @@ class Limits:
     procs: int = 0          # tasks (processes + threads) the job may have, through RLIMIT_NPROC; 0: no limit
     run_as: tuple[int, int] | None = None   # (uid, gid) the job runs as (job_identity); None: ours
 
+    def values(self) -> list[tuple[int, str, int]]:
+        """(resource, prlimit option, value) of every limit; the process limit is worked out now
+        (``nproc_limit``), just before the run starts."""
+        values = [
+            (resource.RLIMIT_AS, "as", self.mem_mib * 1024 * 1024),
+            (resource.RLIMIT_CPU, "cpu", self.cpu_s),
+            (resource.RLIMIT_FSIZE, "fsize", self.file_mib * 1024 * 1024),
+            (resource.RLIMIT_NOFILE, "nofile", self.open_files),
+            (resource.RLIMIT_CORE, "core", 0),
+        ]
+        if self.procs > 0:
+            uid = os.getuid() if self.run_as is None else self.run_as[0]
+            if uid == 0:
+                _warn_root_nproc()
+            values.append((resource.RLIMIT_NPROC, "nproc", nproc_limit(uid, self.procs)))
+        return values
+
     def preexec(self, *, switch_user: bool = True) -> Callable[[], None]:
         """The child-side function: only setrlimit, then setgroups/setgid/setuid (safe between fork and exec).
 
@@ -189,18 +206,7 @@ class Limits:
         ``switch_user=False`` keeps the child's user: for ``bwrap_command(run_as=...)``, which switches
         inside the sandbox (bubblewrap itself must stay root there).
         """
-        settings = [
-            (resource.RLIMIT_AS, self.mem_mib * 1024 * 1024),
-            (resource.RLIMIT_CPU, self.cpu_s),
-            (resource.RLIMIT_FSIZE, self.file_mib * 1024 * 1024),
-            (resource.RLIMIT_NOFILE, self.open_files),
-            (resource.RLIMIT_CORE, 0),
-        ]
-        if self.procs > 0:
-            uid = os.getuid() if self.run_as is None else self.run_as[0]
-            if uid == 0:
-                _warn_root_nproc()
-            settings.append((resource.RLIMIT_NPROC, nproc_limit(uid, self.procs)))
+        settings = [(which, value) for which, _, value in self.values()]
         ids = self.run_as if switch_user else None
 
         def apply() -> None:
@@ -219,19 +225,9 @@ class Limits:
         (util-linux) sets them on itself and execs the rest, ``setpriv`` then drops to ``run_as``.
         Without a preexec function Python spawns with vfork; with one it forks the whole daemon,
         about 8 ms more per run here. The program sees its resolved path as ``argv[0]``."""
-        limits = [f"--as={self.mem_mib * 1024 * 1024}", f"--cpu={self.cpu_s}",
-                  f"--fsize={self.file_mib * 1024 * 1024}", f"--nofile={self.open_files}", "--core=0"]
-        if self.procs > 0:
-            uid = os.getuid() if self.run_as is None else self.run_as[0]
-            if uid == 0:
-                _warn_root_nproc()
-            limits.append(f"--nproc={nproc_limit(uid, self.procs)}")
-        cmd = [prlimit, *limits, "--"]
+        cmd = [prlimit, *(f"--{name}={value}" for _, name, value in self.values()), "--"]
         if switch_user and self.run_as is not None:
-            if setpriv is None:
-                raise ConfigError("running jobs as another user needs setpriv (util-linux): install util-linux")
-            cmd += [setpriv, f"--reuid={self.run_as[0]}", f"--regid={self.run_as[1]}", "--clear-groups",
-                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+            cmd += drop_to(self.run_as, setpriv or find_setpriv())
         return prlimit, [*cmd, program, *argv[1:]]
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
@@ -266,13 +262,19 @@ _FORK_MARKERS = (b"Resource temporarily unavailable", b"fork: retry", b"Cannot f
 # ------------------------------------------------------------------------------------------------ sandbox
 
 
+def drop_to(run_as: tuple[int, int], setpriv: str) -> list[str]:
+    """The command prefix that runs the rest as ``run_as`` with no groups, capabilities or new privileges."""
+    return [setpriv, f"--reuid={run_as[0]}", f"--regid={run_as[1]}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
 def find_setpriv(search_path: str = SAFE_PATH) -> str:
-    """Path of ``setpriv`` (util-linux), which drops to the job user inside the sandbox; ``ConfigError``
-    if missing. Call it at start-up when the daemon is root and sandboxed."""
+    """Path of ``setpriv`` (util-linux), which drops to the job user; ``ConfigError`` if missing. The
+    daemon looks for it at start-up when it is root (jobs then run as exec_user)."""
     found = shutil.which("setpriv", path=search_path)
     if found is None:
-        raise ConfigError(f"the bwrap sandbox running as root needs setpriv (util-linux) to run jobs as "
-                          f"exec_user; it is not in {search_path}: install util-linux")
+        raise ConfigError(f"vestad running as root needs setpriv (util-linux) to run jobs as exec_user; "
+                          f"it is not in {search_path}: install util-linux")
     return found
 
 
@@ -312,9 +314,7 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
         cmd.append("--unshare-net")
     cmd.append("--")
     if run_as is not None:
-        uid, gid = run_as
-        cmd += [setpriv or find_setpriv(), f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        cmd += drop_to(run_as, setpriv or find_setpriv())
     cmd += [program, *argv[1:]]
     return bwrap, cmd
 

@@ -114,6 +114,8 @@ MIGRATIONS: tuple[str, ...] = (
         size INTEGER NOT NULL, sha256 TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
         node TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, path));
     """,
+    # The exec queue looks for queued jobs every beacon round: without this it would read every job ever run.
+    "CREATE INDEX jobs_queued ON jobs(created) WHERE state='queued';",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
