@@ -236,24 +236,116 @@ def test_hosted_runs_start_finish_and_list_newest_first(rec: Records) -> None:
     assert [r["id"] for r in rec.hosted(limit=1)] == [b]
 
 
-def test_a_deferred_write_is_committed_by_the_next_write(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def after_crash(path: Path, where: Path) -> Iterator[Records]:
+    """The records as SIGKILL at this instant would leave them, reopened: a copy of the database, its WAL
+    and its write log (what a dead process leaves on disk), opened under ``where``."""
+    where.mkdir()
+    for suffix in ("", "-wal", records.WRITES_SUFFIX):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            Path(f"{where / path.name}{suffix}").write_bytes(src.read_bytes())
+    r = Records(where / path.name)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_deferred_write_is_durable_with_the_next_write(tmp_path: Path) -> None:
     path = tmp_path / "records.db"
     r = Records(path)
-    other = sqlite3.connect(path)   # what a crash would leave: only committed rows
     r.create_job("j1", "cpu", {}, "desk", "fp", defer=True)
-    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    with after_crash(path, tmp_path / "c1") as c:
+        assert c.job("j1") is None
     part = r.add_part("j1", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
-    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    with after_crash(path, tmp_path / "c2") as c:
+        j = c.job("j1")
+        assert j is not None and [p["id"] for p in j["parts"]] == [part] and c.replayed == 2
     r.finish_part(part, state="succeeded", finished=2.0, defer=True)
-    assert other.execute("SELECT state FROM parts").fetchone()[0] == "running"
+    with after_crash(path, tmp_path / "c3") as c:
+        assert c.job("j1")["parts"][0]["reason"] == "daemon restarted"   # type: ignore[index]
     r.transition("j1", "succeeded")
-    assert other.execute("SELECT state FROM parts").fetchone()[0] == "succeeded"
+    with after_crash(path, tmp_path / "c4") as c:
+        j = c.job("j1")
+        assert j is not None and (j["state"], j["parts"][0]["state"]) == ("succeeded", "succeeded")
     with pytest.raises(UnknownRecord):   # a failed write keeps what was deferred before it
         r.create_job("j2", "cpu", {}, "desk", "fp", defer=True)
         r.add_part("nope", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
-    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 2
-    other.close()
+    with after_crash(path, tmp_path / "c5") as c:
+        assert c.job("j2") is not None and c.job("nope") is None
     r.close()
+
+
+def test_logged_writes_are_replayed_once_after_a_crash(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "records.db"
+    log_path = Path(f"{path}{records.WRITES_SUFFIX}")
+    r = Records(path, clock=clock)
+    job(r, "early")
+    r.commit()
+    assert log_path.stat().st_size == 0 and r.commits == 1
+    job(r, "late")
+    p = r.add_part("late", chunk=0, attempt=0, node="pi4", node_fp="fp-pi", started=1.0)
+    r.append_log("late", "stdout", b"out")
+    r.transition("late", "succeeded", exit_code=0)
+    logged = log_path.read_bytes()
+    assert logged
+    r.abandon()                      # as SIGKILL would: nothing committed since "early"
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert [row[0] for row in raw.execute("SELECT id FROM jobs")] == ["early"]
+    r2 = Records(path, clock=clock)
+    assert r2.replayed == 5 and log_path.stat().st_size == 0
+    j = r2.job("late")
+    assert j is not None and (j["state"], j["exit_code"], j["parts"][0]["id"]) == ("succeeded", 0, p)
+    assert r2.log("late") == (b"out", 1)
+    r2.close()
+    log_path.write_bytes(logged)     # a crash after the commit and before the log was emptied
+    with Records(path, clock=clock) as r3:
+        assert r3.replayed == 0      # already committed: nothing runs twice
+        j = r3.job("late")
+        assert j is not None and len(j["parts"]) == 1 and r3.log("late") == (b"out", 1)
+
+
+def test_a_torn_write_log_tail_is_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "records.db"
+    log_path = Path(f"{path}{records.WRITES_SUFFIX}")
+    r = Records(path)
+    job(r, "whole")
+    size = log_path.stat().st_size
+    job(r, "torn")
+    data = log_path.read_bytes()
+    r.abandon()
+    log_path.write_bytes(data[: size + (len(data) - size) // 2])   # a power cut in the middle of an append
+    with Records(path) as r2:
+        assert r2.job("whole") is not None and r2.job("torn") is None and r2.replayed == 1
+    assert "torn or damaged" in caplog.text
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF                                            # a flipped bit: the CRC catches it
+    Records(path).abandon()
+    log_path.write_bytes(bytes(damaged))
+    with Records(path) as r3:
+        assert r3.replayed == 0 and r3.job("torn") is None
+
+
+def test_a_failed_append_loses_only_that_write_and_says_why(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "records.db"
+    r = Records(path)
+    job(r, "kept")
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "write", full)
+    with pytest.raises(RecordsError, match="No space left on device; the last write is lost"):
+        job(r, "lost")
+    monkeypatch.setattr(records.os, "write", real_write)
+    assert r.job("kept") is not None and r.job("lost") is None   # the open transaction matches the log again
+    job(r, "after")
+    r.abandon()
+    with Records(path) as r2:
+        assert [j["id"] for j in r2.jobs()] == ["after", "kept"]
 
 
 def test_background_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
@@ -262,6 +354,7 @@ def test_background_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> No
     assert r.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     for i in range(300):
         job(r, f"j{i}")
+        r.commit()
     assert r.commits == 300
 
     def jobs_in_main_file() -> int:   # the database file alone, without its WAL
@@ -297,7 +390,8 @@ def test_restart_fails_what_was_running_and_keeps_the_queue(tmp_path: Path, cloc
     assert r.recovered == 0
     done_before = r.job("done")
     clock.advance(60)
-    r2 = Records(path, clock=clock)   # the first is never closed, as after a crash
+    r.abandon()                       # the first is never closed or committed, as after a crash
+    r2 = Records(path, clock=clock)
     assert r2.recovered == 2   # one job, one hosted run
     j = r2.job("run")
     assert j is not None and (j["state"], j["reason"], j["finished"]) == ("failed", "daemon restarted", clock.t)
@@ -310,7 +404,6 @@ def test_restart_fails_what_was_running_and_keeps_the_queue(tmp_path: Path, cloc
     assert (runs[hid]["state"], runs[hid]["reason"]) == ("failed", "daemon restarted")
     assert (runs[old]["state"], runs[old]["reason"]) == ("succeeded", "")
     r2.close()
-    r.close()
     with Records(path, clock=clock) as r3:
         assert r3.recovered == 0
 
@@ -412,9 +505,11 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
 def test_migrations_apply_in_order_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "records.db"
     shipped = records.MIGRATIONS
-    monkeypatch.setattr(records, "MIGRATIONS", shipped[:1])   # a database written by the first release
-    with Records(path) as r:
-        job(r)
+    with contextlib.closing(sqlite3.connect(path)) as first:   # a database written by the first release
+        first.executescript(f"BEGIN; {shipped[0]} PRAGMA user_version=1; COMMIT;")
+        with first:
+            first.execute("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state) "
+                          "VALUES ('j1', 'cpu', '{}', 'desk', 'fp', 1.0, 1.0, 'running')")
     monkeypatch.setattr(records, "MIGRATIONS", (*shipped, "CREATE TABLE t (x); CREATE TABLE t (x);"))
     with pytest.raises(RecordsError, match="cannot be opened"):
         Records(path)

@@ -5,28 +5,38 @@ the node that ran it, times, CPU and memory used), the stdout/stderr of its
 exec jobs, and the runs it hosted for peers, so an owner can see exactly what
 ran on their machine.
 
-**Durability.** A write is committed before its method returns, unless the
-caller passes ``defer=True``: then it waits in the open transaction and the
-next write without ``defer`` commits both at once (each commit is ~0.1 ms on
-the event loop, which a 1 ms job notices). The rule callers keep: a deferred
-write is followed by a committing one *before the event loop runs anything
-else* (no ``await`` between them), and before the work it describes is
-offered or answered. So a job's row and its first part are on disk before its
-first chunk is offered; a hosted run that is answered at once (a tiny cpu
-chunk, run inline) is committed, start and end together, right after its
-Accept and Result are sent (so the commit is not on the submitter's wait: a
-crash in that instant loses the host's record of a chunk with no effects,
-which the submitter's record still shows); a part's end is committed with the
-job's end. WAL with
-``synchronous=NORMAL``: a committed record survives SIGKILL of the daemon and
-the file stays consistent whatever moment a crash strikes; only a power cut
-can lose the last few commits (the database stays consistent then too). FULL
-would fsync on every commit, several per job, which on a Pi's SD card costs
-milliseconds on the event loop. The connection belongs to one thread (the
-daemon's event loop). With ``background_checkpoint`` SQLite's own checkpoints
-(every ~1000 WAL pages, two fsyncs, several ms on a slow disk) leave the commit
-path: the owner calls ``checkpoint()`` from a worker thread instead (the
-daemon does, about once a second after writes); that changes when pages reach
+**Durability.** A write is durable when its method returns, unless the
+caller passes ``defer=True``: then it waits for the next write without
+``defer``, which makes both durable at once. The rule callers keep: a deferred
+write is followed by a durable one *before the event loop runs anything else*
+(no ``await`` between them), and before the work it describes is offered or
+answered. So a job's row and its first part are durable before its first
+chunk is offered; a hosted run that is answered at once (a tiny cpu chunk, run
+inline) is made durable, start and end together, right after its Accept and
+Result are sent (so the write is not on the submitter's wait: a crash in that
+instant loses the host's record of a chunk with no effects, which the
+submitter's record still shows); a part's end is durable with the job's end.
+
+"Durable" means in the write log (``NAME-writes`` beside the database), not
+yet committed: every write runs on the connection at once, inside one open
+transaction (so every read sees it), and the statement and its parameters are
+appended to the write log with one ``write()`` (a few microseconds, where a
+SQLite commit is ~0.1 ms on the event loop, twice per job, which a 1 ms job
+notices). ``commit()`` commits the transaction with the number of the last
+logged write (table ``written``) and empties the log; the daemon calls it
+about once a second, and ``close()`` does. Opening the database replays the
+logged writes the last commit did not include, in order, on the state they
+were first run on: a write that returned survives SIGKILL of the daemon at any
+moment. Each log entry carries its length and CRC-32, so a torn tail (a power
+cut in the middle of an append) is dropped with a warning, never replayed
+half. Neither the log nor the WAL (``synchronous=NORMAL``) is fsynced: a power
+cut can lose the last second or so of writes, and the database stays
+consistent. FULL would fsync several times per job, which on a Pi's SD card
+costs milliseconds on the event loop. The connection belongs to one thread
+(the daemon's event loop). With ``background_checkpoint`` SQLite's own
+checkpoints (every ~1000 WAL pages, two fsyncs, several ms on a slow disk)
+leave the commit path: the owner calls ``checkpoint()`` from a worker thread
+instead (the daemon does, after its commits); that changes when pages reach
 the main file, not what survives a crash.
 
 **Schema.** ``PRAGMA user_version`` is the schema version; ``MIGRATIONS[i]``
@@ -59,10 +69,14 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import msgpack
 
 from vesta.errors import ConfigError, VestaError
 
@@ -116,9 +130,13 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # The exec queue looks for queued jobs every beacon round: without this it would read every job ever run.
     "CREATE INDEX jobs_queued ON jobs(created) WHERE state='queued';",
+    # The number of the last write-log entry a commit included (see Durability in the module doc).
+    "CREATE TABLE written (seq INTEGER NOT NULL); INSERT INTO written VALUES (0);",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+WRITES_SUFFIX = "-writes"   # the write log, beside the database
+_FRAME = struct.Struct("<II")   # an entry's length and CRC-32, then msgpack [seq, sql, params]
 _JOB_COLS = ("id, kind, args, submitter, submitter_fp, created, started, finished, state, exit_code, reason, "
              "result, log_bytes, log_dropped")
 
@@ -166,24 +184,35 @@ class Records:
                  background_checkpoint: bool = False) -> None:
         _check(log_cap_bytes >= 0, f"log_cap_bytes must be >= 0 (got {log_cap_bytes})")
         self.path = Path(path)
+        self.writes_path = self.path.with_name(self.path.name + WRITES_SUFFIX)
         self.log_cap_bytes = log_cap_bytes
         self.clock = clock
         self.recovered = 0   # jobs + hosted runs marked failed because the daemon had restarted
-        self.commits = 0     # committing writes so far: a checkpoint is due when this moved
+        self.replayed = 0    # logged writes the last commit had not included, run again when the records opened
+        self.commits = 0     # commits so far: a checkpoint is due when this moved
         self.background_checkpoint = background_checkpoint
+        self._seq = 0                      # number of the last write run (logged or still pending)
+        self._pending: list[bytes] = []    # entries of deferred writes, logged with the next durable write
+        self._uncommitted = False          # writes since the last commit
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
             if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
                 raise RecordsError(f"records database {self.path} cannot be opened: {exc}") from exc
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in ("", "-wal", "-shm", "-journal", WRITES_SUFFIX):
                 src = self.path.with_name(self.path.name + suffix)
                 if src.exists():
                     src.replace(aside.with_name(aside.name + suffix))
             log.warning("records database %s is corrupt (%s); moved it to %s and started a fresh one",
                         self.path, exc, aside)
             self.db = self._open()
+        try:
+            self._log = os.open(self.writes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.db.close()
+            raise RecordsError(f"cannot open the records write log {self.writes_path}: "
+                               f"{exc.strerror or exc}") from None
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,11 +229,60 @@ class Records:
             if self.background_checkpoint:
                 db.execute("PRAGMA wal_autocheckpoint=0")
             self._migrate(db)
+            self._replay(db)
             self.recovered = self._recover(db)
         except BaseException:
             db.close()
             raise
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.writes_path, 0)   # all of it is committed now
         return db
+
+    def _replay(self, db: sqlite3.Connection) -> None:
+        """Run again, in one transaction, the logged writes the last commit did not include."""
+        self._seq = int(db.execute("SELECT seq FROM written").fetchone()[0])
+        replayed = 0
+        with db:
+            for seq, sql, params in self._logged():
+                if seq <= self._seq:
+                    continue   # committed before the log was emptied
+                try:
+                    db.execute(sql, params)
+                except sqlite3.IntegrityError as exc:   # cannot happen on the state it first ran on; never fatal
+                    log.warning("records: logged write %d not replayed: %s", seq, exc)
+                self._seq = seq
+                replayed += 1
+            db.execute("UPDATE written SET seq=?", (self._seq,))
+        if replayed:
+            log.warning("records: %d write(s) not yet committed when the daemon stopped were replayed from %s",
+                        replayed, self.writes_path)
+        self.replayed = replayed
+
+    def _logged(self) -> Iterator[tuple[int, str, list[Any]]]:
+        """The write log's entries, in order, up to the first torn or damaged one."""
+        try:
+            data = self.writes_path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RecordsError(f"cannot read the records write log {self.writes_path}: "
+                               f"{exc.strerror or exc}") from None
+        at = 0
+        while at < len(data):
+            entry: Any = None
+            if at + _FRAME.size <= len(data):
+                size, crc = _FRAME.unpack_from(data, at)
+                body = data[at + _FRAME.size: at + _FRAME.size + size]
+                if len(body) == size and zlib.crc32(body) == crc:
+                    with contextlib.suppress(ValueError, TypeError, msgpack.UnpackException):
+                        entry = msgpack.unpackb(body, raw=False)
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], int)
+                    and isinstance(entry[1], str) and isinstance(entry[2], list)):
+                log.warning("records write log %s: entry at byte %d is torn or damaged; it and the %d byte(s) "
+                            "after it are dropped (a crash during the write)", self.writes_path, at, len(data) - at)
+                return
+            yield entry[0], entry[1], entry[2]
+            at += _FRAME.size + size
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
@@ -233,7 +311,20 @@ class Records:
         return int(jobs + hosted)
 
     def close(self) -> None:
+        """Commit and close (what a crash would not do: ``abandon``)."""
+        try:
+            self.commit()
+        except sqlite3.Error as exc:
+            log.warning("records %s: could not commit at close (%s); the write log keeps the writes and the next "
+                        "start replays them", self.path, exc)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Close without committing, as a crash would: the logged writes wait in the write log."""
         self.db.close()
+        with contextlib.suppress(OSError):
+            os.close(self._log)
 
     def __enter__(self) -> Records:
         return self
@@ -250,21 +341,93 @@ class Records:
         finally:
             db.close()
 
-    def flush(self) -> None:
-        """Commit deferred writes, if any (cheap when there are none)."""
-        if self.db.in_transaction:
+    @property
+    def uncommitted(self) -> bool:
+        """Whether there are writes a ``commit()`` would commit."""
+        return self._uncommitted
+
+    def commit(self) -> None:
+        """Commit every write so far (deferred ones too) and empty the write log."""
+        if not self._uncommitted:
+            return
+        try:
+            self.db.execute("UPDATE written SET seq=?", (self._seq,))
             self.db.commit()
+        except sqlite3.Error:
+            if not self.db.in_transaction:
+                self._resync()   # SQLite gave the transaction up: the write log still has every write
+            raise
+        self._pending.clear()
+        self._uncommitted = False
+        self.commits += 1
+        try:
+            os.ftruncate(self._log, 0)
+        except OSError as exc:   # harmless: what is left is skipped on replay (its numbers are committed)
+            log.warning("cannot empty the records write log %s: %s", self.writes_path, exc.strerror or exc)
+
+    def flush(self) -> None:
+        """Make deferred writes durable, if any (cheap when there are none)."""
+        if self._pending:
+            self._append(self._pending)
+
+    def _append(self, entries: list[bytes]) -> None:
+        data = b"".join(entries)
+        try:
+            written = os.write(self._log, data)
+            if written != len(data):
+                raise OSError(0, f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            self._resync()
+            raise RecordsError(f"cannot append to the records write log {self.writes_path}: "
+                               f"{exc.strerror or exc}; the last write is lost (free some disk space?)") from None
+        entries.clear()
+
+    def _resync(self) -> None:
+        """Bring the open transaction back to what the write log holds: after a failed append, or an error
+        that made SQLite roll the transaction back (disk full, I/O error)."""
+        with contextlib.suppress(sqlite3.Error):
+            self.db.rollback()
+        self._pending.clear()
+        self._uncommitted = False
+        committed = int(self.db.execute("SELECT seq FROM written").fetchone()[0])
+        for seq, sql, params in self._logged():
+            if seq > committed:
+                self.db.execute(sql, params)
+                self._uncommitted = True
+
+    def _exec(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
+        """Run one write in the open transaction and queue its write-log entry (``_tx`` appends it)."""
+        cur = self.db.execute(sql, params)
+        self._seq += 1
+        body = msgpack.packb([self._seq, sql, params], use_bin_type=True)
+        self._pending.append(_FRAME.pack(len(body), zlib.crc32(body)) + body)
+        self._uncommitted = True
+        return cur
 
     @contextlib.contextmanager
-    def _tx(self, defer: bool = False) -> Iterator[None]:
-        """One write: committed on success (with any deferred before it), rolled back on error; with
-        ``defer`` left in the open transaction for the next committing write (see the module doc)."""
-        if defer:
+    def _tx(self, defer: bool = False, *, atomic: bool = False) -> Iterator[None]:
+        """One write, durable (in the write log) on success with any deferred before it; with ``defer`` its
+        entries wait for the next durable write (see the module doc). A write of several statements passes
+        ``atomic``: on error its own statements are undone, never the writes before it."""
+        mark = len(self._pending)
+        if atomic:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")
+            self.db.execute("SAVEPOINT write")
+        try:
             yield
-            return
-        with self.db:
-            yield
-        self.commits += 1
+            if atomic:
+                self.db.execute("RELEASE write")
+        except BaseException as exc:
+            del self._pending[mark:]
+            if atomic and self.db.in_transaction:
+                self.db.execute("ROLLBACK TO write")
+                self.db.execute("RELEASE write")
+            if isinstance(exc, sqlite3.Error) and not self.db.in_transaction:
+                self._resync()   # SQLite gave up the whole transaction: run the logged writes again
+            raise
+        if not defer:
+            self._append(self._pending)
 
     # -- submitted jobs -------------------------------------------------------------------------------------------
 
@@ -284,7 +447,7 @@ class Records:
         now = self.clock()
         try:
             with self._tx(defer):
-                self.db.execute("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state) "
+                self._exec("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state) "
                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                 (job_id, kind, _dumps(args, "job args"), submitter, submitter_fp, now,
                                  now if state == "running" else None, state))
@@ -298,7 +461,7 @@ class Records:
         froms = [frm for frm, tos in ALLOWED.items() if to in tos]
         now = self.clock()
         with self._tx():   # one statement: the check against ALLOWED is its WHERE clause
-            cur = self.db.execute(
+            cur = self._exec(
                 "UPDATE jobs SET state=?, started=CASE WHEN ? THEN ? ELSE started END, finished=?, "
                 "reason=CASE WHEN ?='' THEN (CASE WHEN state='queued' THEN '' ELSE reason END) ELSE ? END, "
                 " exit_code=COALESCE(?, exit_code), "
@@ -313,7 +476,7 @@ class Records:
         _check(chunk >= 0 and attempt >= 0, f"chunk and attempt must be >= 0 (got {chunk}, {attempt})")
         with self._tx():
             try:   # the foreign key checks the job; caught in here so earlier deferred writes still commit
-                cur: sqlite3.Cursor | None = self.db.execute(
+                cur: sqlite3.Cursor | None = self._exec(
                     "INSERT INTO parts (job_id, chunk, attempt, node, node_fp, started) VALUES (?, ?, ?, ?, ?, ?)",
                     (job_id, chunk, attempt, node, node_fp, started))
             except sqlite3.IntegrityError:
@@ -328,7 +491,7 @@ class Records:
         """Close a running part: succeeded, failed, cancelled, refused or lost."""
         _check(state in PART_ENDS, f"a part ends {', '.join(sorted(PART_ENDS))} (got {state!r})")
         with self._tx(defer):
-            cur = self.db.execute(
+            cur = self._exec(
                 "UPDATE parts SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, reason=?, result=? "
                 "WHERE id=? AND state='running'",
                 (state, finished, cpu_s, mem_mib_s, exit_code, reason,
@@ -349,15 +512,16 @@ class Records:
         kept, dropped = row["log_bytes"], row["log_dropped"]
         keep = data[: max(self.log_cap_bytes - kept, 0)]
         lost = len(data) - len(keep)
-        with self._tx():
+        with self._tx(atomic=True):
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM logs WHERE job_id=?", (job_id,)).fetchone()[0]
             rows = [(job_id, seq + 1, stream, keep)] if keep else []
             if lost and not dropped:
                 marker = f"\n[vesta: output truncated after {self.log_cap_bytes} bytes]\n".encode()
                 rows.append((job_id, seq + 1 + len(rows), stream, marker))
-            self.db.executemany("INSERT INTO logs (job_id, seq, stream, data) VALUES (?, ?, ?, ?)", rows)
-            self.db.execute("UPDATE jobs SET log_bytes=?, log_dropped=? WHERE id=?",
-                            (kept + len(keep), dropped + lost, job_id))
+            for entry in rows:
+                self._exec("INSERT INTO logs (job_id, seq, stream, data) VALUES (?, ?, ?, ?)", entry)
+            self._exec("UPDATE jobs SET log_bytes=?, log_dropped=? WHERE id=?", (kept + len(keep), dropped + lost,
+                                                                                  job_id))
 
     def log(self, job_id: str, stream: str | None = None, after: int = 0) -> tuple[bytes, int]:
         """Output stored after sequence number ``after`` (both streams interleaved when ``stream`` is None),
@@ -371,7 +535,7 @@ class Records:
     def wait_reason(self, job_id: str, reason: str) -> None:
         """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``)."""
         with self._tx():
-            self.db.execute("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
+            self._exec("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
 
     def queued(self) -> list[dict[str, Any]]:
         """Queued jobs, oldest first: the order they are placed in."""
@@ -384,7 +548,7 @@ class Records:
         _check(state in ARTIFACT_STATES, f"an artifact is {', '.join(ARTIFACT_STATES)} (got {state!r})")
         self._job_state(job_id)
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO artifacts (job_id, path, size, sha256, state, reason, node) "
+            self._exec("INSERT OR REPLACE INTO artifacts (job_id, path, size, sha256, state, reason, node) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)", (job_id, path, size, sha256, state, reason, node))
 
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
@@ -427,7 +591,7 @@ class Records:
         _check(kind in KINDS, f"job kind must be one of {', '.join(KINDS)} (got {kind!r})")
         _check(isinstance(args, dict), f"hosted run args must be a dict (got {type(args).__name__})")
         with self._tx(defer):
-            cur = self.db.execute("INSERT INTO hosted (job_id, chunk, peer, peer_fp, kind, args, started) "
+            cur = self._exec("INSERT INTO hosted (job_id, chunk, peer, peer_fp, kind, args, started) "
                                   "VALUES (?, ?, ?, ?, ?, ?, ?)",
                                   (job_id, chunk, peer, peer_fp, kind, _dumps(args, "hosted run args"), started))
         return int(cur.lastrowid or 0)
@@ -437,7 +601,7 @@ class Records:
         """Close a hosted run: succeeded, failed or cancelled, with what it used."""
         _check(state in HOSTED_ENDS, f"a hosted run ends {', '.join(sorted(HOSTED_ENDS))} (got {state!r})")
         with self._tx():
-            cur = self.db.execute("UPDATE hosted SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, "
+            cur = self._exec("UPDATE hosted SET state=?, finished=?, cpu_s=?, mem_mib_s=?, exit_code=?, "
                                   "reason=? WHERE id=? AND state='running'",
                                   (state, finished, cpu_s, mem_mib_s, exit_code, reason, run_id))
         if cur.rowcount != 1:
