@@ -283,17 +283,24 @@ class Host:
         run_id = None
         ended: tuple[str, str, int | None, float] = ("failed", "link to the submitter dropped", None, 0.0)
         inline = prepared is None and is_inline(offer)
-        if self.records is not None:
+        started = time.time()
+
+        def record_start(defer: bool = False) -> None:
+            nonlocal run_id
+            if self.records is None:
+                return
             args: dict[str, Any] = ({"argv": list(offer.argv), "timeout_s": offer.timeout_s,
                                      "inputs": [e[0] for e in offer.inputs]} if offer.kind == "exec"
                                     else {"mib": offer.mib, "ms": offer.ms} if offer.kind == "mem"
                                     else {"start": offer.start, "count": offer.count, "iterations": offer.iterations})
             if prepared is not None and self.keep_runs:
                 args["workdir"] = str(prepared[0])
-            # An inline run is committed once, start and end together, just after its Accept and Result go out.
             run_id = self.records.start_hosted(job_id=offer.job_id, chunk=offer.chunk, peer=hosted.peer,
                                                peer_fp=channel.peer_fingerprint, kind=offer.kind, args=args,
-                                               started=time.time(), defer=inline)
+                                               started=started, defer=defer)
+
+        if not inline:   # an inline run is written once, start and end together, just after its answer goes out
+            record_start()
 
         def record_end() -> None:
             nonlocal run_id
@@ -326,7 +333,11 @@ class Host:
                 try:
                     await channel.send(proto.Accept(rid=offer.rid, node=self.name), result)
                 finally:
-                    record_end()   # after the answer: the commit is off the submitter's wait
+                    try:   # after the answer: the records are off the submitter's wait
+                        record_start(defer=True)
+                    except VestaError as exc:
+                        log.warning("could not record hosted run of job %s: %s", offer.job_id, exc)
+                    record_end()
                 return
             await channel.send(proto.Accept(rid=offer.rid, node=self.name))
             if prepared is not None:

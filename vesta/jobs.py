@@ -273,11 +273,12 @@ class Submitter:
         for p in parts.values():
             p["rate"] = p["iterations"] / p["busy_s"] if p["busy_s"] else 0.0
             p["share_pct"] = 100.0 * p["iterations"] / iterations
-        summary = {"digest": executor.job_digest(digests), "elapsed_s": elapsed,
+        digest = executor.job_digest(digests)
+        summary = {"digest": digest, "elapsed_s": elapsed,
                    "nodes": {p["node"]: p["iterations"] for p in parts.values()}}
         self._finish(job, "succeeded", result=summary)
         return {"job_id": job.job_id, "kind": "cpu", "iterations": iterations, "units": units,
-                "chunks": len(outcomes), "digest": executor.job_digest(digests), "elapsed_s": elapsed,
+                "chunks": len(outcomes), "digest": digest, "elapsed_s": elapsed,
                 "rate": iterations / elapsed if elapsed else 0.0,
                 "parts": sorted(parts.values(), key=lambda p: -p["iterations"]), "replaced": job.replaced,
                 "chunk_list": [{"chunk": o.chunk, "node": o.node.name, "start": o.start, "count": o.count,
