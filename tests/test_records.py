@@ -348,6 +348,30 @@ def test_a_failed_append_loses_only_that_write_and_says_why(tmp_path: Path,
         assert [j["id"] for j in r2.jobs()] == ["after", "kept"]
 
 
+def test_a_write_of_several_statements_is_undone_whole_on_error(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "records.db"
+    r = Records(path)
+    job(r, "j")
+    r.create_job("deferred", "cpu", {}, "desk", "fp", defer=True)   # before it: kept
+    real = Records._exec
+
+    def fail_on_update(self: Records, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
+        if sql.startswith("UPDATE jobs SET log_bytes"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, sql, params)
+
+    monkeypatch.setattr(Records, "_exec", fail_on_update)
+    with pytest.raises(sqlite3.OperationalError):
+        r.append_log("j", "stdout", b"half")   # its INSERT ran; the UPDATE after it failed
+    monkeypatch.undo()
+    assert r.log("j") == (b"", 0) and r.job("deferred") is not None
+    r.flush()
+    r.abandon()
+    with Records(path) as r2:                  # the write log agrees: no half of it was logged
+        assert r2.log("j") == (b"", 0) and r2.job("deferred") is not None
+
+
 def test_background_checkpoint_moves_the_wal_into_the_file(tmp_path: Path) -> None:
     path = tmp_path / "records.db"
     r = Records(path, background_checkpoint=True)

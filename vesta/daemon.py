@@ -157,7 +157,6 @@ class Daemon(ControlOps):
         self.queue = ExecQueue(self.submitter, self.records, cfg.state_dir / "inputs" / cfg.name,
                                self._can_place, self._queued_done)
         self.queue.forget_stale_inputs()
-        await self._open_control()
         try:
             server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
         except OSError as exc:
@@ -175,6 +174,7 @@ class Daemon(ControlOps):
         except OSError as exc:
             raise ConfigError(f"cannot open UDP discovery port {cfg.dport}: {exc.strerror}: "
                               "choose another with -dport (every node must use the same)") from exc
+        await self._open_control()   # last: a daemon that answers there already hears beacons
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)

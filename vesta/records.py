@@ -419,10 +419,10 @@ class Records:
             if atomic:
                 self.db.execute("RELEASE write")
         except BaseException as exc:
-            del self._pending[mark:]
-            if atomic and self.db.in_transaction:
+            if atomic and self.db.in_transaction:   # its statements are undone, so are their entries
                 self.db.execute("ROLLBACK TO write")
                 self.db.execute("RELEASE write")
+                del self._pending[mark:]
             if isinstance(exc, sqlite3.Error) and not self.db.in_transaction:
                 self._resync()   # SQLite gave up the whole transaction: run the logged writes again
             raise
