@@ -240,23 +240,27 @@ class Records:
 
     def _replay(self, db: sqlite3.Connection) -> None:
         """Run again, in one transaction, the logged writes the last commit did not include."""
-        self._seq = int(db.execute("SELECT seq FROM written").fetchone()[0])
-        replayed = 0
         with db:
-            for seq, sql, params in self._logged():
-                if seq <= self._seq:
-                    continue   # committed before the log was emptied
-                try:
-                    db.execute(sql, params)
-                except sqlite3.IntegrityError as exc:   # cannot happen on the state it first ran on; never fatal
-                    log.warning("records: logged write %d not replayed: %s", seq, exc)
-                self._seq = seq
-                replayed += 1
+            self._seq, self.replayed = self._run_logged(db)
             db.execute("UPDATE written SET seq=?", (self._seq,))
-        if replayed:
+        if self.replayed:
             log.warning("records: %d write(s) not yet committed when the daemon stopped were replayed from %s",
-                        replayed, self.writes_path)
-        self.replayed = replayed
+                        self.replayed, self.writes_path)
+
+    def _run_logged(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """Run, in order and in the open transaction, the logged writes after the last commit's number;
+        (the number of the last one, or the commit's when none, and how many ran)."""
+        last = int(db.execute("SELECT seq FROM written").fetchone()[0])
+        ran = 0
+        for seq, sql, params in self._logged():
+            if seq <= last:
+                continue   # committed before the log was emptied
+            try:
+                db.execute(sql, params)
+            except sqlite3.IntegrityError as exc:   # cannot happen on the state it first ran on; never fatal
+                log.warning("records: logged write %d not replayed: %s", seq, exc)
+            last, ran = seq, ran + 1
+        return last, ran
 
     def _logged(self) -> Iterator[tuple[int, str, list[Any]]]:
         """The write log's entries, in order, up to the first torn or damaged one."""
@@ -341,11 +345,6 @@ class Records:
         finally:
             db.close()
 
-    @property
-    def uncommitted(self) -> bool:
-        """Whether there are writes a ``commit()`` would commit."""
-        return self._uncommitted
-
     def commit(self) -> None:
         """Commit every write so far (deferred ones too) and empty the write log."""
         if not self._uncommitted:
@@ -388,12 +387,7 @@ class Records:
         with contextlib.suppress(sqlite3.Error):
             self.db.rollback()
         self._pending.clear()
-        self._uncommitted = False
-        committed = int(self.db.execute("SELECT seq FROM written").fetchone()[0])
-        for seq, sql, params in self._logged():
-            if seq > committed:
-                self.db.execute(sql, params)
-                self._uncommitted = True
+        self._uncommitted = self._run_logged(self.db)[1] > 0
 
     def _exec(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Cursor:
         """Run one write in the open transaction and queue its write-log entry (``_tx`` appends it)."""
