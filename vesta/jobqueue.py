@@ -29,7 +29,7 @@ from typing import Any
 
 from vesta import artifacts, proto
 from vesta.errors import PeerUnavailable, VestaError
-from vesta.jobs import Emit, JobFailed, NotNow, Submitter
+from vesta.jobs import CancelFlag, Emit, JobFailed, NotNow, Submitter
 from vesta.records import Records
 from vesta.tasks import cancel_all, spawn
 
@@ -94,7 +94,7 @@ class ExecQueue:
         self.can_place = can_place          # (node or None) -> why no node may take it now, or ""
         self.on_done = on_done              # (job id, result, error): for the event feed
         self.wake = asyncio.Event()
-        self._placing: set[str] = set()
+        self._placing: dict[str, CancelFlag] = {}   # jobs being offered now, and their cancel switch
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, list[Emit]] = {}
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
@@ -153,15 +153,21 @@ class ExecQueue:
                     self._watchers[job_id].remove(emit)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job that is queued and not being offered right now."""
-        if job_id in self._placing:
-            return self.submitter.cancel(job_id)
+        """Cancel a queued job. One being offered right now stops there, or ends cancelled as soon as its
+        offer comes back with no node (its switch is set before the submitter has it)."""
+        flag = self._placing.get(job_id)
+        if flag is not None:
+            flag.set()
+            return True
         row = self.records.job(job_id)
         if row is None or row["state"] != "queued":
             return False
+        self._cancelled(job_id)
+        return True
+
+    def _cancelled(self, job_id: str) -> None:
         self.records.transition(job_id, "cancelled", reason="cancelled while queued")
         self._ended(job_id, None, JobFailed(f"job {job_id} cancelled while queued"))
-        return True
 
     def _ended(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
         self._not_before.pop(job_id, None)
@@ -185,39 +191,49 @@ class ExecQueue:
                 async with asyncio.timeout(interval):
                     await self.wake.wait()
             self.wake.clear()
-            try:
-                rows = self.records.queued()
-            except VestaError as exc:
-                log.warning("cannot read the queue: %s", exc)
-                continue
-            now = time.monotonic()
-            for row in rows:
-                args = row["args"]
-                if row["id"] in self._placing or row["kind"] != "exec" or self._not_before.get(row["id"], 0) > now:
-                    continue
-                why = self.can_place(args.get("on"))
-                if why:
-                    if why != row["reason"]:
-                        self.records.wait_reason(row["id"], why)
-                        await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
-                    continue
-                self._placing.add(row["id"])
-                spawn(self._place(row["id"], args), f"queued-{row['id']}", self._tasks)
+            await self.place_due()
 
-    async def _place(self, job_id: str, args: dict[str, Any]) -> None:
+    async def place_due(self) -> None:
+        """Start offering every queued job that may be tried now and has a node that may take it."""
         try:
+            rows = self.records.queued()
+        except VestaError as exc:
+            log.warning("cannot read the queue: %s", exc)
+            return
+        now = time.monotonic()
+        for row in rows:
+            args = row["args"]
+            if row["id"] in self._placing or row["kind"] != "exec" or self._not_before.get(row["id"], 0) > now:
+                continue
+            why = self.can_place(args.get("on"))
+            if why:
+                if why != row["reason"]:
+                    self.records.wait_reason(row["id"], why)
+                    await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
+                continue
+            flag = self._placing[row["id"]] = CancelFlag()
+            spawn(self._place(row["id"], args, flag), f"queued-{row['id']}", self._tasks)
+
+    async def _place(self, job_id: str, args: dict[str, Any], cancel: CancelFlag) -> None:
+        try:
+            if cancel.is_set():   # cancelled before this task first ran
+                self._cancelled(job_id)
+                return
             inputs = tuple(artifacts.FileInfo(str(p), int(n), str(h), bool(x))
                            for p, n, h, x in args.get("inputs", []))
             result = await self.submitter.run_exec(
                 list(args["argv"]), on=args.get("on"), timeout=float(args.get("timeout") or 0.0),
                 emit=lambda event: self._emit(job_id, event), job_id=job_id, mem_mib=int(args.get("mem_mib") or 0),
                 inputs=inputs, inputs_dir=self.inputs_root / job_id, retries=int(args.get("retries") or 0),
-                queued=True)
+                queued=True, cancel=cancel)
         except NotNow as exc:   # still queued (the reasons are on record): try again later, less and less often
+            if cancel.is_set():
+                self._cancelled(job_id)
+                return
             tries = self._tries.get(job_id, 0) + 1
             self._tries[job_id] = tries
             self._not_before[job_id] = time.monotonic() + min(self.retry_s * 2 ** min(tries, 10), MAX_BACKOFF_S)
-            self._placing.discard(job_id)
+            del self._placing[job_id]
             await self._emit(job_id, {"type": "queued", "job_id": job_id, "why": str(exc)})
             return
         except (JobFailed, VestaError) as exc:
@@ -228,5 +244,5 @@ class ExecQueue:
         else:
             self._ended(job_id, result, None)
         finally:
-            self._placing.discard(job_id)
+            self._placing.pop(job_id, None)
             self.wake.set()   # a job ended: capacity may have freed for the next one

@@ -313,10 +313,14 @@ class Submitter:
 
     async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit,
                        job_id: str | None = None, mem_mib: int = 0, inputs: tuple[artifacts.FileInfo, ...] = (),
-                       inputs_dir: Path | None = None, retries: int = 0, queued: bool = False) -> dict[str, Any]:
+                       inputs_dir: Path | None = None, retries: int = 0, queued: bool = False,
+                       cancel: CancelFlag | None = None) -> dict[str, Any]:
         """Run a command on one node. ``queued``: the job is on record as queued, and when no node can
-        take it now for reasons that pass, NotNow leaves it so (the daemon tries again later)."""
+        take it now for reasons that pass, NotNow leaves it so (the daemon tries again later). ``cancel``:
+        the job's cancel switch, when the caller made it before the job got here (the exec queue)."""
         job = Job(job_id or new_job_id(), "exec", queued=queued, inputs=inputs, inputs_dir=inputs_dir)
+        if cancel is not None:
+            job.cancel = cancel
         self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries,
                              "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]})  # first
         try:
