@@ -15,14 +15,24 @@ b must advertise a spare core before the runs start: a forced job that b refuses
 would count as failed. b's exec sandbox is its default (``auto``: bubblewrap when installed, which
 alone costs several ms per run); VESTA_BENCH_DISPATCH_SANDBOX=none|bwrap sets it, and the exec rows
 name the one used.
+
+Before the daemons start it measures the floor under all this, in the same run: the same hops with
+no work in them (``relay.py``: a client, a unix-socket relay and a TCP echo, plain uvloop streams)
+and a local ``subprocess.run(["true"])``. This VM's own speed drifts by 2-4x over an afternoon; the
+floor rows say how fast the machine was while the dispatch rows were measured.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from common import LoadWatch, ProcessCpu, Report, busy_note, daemons, settle
@@ -34,6 +44,8 @@ CPU_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_JOBS", "1000"))
 EXEC_JOBS = int(os.environ.get("VESTA_BENCH_DISPATCH_EXECS", "200"))
 SANDBOX = os.environ.get("VESTA_BENCH_DISPATCH_SANDBOX", "auto")
 WARMUP = 50
+FLOOR_TRIPS = 2000              # trips through the plain relay (benchmarks/relay.py)
+SPAWNS = 200                    # local subprocess.run(["true"]) for the exec floor
 ONE_ITERATION = 0.000001        # millions: the daemon rounds it to exactly 1 iteration
 CPU_P50_MS, CPU_P99_MS, EXEC_P50_MS = 1.2, 5.0, 2.0
 
@@ -91,9 +103,66 @@ def describe(report: Report, label: str, client_ms: list[float], daemon_ms: list
         report.row(f"{label}: failed", len(errors), f"of {n}", errors[0][:80])
 
 
+def relay_trips(n: int) -> list[float]:
+    """ms per trip through benchmarks/relay.py: client -> unix socket -> relay -> TCP loopback -> echo, and
+    back, with no work on the way (the hops a dispatch takes, in the same kind of processes)."""
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="vrelay") as tmp:
+        port_file, sock_path = Path(tmp) / "port", str(Path(tmp) / "relay.sock")
+        procs = [subprocess.Popen([sys.executable, str(here / "relay.py"), "echo", str(port_file)])]
+        try:
+            port = eventually(lambda: port_file.exists() and port_file.read_text(), 10, what="the echo to listen")
+            procs.append(subprocess.Popen([sys.executable, str(here / "relay.py"), "relay", sock_path, port]))
+            eventually(lambda: os.path.exists(sock_path), 10, what="the relay to listen")
+            payload = bytes(120)   # about a control request's size
+            frame = struct.pack(">I", len(payload)) + payload
+            times: list[float] = []
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(10)
+                client.connect(sock_path)
+                for _ in range(n + WARMUP):
+                    t0 = time.perf_counter()
+                    client.sendall(frame)
+                    got = b""
+                    while len(got) < len(frame):
+                        chunk = client.recv(len(frame) - len(got))
+                        if not chunk:
+                            raise AssertionError("the relay closed the connection")
+                        got += chunk
+                    times.append((time.perf_counter() - t0) * 1000)
+            return times[WARMUP:]
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+def spawn_times(n: int) -> list[float]:
+    """ms per local ``subprocess.run(["true"])`` in this process: the spawn alone."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def main() -> None:
     report = Report("dispatch", f"dispatch: tiny jobs on a peer over loopback ({os.cpu_count()} cores)")
     report.extra["busy_pct_before"] = settle()
+    floor = relay_trips(FLOOR_TRIPS)
+    spawn = spawn_times(SPAWNS)
+    report.row(f"same hops, no work ×{FLOOR_TRIPS}: p50", percentile(floor, 50), "ms",
+               f"plain relay (benchmarks/relay.py), p99 {percentile(floor, 99):.2f} ms")
+    report.row(f"local subprocess.run(['true']) ×{SPAWNS}: p50", percentile(spawn, 50), "ms",
+               "the spawn alone, in this process")
+    report.extra["floor_ms"] = floor
+    report.extra["spawn_ms"] = spawn
     with daemons() as cluster:
         base = cluster.base
         a = cluster.add("a", interval_ms=200)
