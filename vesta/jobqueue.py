@@ -227,8 +227,11 @@ class ExecQueue:
                 inputs=inputs, inputs_dir=self.inputs_root / job_id, retries=int(args.get("retries") or 0),
                 queued=True, cancel=cancel)
         except NotNow as exc:   # still queued (the reasons are on record): try again later, less and less often
-            if cancel.is_set():
-                self._cancelled(job_id)
+            if cancel.is_set():   # cancelled while no node could take it: it ends here
+                try:
+                    self._cancelled(job_id)
+                except VestaError as error:   # its followers still hear how it ended
+                    self._ended(job_id, None, error)
                 return
             tries = self._tries.get(job_id, 0) + 1
             self._tries[job_id] = tries

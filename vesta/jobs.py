@@ -318,9 +318,8 @@ class Submitter:
         """Run a command on one node. ``queued``: the job is on record as queued, and when no node can
         take it now for reasons that pass, NotNow leaves it so (the daemon tries again later). ``cancel``:
         the job's cancel switch, when the caller made it before the job got here (the exec queue)."""
-        job = Job(job_id or new_job_id(), "exec", queued=queued, inputs=inputs, inputs_dir=inputs_dir)
-        if cancel is not None:
-            job.cancel = cancel
+        job = Job(job_id or new_job_id(), "exec", cancel=cancel or CancelFlag(), queued=queued, inputs=inputs,
+                  inputs_dir=inputs_dir)
         self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries,
                              "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]})  # first
         try:
