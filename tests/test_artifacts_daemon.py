@@ -45,8 +45,10 @@ def test_artifacts_come_back_from_a_peer_and_copy_out_checked(cluster: Cluster, 
     again = a.vesta("artifacts", r["job_id"], "-o", str(dest))
     assert again.returncode == 2 and "exists: choose another -o directory" in one_line(again.stderr)
     # A stored file damaged on disk is caught, and nothing is copied for it.
-    with open(stored / "r.bin", "r+b") as f:
-        f.write(b"X")
+    with open(stored / "r.bin", "r+b") as f:   # flip the first byte (writing a fixed one: unchanged 1 in 256)
+        first = f.read(1)[0]
+        f.seek(0)
+        f.write(bytes([first ^ 0xFF]))
     bad = a.vesta("artifacts", r["job_id"], "-o", str(tmp_path / "copy2"))
     assert bad.returncode == 1
     assert "stored artifact r.bin no longer matches its SHA-256" in one_line(bad.stderr)
