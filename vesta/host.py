@@ -28,6 +28,7 @@ from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hours import LendingHours
 from vesta.ledger import Ledger
 from vesta.records import Records
+from vesta.tasks import StopFlag
 from vesta.wire import Channel
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class _RemoteFiles(ExecFiles):
 class LocalRun:
     """What a chunk run on the submitting node itself gets instead of a link."""
 
-    cancel: threading.Event
+    cancel: StopFlag
     progress: Callable[[int], None]
     output: OnOutput
     started: Callable[[], None] = lambda: None   # called once the run is admitted
@@ -147,7 +148,7 @@ class Hosted:
 
     peer: str
     offer: proto.Offer
-    cancel: threading.Event
+    cancel: StopFlag
     started: float
     done: list[int]
     stop_reason: str = ""
@@ -270,7 +271,7 @@ class Host:
                                    f"{prepared.reason} ({prepared.message})")
             await channel.send(prepared)
             return
-        hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, threading.Event(), time.time(), [0])
+        hosted = Hosted(offer.submitter or channel.peer_fingerprint[:8], offer, StopFlag(), time.time(), [0])
         if prepared is not None and offer.inputs:   # ready before the Accept: the inputs follow it at once
             hosted.sink = artifacts.Sink(prepared[0], cap=sum(size for _, size, _, _ in offer.inputs),
                                          expect=tuple(artifacts.FileInfo(*e) for e in offer.inputs))
@@ -420,7 +421,7 @@ class Host:
             reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
             return proto.Refuse(rid=offer.rid, reason=reason, message=str(exc)[: proto.MAX_REASON])
 
-    async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: threading.Event,
+    async def run_exec(self, offer: proto.Offer, prepared: tuple[Path, str], cancel: StopFlag,
                        output: OnOutput, files: ExecFiles | None = None, *, remove: bool = True) -> proto.Result:
         """Run an admitted exec offer in its working directory: its inputs first, its artifacts back
         afterwards; the directory is removed at the end (by the caller when ``remove`` is False), unless
@@ -428,13 +429,8 @@ class Host:
         workdir, program = prepared
         files = files or ExecFiles()
         stop = asyncio.Event()
-
-        async def watch() -> None:  # the thread-side cancel flag, seen from the event loop
-            while not cancel.is_set():
-                await asyncio.sleep(0.05)
-            stop.set()
-
-        watcher = asyncio.ensure_future(watch())
+        watcher = cancel.future()   # the flag may be set from any thread; the run sees it at once
+        watcher.add_done_callback(lambda w: None if w.cancelled() else stop.set())
         timeout = offer.timeout_s or self.exec_timeout
         limits = confine.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
                                 file_mib=self.exec_file_mib, procs=self.max_procs, run_as=self.job_user)

@@ -29,9 +29,9 @@ from typing import Any
 
 from vesta import artifacts, proto
 from vesta.errors import PeerUnavailable, VestaError
-from vesta.jobs import CancelFlag, Emit, JobFailed, NotNow, Submitter
+from vesta.jobs import Emit, JobFailed, NotNow, Submitter
 from vesta.records import Records
-from vesta.tasks import cancel_all, spawn
+from vesta.tasks import StopFlag, cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ExecQueue:
         self.can_place = can_place          # (node or None) -> why no node may take it now, or ""
         self.on_done = on_done              # (job id, result, error): for the event feed
         self.wake = asyncio.Event()
-        self._placing: dict[str, CancelFlag] = {}   # jobs being offered now, and their cancel switch
+        self._placing: dict[str, StopFlag] = {}   # jobs being offered now, and their cancel switch
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, list[Emit]] = {}
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
@@ -211,10 +211,10 @@ class ExecQueue:
                     self.records.wait_reason(row["id"], why)
                     await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
                 continue
-            flag = self._placing[row["id"]] = CancelFlag()
+            flag = self._placing[row["id"]] = StopFlag()
             spawn(self._place(row["id"], args, flag), f"queued-{row['id']}", self._tasks)
 
-    async def _place(self, job_id: str, args: dict[str, Any], cancel: CancelFlag) -> None:
+    async def _place(self, job_id: str, args: dict[str, Any], cancel: StopFlag) -> None:
         try:
             if cancel.is_set():   # cancelled before this task first ran
                 self._cancelled(job_id)

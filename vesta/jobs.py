@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from vesta.host import HEARTBEAT, ExecFiles, LocalRun, OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.records import Records
+from vesta.tasks import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -74,37 +74,11 @@ class ChunkOutcome:
     placed: float = 0.0      # when it was offered (wall clock)
 
 
-class CancelFlag:
-    """A job's cancel switch: set once; ``future()`` to wait on it without a task per waiter."""
-
-    def __init__(self) -> None:
-        self._set = False
-        self._futures: list[asyncio.Future[None]] = []
-
-    def set(self) -> None:
-        self._set = True
-        for fut in self._futures:
-            if not fut.done():
-                fut.set_result(None)
-        self._futures.clear()
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def future(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._set:
-            fut.set_result(None)
-        else:
-            self._futures.append(fut)
-        return fut
-
-
 @dataclass
 class Job:
     job_id: str
     kind: str
-    cancel: CancelFlag = field(default_factory=lambda: CancelFlag())
+    cancel: StopFlag = field(default_factory=lambda: StopFlag())
     replaced: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     running_by_node: Counter[str] = field(default_factory=Counter)    # chunks running now, per node name
@@ -314,11 +288,11 @@ class Submitter:
     async def run_exec(self, argv: list[str], *, on: str | None, timeout: float, emit: Emit,
                        job_id: str | None = None, mem_mib: int = 0, inputs: tuple[artifacts.FileInfo, ...] = (),
                        inputs_dir: Path | None = None, retries: int = 0, queued: bool = False,
-                       cancel: CancelFlag | None = None) -> dict[str, Any]:
+                       cancel: StopFlag | None = None) -> dict[str, Any]:
         """Run a command on one node. ``queued``: the job is on record as queued, and when no node can
         take it now for reasons that pass, NotNow leaves it so (the daemon tries again later). ``cancel``:
         the job's cancel switch, when the caller made it before the job got here (the exec queue)."""
-        job = Job(job_id or new_job_id(), "exec", cancel=cancel or CancelFlag(), queued=queued, inputs=inputs,
+        job = Job(job_id or new_job_id(), "exec", cancel=cancel or StopFlag(), queued=queued, inputs=inputs,
                   inputs_dir=inputs_dir)
         self._register(job, {"argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries,
                              "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]})  # first
@@ -539,7 +513,7 @@ class Submitter:
                 job.cancel.set()   # the submitter's client went away: stop the work everywhere
 
         if o.node.local:
-            cancel = threading.Event()
+            cancel = StopFlag()
             watcher = job.cancel.future()
             files = ExecFiles(job.inputs, job.inputs_dir, job.sink) if job.kind == "exec" else None
             run = asyncio.ensure_future(self.run_local(make(0), LocalRun(cancel, add_progress, output,
