@@ -12,7 +12,9 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -583,3 +585,38 @@ def test_bwrap_command_switches_user_inside_and_opens_the_way_to_exposed_paths(t
     at = argv.index("--")
     assert argv[at + 1:] == ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", SH, "-c", "x"]
+
+
+def test_remove_workdir_never_chmods_through_a_directory_swapped_for_a_symlink(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job process still alive swaps a directory for a link to somewhere else between the listing and
+    # the chmod: a root daemon must not make that place 0700.
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    victim.chmod(0o755)
+    (victim / "sub").chmod(0o755)
+    work = make_workdir(tmp_path, "j")
+    (work / "d" / "e").mkdir(parents=True)
+    (work / "d").chmod(0o500)
+    swapped: list[bool] = []
+
+    def race(name: Any) -> None:   # the job wins the race at the first touch of d after the listing
+        if os.path.basename(os.fsdecode(name)) == "d" and not swapped:
+            (work / "d").rename(work / "d-old")
+            (work / "d").symlink_to(victim)
+            swapped.append(True)
+
+    def racing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(name: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(name, int):
+                race(name)
+            return real(name, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "open", racing(os.open))
+    monkeypatch.setattr(os, "chmod", racing(os.chmod))
+    remove_workdir(work)
+    monkeypatch.undo()
+    assert swapped
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and stat.S_IMODE((victim / "sub").stat().st_mode) == 0o755
+    assert not work.exists() and (victim / "sub").is_dir()   # the link went, not what it points to

@@ -303,18 +303,69 @@ def remove_workdir(path: Path) -> None:
         return
     if not path.is_dir():
         return
-    stack = [str(path)]
-    while stack:   # give every directory back u+rwx, top-down, so rmtree can list and empty it
-        directory = stack.pop()
-        try:
-            os.chmod(directory, 0o700)
-            with os.scandir(directory) as entries:
-                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
-        except OSError:
-            continue
-    shutil.rmtree(path, ignore_errors=True)
+    _unlock_dirs(path)
+    shutil.rmtree(path, ignore_errors=True)   # rmtree itself walks by descriptors and never follows a link
     if os.path.lexists(path):
         log.warning("could not remove job directory %s completely", path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int:
+    """A descriptor of directory ``name`` (in ``dir_fd``), never through a symlink."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+        # Not root: the job runs as this very user (confine), so whatever chmod reaches through a link
+        # the job swapped in, the job could have changed itself.
+        os.chmod(name, 0o700, dir_fd=dir_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _subdirs(fd: int) -> list[str]:
+    with os.scandir(fd) as entries:
+        return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+def _unlock_dirs(path: Path) -> None:
+    """Give every directory under ``path`` back u+rwx, top-down, so rmtree can list and empty it.
+
+    Only through descriptors opened with O_NOFOLLOW: a job still running (it left the group, or it is
+    another job of the same job user) may swap a directory for a symlink at any moment, and a root
+    daemon that chmods by path would then chmod whatever the link points to."""
+    try:
+        top = _open_dir(str(path), None)
+    except OSError:
+        return
+    stack: list[tuple[int, list[str]]] = []
+    try:
+        try:
+            os.fchmod(top, 0o700)
+            stack.append((top, _subdirs(top)))
+        except OSError:
+            os.close(top)
+            return
+        while stack:
+            fd, names = stack[-1]
+            if not names:
+                os.close(fd)
+                stack.pop()
+                continue
+            try:
+                child = _open_dir(names.pop(), fd)   # a link swapped in since the listing: ELOOP/ENOTDIR
+            except OSError:
+                continue
+            try:
+                os.fchmod(child, 0o700)
+                stack.append((child, _subdirs(child)))
+            except OSError:
+                os.close(child)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ runner
