@@ -362,7 +362,7 @@ def test_a_write_of_several_statements_is_undone_whole_on_error(tmp_path: Path,
         return real(self, sql, params)
 
     monkeypatch.setattr(Records, "_exec", fail_on_update)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(RecordsError, match="cannot write the records database .*: disk I/O error"):
         r.append_log("j", "stdout", b"half")   # its INSERT ran; the UPDATE after it failed
     monkeypatch.undo()
     assert r.log("j") == (b"", 0) and r.job("deferred") is not None

@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from vesta.errors import ProtocolError
 log = logging.getLogger(__name__)
 
 OUTPUT_DIR = "output"          # $VESTA_OUTPUT, inside the job's working directory
-MAX_ARTIFACTS = 1000           # files one job may send back
+MAX_ARTIFACTS = 1000           # entries (files and directories) one job may send back
 MAX_WALK_DEPTH = proto.MAX_PATH_DEPTH
 
 STORED, REFUSED, CORRUPT, INCOMPLETE = "stored", "refused", "corrupt", "incomplete"
@@ -95,7 +95,7 @@ def input_pieces(rid: int, source: Path, inputs: tuple[FileInfo, ...]) -> Iterat
         yield from file_pieces(rid, info.path, fd, executable=info.executable)
 
 
-def output_pieces(rid: int, workdir: Path, cap: int) -> Iterator[proto.FileChunk]:
+def output_pieces(rid: int, workdir: Path, cap: int) -> Generator[proto.FileChunk, None, None]:
     """The pieces of every file a job left in ``workdir/output``, at most ``cap`` bytes in all, in
     name order; symlinks and special files are refused, never followed. Nothing when the job made no
     output directory."""
@@ -106,7 +106,7 @@ def output_pieces(rid: int, workdir: Path, cap: int) -> Iterator[proto.FileChunk
             yield proto.FileChunk(rid=rid, path=OUTPUT_DIR, eof=True,
                                   refused="$VESTA_OUTPUT is a symlink (not followed)")
         return
-    left = [cap, MAX_ARTIFACTS]   # bytes, then entries (files sent or refused) still allowed
+    left = [cap, MAX_ARTIFACTS]   # bytes, then entries (files sent or refused, and directories) still allowed
     yield from _walk(rid, root, "", 0, left)
 
 
@@ -134,8 +134,7 @@ def _walk(rid: int, dir_fd: int, prefix: str, depth: int, left: list[int]) -> It
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 continue   # gone meanwhile
-            if not stat.S_ISDIR(st.st_mode):
-                left[1] -= 1
+            left[1] -= 1   # directories too: a million empty ones must not keep the walk going
             if stat.S_ISDIR(st.st_mode):
                 if depth + 1 >= MAX_WALK_DEPTH:
                     yield proto.FileChunk(rid=rid, path=rel, eof=True, refused="directory nested too deep")

@@ -112,6 +112,8 @@ class _RemoteFiles(ExecFiles):
         deadline = time.monotonic() + INPUT_WAIT_S + total / INPUT_MIN_RATE
         try:
             while not (sink.complete or sink.problems):
+                if self.hosted.cancel.is_set():
+                    return "cancelled while its inputs were arriving"
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return f"the inputs did not arrive in time ({len(sink.files)} of {len(offer.inputs)} files)"
@@ -127,8 +129,12 @@ class _RemoteFiles(ExecFiles):
     async def ship(self, offer: proto.Offer, workdir: Path) -> None:
         if offer.output_cap <= 0 or self.hosted.cancel.is_set():
             return
-        for piece in artifacts.output_pieces(offer.rid, workdir, offer.output_cap):
-            await self.channel.send(piece)
+        pieces = artifacts.output_pieces(offer.rid, workdir, offer.output_cap)
+        try:   # read in a thread: a job may leave a huge tree, and the loop must not stall on it
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                await self.channel.send(piece)
+        finally:
+            pieces.close()
 
 
 @dataclass
@@ -301,7 +307,10 @@ class Host:
                                                started=started, defer=defer)
 
         if not inline:   # an inline run is written once, start and end together, just after its answer goes out
-            record_start()
+            try:
+                record_start()
+            except VestaError as exc:   # the run still goes ahead: the records are not worth a peer's work
+                log.warning("could not record hosted run of job %s: %s", offer.job_id, exc)
 
         def record_end() -> None:
             nonlocal run_id
@@ -322,6 +331,17 @@ class Host:
 
         def progress(n: int) -> None:
             hosted.done[0] += n
+
+        def ended_late(w: asyncio.Future[proto.Result]) -> None:
+            """The run outlived its link (or the daemon is stopping): what it used is still lent, and recorded."""
+            nonlocal ended
+            if not w.cancelled() and w.exception() is None:
+                r = w.result()
+                charge(r)
+                ended = (ended[0], ended[1], r.exit_code, r.cpu_s)
+            record_end()
+            if prepared is not None and not self.keep_runs:
+                _remove_soon(prepared[0])
 
         work: asyncio.Future[proto.Result] | None = None
         try:
@@ -367,11 +387,11 @@ class Host:
                 del self.running[key]
             if hosted.sink is not None:
                 hosted.sink.finish()
-            record_end()
-            if prepared is not None and not self.keep_runs:   # after the Result is sent: off the submitter's wait
-                if work is not None and not work.done():   # stopped mid-run: it ends on hosted.cancel, then goes
-                    work.add_done_callback(lambda _: _remove_soon(prepared[0]))
-                else:
+            if work is not None and not work.done():   # stopped mid-run: it ends on hosted.cancel, then goes
+                work.add_done_callback(ended_late)
+            else:
+                record_end()
+                if prepared is not None and not self.keep_runs:   # after the Result is sent: off the submitter's wait
                     await asyncio.to_thread(execrun.remove_workdir, prepared[0])
 
     @staticmethod
@@ -473,6 +493,8 @@ class Host:
                                               switch_user=self.bwrap is None)
             else:
                 preexec = limits.preexec(switch_user=self.bwrap is None)
+            if cancel.is_set():   # while its inputs came in or its directory was readied
+                return failed("cancelled before it started")
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
                                   cancel=stop, preexec=preexec)
             if not cancel.is_set():
@@ -482,6 +504,11 @@ class Host:
                     log.warning("could not send the artifacts of job %s: %s", offer.job_id, exc)
         except Refused as exc:
             return failed(str(exc))
+        except PeerUnavailable:
+            raise   # the submitter is gone: nobody to answer
+        except (OSError, VestaError) as exc:   # readying its directory failed (disk full, a name in the way...)
+            why = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return failed(f"{self.name} could not run it: {why}")
         finally:
             watcher.cancel()
             if self.keep_runs:
@@ -510,6 +537,7 @@ class Host:
         for hosted in self.running.values():
             hosted.stop_reason = reason
             hosted.cancel.set()
+            hosted.inputs_changed.set()   # a run still waiting for its inputs sees it at once
         return len(self.running)
 
     def cancel(self, peer: str, rid: int) -> bool:

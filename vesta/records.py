@@ -419,6 +419,9 @@ class Records:
                 del self._pending[mark:]
             if isinstance(exc, sqlite3.Error) and not self.db.in_transaction:
                 self._resync()   # SQLite gave up the whole transaction: run the logged writes again
+            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                # callers handle VestaError; an IntegrityError is the caller's own to translate
+                raise RecordsError(f"cannot write the records database {self.path}: {exc}") from exc
             raise
         if not defer:
             self._append(self._pending)
