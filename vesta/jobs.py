@@ -27,7 +27,7 @@ from vesta import artifacts, autopilot, executor, proto
 from vesta.autopilot import Choice, NodeView
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.host import HEARTBEAT, ExecFiles, LocalRun, OnOutput
-from vesta.link import LinkPool
+from vesta.link import LinkPool, Stream
 from vesta.peertable import PeerTable
 from vesta.records import Records
 from vesta.tasks import StopFlag
@@ -38,6 +38,7 @@ ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
 SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
 REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
 CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
+CANCEL_SEND_S = 1.0      # a Cancel to a node this side gave up on: at most this long to send it
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 RunLocal = Callable[[proto.Offer, LocalRun], Awaitable[proto.Result]]
@@ -502,6 +503,14 @@ class Submitter:
             log.warning("could not record part %s: %s", o.part_id, exc)
         o.part_id = None
 
+    @staticmethod
+    async def _stop_remote(o: ChunkOutcome, stream: Stream) -> None:
+        """Tell the node to stop a chunk this node gave up on (best effort: it may be gone already)."""
+        if o.started and o.result is None and not stream.link.closed:
+            with contextlib.suppress(PeerUnavailable, TimeoutError):
+                async with asyncio.timeout(CANCEL_SEND_S):
+                    await stream.send(proto.Cancel(rid=stream.rid))
+
     async def _run_chunk(self, job: Job, o: ChunkOutcome, make: Callable[[int], proto.Offer],
                          add_progress: Callable[[int], None], on_output: OnOutput | None) -> ChunkOutcome:
         async def output(stream: str, data: bytes) -> None:
@@ -574,15 +583,15 @@ class Submitter:
                     if left <= 0:
                         o.error = "cancelled (the node did not confirm in time)"
                         return o
-                    wait = min(left, HEARTBEAT)
+                    wait = left   # not a heartbeat: a Progress a little late must not look like a dead link
                 else:
                     wait = min(SILENCE_TIMEOUT, HEARTBEAT * 2) if job.cancel.is_set() else SILENCE_TIMEOUT
                 try:
                     msg = await stream.next(wait)
                 except PeerUnavailable:
-                    if cancel_deadline is not None and not stream.link.closed:
+                    if cancel_deadline is not None and not stream.link.closed and stream.rid in stream.link.pending:
                         continue   # still waiting for the cancelled chunk's last word, up to the deadline
-                    raise
+                    raise          # the request itself is gone (the link dropped it): nothing more can come
                 if isinstance(msg, proto.Output):
                     await output(msg.stream, msg.data)
                 elif isinstance(msg, proto.FileChunk):
@@ -605,9 +614,10 @@ class Submitter:
                     return o
         except PeerUnavailable as exc:
             o.error = f"lost: {exc}" if o.started else f"unreachable: {exc}"
-            if o.started and not stream.link.closed:
-                with contextlib.suppress(PeerUnavailable):   # it may still be running there: stop it
-                    await stream.send(proto.Cancel(rid=stream.rid))
+            await self._stop_remote(o, stream)
             return o
+        except BaseException:   # failed here (the records, this task cancelled): the chunk must not run on
+            await self._stop_remote(o, stream)
+            raise
         finally:
             stream.close()

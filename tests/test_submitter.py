@@ -1,0 +1,112 @@
+"""The submitter's side of a remote chunk when things go wrong on this side: its own records fail, or
+the link gives up on a cancelled request. A real Submitter, Records and link Stream; the node at the
+other end is scripted (what it sends is put straight into the stream, what we send is kept)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import types
+from collections import Counter
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from vesta import proto
+from vesta.autopilot import NodeView
+from vesta.errors import PeerUnavailable, VestaError
+from vesta.jobs import Submitter
+from vesta.link import LinkPool, Stream, _Link
+from vesta.peertable import PeerTable
+from vesta.records import Records, RecordsError
+
+FP = "cd" * 32
+
+
+class ScriptedNode:
+    """The far end of one link: every request gets an Accept, then whatever ``after_accept`` holds."""
+
+    def __init__(self, after_accept: tuple[proto.Message, ...] = ()) -> None:
+        self.after_accept = after_accept
+        self.received: list[proto.Message] = []
+        self.streams: list[Stream] = []
+        self.link = types.SimpleNamespace(pending={}, closed=False, last_heard=time.monotonic(),
+                                          channel=types.SimpleNamespace(send=self._receive))
+
+    async def _receive(self, *msgs: proto.Message) -> None:
+        self.received.extend(msgs)
+
+    async def open(self, fingerprint: str, addr: tuple[str, int], make: Any, name: str = "") -> Stream:
+        rid = len(self.streams) + 1
+        stream = Stream(cast(_Link, self.link), rid, name)
+        await stream.send(make(rid))
+        for msg in (proto.Accept(rid=rid, node="peer"), *self.after_accept):
+            stream.queue.put_nowait(msg)
+        self.streams.append(stream)
+        return stream
+
+    def sent(self) -> list[str]:
+        return [type(m).__name__ for m in self.received]
+
+
+def submitter(node: ScriptedNode, records: Records | None = None) -> Submitter:
+    peer = NodeView(FP, "peer", local=False, cores=4, cpu_pct=0.0, spare_cores=4.0, hash_rate=1e6,
+                    offered_mem_mb=1024, exec_allowed=True)
+    table = types.SimpleNamespace(get=lambda fp: types.SimpleNamespace(fingerprint=FP, addr=("127.0.0.1", 9),
+                                                                       name="peer"))
+
+    async def no_local(*args: Any) -> proto.Result:
+        raise AssertionError("nothing runs locally here")
+
+    return Submitter(name="me", fingerprint="ef" * 32, pool=cast(LinkPool, node), table=cast(PeerTable, table),
+                     views=lambda: [peer], spill_cpu_pct=80, counters=Counter(), run_local=no_local,
+                     records=records)
+
+
+async def emit(event: dict[str, Any]) -> None:
+    pass
+
+
+async def test_a_records_failure_mid_run_fails_the_job_and_stops_it_on_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = ScriptedNode(after_accept=(proto.Output(rid=1, stream="stdout", data=b"hello\n"),))
+    with Records(tmp_path / "records.db") as records:
+        def disk_full(*args: Any, **kw: Any) -> None:
+            raise RecordsError("cannot append to the records write log: No space left on device")
+
+        monkeypatch.setattr(records, "append_log", disk_full)
+        with pytest.raises(VestaError, match="No space left on device"):
+            await asyncio.wait_for(submitter(node, records).run_exec(["sleep", "3600"], on="peer", timeout=3600,
+                                                                     emit=emit), 10)
+    assert node.sent() == ["Offer", "Cancel"]   # not left running there for the hour
+
+
+async def test_a_cancelled_request_the_link_dropped_ends_without_stalling_the_loop() -> None:
+    node = ScriptedNode()
+    sub = submitter(node)
+    job = asyncio.ensure_future(sub.run_exec(["sleep", "60"], on="peer", timeout=60, emit=emit))
+    for _ in range(100):
+        if node.streams and sub.jobs:
+            break
+        await asyncio.sleep(0.01)
+    stream = node.streams[0]
+    sub.cancel(next(iter(sub.jobs)))
+    stream.queue.put_nowait(proto.Progress(rid=1, done=0))   # a heartbeat: the Cancel goes out after it
+    for _ in range(100):
+        if "Cancel" in node.sent():
+            break
+        await asyncio.sleep(0.01)
+    assert node.sent() == ["Offer", "Cancel"]
+    # Then the node's output overflowed this request: the link dropped it (link._Link._read does this).
+    node.link.pending.pop(stream.rid, None)
+    stream.queue.put_nowait(PeerUnavailable("peer sent more than this request could take"))
+    longest, last = 0.0, time.monotonic()
+    deadline = last + 10
+    while not job.done() and last < deadline:   # the loop keeps turning: the job does not spin until CANCEL_WAIT
+        await asyncio.sleep(0.005)
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+    with pytest.raises(VestaError, match="cancel"):
+        job.result()
+    assert longest < 1.0, f"the event loop stalled {longest:.2f}s"
