@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import need_tool
 from vesta import confine, execrun
 from vesta.errors import ConfigError, Refused
 from vesta.execrun import SAFE_PATH, Allowlist, ExecResult, make_workdir, remove_workdir, scrubbed_env
@@ -620,3 +621,27 @@ def test_remove_workdir_never_chmods_through_a_directory_swapped_for_a_symlink(
     assert swapped
     assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and stat.S_IMODE((victim / "sub").stat().st_mode) == 0o755
     assert not work.exists() and (victim / "sub").is_dir()   # the link went, not what it points to
+
+
+async def test_in_bwrap_the_state_stays_hidden_under_an_exposed_program_directory() -> None:
+    bwrap = need_tool("bwrap", "bubblewrap")
+    top = make_workdir(None, "state-under-tools")   # like ~/run.sh with the daemon's state in ~/.vesta
+    work = make_workdir(None, "state-under-tools-run")
+    try:
+        (top / "state").mkdir()
+        (top / "state" / "identity").write_text("the node's signing key\n")
+        tool = top / "tool"
+        tool.write_text("#!/bin/sh\nls -A \"$1\"; cat \"$1/identity\" 2>/dev/null || echo hidden\n")
+        tool.chmod(0o755)
+        program, argv = confine.bwrap_command(bwrap, program=str(tool), argv=["tool", str(top / "state")],
+                                              workdir=work, allow_network=False, hide=(top / "state",),
+                                              expose=(tool.parent,))
+        out = Collector()
+        async with asyncio.timeout(20):
+            result = await execrun.run(argv, program=program, cwd=work, env=env_for(work), timeout=10,
+                                       on_output=out)
+        assert result.exit_code == 0, out.text("stderr")
+        assert out.text("stdout") == "hidden\n"
+    finally:
+        remove_workdir(top)
+        remove_workdir(work)

@@ -284,7 +284,8 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     """Wrap a run in bubblewrap: the system read-only, the working directory read-write, a private
     /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
     by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
-    bound back read-only so the program and its interpreter can still be found; new pid/ipc/uts
+    bound back read-only so the program and its interpreter can still be found (a ``hide`` path inside
+    one of them is emptied again over that bind); new pid/ipc/uts
     namespaces, no network unless allowed, and the job killed when the runner dies. Returns
     (program, argv) to hand to ``run``.
 
@@ -308,6 +309,9 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
         cmd += _open_parents(mount, mounts, reach, shown, opened)
     for path in shown:
         cmd += ["--ro-bind", path, path]
+    for mount in mounts[3:]:   # a hidden path inside an exposed one (state under the program's directory):
+        if any(mount.startswith(path.rstrip("/") + "/") for path in shown):   # hidden again, over the bind
+            cmd += ["--tmpfs", mount]
     cmd += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir),
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     if not allow_network:
