@@ -161,6 +161,13 @@ class Hosted:
     sink: artifacts.Sink | None = None    # exec: where its inputs are being received
     inputs_changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
+    def stop(self, reason: str = "") -> None:
+        """Stop the run, wherever it is: waiting for its inputs (woken at once), running, or in a thread."""
+        if reason:
+            self.stop_reason = reason
+        self.cancel.set()
+        self.inputs_changed.set()
+
 
 class Host:
     """Admits and runs chunks offered by peers (and by this node's own Submitter, in-process)."""
@@ -373,7 +380,7 @@ class Host:
                         await channel.send(proto.Progress(rid=offer.rid, done=hosted.done[0]))
                 result = await work
             except BaseException:
-                hosted.cancel.set()   # link dropped or daemon stopping: stop the thread's loop
+                hosted.stop()   # link dropped or daemon stopping
                 raise
             finally:
                 if work.done() and not work.cancelled() and work.exception() is None:
@@ -381,7 +388,7 @@ class Host:
             result, ended = self._ending(offer, hosted, result)
             await channel.send(result)
         except PeerUnavailable:
-            hosted.cancel.set()
+            hosted.stop()
         finally:
             if self.running.get(key) is hosted:
                 del self.running[key]
@@ -535,17 +542,14 @@ class Host:
     def stop_all(self, reason: str) -> int:
         """Stop every chunk run for peers (their submitters re-place them); returns how many."""
         for hosted in self.running.values():
-            hosted.stop_reason = reason
-            hosted.cancel.set()
-            hosted.inputs_changed.set()   # a run still waiting for its inputs sees it at once
+            hosted.stop(reason)
         return len(self.running)
 
     def cancel(self, peer: str, rid: int) -> bool:
         hosted = self.running.get((peer, rid))
         if hosted is None:
             return False
-        hosted.cancel.set()
-        hosted.inputs_changed.set()   # a run still waiting for its inputs sees it at once
+        hosted.stop()
         return True
 
 

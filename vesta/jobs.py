@@ -26,7 +26,7 @@ from typing import Any
 from vesta import artifacts, autopilot, executor, proto
 from vesta.autopilot import Choice, NodeView
 from vesta.errors import PeerUnavailable, Refused, VestaError
-from vesta.host import HEARTBEAT, ExecFiles, LocalRun, OnOutput
+from vesta.host import ExecFiles, LocalRun, OnOutput
 from vesta.link import LinkPool, Stream
 from vesta.peertable import PeerTable
 from vesta.records import Records
@@ -585,7 +585,7 @@ class Submitter:
                         return o
                     wait = left   # not a heartbeat: a Progress a little late must not look like a dead link
                 else:
-                    wait = min(SILENCE_TIMEOUT, HEARTBEAT * 2) if job.cancel.is_set() else SILENCE_TIMEOUT
+                    wait = SILENCE_TIMEOUT   # job.cancel is not set here: a Cancel would have set the deadline
                 try:
                     msg = await stream.next(wait)
                 except PeerUnavailable:
