@@ -192,6 +192,24 @@ def test_sandboxed_job_cannot_write_outside_read_home_or_use_the_network(cluster
         listener.close()
 
 
+def test_cpu_used_inside_the_sandbox_is_charged(cluster: Cluster, tmp_path: Path) -> None:
+    # bubblewrap exits without waiting for its namespace's init: b adopts it so what ran inside is counted.
+    need_bwrap()
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec")
+    assert "bubblewrap" in b.status()["isolation"]
+    burn = "while :; do :; done"
+    out = a.vesta("exec", "--json", "--on", "b", "--", "sh", "-c", f"timeout 1 sh -c '{burn}'; exit 0")
+    r = json.loads(out.stdout)
+    assert r["exit_code"] == 0 and r["cpu_s"] >= 0.5, r
+    # left running behind a leader that is cut off by the timeout
+    out = a.vesta("exec", "--json", "--on", "b", "--timeout", "1.5", "--", "sh", "-c", f"({burn}) & exec sleep 60")
+    r = json.loads(out.stdout)
+    assert "timed out" in r["reason"] and r["cpu_s"] >= 0.5, r
+    eventually(lambda: not b.status()["hosting"], 10)
+    left = subprocess.run(["pgrep", "-f", "exec sleep 60"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the job outlived its sandbox"
+
+
 def test_network_when_the_owner_allows_it(cluster: Cluster, tmp_path: Path) -> None:
     need_bwrap()
     listener = socket.socket()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import resource
 import shlex
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -322,6 +324,38 @@ async def test_orphans_are_killed_on_normal_exit_without_hanging_on_their_pipe(j
     assert time.monotonic() - start < 2       # the backgrounded sleep held stdout open
     assert result.exit_code == 0 and result.reason == ""
     await wait_dead(int((job / "bg.pid").read_text()))
+
+
+BURN = "while :; do :; done"
+
+
+async def test_cpu_of_orphans_killed_at_the_end_is_counted(job: Path, exit_watch: str) -> None:
+    # sh never waits for the burners, so wait4 knows nothing of them: without counting the rest of the run a
+    # job could use CPU uncharged by leaving it behind.
+    result, _ = await run_sh(f'({BURN}) > /dev/null & echo $! > "$PWD/bg.pid"; sleep 1; exit 0', job)
+    assert result.exit_code == 0 and result.reason == ""
+    assert result.cpu_s >= 0.4, result.cpu_s
+    await wait_dead(int((job / "bg.pid").read_text()))
+
+
+async def test_cpu_of_a_run_that_times_out_is_counted(job: Path) -> None:
+    result, _ = await run_sh(f"({BURN}) & ({BURN}) & exec sleep 60", job, timeout=1.0, term_grace=0.3)
+    assert result.timed_out and result.signal == signal.SIGTERM
+    assert result.cpu_s >= 0.7, result.cpu_s   # two burners for a second: up to 2 s on two cores
+
+
+async def test_processes_that_left_the_group_or_the_session_are_killed_too(job: Path, exit_watch: str) -> None:
+    leave_group = ('import os, sys, time; os.setpgid(0, 0); open(sys.argv[1], "w").write(str(os.getpid())); '
+                   'time.sleep(60)')
+    script = (f"{shlex.quote(sys.executable)} -c {shlex.quote(leave_group)} \"$PWD/pg.pid\" > /dev/null 2>&1 &\n"
+              "setsid sleep 60 > /dev/null 2>&1 & echo $! > \"$PWD/sid.pid\"\n"
+              "exec sleep 60")
+    result, _ = await run_sh(script, job, timeout=1.0, term_grace=0.3)
+    assert result.timed_out
+    left_group = await wait_file(job / "pg.pid")
+    left_session = await wait_file(job / "sid.pid")
+    await wait_dead(left_group)        # orphaned but still in the session
+    await wait_dead(left_session)      # a new session, but its parent was the run's leader
 
 
 async def test_a_failing_output_callback_kills_the_run_and_is_raised(job: Path) -> None:
@@ -645,3 +679,44 @@ async def test_in_bwrap_the_state_stays_hidden_under_an_exposed_program_director
     finally:
         remove_workdir(top)
         remove_workdir(work)
+
+
+SANDBOXED_RUN = """
+import asyncio, json, sys
+from pathlib import Path
+from vesta import confine, execrun, proctree
+
+async def main(bwrap: str, sh: str, script: str, timeout: float) -> None:
+    print(json.dumps({"subreaper": proctree.become_subreaper()}), flush=True)
+    work = execrun.make_workdir(None, "bwrap-cpu")
+    try:
+        info = execrun.SandboxInfo()
+        program, argv = confine.bwrap_command(bwrap, program=sh, argv=["sh", "-c", script], workdir=work,
+                                              allow_network=False, info_fd=info.write_fd)
+        env = execrun.scrubbed_env(job_id="j", node="n", workdir=work)
+        r = await execrun.run(argv, program=program, cwd=work, env=env, timeout=timeout, term_grace=0.3,
+                              sandbox=info)
+        print(json.dumps({"cpu_s": r.cpu_s, "timed_out": r.timed_out, "exit_code": r.exit_code,
+                          "supervised": sorted(proctree.supervised), "strays": proctree.reap_strays()}))
+    finally:
+        execrun.remove_workdir(work)
+
+asyncio.run(main(*sys.argv[1:4], float(sys.argv[4])))
+"""
+
+
+@pytest.mark.parametrize("script, timeout, timed_out", [
+    (f"timeout 1 sh -c '{BURN}'; exit 0", 10.0, False),    # waited for inside, by the job's own shell
+    (f"({BURN}) & exec sleep 60", 1.5, True),               # left behind, then the run is cut off
+])
+def test_in_bwrap_the_cpu_of_the_whole_sandbox_is_counted(script: str, timeout: float, timed_out: bool) -> None:
+    # bubblewrap does not wait for its namespace's init; a subreaper adopts it and counts what it reaped. A
+    # subreaper is process-wide, so the run happens in a process of its own.
+    bwrap = need_tool("bwrap", "bubblewrap")
+    out = subprocess.run([sys.executable, "-c", SANDBOXED_RUN, bwrap, SH, script, str(timeout)],
+                         capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    first, result = (json.loads(line) for line in out.stdout.splitlines())
+    assert first == {"subreaper": True}
+    assert result["timed_out"] is timed_out and result["cpu_s"] >= 0.5, result
+    assert result["supervised"] == [] and result["strays"] == 0   # the sandbox's init was reaped as ours

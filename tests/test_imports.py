@@ -20,7 +20,7 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
-     "vesta.hours"},
+     "vesta.hours", "vesta.proctree"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
      "vesta.artifacts"},
     {"vesta.discovery", "vesta.link", "vesta.executor", "vesta.confine"},

@@ -280,7 +280,8 @@ def find_setpriv(search_path: str = SAFE_PATH) -> str:
 
 def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Path, allow_network: bool,
                   hide: Sequence[Path] = (), expose: Sequence[Path] = (),
-                  run_as: tuple[int, int] | None = None, setpriv: str | None = None) -> tuple[str, list[str]]:
+                  run_as: tuple[int, int] | None = None, setpriv: str | None = None,
+                  info_fd: int | None = None) -> tuple[str, list[str]]:
     """Wrap a run in bubblewrap: the system read-only, the working directory read-write, a private
     /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
     by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
@@ -297,6 +298,9 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
 
     The program's argv[0] becomes its resolved path (bwrap 0.8 cannot set it), so a multi-call
     binary (busybox) sees its own name inside the sandbox.
+
+    ``info_fd``: bubblewrap writes its namespace's init there (``execrun.SandboxInfo``), so its CPU time
+    can be counted.
     """
     mounts = ["/tmp", "/home", "/root"]
     mounts += [str(p) for p in hide if p.is_dir() and str(p) not in ("/", "/tmp")]
@@ -316,6 +320,8 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
     if not allow_network:
         cmd.append("--unshare-net")
+    if info_fd is not None:
+        cmd += ["--info-fd", str(info_fd)]
     cmd.append("--")
     if run_as is not None:
         cmd += drop_to(run_as, setpriv or find_setpriv())

@@ -77,10 +77,17 @@ the main process ends for any reason, whatever is left of its group is
 SIGKILLed while the dead leader still pins the group id (it is reaped only
 afterwards, so the id cannot have been reused). The exit status and CPU time
 come from ``wait4``: user+system time of the process and of the descendants
-it waited for. Orphans killed at the end are reaped by init, not by us, so
-their CPU time is not counted. A process that leaves the group (``setsid``,
-a daemonizing program) escapes the group kill; only a cgroup or a sandbox
-(bubblewrap, DESIGN.md) can hold it.
+it waited for.
+
+The rest of the run (``proctree``: the group, the session, and their
+descendants, so a child that called ``setpgid`` or ``setsid`` too) is dealt
+with when the main process ends or is given up on: everything is stopped,
+what it used is added to the CPU time (a job cannot lend itself free CPU by
+leaving busy orphans behind, or by being cancelled), and it is SIGKILLed. On
+timeout or cancel SIGTERM reaches the same processes first. What still
+escapes: a process orphaned before that moment that also left the session (a
+daemonizing program); only a sandbox (bubblewrap, DESIGN.md) or a cgroup
+holds it.
 
 Limits, the job user and the sandbox are in ``confine``.
 """
@@ -90,6 +97,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import json
 import logging
 import os
 import re
@@ -105,6 +113,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from vesta import proctree
 from vesta.errors import Refused
 from vesta.tasks import spawn
 
@@ -113,6 +122,7 @@ log = logging.getLogger(__name__)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH jobs see and programs are looked up in
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
+SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
 
 # Set by the node, never by a caller's ``extra``.
@@ -378,18 +388,56 @@ class ExecResult:
     timed_out: bool
     cancelled: bool
     elapsed_s: float
-    cpu_s: float               # user+sys from wait4 rusage (the process and its waited-for descendants)
+    cpu_s: float               # user+sys: wait4 of the process (and what it waited for), plus the rest of the run
     max_rss_kb: int
     reason: str                # "" on a normal exit, else a one-line why
 
 
+class SandboxInfo:
+    """The pipe bubblewrap names its namespace's init on (``--info-fd``, see ``confine.bwrap_command``).
+
+    bubblewrap exits without waiting for that init; in a subreaper (``proctree.become_subreaper``) the init
+    is then this process's child, and waiting for it counts everything that ran in the sandbox. ``run``
+    owns the pipe once it is handed over, and closes it.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)   # pass_fds hands the write end to bubblewrap
+        os.set_blocking(self.read_fd, False)
+
+    def child_pid(self) -> int | None:
+        """The init's pid once bubblewrap has written it; None before, or if what came is not that."""
+        try:
+            raw = os.read(self.read_fd, 4096)
+        except (BlockingIOError, OSError):
+            return None
+        try:
+            found, _ = json.JSONDecoder().raw_decode(raw.decode())
+            pid = found["child-pid"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("bubblewrap's --info-fd said %r: the sandbox's CPU time is not counted", raw[:200])
+            return None
+        return pid if isinstance(pid, int) and pid > 1 else None
+
+    def close_write(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def close(self) -> None:
+        self.close_write()
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+
 def _start(argv: Sequence[str], program: str, cwd: Path, env: Mapping[str, str],
-           preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+           preexec: Callable[[], None] | None, sandbox: SandboxInfo | None) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
             list(argv), executable=program, cwd=cwd, env=dict(env),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True, pass_fds=(), start_new_session=True, preexec_fn=preexec,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+            pass_fds=() if sandbox is None else (sandbox.write_fd,), start_new_session=True, preexec_fn=preexec,
         )
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
@@ -456,13 +504,21 @@ _CLEANUPS: set[asyncio.Task[Any]] = set()   # reapers of runs whose caller was c
 
 
 class _Running:
-    """One started child: its exit watch, output readers and the group kill."""
+    """One started child: its exit watch, output readers, and the rest of its run (``proctree``)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], on_output: OutputCallback | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], on_output: OutputCallback | None,
+                 sandbox: SandboxInfo | None) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self.proc = proc
-        self.pid = proc.pid          # == its process group id (start_new_session)
+        self.pid = proc.pid          # == its process group and session id (start_new_session)
+        proctree.supervised.add(proc.pid)
         self.watch = _ExitWatch(proc.pid)
+        self.procs = proctree.RunProcs(proc.pid)
+        self.others_cpu_s = 0.0      # what the rest of the run used, counted when it was stopped
+        self.sandbox = sandbox
+        self.sandbox_init: int | None = None
+        if sandbox is not None:   # registered as soon as it is named, so no stray sweep takes it first
+            asyncio.get_running_loop().add_reader(sandbox.read_fd, self._sandbox_named)
         self.readers = [
             asyncio.ensure_future(_pump(proc.stdout, "stdout", on_output)),
             asyncio.ensure_future(_pump(proc.stderr, "stderr", on_output)),
@@ -472,15 +528,64 @@ class _Running:
         self.reaped = False
         self.finished = False
 
-    def killpg(self, sig: int) -> None:
-        """Signal the whole group. Only called before the leader is reaped, while its pid pins the group id."""
-        assert not self.reaped
+    def _sandbox_named(self) -> None:
+        assert self.sandbox is not None
+        asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
+        self.sandbox_init = self.sandbox.child_pid()
+        if self.sandbox_init is not None:
+            proctree.supervised.add(self.sandbox_init)
+
+    async def reap_sandbox_init(self) -> float:
+        """After bubblewrap is reaped: wait for its namespace's init and return the CPU time of everything that
+        ran in the sandbox; 0.0 where the init is not this process's to wait for (not a subreaper)."""
+        if self.sandbox is None:
+            return 0.0
+        if self.sandbox.read_fd >= 0:
+            asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
+            if self.sandbox_init is None:   # bubblewrap ended before the loop read the pipe
+                self._sandbox_named()
+            self.sandbox.close()
+        pid, self.sandbox_init = self.sandbox_init, None
+        if pid is None:
+            return 0.0
         try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:   # every member left is someone else's (a setuid program)
-            log.warning("cannot signal process group %d", self.pid)
+            st = proctree.read_stat(pid)
+            if st is None or st.ppid != os.getpid():   # adopted elsewhere (or already gone): not ours to count
+                log.debug("sandbox init %d of run %d is not this process's child: not counted", pid, self.pid)
+                return 0.0
+            # Our child, so its pid cannot have been given to another process. bubblewrap's death already sent
+            # it SIGKILL (--die-with-parent); as it dies it kills and reaps everything in its namespace.
+            os.kill(pid, signal.SIGKILL)
+            watch = _ExitWatch(pid)
+            try:
+                await asyncio.wait_for(asyncio.shield(watch.exited), SANDBOX_REAP_S)
+            except TimeoutError:
+                log.warning("sandbox init %d of run %d did not end %.0fs after SIGKILL; its CPU time is not "
+                            "counted", pid, self.pid, SANDBOX_REAP_S)
+                return 0.0
+            finally:
+                watch.close()
+            _, _, usage = os.wait4(pid, 0)
+            return usage.ru_utime + usage.ru_stime
+        except ChildProcessError:
+            return 0.0
+        finally:
+            proctree.supervised.discard(pid)
+
+    def signal(self, sig: int, *, leader: bool = True) -> None:
+        """Signal the whole run (or all of it but the leader). Only before the leader is reaped, while its pid
+        pins the group and session."""
+        assert not self.reaped
+        self.procs.signal(sig, leader=leader)
+
+    def stop_and_kill(self) -> None:
+        """Stop the whole run, count what all but the leader used, then SIGKILL it all. In a sandbox the
+        count is its init's instead (``reap_sandbox_init``): counting here too would count it twice."""
+        assert not self.reaped
+        used = self.procs.stop()
+        if self.sandbox is None:
+            self.others_cpu_s += used
+        self.procs.kill()
 
     def reap(self) -> None:
         """wait4 the leader; it has exited (the watch said so), so this does not block."""
@@ -488,6 +593,8 @@ class _Running:
             return
         self.reaped = True
         self.watch.close()
+        self.procs.close()
+        proctree.supervised.discard(self.pid)
         try:
             _, self.status, self.rusage = os.wait4(self.pid, 0)
         except ChildProcessError:
@@ -526,15 +633,17 @@ class _Running:
         finally:
             if cancel_wait is not None:
                 cancel_wait.cancel()
-        if not self.watch.exited.done():
-            if failure is None:
-                self.killpg(signal.SIGTERM)
-                await asyncio.wait({self.watch.exited}, timeout=term_grace)
-            self.killpg(signal.SIGKILL)
-            await self.watch.exited
+        if not self.watch.exited.done() and failure is None:
+            # A sandbox taking SIGTERM would tear its namespace down at once, reaped where nothing counts it;
+            # its job's processes get it instead, and the sandbox ends (and is waited for) when they do.
+            self.signal(signal.SIGTERM, leader=self.sandbox is None)
+            await asyncio.wait({self.watch.exited}, timeout=term_grace)
+        self.stop_and_kill()   # what is left of the run must not outlive it, nor use CPU uncharged
+        await self.watch.exited
         elapsed = time.monotonic() - started
-        self.killpg(signal.SIGKILL)   # orphans left in the group: they must not outlive the job
         self.reap()
+        self.others_cpu_s += await self.reap_sandbox_init()
+        proctree.reap_strays()
         failure = failure or await self.drain()
         self.finished = True
         if failure is not None:
@@ -563,10 +672,10 @@ class _Running:
 
     def result(self, elapsed: float, timeout: float | None, timed_out: bool, cancelled: bool) -> ExecResult:
         exit_code = sig = None
-        cpu = 0.0
+        cpu = self.others_cpu_s
         rss = 0
         if self.rusage is not None:
-            cpu = self.rusage.ru_utime + self.rusage.ru_stime
+            cpu += self.rusage.ru_utime + self.rusage.ru_stime
             rss = int(self.rusage.ru_maxrss)   # KiB on Linux
         if self.status is None:
             reason = "exit status lost (the process was reaped by someone else)"
@@ -589,7 +698,7 @@ class _Running:
             return
         self.finished = True
         if not self.reaped:
-            self.killpg(signal.SIGKILL)
+            self.signal(signal.SIGKILL)
         for reader in self.readers:
             reader.cancel()
         spawn(self._cleanup(), name=f"exec-reap-{self.pid}", tasks=_CLEANUPS)
@@ -598,12 +707,14 @@ class _Running:
         try:
             await self.watch.exited   # SIGKILLed: soon
             if not self.reaped:
-                self.killpg(signal.SIGKILL)
+                self.signal(signal.SIGKILL)
             await asyncio.wait(self.readers, timeout=OUTPUT_DRAIN_S)
         finally:
             if not self.reaped:
                 self.reap()           # blocks only if the loop is shutting down before the kill landed
             self.close_pipes()
+        await self.reap_sandbox_init()
+        proctree.reap_strays()
 
 
 def _signame(sig: int) -> str:
@@ -616,25 +727,38 @@ def _signame(sig: int) -> str:
 async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
               timeout: float | None, on_output: OutputCallback | None = None,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
-              preexec: Callable[[], None] | None = None) -> ExecResult:
+              preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
     as it arrives. Never raises for the program's own failure: ``Refused`` only if it cannot be started
     (reason ``not_found`` for ENOENT/EACCES and kin, ``exec_failed`` otherwise, ``policy`` for NUL bytes).
     An exception from ``on_output`` kills the group and is re-raised once the child is reaped.
+    ``sandbox``: ``program`` is bubblewrap, told to name its namespace's init on ``sandbox``'s pipe; SIGTERM
+    goes to what runs inside (bubblewrap taking it would tear the namespace down uncounted), and the init's
+    CPU time is added. ``run`` closes that pipe.
     """
-    if not argv:
-        raise ValueError("argv is empty")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-    started = time.monotonic()
-    proc = _start(argv, program, cwd, env, preexec)
     try:
-        job = _Running(proc, on_output)
+        if not argv:
+            raise ValueError("argv is empty")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        started = time.monotonic()
+        proc = _start(argv, program, cwd, env, preexec, sandbox)
+    except BaseException:
+        if sandbox is not None:
+            sandbox.close()
+        raise
+    if sandbox is not None:
+        sandbox.close_write()   # bubblewrap has its copy: the pipe reads EOF once it is gone
+    try:
+        job = _Running(proc, on_output, sandbox)
     except BaseException:   # could not watch it: do not leave it running unsupervised
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proctree.supervised.discard(proc.pid)
+        if sandbox is not None:
+            sandbox.close()
         raise
     try:
         return await job.supervise(started, timeout, cancel, term_grace)

@@ -462,6 +462,7 @@ class Host:
         limits = confine.Limits(mem_mib=offer.mem_mib or self.exec_mem_mib, cpu_s=int(timeout) + 5,
                                 file_mib=self.exec_file_mib, procs=self.max_procs, run_as=self.job_user)
         tail = bytearray()
+        sandbox: execrun.SandboxInfo | None = None
 
         async def keep_tail(stream: str, data: bytes) -> None:  # enough to tell which limit a program hit
             tail.extend(data)
@@ -487,10 +488,11 @@ class Host:
                         os.chown(os.path.join(top, entry), *self.job_user, follow_symlinks=False)
             runner, argv = program, list(offer.argv)
             if self.bwrap is not None:
+                sandbox = execrun.SandboxInfo()
                 runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
-                    setpriv=self.setpriv)
+                    setpriv=self.setpriv, info_fd=sandbox.write_fd)
             elif not confine.usable_by(program, self.job_user):
                 return failed(f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                               "on this node: see exec_user")
@@ -503,7 +505,7 @@ class Host:
             if cancel.is_set():   # while its inputs came in or its directory was readied
                 return failed("cancelled before it started")
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
-                                  cancel=stop, preexec=preexec)
+                                  cancel=stop, preexec=preexec, sandbox=sandbox)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
@@ -518,6 +520,8 @@ class Host:
             return failed(f"{self.name} could not run it: {why}")
         finally:
             watcher.cancel()
+            if sandbox is not None:   # run() closes it; not if we never got that far
+                sandbox.close()
             if self.keep_runs:
                 log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)
             elif remove:

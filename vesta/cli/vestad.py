@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
+from vesta import proctree
 from vesta.cli.common import run_command, setup_logging
 from vesta.config import Config, load
 from vesta.daemon import Daemon
@@ -27,6 +28,8 @@ async def run(cfg: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if cfg.allow_exec:   # a sandbox's init outlives bubblewrap: adopting it lets its CPU time be charged
+        proctree.become_subreaper()
     daemon = await Daemon.start(cfg)
     try:
         await stop.wait()

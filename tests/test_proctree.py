@@ -1,0 +1,199 @@
+"""proctree: which processes belong to a run, and stopping, counting and killing them for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vesta import proctree
+from vesta.proctree import ProcStat, RunProcs, members, parse_stat
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def stat_line(pid: int, name: str, state: str, ppid: int, pgrp: int, session: int,
+              ticks: tuple[int, int, int, int] = (0, 0, 0, 0), start: int = 1000) -> bytes:
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+    # priority nice num_threads itrealvalue starttime ...
+    rest = [state, ppid, pgrp, session, 0, -1, 4194560, 10, 0, 0, 0, *ticks, 20, 0, 1, 0, start, 1000, 100]
+    return f"{pid} ({name}) {' '.join(map(str, rest))}\n".encode()
+
+
+def ps(pid: int, ppid: int, pgrp: int, session: int, state: str = "S") -> ProcStat:
+    return ProcStat(pid=pid, ppid=ppid, pgrp=pgrp, session=session, state=state, cpu_s=0.0, start=pid)
+
+
+def test_stat_parses_after_the_last_parenthesis_of_the_name() -> None:
+    st = parse_stat(42, stat_line(42, "a) (b c) x", "R", 7, 40, 30, ticks=(100, 50, 20, 5), start=777))
+    assert st == ProcStat(pid=42, ppid=7, pgrp=40, session=30, state="R", cpu_s=175 * TICK_S, start=777)
+
+
+@pytest.mark.parametrize("raw", [b"", b"42 (no closing", b"42 (x) R 1 2",
+                                 b"42 (x) R a b c d e f g h i j k l m n o p q r s t"])
+def test_a_stat_that_does_not_parse_is_none(raw: bytes) -> None:
+    assert parse_stat(42, raw) is None
+
+
+def test_scan_reads_every_numeric_entry_and_skips_the_rest(tmp_path: Path) -> None:
+    for pid, line in [(1, stat_line(1, "init", "S", 0, 1, 1)), (25, stat_line(25, "job", "R", 1, 25, 25)),
+                      (26, b"garbage")]:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_bytes(line)
+    (tmp_path / "self").mkdir()
+    (tmp_path / "27").mkdir()   # gone between the listing and the read: no stat
+    assert sorted(st.pid for st in proctree.scan(tmp_path)) == [1, 25]
+
+
+def test_members_are_the_group_the_session_and_their_descendants_never_the_leader() -> None:
+    leader = 100
+    stats = [
+        ps(1, 0, 1, 1),
+        ps(leader, 1, leader, leader, "Z"),
+        ps(101, 1, leader, leader),           # an orphan still in the group
+        ps(102, 1, 102, leader),              # left the group with setpgid: still in the session
+        ps(103, 102, 103, 103),               # setsid, but its parent is in the run
+        ps(104, 103, 104, 104),               # and its child
+        ps(105, leader, 105, 105),            # the live leader's own child that called setsid
+        ps(200, 1, 200, 200),                 # someone else's
+        ps(201, 200, 200, 200),
+        ps(300, 1, 300, 300),                 # setsid and orphaned before the scan: escaped
+    ]
+    assert sorted(members(stats, leader)) == [101, 102, 103, 104, 105]
+
+
+# ----------------------------------------------------------------------------------------- for real
+
+BURN = "while :; do :; done"
+
+
+def start_run(script: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_pids(path: Path, count: int, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            pids = path.read_text().split()
+            if len(pids) >= count:
+                return [int(p) for p in pids]
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never listed {count} pids")
+
+
+def state(pid: int) -> str | None:
+    st = proctree.read_stat(pid)
+    return None if st is None else st.state
+
+
+def finish(leader: subprocess.Popen[bytes], procs: RunProcs) -> None:
+    procs.kill()
+    procs.close()
+    leader.kill()
+    leader.wait(5)
+
+
+def test_stop_counts_what_the_run_used_then_kill_ends_it(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    # Two burners orphaned in the group, and one that left the session under a live parent.
+    leader = start_run(f"({BURN}) & echo $! >> {pids}; ({BURN}) & echo $! >> {pids}; "
+                       f"{sys.executable} -c 'import os; os.setsid(); os.execvp(\"sh\", [\"sh\", \"-c\", \"{BURN}\"])' "
+                       f"& echo $! >> {pids}; exec sleep 60")
+    procs = RunProcs(leader.pid)
+    try:
+        burners = wait_pids(pids, 3)
+        time.sleep(0.6)
+        used = procs.stop()
+        assert all(state(pid) == "T" for pid in burners), [state(p) for p in burners]
+        assert state(leader.pid) == "T"                      # the group stopped too
+        before = sum(proctree.read_stat(pid).cpu_s for pid in burners)  # type: ignore[union-attr]
+        assert used == pytest.approx(before)                 # counted while stopped: nothing more ran
+        assert used >= 0.3, used                             # three burners for 0.6 s on two cores
+        time.sleep(0.2)
+        assert sum(proctree.read_stat(pid).cpu_s for pid in burners) == before  # type: ignore[union-attr]
+        procs.kill()
+        leader.wait(5)
+        deadline = time.monotonic() + 5
+        while any(state(pid) not in (None, "Z") for pid in burners) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(state(pid) in (None, "Z") for pid in burners)
+    finally:
+        finish(leader, procs)
+
+
+def test_a_process_outside_the_run_is_left_alone(tmp_path: Path) -> None:
+    bystander = start_run("exec sleep 60")
+    leader = start_run("exec sleep 60")
+    procs = RunProcs(leader.pid)
+    try:
+        assert procs.stop() == 0.0
+        procs.kill()
+        assert leader.wait(5) == -signal.SIGKILL
+        assert state(bystander.pid) in ("R", "S")      # neither stopped nor killed
+    finally:
+        finish(leader, procs)
+        bystander.kill()
+        bystander.wait(5)
+
+
+def test_a_pid_reused_after_the_scan_is_not_signalled(tmp_path: Path) -> None:
+    # The scan saw pid P start at time t; by the time it is held, P names a process started later.
+    bystander = start_run("exec sleep 60")
+    procs = RunProcs(1)
+    try:
+        seen = proctree.read_stat(bystander.pid)
+        assert seen is not None
+        procs._send(bystander.pid, seen.start - 1, signal.SIGKILL)
+        time.sleep(0.1)
+        assert state(bystander.pid) in ("R", "S")
+    finally:
+        procs.close()
+        bystander.kill()
+        bystander.wait(5)
+
+
+STRAYS = """
+import json, os, subprocess, sys, time
+from vesta import proctree
+
+assert proctree.reap_strays() == 0          # not a subreaper: never reaps
+assert proctree.become_subreaper()
+# An orphan in a session of its own comes to us and dies; so does a supervised child; a child of our own
+# session (as subprocess.run makes) dies too.
+orphaner = subprocess.Popen(["sh", "-c", "sleep 0.2 & echo $!"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+orphan = int(orphaner.stdout.readline())
+orphaner.wait()
+held = subprocess.Popen(["true"], start_new_session=True)
+proctree.supervised.add(held.pid)
+same = subprocess.Popen(["true"])
+time.sleep(1.0)
+def state(pid):
+    st = proctree.read_stat(pid)
+    return None if st is None else st.state
+before = {"orphan": state(orphan), "held": state(held.pid), "same": state(same.pid)}
+reaped = proctree.reap_strays()
+after = {"orphan": state(orphan), "held": state(held.pid), "same": state(same.pid)}
+print(json.dumps({"before": before, "reaped": reaped, "after": after,
+                  "held_code": held.wait(), "same_code": same.wait()}))
+"""
+
+
+def test_a_subreaper_reaps_adopted_orphans_but_not_children_someone_waits_for() -> None:
+    out = subprocess.run([sys.executable, "-c", STRAYS], capture_output=True, text=True, timeout=30,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["before"] == {"orphan": "Z", "held": "Z", "same": "Z"}
+    assert r["after"]["orphan"] is None
+    assert r["after"]["held"] == "Z" and r["after"]["same"] == "Z"   # left to whoever waits for them
+    assert r["held_code"] == 0 and r["same_code"] == 0
+    assert r["reaped"] == 1
