@@ -210,6 +210,24 @@ def test_cpu_used_inside_the_sandbox_is_charged(cluster: Cluster, tmp_path: Path
     assert left == [], "the job outlived its sandbox"
 
 
+def test_cpu_left_behind_without_the_sandbox_is_charged_and_killed(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "sandbox": "none"}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    marker = f"vesta-left-{secrets.token_hex(4)}"
+
+    def left() -> list[str]:
+        return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+    # The burner outlives its shell, so b adopts it: it is found, counted and killed when the run ends.
+    out = a.vesta("exec", "--json", "--on", "b", "--", "sh", "-c",
+                  f"sh -c 'while :; do :; done' {marker} & sleep 1; exit 0")
+    r = json.loads(out.stdout)
+    assert r["exit_code"] == 0 and r["cpu_s"] >= 0.4, r
+    eventually(lambda: left() == [], 5, what="the burner to be killed")
+    _ = b
+
+
 def test_network_when_the_owner_allows_it(cluster: Cluster, tmp_path: Path) -> None:
     need_bwrap()
     listener = socket.socket()

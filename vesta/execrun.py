@@ -582,7 +582,7 @@ class _Running:
         """Stop the whole run, count what all but the leader used, then SIGKILL it all. In a sandbox the
         count is its init's instead (``reap_sandbox_init``): counting here too would count it twice."""
         assert not self.reaped
-        used = self.procs.stop()
+        used = self.procs.stop(leader_gone=self.watch.exited.done())
         if self.sandbox is None:
             self.others_cpu_s += used
         self.procs.kill()
