@@ -228,6 +228,26 @@ def test_cpu_left_behind_without_the_sandbox_is_charged_and_killed(cluster: Clus
     _ = b
 
 
+def test_a_run_on_several_cores_is_borrowed_as_much_as_it_was_lent(cluster: Cluster, tmp_path: Path) -> None:
+    # Three burners for 1.5 s on two cores: more CPU than wall time. The borrower's ledger caps what a peer
+    # says it lent at what it could have used (its cores x the wall time), not at the wall time alone.
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "sandbox": "none"}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    burn = "sh -c 'while :; do :; done'"
+    out = a.vesta("exec", "--json", "--on", "b", "--timeout", "1.5", "--", "sh", "-c",
+                  f"{burn} & {burn} & {burn} & wait")
+    r = json.loads(out.stdout)
+    assert "timed out" in r["reason"] and r["cpu_s"] > 1.2 * r["run_s"], r
+
+    def row(n: Vestad, peer: str) -> dict[str, float] | None:
+        return next((x for x in n.call("ledger")["peers"] if x["name"] == peer and x["lent"] + x["borrowed"]), None)
+
+    lent = eventually(lambda: row(b, "a"), 5)["lent"]
+    assert lent == pytest.approx(r["cpu_s"], rel=0.01)
+    assert eventually(lambda: row(a, "b"), 5)["borrowed"] == pytest.approx(lent, rel=0.01)
+
+
 def test_network_when_the_owner_allows_it(cluster: Cluster, tmp_path: Path) -> None:
     need_bwrap()
     listener = socket.socket()

@@ -605,10 +605,11 @@ class Submitter:
                     if msg.ok and offer_sent.kind == "cpu" and len(msg.digests) != o.count:
                         o.error = f"returned {len(msg.digests)} digests for {o.count} units"
                         return o
-                    # What the peer lent us counts toward its cap here: never more than we saw it take.
+                    # What the peer lent us counts toward its cap here: never more than we saw it take, all
+                    # its cores busy for as long as the run took.
                     wall = time.monotonic() - accepted
                     self.on_borrowed(peer.fingerprint, peer.name, offer_sent,
-                                     dataclasses.replace(msg, cpu_s=min(msg.cpu_s, wall),
+                                     dataclasses.replace(msg, cpu_s=min(msg.cpu_s, wall * peer.status.cores),
                                                          elapsed_s=min(msg.elapsed_s, wall)))
                     o.result, o.ok, o.error = msg, msg.ok, msg.error
                     return o
