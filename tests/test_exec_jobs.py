@@ -225,7 +225,18 @@ def test_cpu_left_behind_without_the_sandbox_is_charged_and_killed(cluster: Clus
     r = json.loads(out.stdout)
     assert r["exit_code"] == 0 and r["cpu_s"] >= 0.4, r
     eventually(lambda: left() == [], 5, what="the burner to be killed")
-    _ = b
+
+    # Forty sleepers left behind: killed at the end, they come to b as zombies and are reaped (as zombies
+    # they would count against exec_user's process limit, and pile up job after job).
+    def zombies() -> list[str]:
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(b.pid)], capture_output=True, text=True)
+        return [line for line in out.stdout.splitlines() if line.split()[1].startswith("Z")]
+
+    nap = f"59.{secrets.randbelow(10**6):06d}"
+    out = a.vesta("exec", "--on", "b", "--", "sh", "-c", f"for i in $(seq 40); do sleep {nap} & done; exit 0")
+    assert out.returncode == 0, out.stderr
+    eventually(lambda: zombies() == [], 5, what="b to reap what the job left behind")
+    assert subprocess.run(["pgrep", "-f", f"sleep {nap}"], capture_output=True).stdout == b""
 
 
 def test_a_run_on_several_cores_is_borrowed_as_much_as_it_was_lent(cluster: Cluster, tmp_path: Path) -> None:

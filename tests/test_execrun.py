@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import need_tool
-from vesta import confine, execrun
+from vesta import confine, execrun, proctree
 from vesta.errors import ConfigError, Refused
 from vesta.execrun import SAFE_PATH, Allowlist, ExecResult, make_workdir, remove_workdir, scrubbed_env
 
@@ -720,3 +720,66 @@ def test_in_bwrap_the_cpu_of_the_whole_sandbox_is_counted(script: str, timeout: 
     assert first == {"subreaper": True}
     assert result["timed_out"] is timed_out and result["cpu_s"] >= 0.5, result
     assert result["supervised"] == [] and result["strays"] == 0   # the sandbox's init was reaped as ours
+
+
+def test_sandbox_info_is_read_whole_however_bubblewrap_splits_it() -> None:
+    child = subprocess.Popen([real_which("sleep"), "30"])
+    info = execrun.SandboxInfo()
+    try:
+        seen = proctree.read_stat(child.pid)
+        assert seen is not None
+        os.write(info.write_fd, b'{\n    "child-pid": ' + str(child.pid).encode())   # bwrap 0.8 writes it in pieces
+        assert info.feed() is False and info.init is None
+        os.write(info.write_fd, b',\n    "pid-namespace": 4026532179')
+        assert info.feed() is False
+        os.write(info.write_fd, b"\n}\n")
+        assert info.feed() is True and info.init == (child.pid, seen.start)
+    finally:
+        info.close()
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize("written", [b"", b"garbage", b'{"child-pid": "1234"}', b'{"child-pid": 1}', b"[1, 2]",
+                                     b'{"child-pid": 12'])
+def test_sandbox_info_that_names_no_init_is_done_at_the_end(written: bytes) -> None:
+    info = execrun.SandboxInfo()
+    try:
+        os.write(info.write_fd, written)
+        info.close_write()   # bubblewrap is gone
+        assert info.feed() is True and info.init is None
+    finally:
+        info.close()
+
+
+async def test_a_sandboxed_run_cancelled_at_once_leaves_no_reader_on_its_pipe() -> None:
+    bwrap = need_tool("bwrap", "bubblewrap")
+    work = make_workdir(None, "cancel-early")
+    try:
+        info = execrun.SandboxInfo()
+        program, argv = confine.bwrap_command(bwrap, program=real_which("sleep"), argv=["sleep", "30"],
+                                              workdir=work, allow_network=False, info_fd=info.write_fd)
+        task = asyncio.ensure_future(execrun.run(argv, program=program, cwd=work, env=env_for(work), timeout=10,
+                                                 sandbox=info))
+        await asyncio.sleep(0)   # started, and watching the pipe
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(10):
+            while execrun._CLEANUPS:
+                await asyncio.sleep(0.02)
+        assert info.read_fd == -1 and info.write_fd == -1   # the run closed it ...
+        loop = asyncio.get_running_loop()
+        r, w = os.pipe()   # ... after letting go of it: a new file with its number is watched as usual
+        try:
+            fired = asyncio.Event()
+            loop.add_reader(r, fired.set)
+            os.write(w, b"x")
+            async with asyncio.timeout(2):
+                await fired.wait()
+            loop.remove_reader(r)
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        remove_workdir(work)

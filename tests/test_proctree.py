@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -206,3 +207,78 @@ def test_a_subreaper_reaps_adopted_orphans_but_not_children_someone_waits_for() 
     assert r["reaped"] == 1
     # nothing; a supervised child and one of our own session only; the orphan (a zombie); reaped again
     assert r["adopted"] == [False, False, True, False]
+
+
+STRAY_CHARGED = """
+import asyncio, json, sys
+from vesta import execrun, proctree
+
+# B is orphaned at once (the subreaper adopts it), burns 1 s and dies while the run still sleeps: whoever
+# reaps it first (here the end of another run) charges it to this run.
+JOB = '''
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        t = time.process_time()
+        while time.process_time() - t < 1.0: pass
+        os._exit(0)
+    os._exit(0)
+os.wait()
+time.sleep(2.5)
+'''
+
+async def run(argv):
+    work = execrun.make_workdir(None, "stray")
+    env = execrun.scrubbed_env(job_id="j", node="n", workdir=work)
+    try:
+        return await execrun.run(argv, program=argv[0], cwd=work, env=env, timeout=20)
+    finally:
+        execrun.remove_workdir(work)
+
+async def main():
+    assert proctree.become_subreaper()
+    other = asyncio.ensure_future(run(["/bin/sleep", "1.8"]))
+    charged = await run([sys.executable, "-c", JOB])
+    await other
+    print(json.dumps({"cpu_s": charged.cpu_s}))
+
+asyncio.run(main())
+"""
+
+
+def test_an_adopted_orphan_is_charged_to_its_run_whoever_reaps_it() -> None:
+    out = subprocess.run([sys.executable, "-c", STRAY_CHARGED], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cpu_s"] >= 0.8
+
+
+def test_without_pidfds_or_file_descriptors_what_was_stopped_is_still_killed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pids = tmp_path / "pids"
+    leave = (f"import os, time; os.setpgid(0, 0); open({str(pids)!r}, 'a').write(f'{{os.getpid()}} '); "
+             "time.sleep(60)")
+    leader = start_run(f"for i in 1 2 3; do {sys.executable} -c \"{leave}\" & done; exec sleep 60")
+    procs = RunProcs(leader.pid)
+    try:
+        left = wait_pids(pids, 3)
+        real_open = os.pidfd_open
+        opened: list[int] = []
+
+        def out_of_fds(pid: int, flags: int = 0) -> int:   # the first one works, then the table is full
+            if opened:
+                raise OSError(errno.EMFILE, "Too many open files")
+            opened.append(pid)
+            return real_open(pid, flags)
+
+        monkeypatch.setattr(os, "pidfd_open", out_of_fds)
+        procs.stop()
+        procs.kill()
+        monkeypatch.undo()
+        assert leader.wait(5) == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while any(state(pid) not in (None, "Z") for pid in left) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(state(pid) in (None, "Z") for pid in left)
+    finally:
+        finish(leader, procs)

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, autopilot, confine, execrun, executor, proto, sysstat
+from vesta import __version__, autopilot, confine, execrun, executor, proctree, proto, sysstat
 from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
 from vesta.config import Config
@@ -56,6 +56,7 @@ MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 EVENT_HOLD_S = 0.02           # seconds a job's events wait for company: a job done sooner sends them with its answer
 EVENT_HOLD_BYTES = 64 * 1024  # ... unless this much is waiting already
 RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed by a WAL checkpoint (in a thread)
+REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads)
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
 
@@ -180,6 +181,8 @@ class Daemon(ControlOps):
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
+        if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead
+            spawn(self._reap_loop(), "reap-strays", self._tasks)
         log.info("vestad %s up: name=%s fingerprint=%s key_id=%s tcp=%s:%d udp=%d socket=%s",
                  __version__, cfg.name, self.identity.fingerprint, self.keys.key_id, cfg.bind, self.port,
                  cfg.dport, cfg.control_socket)
@@ -365,6 +368,14 @@ class Daemon(ControlOps):
             for change in self.table.sweep():
                 self._on_change(change)
             await asyncio.sleep(interval)
+
+    async def _reap_loop(self) -> None:
+        """Reap the orphans of jobs this subreaper adopted once they die (see proctree): the processes a job
+        left behind are killed when it ends, and as zombies they would count against exec_user's process
+        limit."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            proctree.reap_strays()
 
     async def _checkpoint_loop(self) -> None:
         """Commit the records' logged writes (one commit a second instead of two per job on the event

@@ -401,23 +401,49 @@ class SandboxInfo:
     owns the pipe once it is handed over, and closes it.
     """
 
+    MAX_BYTES = 4096   # bubblewrap writes ~100 bytes, in several writes
+
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)   # pass_fds hands the write end to bubblewrap
         os.set_blocking(self.read_fd, False)
+        self.done = False                          # the init is known, or never will be
+        self.init: tuple[int, int] | None = None   # its (pid, start time)
+        self._buf = bytearray()
 
-    def child_pid(self) -> int | None:
-        """The init's pid once bubblewrap has written it; None before, or if what came is not that."""
+    def feed(self) -> bool:
+        """Read what has come; True once ``done``."""
+        while not self.done:
+            try:
+                data = os.read(self.read_fd, self.MAX_BYTES)
+            except BlockingIOError:
+                return False
+            except OSError:
+                data = b""
+            self._buf += data
+            self._parse(final=not data or len(self._buf) >= self.MAX_BYTES)   # EOF: bubblewrap is gone
+        return True
+
+    def _parse(self, *, final: bool) -> None:
         try:
-            raw = os.read(self.read_fd, 4096)
-        except (BlockingIOError, OSError):
-            return None
+            found, _ = json.JSONDecoder().raw_decode(self._buf.decode())
+        except (ValueError, UnicodeDecodeError):   # not all of it yet
+            if final:
+                self.done = True
+                if self._buf:
+                    log.warning("bubblewrap's --info-fd said %r: the sandbox's CPU time is counted from /proc",
+                                bytes(self._buf[:200]))
+            return
+        self.done = True
+        pid = found.get("child-pid") if isinstance(found, dict) else None
+        if not isinstance(pid, int) or pid <= 1:
+            log.warning("bubblewrap's --info-fd named no init (%r)", bytes(self._buf[:200]))
+            return
         try:
-            found, _ = json.JSONDecoder().raw_decode(raw.decode())
-            pid = found["child-pid"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("bubblewrap's --info-fd said %r: the sandbox's CPU time is not counted", raw[:200])
-            return None
-        return pid if isinstance(pid, int) and pid > 1 else None
+            st = proctree.read_stat(pid)
+        except OSError:
+            st = None
+        if st is not None:
+            self.init = (pid, st.start)
 
     def close_write(self) -> None:
         if self.write_fd >= 0:
@@ -511,14 +537,12 @@ class _Running:
         assert proc.stdout is not None and proc.stderr is not None
         self.proc = proc
         self.pid = proc.pid          # == its process group and session id (start_new_session)
-        proctree.supervised.add(proc.pid)
         self.watch = _ExitWatch(proc.pid)
-        self.procs = proctree.RunProcs(proc.pid)
-        self.others_cpu_s = 0.0      # what the rest of the run used, counted when it was stopped
+        self.others_cpu_s = 0.0      # what the rest of the run used (see stop_and_kill)
         self.sandbox = sandbox
-        self.sandbox_init: int | None = None
-        if sandbox is not None:   # registered as soon as it is named, so no stray sweep takes it first
-            asyncio.get_running_loop().add_reader(sandbox.read_fd, self._sandbox_named)
+        self._watching_sandbox = sandbox is not None
+        if sandbox is not None:   # its init is supervised as soon as it is named, so no stray sweep takes it
+            asyncio.get_running_loop().add_reader(sandbox.read_fd, self._sandbox_readable)
         self.readers = [
             asyncio.ensure_future(_pump(proc.stdout, "stdout", on_output)),
             asyncio.ensure_future(_pump(proc.stderr, "stderr", on_output)),
@@ -527,48 +551,56 @@ class _Running:
         self.rusage: resource.struct_rusage | None = None
         self.reaped = False
         self.finished = False
+        self.procs = proctree.RunProcs(proc.pid)   # supervised from here (last: nothing after it can fail)
 
-    def _sandbox_named(self) -> None:
+    def _sandbox_readable(self) -> None:
         assert self.sandbox is not None
-        asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
-        self.sandbox_init = self.sandbox.child_pid()
-        if self.sandbox_init is not None:
-            proctree.supervised.add(self.sandbox_init)
+        if self.sandbox.feed():
+            self._stop_watching_sandbox()
 
-    async def reap_sandbox_init(self) -> float:
-        """After bubblewrap is reaped: wait for its namespace's init and return the CPU time of everything that
-        ran in the sandbox; 0.0 where the init is not this process's to wait for (not a subreaper)."""
-        if self.sandbox is None:
-            return 0.0
-        if self.sandbox.read_fd >= 0:
+    def _stop_watching_sandbox(self) -> None:
+        if self._watching_sandbox and self.sandbox is not None:
+            self._watching_sandbox = False
             asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
-            if self.sandbox_init is None:   # bubblewrap ended before the loop read the pipe
-                self._sandbox_named()
-            self.sandbox.close()
-        pid, self.sandbox_init = self.sandbox_init, None
-        if pid is None:
-            return 0.0
+            if self.sandbox.init is not None:
+                proctree.supervised.add(self.sandbox.init[0])
+
+    async def count_sandbox(self, counted: float) -> float:
+        """After bubblewrap is reaped: wait for its namespace's init and return the CPU time of everything that
+        ran in the sandbox. Where the init is not this process's to wait for (not a subreaper, or bubblewrap
+        reaped it, so its own wait4 holds it), what ``stop_and_kill`` ``counted`` stands."""
+        sandbox = self.sandbox
+        if sandbox is None:
+            return counted
+        self.sandbox = None
+        if not sandbox.done:
+            sandbox.feed()   # bubblewrap is gone: the rest is in the pipe, or it is at EOF
+        self._stop_watching_sandbox()
+        sandbox.close()
+        if sandbox.init is None:
+            return counted
+        pid, start = sandbox.init
         try:
             st = proctree.read_stat(pid)
-            if st is None or st.ppid != os.getpid():   # adopted elsewhere (or already gone): not ours to count
-                log.debug("sandbox init %d of run %d is not this process's child: not counted", pid, self.pid)
-                return 0.0
-            # Our child, so its pid cannot have been given to another process. bubblewrap's death already sent
-            # it SIGKILL (--die-with-parent); as it dies it kills and reaps everything in its namespace.
+            if st is None or st.start != start or st.ppid != os.getpid():
+                return counted
+            # Our child, so its pid cannot be given to another process before we reap it. bubblewrap's death
+            # already sent it SIGKILL (--die-with-parent); as it dies it kills and reaps its whole namespace.
             os.kill(pid, signal.SIGKILL)
             watch = _ExitWatch(pid)
             try:
                 await asyncio.wait_for(asyncio.shield(watch.exited), SANDBOX_REAP_S)
             except TimeoutError:
-                log.warning("sandbox init %d of run %d did not end %.0fs after SIGKILL; its CPU time is not "
-                            "counted", pid, self.pid, SANDBOX_REAP_S)
-                return 0.0
+                log.warning("sandbox init %d of run %d did not end %.0fs after SIGKILL", pid, self.pid,
+                            SANDBOX_REAP_S)
+                return counted
             finally:
                 watch.close()
             _, _, usage = os.wait4(pid, 0)
             return usage.ru_utime + usage.ru_stime
-        except ChildProcessError:
-            return 0.0
+        except OSError as exc:   # ChildProcessError: reaped elsewhere after all
+            log.debug("sandbox init %d of run %d: %s", pid, self.pid, exc)
+            return counted
         finally:
             proctree.supervised.discard(pid)
 
@@ -578,14 +610,16 @@ class _Running:
         assert not self.reaped
         self.procs.signal(sig, leader=leader)
 
-    def stop_and_kill(self) -> None:
-        """Stop the whole run, count what all but the leader used, then SIGKILL it all. In a sandbox the
-        count is its init's instead (``reap_sandbox_init``): counting here too would count it twice."""
+    async def stop_and_kill(self) -> float:
+        """Stop the whole run, then SIGKILL it; what all but the leader used. The scans run in a thread
+        (thousands of processes take a while), unless the leader has exited and left nothing behind."""
         assert not self.reaped
-        used = self.procs.stop(leader_gone=self.watch.exited.done())
-        if self.sandbox is None:
-            self.others_cpu_s += used
+        if self.watch.exited.done() and self.procs.nothing_left():
+            used = self.procs.stop(scan=False)
+        else:
+            used = await asyncio.to_thread(self.procs.stop)
         self.procs.kill()
+        return used
 
     def reap(self) -> None:
         """wait4 the leader; it has exited (the watch said so), so this does not block."""
@@ -594,7 +628,6 @@ class _Running:
         self.reaped = True
         self.watch.close()
         self.procs.close()
-        proctree.supervised.discard(self.pid)
         try:
             _, self.status, self.rusage = os.wait4(self.pid, 0)
         except ChildProcessError:
@@ -636,13 +669,13 @@ class _Running:
         if not self.watch.exited.done() and failure is None:
             # A sandbox taking SIGTERM would tear its namespace down at once, reaped where nothing counts it;
             # its job's processes get it instead, and the sandbox ends (and is waited for) when they do.
-            self.signal(signal.SIGTERM, leader=self.sandbox is None)
+            await asyncio.to_thread(self.signal, signal.SIGTERM, leader=self.sandbox is None)
             await asyncio.wait({self.watch.exited}, timeout=term_grace)
-        self.stop_and_kill()   # what is left of the run must not outlive it, nor use CPU uncharged
+        counted = await self.stop_and_kill()   # what is left must not outlive the run, nor use CPU uncharged
         await self.watch.exited
         elapsed = time.monotonic() - started
         self.reap()
-        self.others_cpu_s += await self.reap_sandbox_init()
+        self.others_cpu_s = await self.count_sandbox(counted)
         proctree.reap_strays()
         failure = failure or await self.drain()
         self.finished = True
@@ -713,8 +746,8 @@ class _Running:
             if not self.reaped:
                 self.reap()           # blocks only if the loop is shutting down before the kill landed
             self.close_pipes()
-        await self.reap_sandbox_init()
-        proctree.reap_strays()
+            await self.count_sandbox(0.0)
+            proctree.reap_strays()
 
 
 def _signame(sig: int) -> str:
@@ -756,7 +789,6 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     except BaseException:   # could not watch it: do not leave it running unsupervised
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        proctree.supervised.discard(proc.pid)
         if sandbox is not None:
             sandbox.close()
         raise

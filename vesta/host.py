@@ -504,8 +504,9 @@ class Host:
                 preexec = limits.preexec(switch_user=self.bwrap is None)
             if cancel.is_set():   # while its inputs came in or its directory was readied
                 return failed("cancelled before it started")
+            handed, sandbox = sandbox, None   # run() owns it from here, even if it is cancelled
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
-                                  cancel=stop, preexec=preexec, sandbox=sandbox)
+                                  cancel=stop, preexec=preexec, sandbox=handed)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
@@ -520,7 +521,7 @@ class Host:
             return failed(f"{self.name} could not run it: {why}")
         finally:
             watcher.cancel()
-            if sandbox is not None:   # run() closes it; not if we never got that far
+            if sandbox is not None:   # never handed to run()
                 sandbox.close()
             if self.keep_runs:
                 log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)

@@ -8,20 +8,27 @@ in the group). The leader is left out: its own CPU time, and that of the childre
 ``wait4``. Until the leader is reaped its pid pins the group and session ids, so no other process can hold
 them; ``execrun`` looks only in that window.
 
-Stopping comes before counting. The group gets SIGSTOP, every member found gets it through a pidfd, and the
-scan repeats until it finds no member still running (a fork bomb races the scan, so the rounds are
-bounded). Stopped processes use no CPU, so the count is what they used: their own time, plus what the
-children they reaped used. Then they are SIGKILLed through the same pidfds, which name the very processes
-that were stopped, never a later process that was given a freed pid.
+Stopping comes before counting. The group gets SIGSTOP, every member found gets it through a pidfd opened
+for that one signal (checked against the start time the scan saw, so a freed pid given to another process
+is never signalled), and the scan repeats until it finds no member it has not stopped yet and none still
+running (a fork bomb races the scan, and a vfork parent never looks stopped, so the rounds are bounded).
+Stopped processes use no CPU, so the count is what they used: their own time, plus what the children they
+reaped used. Then they are SIGKILLed. Nothing here raises: where /proc cannot be read (out of file
+descriptors) the run is handled as its process group alone, with a warning.
 
-What escapes: a process whose parent in the run exited before the scan (it is init's child now) and that
-left the session as well. Only a sandbox's pid namespace or a cgroup holds those.
+A *subreaper* (``become_subreaper``, vestad's main) adopts the orphans of its descendants instead of init.
+That lets a run's leftovers be counted and reaped here: ``reap_strays`` (on SIGCHLD and at the end of each
+run) reaps adopted orphans that died, and charges each to the run whose group or session it is in, unless
+that run has already counted it. After its leader has exited, a run whose leftovers would all be ours can
+tell it left none without a scan (``adopted_children``).
 
-A sandbox is counted another way. bubblewrap exits as soon as the job's main process does, without waiting
-for the init of its pid namespace, which is then reaped by whoever adopts it. ``vestad`` makes itself a
-*subreaper* (``become_subreaper``) so that it adopts it; ``execrun`` then waits for that init, and its
-rusage holds everything that ran in the sandbox (every process there is reaped by it in the end). Other
-orphans of runs come to vestad too; ``reap_strays`` reaps those that died.
+What escapes: a process whose parent in the run exited before the scan and that left the session as well
+(a daemonizing program). It is killed by nobody and its CPU time is charged to nobody; only a sandbox's
+pid namespace or a cgroup holds those.
+
+A sandbox is counted another way: bubblewrap exits as soon as the job's main process does, without waiting
+for the init of its pid namespace; vestad adopts that init, and ``execrun`` waits for it. Its rusage holds
+everything that ran in the sandbox (every process there is reaped by it in the end).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import errno
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +48,15 @@ log = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 STOP_ROUNDS = 20        # scans spent stopping a run that keeps forking; what still runs after them is not counted
+SETTLE_ROUNDS = 3       # extra scans waiting for stopped members to show as stopped (a vfork parent never does)
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 _IDLE_STATES = frozenset("TtZXx")   # stopped, traced, zombie, dead: they use no more CPU
-_NO_PIDFD = -1
 _PR_SET_CHILD_SUBREAPER = 36
+_GONE = (errno.ENOENT, errno.ESRCH)
+_NO_PIDFD = (errno.ENOSYS, errno.EPERM, errno.EINVAL)   # kernel < 5.3, or a seccomp filter
 _subreaper = False
 supervised: set[int] = set()   # children waited for by their own supervisor (run leaders, sandbox inits)
+_runs: dict[int, RunProcs] = {}   # leader pid -> its run, while it is supervised: whom a stray is charged to
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +84,14 @@ def parse_stat(pid: int, raw: bytes) -> ProcStat | None:
 
 
 def read_stat(pid: int, proc_root: Path = PROC) -> ProcStat | None:
-    """The stat of ``pid``, or None if it is gone (or unreadable)."""
+    """The stat of ``pid``, or None if it is gone. Any other failure (EMFILE) raises ``OSError``."""
     try:
         fd = os.open(f"{proc_root}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError, PermissionError):   # PermissionError: hidepid
         return None
     try:
         raw = os.read(fd, 4096)
-    except OSError:   # ESRCH: it was reaped between the open and the read
+    except ProcessLookupError:   # reaped between the open and the read
         return None
     finally:
         os.close(fd)
@@ -116,66 +128,102 @@ def members(stats: Iterable[ProcStat], leader: int) -> dict[int, ProcStat]:
 
 
 class RunProcs:
-    """The members of one run; each one signalled is held by a pidfd until ``close``."""
+    """The members of one run (see the module doc). ``close`` when the leader is reaped."""
 
     def __init__(self, leader: int, proc_root: Path = PROC) -> None:
         self.leader = leader
         self.proc_root = proc_root
-        self._held: dict[int, tuple[int, int]] = {}   # pid -> (pidfd or _NO_PIDFD, start)
-        self._all_held = False    # stop() saw every member stopped and held: kill() needs no scan
+        self.counted = False            # stop() took its count: a member reaped later was in it
+        self.adopted_cpu_s = 0.0        # members reaped as strays before that
+        self.lock = threading.Lock()    # stop() runs in a thread; reap_strays must not charge during its count
+        self._stopped: dict[int, int] = {}   # pid -> start of every member sent SIGSTOP
+        self._all_stopped = False       # stop() found no member it had not stopped: kill() needs no scan
+        self._blind = False
+        supervised.add(leader)
+        _runs[leader] = self
 
     def find(self) -> dict[int, ProcStat]:
+        """The members now; ``OSError`` if /proc cannot be read."""
         return members(scan(self.proc_root), self.leader)
 
     def signal(self, sig: int, *, leader: bool = True) -> None:
         """Send ``sig`` to every member found now, and to the leader unless told not to."""
-        found = self.find()     # before the leader can die: its children are descendants only while it lives
+        found = self._find()    # before the leader can die: its children are descendants only while it lives
         if leader:
             self._killpg(sig)   # the whole group at once, the leader included
         for st in found.values():
             self._send(st.pid, st.start, sig)
 
-    def stop(self, *, leader_gone: bool = False) -> float:
-        """SIGSTOP every member until a scan finds none running; the CPU seconds the members used.
+    def nothing_left(self) -> bool:
+        """After the leader exited: True when, in a subreaper, it left no process behind (no scan needed)."""
+        return _subreaper and not adopted_children()
 
-        ``leader_gone``: the leader has exited, so in a subreaper whatever it left is our child now; with no
-        such child there is nothing to scan for (the usual end of a run, and a scan of /proc costs ~5 us a
-        process)."""
-        if leader_gone and _subreaper and not adopted_children():
-            self._all_held = True
-            return 0.0
-        found: dict[int, ProcStat] = {}
-        for _ in range(STOP_ROUNDS):
-            self._killpg(signal.SIGSTOP)
-            found = self.find()
-            busy = [st for st in found.values() if st.state not in _IDLE_STATES or st.pid not in self._held]
-            if not busy:
-                self._all_held = True
-                break
-            for st in busy:
-                self._send(st.pid, st.start, signal.SIGSTOP)
-            os.sched_yield()   # a member with SIGSTOP pending stops once it runs
-        else:
-            unheld = [pid for pid in found if pid not in self._held]
-            if unheld:
-                log.warning("run %d was still starting processes after %d rounds (%s): they are killed uncounted",
-                            self.leader, STOP_ROUNDS, ", ".join(map(str, unheld[:5])))
-        return sum(st.cpu_s for st in found.values())
+    def stop(self, *, scan: bool = True) -> float:
+        """SIGSTOP every member (see the module doc); the CPU seconds they used, and those reaped as strays.
+        ``scan=False`` when ``nothing_left`` said there is no member."""
+        with self.lock:
+            found: dict[int, ProcStat] = {}
+            if not scan:
+                self._all_stopped = self.counted = True
+                return self.adopted_cpu_s
+            settling = 0
+            for _ in range(STOP_ROUNDS):
+                self._killpg(signal.SIGSTOP)
+                found = self._find()
+                new = [st for st in found.values() if self._stopped.get(st.pid) != st.start]
+                for st in new:
+                    if self._send(st.pid, st.start, signal.SIGSTOP):
+                        self._stopped[st.pid] = st.start
+                if new:
+                    continue
+                self._all_stopped = True
+                leader = self._stat(self.leader)
+                running = [st for st in found.values() if st.state not in _IDLE_STATES]
+                if leader is not None and leader.state not in _IDLE_STATES:
+                    running.append(leader)
+                if not running or settling == SETTLE_ROUNDS:
+                    break
+                settling += 1
+                time.sleep(0.001 * settling)   # let a SIGSTOP land before the count (a member mid-wait4)
+            else:
+                log.warning("run %d was still starting processes after %d rounds: the last ones run on until "
+                            "they are killed, uncounted", self.leader, STOP_ROUNDS)
+            self.counted = True
+            return sum(st.cpu_s for st in found.values()) + self.adopted_cpu_s
 
     def kill(self) -> None:
-        """SIGKILL the group and every member: the ones held, and (unless ``stop`` held them all) the ones found now."""
-        found = {} if self._all_held else self.find()   # before the leader dies and orphans its children
+        """SIGKILL the group and every member: those stopped, and (unless ``stop`` stopped them all) those found now."""
+        found = {} if self._all_stopped else self._find()   # before the leader dies and orphans its children
         self._killpg(signal.SIGKILL)
-        for pid, (_, start) in list(self._held.items()):
+        for pid, start in list(self._stopped.items()):
             self._send(pid, start, signal.SIGKILL)
         for st in found.values():
             self._send(st.pid, st.start, signal.SIGKILL)
 
     def close(self) -> None:
-        for fd, _ in self._held.values():
-            if fd != _NO_PIDFD:
-                os.close(fd)
-        self._held.clear()
+        supervised.discard(self.leader)
+        if _runs.get(self.leader) is self:
+            del _runs[self.leader]
+
+    def _find(self) -> dict[int, ProcStat]:
+        try:
+            return self.find()
+        except OSError as exc:
+            self._cannot_see(exc)
+            return {}
+
+    def _stat(self, pid: int) -> ProcStat | None:
+        try:
+            return read_stat(pid, self.proc_root)
+        except OSError as exc:
+            self._cannot_see(exc)
+            return None
+
+    def _cannot_see(self, exc: OSError) -> None:
+        if not self._blind:
+            self._blind = True
+            log.warning("cannot read the processes of run %d (%s): only its process group is signalled, and "
+                        "what it left elsewhere is not counted", self.leader, exc.strerror or exc)
 
     def _killpg(self, sig: int) -> None:
         try:
@@ -185,50 +233,45 @@ class RunProcs:
         except PermissionError:   # every member left is someone else's (a setuid program)
             log.warning("cannot signal process group %d", self.leader)
 
-    def _send(self, pid: int, start: int, sig: int) -> None:
-        held = self._held.get(pid)
-        if held is None:
-            held = self._hold(pid, start)
-            if held is None:
-                return
-        fd, start = held
-        try:
-            if fd != _NO_PIDFD:
-                signal.pidfd_send_signal(fd, sig)
-            elif self._same(pid, start):   # no pidfds here: the start time check narrows the pid-reuse race
-                os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            log.warning("cannot signal pid %d of run %d (a setuid program?)", pid, self.leader)
-
-    def _hold(self, pid: int, start: int) -> tuple[int, int] | None:
-        """A pidfd on ``pid`` if it is still the process seen in the scan; None if that one is gone."""
+    def _send(self, pid: int, start: int, sig: int) -> bool:
+        """Signal ``pid`` if it is still the process that started at ``start``; whether it was signalled."""
+        fd = -1
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            return None
-        except OSError as exc:   # kernel < 5.3, or a seccomp filter
-            if exc.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
-                raise
-            fd = _NO_PIDFD
-        except AttributeError:   # pragma: no cover - Python without pidfd_open (not Linux)
-            fd = _NO_PIDFD
-        if not self._same(pid, start):   # the pid was freed and given to another process after the scan
-            if fd != _NO_PIDFD:
+            return False
+        except OSError as exc:   # no pidfds here (old kernel, seccomp), or out of fds: by pid after the check
+            if exc.errno not in _NO_PIDFD:
+                self._cannot_see(exc)
+        try:
+            try:
+                now = read_stat(pid, self.proc_root)
+            except OSError as exc:
+                self._cannot_see(exc)
+                if self._stopped.get(pid) != start:   # unchecked, and not held by our SIGSTOP: leave it
+                    return False
+            else:
+                if now is None or now.start != start:   # the pid was freed and given to another process
+                    return False
+            if fd >= 0:
+                signal.pidfd_send_signal(fd, sig)
+            else:   # the check just before narrows the pid-reuse race to a moment (none for one we stopped)
+                os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            log.warning("cannot signal pid %d of run %d (a setuid program?)", pid, self.leader)
+            return False
+        finally:
+            if fd >= 0:
                 os.close(fd)
-            return None
-        self._held[pid] = (fd, start)
-        return fd, start
-
-    def _same(self, pid: int, start: int) -> bool:
-        now = read_stat(pid, self.proc_root)
-        return now is not None and now.start == start
 
 
 def become_subreaper() -> bool:
     """Adopt the orphans of every descendant from now on (prctl PR_SET_CHILD_SUBREAPER); False, with a
-    warning, where the kernel refuses. Process-wide: for ``vestad``'s main, never for a library user."""
+    warning, where the kernel refuses. Process-wide: for ``vestad``'s main, never for a library user, and
+    whoever calls it must call ``reap_strays`` on SIGCHLD."""
     global _subreaper
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -236,7 +279,7 @@ def become_subreaper() -> bool:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError) as exc:
         log.warning("cannot adopt the orphans of jobs (prctl PR_SET_CHILD_SUBREAPER: %s): CPU time used inside "
-                    "the sandbox is not counted", exc)
+                    "the sandbox, and by what a job leaves behind, is not counted", exc)
         return False
     _subreaper = True
     return True
@@ -271,34 +314,49 @@ def _stray(pid: int, own_session: int) -> ProcStat | None:
 def adopted_children() -> bool:
     """Whether this process has a child that may be left over from a run: one not ``supervised`` and not of
     our own session. False only when sure."""
-    children = _children()
-    if children is None:
+    try:
+        children = _children()
+        if children is None:
+            return True
+        own_session = os.getsid(0)
+        return any(_stray(pid, own_session) is not None for pid in children)
+    except OSError:
         return True
-    own_session = os.getsid(0)
-    return any(_stray(pid, own_session) is not None for pid in children)
 
 
-def reap_strays(limit: int = 64) -> int:
-    """Reap adopted orphans that died: zombie children not in ``supervised`` and not of our own session (those
-    are ``subprocess.run``'s). Only in a subreaper; how many were reaped."""
+def reap_strays() -> int:
+    """Reap adopted orphans that died (zombie children not ``supervised`` and not of our own session: those
+    are ``subprocess.run``'s), charging each to its run if that run has not counted it yet. Only in a
+    subreaper; never raises; how many were reaped."""
     if not _subreaper:
         return 0
-    own_session = os.getsid(0)
-    children = _children()
-    if children is None:   # only the first child that can be waited for is visible this way
-        try:
-            found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            found = None
-        children = [] if found is None else [found.si_pid]
     reaped = 0
-    for pid in children[:limit]:
-        st = _stray(pid, own_session)
-        if st is not None and st.state in ("Z", "X"):
+    try:
+        own_session = os.getsid(0)
+        children = _children()
+        if children is None:   # only the first child that can be waited for is visible this way
             try:
-                os.waitpid(pid, os.WNOHANG)
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
+                found = None
+            children = [] if found is None else [found.si_pid]
+        for pid in children:
+            st = _stray(pid, own_session)
+            if st is None or st.state not in ("Z", "X"):
                 continue
-            reaped += 1
+            run = _runs.get(st.session) or _runs.get(st.pgrp)
+            if run is not None and not run.lock.acquire(blocking=False):
+                continue   # its count is being taken: reaped by the run itself when that is done
+            try:
+                _, _, usage = os.wait4(pid, os.WNOHANG)
+                if run is not None and not run.counted:
+                    run.adopted_cpu_s += usage.ru_utime + usage.ru_stime
+                reaped += 1
+            except ChildProcessError:
+                pass
+            finally:
+                if run is not None:
+                    run.lock.release()
+    except OSError as exc:
+        log.warning("cannot reap the orphans of jobs: %s", exc)
     return reaped
-

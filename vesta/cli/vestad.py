@@ -28,7 +28,7 @@ async def run(cfg: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if cfg.allow_exec:   # a sandbox's init outlives bubblewrap: adopting it lets its CPU time be charged
+    if cfg.allow_exec:   # what a job leaves behind, and a sandbox's init, come to us: counted and reaped
         proctree.become_subreaper()
     daemon = await Daemon.start(cfg)
     try:
