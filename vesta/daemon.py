@@ -56,7 +56,8 @@ MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 EVENT_HOLD_S = 0.02           # seconds a job's events wait for company: a job done sooner sends them with its answer
 EVENT_HOLD_BYTES = 64 * 1024  # ... unless this much is waiting already
 RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed by a WAL checkpoint (in a thread)
-REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads)
+REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads) ...
+REAP_IDLE_S = 1.0             # ... and while no job runs
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
 
@@ -373,9 +374,10 @@ class Daemon(ControlOps):
         """Reap the orphans of jobs this subreaper adopted once they die (see proctree): the processes a job
         left behind are killed when it ends, and as zombies they would count against exec_user's process
         limit."""
-        while True:
-            await asyncio.sleep(REAP_INTERVAL_S)
-            proctree.reap_strays()
+        reaped = 0
+        while True:   # often while jobs run or orphans keep dying; an idle daemon looks once a second
+            await asyncio.sleep(REAP_INTERVAL_S if reaped or proctree.supervised else REAP_IDLE_S)
+            reaped = proctree.reap_strays()
 
     async def _checkpoint_loop(self) -> None:
         """Commit the records' logged writes (one commit a second instead of two per job on the event
