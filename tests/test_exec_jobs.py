@@ -205,6 +205,10 @@ def test_cpu_used_inside_the_sandbox_is_charged(cluster: Cluster, tmp_path: Path
     out = a.vesta("exec", "--json", "--on", "b", "--timeout", "1.5", "--", "sh", "-c", f"({burn}) & exec sleep 60")
     r = json.loads(out.stdout)
     assert "timed out" in r["reason"] and r["cpu_s"] >= 0.5, r
+    # still running when the job's main process exits (bubblewrap exits at once; b takes over its namespace)
+    out = a.vesta("exec", "--json", "--on", "b", "--", "sh", "-c", f"({burn}) & ({burn}) & sleep 1.5; exit 0")
+    r = json.loads(out.stdout)
+    assert r["exit_code"] == 0 and r["cpu_s"] >= 1.5, r
     eventually(lambda: not b.status()["hosting"], 10)
     left = subprocess.run(["pgrep", "-f", "exec sleep 60"], capture_output=True, text=True).stdout.split()
     assert left == [], "the job outlived its sandbox"
@@ -225,6 +229,13 @@ def test_cpu_left_behind_without_the_sandbox_is_charged_and_killed(cluster: Clus
     r = json.loads(out.stdout)
     assert r["exit_code"] == 0 and r["cpu_s"] >= 0.4, r
     eventually(lambda: left() == [], 5, what="the burner to be killed")
+
+    # One that leaves the session once its parent is gone is out of the run's reach; b, its adopter, kills
+    # it once no job that might own it runs any more.
+    out = a.vesta("exec", "--on", "b", "--", "sh", "-c",
+                  f"setsid sh -c 'while :; do :; done' {marker} > /dev/null 2>&1 & sleep 0.2; exit 0")
+    assert out.returncode == 0, out.stderr
+    eventually(lambda: left() == [], 5, what="the escaped burner to be killed")
 
     # Forty sleepers left behind: killed at the end, they come to b as zombies and are reaped (as zombies
     # they would count against exec_user's process limit, and pile up job after job).

@@ -692,7 +692,7 @@ async def main(bwrap: str, sh: str, script: str, timeout: float) -> None:
     try:
         info = execrun.SandboxInfo()
         program, argv = confine.bwrap_command(bwrap, program=sh, argv=["sh", "-c", script], workdir=work,
-                                              allow_network=False, info_fd=info.write_fd)
+                                              allow_network=False, info_fd=info.write_fd, die_with_parent=False)
         env = execrun.scrubbed_env(job_id="j", node="n", workdir=work)
         r = await execrun.run(argv, program=program, cwd=work, env=env, timeout=timeout, term_grace=0.3,
                               sandbox=info)
@@ -705,20 +705,24 @@ asyncio.run(main(*sys.argv[1:4], float(sys.argv[4])))
 """
 
 
-@pytest.mark.parametrize("script, timeout, timed_out", [
-    (f"timeout 1 sh -c '{BURN}'; exit 0", 10.0, False),    # waited for inside, by the job's own shell
-    (f"({BURN}) & exec sleep 60", 1.5, True),               # left behind, then the run is cut off
+@pytest.mark.parametrize("script, timeout, timed_out, least", [
+    (f"timeout 1 sh -c '{BURN}'; exit 0", 10.0, False, 0.5),               # waited for inside, by the job
+    (f"({BURN}) & exec sleep 60", 1.5, True, 0.5),                          # left behind, the run cut off
+    (f"trap '' TERM; ({BURN}) & sleep 60", 1.5, True, 0.5),                # ... and deaf to SIGTERM
+    (f"for i in 1 2; do ({BURN}) & done; sleep 1.5; exit 0", 10.0, False, 1.5),   # still running at the end
 ])
-def test_in_bwrap_the_cpu_of_the_whole_sandbox_is_counted(script: str, timeout: float, timed_out: bool) -> None:
-    # bubblewrap does not wait for its namespace's init; a subreaper adopts it and counts what it reaped. A
-    # subreaper is process-wide, so the run happens in a process of its own.
+def test_in_bwrap_the_cpu_of_the_whole_sandbox_is_counted(script: str, timeout: float, timed_out: bool,
+                                                          least: float) -> None:
+    # bubblewrap exits with the job's main process without waiting for its namespace's init, and the kernel's
+    # own teardown of a namespace reaps uncounted: a subreaper adopts the init and counts what is left in it.
+    # A subreaper is process-wide, so the run happens in a process of its own.
     bwrap = need_tool("bwrap", "bubblewrap")
     out = subprocess.run([sys.executable, "-c", SANDBOXED_RUN, bwrap, SH, script, str(timeout)],
                          capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     first, result = (json.loads(line) for line in out.stdout.splitlines())
     assert first == {"subreaper": True}
-    assert result["timed_out"] is timed_out and result["cpu_s"] >= 0.5, result
+    assert result["timed_out"] is timed_out and result["cpu_s"] >= least, result
     assert result["supervised"] == [] and result["strays"] == 0   # the sandbox's init was reaped as ours
 
 
@@ -783,3 +787,17 @@ async def test_a_sandboxed_run_cancelled_at_once_leaves_no_reader_on_its_pipe() 
             os.close(w)
     finally:
         remove_workdir(work)
+
+
+async def test_cancelling_the_caller_kills_what_left_the_group_too(job: Path) -> None:
+    leave = 'import os, sys, time; os.setpgid(0, 0); open(sys.argv[1], "w").write(str(os.getpid())); time.sleep(60)'
+    script = f'{shlex.quote(sys.executable)} -c {shlex.quote(leave)} "$PWD/pg.pid" > /dev/null 2>&1 & exec sleep 60'
+    task = asyncio.ensure_future(run_sh(script, job))
+    pid = await wait_file(job / "pg.pid")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_dead(pid)
+    async with asyncio.timeout(5):
+        while execrun._CLEANUPS:
+            await asyncio.sleep(0.02)

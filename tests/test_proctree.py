@@ -67,6 +67,10 @@ def test_members_are_the_group_the_session_and_their_descendants_never_the_leade
         ps(300, 1, 300, 300),                 # setsid and orphaned before the scan: escaped
     ]
     assert sorted(members(stats, leader)) == [101, 102, 103, 104, 105]
+    # a sandbox's init, adopted by us once bubblewrap is gone, and what runs under it; not a later process
+    # given the same pid
+    adopted = [*stats, ps(400, 1, 400, 400), ps(401, 400, 401, 401), ps(402, 1, 402, 402)]
+    assert sorted(members(adopted, leader, roots={400: 400, 402: 7})) == [101, 102, 103, 104, 105, 400, 401]
 
 
 # ----------------------------------------------------------------------------------------- for real

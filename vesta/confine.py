@@ -281,7 +281,7 @@ def find_setpriv(search_path: str = SAFE_PATH) -> str:
 def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Path, allow_network: bool,
                   hide: Sequence[Path] = (), expose: Sequence[Path] = (),
                   run_as: tuple[int, int] | None = None, setpriv: str | None = None,
-                  info_fd: int | None = None) -> tuple[str, list[str]]:
+                  info_fd: int | None = None, die_with_parent: bool = True) -> tuple[str, list[str]]:
     """Wrap a run in bubblewrap: the system read-only, the working directory read-write, a private
     /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
     by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
@@ -300,7 +300,9 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     binary (busybox) sees its own name inside the sandbox.
 
     ``info_fd``: bubblewrap writes its namespace's init there (``execrun.SandboxInfo``), so its CPU time
-    can be counted.
+    can be counted. ``die_with_parent=False`` lets the namespace outlive bubblewrap, which exits as soon
+    as the job's main process does: only for a subreaper runner (``proctree``), which adopts the init,
+    counts what is left in it and kills it (the kernel's own teardown would reap it uncounted).
     """
     mounts = ["/tmp", "/home", "/root"]
     mounts += [str(p) for p in hide if p.is_dir() and str(p) not in ("/", "/tmp")]
@@ -317,7 +319,9 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
         if any(mount.startswith(path.rstrip("/") + "/") for path in shown):   # hidden again, over the bind
             cmd += ["--tmpfs", mount]
     cmd += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir),
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--new-session"]
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--new-session"]
+    if die_with_parent:
+        cmd.append("--die-with-parent")
     if not allow_network:
         cmd.append("--unshare-net")
     if info_fd is not None:

@@ -84,10 +84,12 @@ descendants, so a child that called ``setpgid`` or ``setsid`` too) is dealt
 with when the main process ends or is given up on: everything is stopped,
 what it used is added to the CPU time (a job cannot lend itself free CPU by
 leaving busy orphans behind, or by being cancelled), and it is SIGKILLed. On
-timeout or cancel SIGTERM reaches the same processes first. What still
-escapes: a process orphaned before that moment that also left the session (a
-daemonizing program); only a sandbox (bubblewrap, DESIGN.md) or a cgroup
-holds it.
+timeout or cancel SIGTERM reaches the same processes first. In a sandbox
+(``SandboxInfo``) the namespace's init is part of the run wherever it ends up.
+What still escapes: a process orphaned before that moment that also left the
+session (a daemonizing program); a subreaper vestad kills it later
+(``proctree.reap_strays``), uncounted. Only a sandbox (bubblewrap, DESIGN.md)
+or a cgroup holds it.
 
 Limits, the job user and the sandbox are in ``confine``.
 """
@@ -551,56 +553,51 @@ class _Running:
         self.rusage: resource.struct_rusage | None = None
         self.reaped = False
         self.finished = False
+        self._stopping: asyncio.Future[float] | None = None   # stop() in its thread
         self.procs = proctree.RunProcs(proc.pid)   # supervised from here (last: nothing after it can fail)
 
     def _sandbox_readable(self) -> None:
-        assert self.sandbox is not None
-        if self.sandbox.feed():
-            self._stop_watching_sandbox()
+        self._read_sandbox()
 
-    def _stop_watching_sandbox(self) -> None:
-        if self._watching_sandbox and self.sandbox is not None:
-            self._watching_sandbox = False
-            asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
-            if self.sandbox.init is not None:
-                proctree.supervised.add(self.sandbox.init[0])
+    def _read_sandbox(self) -> None:
+        """Read what bubblewrap said; once it named its init, that init is the run's wherever it ends up, and
+        supervised (no stray sweep reaps it)."""
+        if not self._watching_sandbox or self.sandbox is None or not self.sandbox.feed():
+            return
+        self._watching_sandbox = False
+        asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
+        if self.sandbox.init is not None:
+            self.procs.add_root(*self.sandbox.init)
+            proctree.supervised.add(self.sandbox.init[0])
 
-    async def count_sandbox(self, counted: float) -> float:
-        """After bubblewrap is reaped: wait for its namespace's init and return the CPU time of everything that
-        ran in the sandbox. Where the init is not this process's to wait for (not a subreaper, or bubblewrap
-        reaped it, so its own wait4 holds it), what ``stop_and_kill`` ``counted`` stands."""
+    async def reap_sandbox_init(self) -> None:
+        """After the run is killed and its leader reaped: reap bubblewrap's namespace init, our child by now
+        (we are a subreaper), so it leaves no zombie. What ran in it was counted with the rest of the run."""
         sandbox = self.sandbox
         if sandbox is None:
-            return counted
+            return
         self.sandbox = None
-        if not sandbox.done:
-            sandbox.feed()   # bubblewrap is gone: the rest is in the pipe, or it is at EOF
-        self._stop_watching_sandbox()
+        self._read_sandbox()   # bubblewrap is gone: the rest is in the pipe, or it is at EOF
+        if self._watching_sandbox:
+            self._watching_sandbox = False
+            asyncio.get_running_loop().remove_reader(sandbox.read_fd)
         sandbox.close()
         if sandbox.init is None:
-            return counted
+            return
         pid, start = sandbox.init
         try:
             st = proctree.read_stat(pid)
-            if st is None or st.start != start or st.ppid != os.getpid():
-                return counted
-            # Our child, so its pid cannot be given to another process before we reap it. bubblewrap's death
-            # already sent it SIGKILL (--die-with-parent); as it dies it kills and reaps its whole namespace.
-            os.kill(pid, signal.SIGKILL)
+            if st is None or st.start != start or st.ppid != os.getpid():   # gone, or not ours to wait for
+                return
+            os.kill(pid, signal.SIGKILL)   # killed with the run already; our child, so the pid is still its own
             watch = _ExitWatch(pid)
             try:
                 await asyncio.wait_for(asyncio.shield(watch.exited), SANDBOX_REAP_S)
-            except TimeoutError:
-                log.warning("sandbox init %d of run %d did not end %.0fs after SIGKILL", pid, self.pid,
-                            SANDBOX_REAP_S)
-                return counted
             finally:
                 watch.close()
-            _, _, usage = os.wait4(pid, 0)
-            return usage.ru_utime + usage.ru_stime
-        except OSError as exc:   # ChildProcessError: reaped elsewhere after all
-            log.debug("sandbox init %d of run %d: %s", pid, self.pid, exc)
-            return counted
+            os.wait4(pid, 0)
+        except (OSError, TimeoutError) as exc:   # ChildProcessError: reaped after all; TimeoutError: stuck in D
+            log.warning("could not reap the sandbox init %d of run %d: %r", pid, self.pid, exc)
         finally:
             proctree.supervised.discard(pid)
 
@@ -614,11 +611,16 @@ class _Running:
         """Stop the whole run, then SIGKILL it; what all but the leader used. The scans run in a thread
         (thousands of processes take a while), unless the leader has exited and left nothing behind."""
         assert not self.reaped
+        self._read_sandbox()   # the sandbox's init, if bubblewrap named it (it did long ago, or it is gone)
         if self.watch.exited.done() and self.procs.nothing_left():
             used = self.procs.stop(scan=False)
+        else:   # shielded: if we are cancelled meanwhile, _cleanup waits for it to kill what it stopped
+            self._stopping = asyncio.ensure_future(asyncio.to_thread(self.procs.stop))
+            used = await asyncio.shield(self._stopping)
+        if self.procs.kill_scans:
+            await asyncio.to_thread(self.procs.kill)
         else:
-            used = await asyncio.to_thread(self.procs.stop)
-        self.procs.kill()
+            self.procs.kill()
         return used
 
     def reap(self) -> None:
@@ -667,15 +669,15 @@ class _Running:
             if cancel_wait is not None:
                 cancel_wait.cancel()
         if not self.watch.exited.done() and failure is None:
-            # A sandbox taking SIGTERM would tear its namespace down at once, reaped where nothing counts it;
-            # its job's processes get it instead, and the sandbox ends (and is waited for) when they do.
+            # bubblewrap taking SIGTERM could tear its namespace down at once (--die-with-parent), reaped where
+            # nothing counts it; the job's processes get it instead, and the sandbox ends when they do.
             await asyncio.to_thread(self.signal, signal.SIGTERM, leader=self.sandbox is None)
             await asyncio.wait({self.watch.exited}, timeout=term_grace)
-        counted = await self.stop_and_kill()   # what is left must not outlive the run, nor use CPU uncharged
+        self.others_cpu_s = await self.stop_and_kill()   # what is left must not outlive the run, nor use CPU uncharged
         await self.watch.exited
         elapsed = time.monotonic() - started
         self.reap()
-        self.others_cpu_s = await self.count_sandbox(counted)
+        await self.reap_sandbox_init()
         proctree.reap_strays()
         failure = failure or await self.drain()
         self.finished = True
@@ -738,15 +740,18 @@ class _Running:
 
     async def _cleanup(self) -> None:
         try:
+            if self._stopping is not None:   # a stop() the cancel interrupted: it ends, then what it stopped dies
+                await asyncio.wait([self._stopping])
+            if not self.reaped:   # what the one scan of abandon() missed (a child forked meanwhile)
+                await asyncio.to_thread(self.procs.stop)
+                await asyncio.to_thread(self.procs.kill)
             await self.watch.exited   # SIGKILLed: soon
-            if not self.reaped:
-                self.signal(signal.SIGKILL)
             await asyncio.wait(self.readers, timeout=OUTPUT_DRAIN_S)
         finally:
             if not self.reaped:
                 self.reap()           # blocks only if the loop is shutting down before the kill landed
             self.close_pipes()
-            await self.count_sandbox(0.0)
+            await self.reap_sandbox_init()
             proctree.reap_strays()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vesta import artifacts, confine, execrun, executor, proto
+from vesta import artifacts, confine, execrun, executor, proctree, proto
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hours import LendingHours
 from vesta.ledger import Ledger
@@ -492,7 +492,7 @@ class Host:
                 runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
-                    setpriv=self.setpriv, info_fd=sandbox.write_fd)
+                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper())
             elif not confine.usable_by(program, self.job_user):
                 return failed(f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                               "on this node: see exec_user")

@@ -22,13 +22,16 @@ run) reaps adopted orphans that died, and charges each to the run whose group or
 that run has already counted it. After its leader has exited, a run whose leftovers would all be ours can
 tell it left none without a scan (``adopted_children``).
 
-What escapes: a process whose parent in the run exited before the scan and that left the session as well
-(a daemonizing program). It is killed by nobody and its CPU time is charged to nobody; only a sandbox's
-pid namespace or a cgroup holds those.
+What escapes the run: a process whose parent in the run exited before the scan and that left the session
+as well (a daemonizing program). A subreaper adopts it all the same; ``reap_strays`` kills it once every
+run that could have started it has ended (it was born before every run still going), but its CPU time is
+charged to nobody. Only a sandbox's pid namespace or a cgroup holds those.
 
-A sandbox is counted another way: bubblewrap exits as soon as the job's main process does, without waiting
-for the init of its pid namespace; vestad adopts that init, and ``execrun`` waits for it. Its rusage holds
-everything that ran in the sandbox (every process there is reaped by it in the end).
+A sandbox: bubblewrap exits as soon as the job's main process does, without waiting for the init of its
+pid namespace, and with ``--die-with-parent`` the kernel then takes the namespace down, reaping what is in
+it uncounted. So a subreaper runs bubblewrap without it, learns the init from ``--info-fd``, and makes it a
+*root* of the run (``add_root``): the init and everything under it are members wherever the init ends up
+(our child, once bubblewrap is gone), stopped, counted and killed with the rest.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,14 +111,16 @@ def scan(proc_root: Path = PROC) -> Iterator[ProcStat]:
                     yield st
 
 
-def members(stats: Iterable[ProcStat], leader: int) -> dict[int, ProcStat]:
-    """The processes of ``leader``'s run among ``stats``: in its group or session, or descended from one."""
+def members(stats: Iterable[ProcStat], leader: int, roots: Mapping[int, int] | None = None) -> dict[int, ProcStat]:
+    """The processes of ``leader``'s run among ``stats``: in its group or session, or one of the ``roots``
+    (pid -> start time: a sandbox's init), or descended from any of those."""
+    roots = roots or {}
     found: dict[int, ProcStat] = {}
     by_parent: dict[int, list[ProcStat]] = {}
     for st in stats:
         if st.pid == leader:
             continue
-        if st.pgrp == leader or st.session == leader:
+        if st.pgrp == leader or st.session == leader or roots.get(st.pid) == st.start:
             found[st.pid] = st
         else:
             by_parent.setdefault(st.ppid, []).append(st)
@@ -136,15 +141,31 @@ class RunProcs:
         self.counted = False            # stop() took its count: a member reaped later was in it
         self.adopted_cpu_s = 0.0        # members reaped as strays before that
         self.lock = threading.Lock()    # stop() runs in a thread; reap_strays must not charge during its count
+        self.roots: dict[int, int] = {}     # pid -> start of processes that are the run's wherever they are
         self._stopped: dict[int, int] = {}   # pid -> start of every member sent SIGSTOP
         self._all_stopped = False       # stop() found no member it had not stopped: kill() needs no scan
         self._blind = False
+        try:
+            st = read_stat(leader, proc_root)
+        except OSError:
+            st = None
+        self.leader_start = st.start if st is not None else 0   # what was born before it is no child of it
         supervised.add(leader)
         _runs[leader] = self
 
+    def add_root(self, pid: int, start: int) -> None:
+        """Count ``pid`` (and what descends from it) as the run's even once it is not its descendant: a
+        sandbox's init, which outlives bubblewrap as our child."""
+        self.roots[pid] = start
+
+    @property
+    def kill_scans(self) -> bool:
+        """Whether ``kill`` will scan /proc (so is better run in a thread)."""
+        return not self._all_stopped
+
     def find(self) -> dict[int, ProcStat]:
         """The members now; ``OSError`` if /proc cannot be read."""
-        return members(scan(self.proc_root), self.leader)
+        return members(scan(self.proc_root), self.leader, self.roots)
 
     def signal(self, sig: int, *, leader: bool = True) -> None:
         """Send ``sig`` to every member found now, and to the leader unless told not to."""
@@ -156,7 +177,7 @@ class RunProcs:
 
     def nothing_left(self) -> bool:
         """After the leader exited: True when, in a subreaper, it left no process behind (no scan needed)."""
-        return _subreaper and not adopted_children()
+        return _subreaper and not self.roots and not adopted_children()
 
     def stop(self, *, scan: bool = True) -> float:
         """SIGSTOP every member (see the module doc); the CPU seconds they used, and those reaped as strays.
@@ -326,11 +347,14 @@ def adopted_children() -> bool:
 
 def reap_strays() -> int:
     """Reap adopted orphans that died (zombie children not ``supervised`` and not of our own session: those
-    are ``subprocess.run``'s), charging each to its run if that run has not counted it yet. Only in a
-    subreaper; never raises; how many were reaped."""
+    are ``subprocess.run``'s), charging each to its run if that run has not counted it yet; kill those that
+    live on although every run that could own them has ended (a process that left its run's session after
+    its parent died: born before every run still going started). Only in a subreaper; never raises; how
+    many were reaped."""
     if not _subreaper:
         return 0
     reaped = 0
+    escaped: list[ProcStat] = []
     try:
         own_session = os.getsid(0)
         children = _children()
@@ -340,9 +364,14 @@ def reap_strays() -> int:
             except ChildProcessError:
                 found = None
             children = [] if found is None else [found.si_pid]
+        oldest_run = min((run.leader_start for run in _runs.values()), default=None)
         for pid in children:
             st = _stray(pid, own_session)
-            if st is None or st.state not in ("Z", "X"):
+            if st is None:
+                continue
+            if st.state not in ("Z", "X"):
+                if oldest_run is None or st.start < oldest_run:
+                    escaped.append(st)
                 continue
             run = _runs.get(st.session) or _runs.get(st.pgrp)
             if run is not None and not run.lock.acquire(blocking=False):
@@ -357,6 +386,19 @@ def reap_strays() -> int:
             finally:
                 if run is not None:
                     run.lock.release()
+        for st in escaped:
+            _kill_escaped(st)
     except OSError as exc:
         log.warning("cannot reap the orphans of jobs: %s", exc)
     return reaped
+
+
+def _kill_escaped(st: ProcStat) -> None:
+    """SIGKILL an adopted child (our child: its pid cannot be reused before we reap it) and its group."""
+    log.warning("killing pid %d (and its process group), left running by a job that has ended", st.pid)
+    try:
+        if st.pgrp == st.pid:
+            os.killpg(st.pid, signal.SIGKILL)   # it left with setsid: its group is its own
+        os.kill(st.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
