@@ -270,6 +270,51 @@ def test_a_run_on_several_cores_is_borrowed_as_much_as_it_was_lent(cluster: Clus
     assert eventually(lambda: row(a, "b"), 5)["borrowed"] == pytest.approx(lent, rel=0.01)
 
 
+def test_a_second_vestad_of_the_same_name_leaves_the_running_one_alone(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec")
+    job = subprocess.Popen(tool("vesta") + ["-name", "a", "exec", "--on", "b", "--", "sh", "-c",
+                                            "echo started; sleep 1.5; echo done > f; cat f"],
+                           env=a.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert job.stdout is not None and job.stdout.readline() == "started\n"
+        again = subprocess.run(b.command(), env=b.env, capture_output=True, text=True, timeout=30)
+        assert again.returncode == 2
+        assert "a vestad named 'b' is already running" in again.stderr.strip().splitlines()[-1]
+        # it did not clear the running one's working directories on its way out
+        assert job.stdout.read() == "done\n" and job.wait(10) == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+        assert job.stdout is not None
+        job.stdout.close()
+
+
+def test_jobs_left_running_by_a_vestad_that_died_are_killed_when_it_comes_back(cluster: Cluster,
+                                                                                tmp_path: Path) -> None:
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec")
+    nap = f"59.{secrets.randbelow(10**6):06d}"
+    job = subprocess.Popen(tool("vesta") + ["-name", "a", "exec", "--on", "b", "--", "sh", "-c",
+                                            f"echo started; sleep {nap}"],
+                           env=a.env, stdout=subprocess.PIPE, text=True)
+
+    def running() -> list[str]:
+        return subprocess.run(["pgrep", "-f", f"sleep {nap}"], capture_output=True, text=True).stdout.split()
+
+    try:
+        assert job.stdout is not None and job.stdout.readline() == "started\n"
+        b.kill()   # no clean-up at all: its job runs on
+        assert running()
+        b.start()
+        assert running() == [], "b came back and left the job of its dead self running"
+    finally:
+        job.kill()
+        job.wait()
+        assert job.stdout is not None
+        job.stdout.close()
+        subprocess.run(["pkill", "-f", f"sleep {nap}"], check=False)
+
+
 def test_network_when_the_owner_allows_it(cluster: Cluster, tmp_path: Path) -> None:
     need_bwrap()
     listener = socket.socket()

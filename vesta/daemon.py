@@ -126,12 +126,18 @@ class Daemon(ControlOps):
         if cfg.sandbox == "bwrap" and self.host.bwrap is None:
             raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
                               "(apt install bubblewrap) or set sandbox to auto")
+        # Before anything below clears what a dead daemon of this name left: it must be dead.
+        await self._refuse_if_running()
+        self.host.job_user = confine.job_identity(cfg.exec_user)
+        killed = await asyncio.to_thread(proctree.kill_leftovers, cfg.name,
+                                         {os.geteuid(), *([self.host.job_user[0]] if self.host.job_user else [])})
+        if killed:
+            log.warning("killed %d processes of jobs left running by a vestad %r that died", killed, cfg.name)
         runs = self.host.runs = execrun.runs_dir(cfg.name)
         if runs.is_dir() and not runs.is_symlink() and runs.stat().st_uid == os.geteuid() and not cfg.keep_runs:
             await asyncio.to_thread(execrun.remove_workdir, runs)   # runs of a daemon that died: none runs now
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
-        self.host.job_user = confine.job_identity(cfg.exec_user)
         self.host.max_procs = cfg.exec_max_procs
         self.host.prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
         if self.host.job_user is not None and (self.host.bwrap is not None or self.host.prlimit is not None):
@@ -522,6 +528,12 @@ class Daemon(ControlOps):
 
     # ------------------------------------------------------------ control socket
 
+    async def _refuse_if_running(self) -> None:
+        path = self.cfg.control_socket
+        if path.is_socket() and not path.is_symlink() and await _socket_alive(path):
+            raise ConfigError(f"a vestad named {self.cfg.name!r} is already running (socket {path}): "
+                              "stop it first, or use another -name")
+
     async def _open_control(self) -> None:
         path = self.cfg.control_socket
         if len(str(path).encode()) > MAX_SOCKET_PATH:
@@ -534,9 +546,7 @@ class Daemon(ControlOps):
         if path.exists() or path.is_symlink():
             if not path.is_socket() or path.is_symlink():
                 raise ConfigError(f"{path} exists and is not a socket: remove it, or use another -name")
-            if await _socket_alive(path):
-                raise ConfigError(f"a vestad named {self.cfg.name!r} is already running (socket {path}): "
-                                  "stop it first, or use another -name")
+            await self._refuse_if_running()
             path.unlink()
         old = os.umask(0o177)   # the socket is created 0600: no window where others can connect
         try:

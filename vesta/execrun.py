@@ -410,6 +410,7 @@ class SandboxInfo:
         os.set_blocking(self.read_fd, False)
         self.done = False                          # the init is known, or never will be
         self.init: tuple[int, int] | None = None   # its (pid, start time)
+        self.unresolved: int | None = None         # its pid, when its start time could not be read then
         self._buf = bytearray()
 
     def feed(self) -> bool:
@@ -440,11 +441,21 @@ class SandboxInfo:
         if not isinstance(pid, int) or pid <= 1:
             log.warning("bubblewrap's --info-fd named no init (%r)", bytes(self._buf[:200]))
             return
+        self.unresolved = pid
+        self.resolve(parents=())
+
+    def resolve(self, parents: Sequence[int]) -> None:
+        """Learn the init's start time, now (``parents`` empty: bubblewrap just named it) or later from its
+        parent (bubblewrap, or us once bubblewrap is gone: a pid reused since has another parent)."""
+        pid = self.unresolved
+        if pid is None:
+            return
         try:
             st = proctree.read_stat(pid)
-        except OSError:
-            st = None
-        if st is not None:
+        except OSError:   # out of file descriptors: try again later
+            return
+        self.unresolved = None
+        if st is not None and (not parents or st.ppid in parents):
             self.init = (pid, st.start)
 
     def close_write(self) -> None:
@@ -562,13 +573,19 @@ class _Running:
     def _read_sandbox(self) -> None:
         """Read what bubblewrap said; once it named its init, that init is the run's wherever it ends up, and
         supervised (no stray sweep reaps it)."""
-        if not self._watching_sandbox or self.sandbox is None or not self.sandbox.feed():
+        sandbox = self.sandbox
+        if sandbox is None:
             return
-        self._watching_sandbox = False
-        asyncio.get_running_loop().remove_reader(self.sandbox.read_fd)
-        if self.sandbox.init is not None:
-            self.procs.add_root(*self.sandbox.init)
-            proctree.supervised.add(self.sandbox.init[0])
+        if self._watching_sandbox:
+            if not sandbox.feed():
+                return
+            self._watching_sandbox = False
+            asyncio.get_running_loop().remove_reader(sandbox.read_fd)
+        if sandbox.unresolved is not None and sandbox.unresolved not in proctree.supervised:
+            sandbox.resolve(parents=(self.pid, os.getpid()))
+        if sandbox.init is not None and sandbox.init[0] not in self.procs.roots:
+            self.procs.add_root(*sandbox.init)
+            proctree.supervised.add(sandbox.init[0])
 
     async def reap_sandbox_init(self) -> None:
         """After the run is killed and its leader reaped: reap bubblewrap's namespace init, our child by now

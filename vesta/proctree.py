@@ -3,10 +3,10 @@
 ``execrun.run`` starts a program in its own session, so the leader's pid is also its group and session id.
 The run's *members* are every other process in that group or that session, or descended from one that is:
 a child that called ``setpgid`` is still in the session; one that called ``setsid`` is still its parent's
-child while the parent lives (bubblewrap runs the job in a new session under the sandbox's init, which is
-in the group). The leader is left out: its own CPU time, and that of the children it waited for, come from
-``wait4``. Until the leader is reaped its pid pins the group and session ids, so no other process can hold
-them; ``execrun`` looks only in that window.
+child while the parent lives (bubblewrap's namespace init, in a session of its own, is bubblewrap's child
+while bubblewrap lives, and a root of the run after, below). The leader is left out: its own CPU time, and
+that of the children it waited for, come from ``wait4``. Until the leader is reaped its pid pins the group
+and session ids, so no other process can hold them; ``execrun`` looks only in that window.
 
 Stopping comes before counting. The group gets SIGSTOP, every member found gets it through a pidfd opened
 for that one signal (checked against the start time the scan saw, so a freed pid given to another process
@@ -402,3 +402,40 @@ def _kill_escaped(st: ProcStat) -> None:
         os.kill(st.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_leftovers(node: str, uids: set[int], proc_root: Path = PROC) -> int:
+    """SIGKILL what runs of an earlier vestad named ``node`` left running when it died without stopping
+    them (a crash, SIGKILL, a power-less ``kill -9``): every process of one of ``uids`` whose environment
+    names ``node`` as VESTA_NODE and has a VESTA_JOB_ID (``execrun.scrubbed_env`` gives every run both).
+    Only when no vestad of that name runs. How many were killed; never raises."""
+    marker = f"VESTA_NODE={node}".encode()
+    me = os.getpid()
+    killed = 0
+    try:
+        for st in scan(proc_root):
+            if st.pid == me:
+                continue
+            try:
+                if os.stat(f"{proc_root}/{st.pid}").st_uid not in uids:
+                    continue
+                with open(f"{proc_root}/{st.pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+            except OSError:
+                continue
+            if marker in env and any(entry.startswith(b"VESTA_JOB_ID=") for entry in env):
+                fd = -1
+                try:
+                    fd = os.pidfd_open(st.pid)
+                    again = read_stat(st.pid, proc_root)
+                    if again is not None and again.start == st.start:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        killed += 1
+                except OSError:
+                    continue
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+    except OSError as exc:
+        log.warning("cannot look for processes left by an earlier vestad %r: %s", node, exc)
+    return killed
