@@ -71,7 +71,7 @@ def test_allowlist_holds_against_path_tricks(cluster: Cluster, tmp_path: Path) -
 
 
 def test_exit_codes_output_and_no_secret_in_the_job(cluster: Cluster, tmp_path: Path) -> None:
-    a, _ = exec_pair(cluster, tmp_path, "-allow-exec")
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec")
     out = a.vesta("exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert out.returncode == 7
     assert out.stdout == "out\n" and out.stderr == "err\n"
@@ -81,6 +81,7 @@ def test_exit_codes_output_and_no_secret_in_the_job(cluster: Cluster, tmp_path: 
     assert r["node"] == "b" and r["exit_code"] == 0
     env = dict(line.split("=", 1) for line in r["stdout"].splitlines() if "=" in line)
     assert env["VESTA_NODE"] == "b" and env["VESTA_JOB_ID"] == r["job_id"]
+    assert env["VESTA_NODE_ID"] == b.status()["fingerprint"]   # how b knows its own jobs after a crash
     assert "VESTA_KEY" not in env and cluster.key not in r["stdout"]
     assert not Path(env["HOME"]).exists()    # the working directory is gone afterwards
 

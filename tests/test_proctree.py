@@ -289,19 +289,20 @@ def test_without_pidfds_or_file_descriptors_what_was_stopped_is_still_killed(
 
 
 def test_leftovers_of_a_dead_vestad_are_known_by_their_node_and_job_and_killed() -> None:
-    node = f"leftover-{os.getpid()}"
+    node_id = f"{os.getpid():08x}" * 4
 
     def start(**env: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(["sleep", "60"], env={"PATH": os.environ["PATH"], **env}, start_new_session=True)
 
-    ours = start(VESTA_NODE=node, VESTA_JOB_ID="j1")
-    other_node = start(VESTA_NODE=f"{node}-x", VESTA_JOB_ID="j1")
-    no_job = start(VESTA_NODE=node)
+    ours = start(VESTA_NODE="b", VESTA_NODE_ID=node_id, VESTA_JOB_ID="j1")
+    other_node = start(VESTA_NODE="b", VESTA_NODE_ID=node_id[::-1], VESTA_JOB_ID="j1")   # another node named b
+    no_job = start(VESTA_NODE="b", VESTA_NODE_ID=node_id)
     procs = [ours, other_node, no_job]
     try:
         time.sleep(0.2)   # exec'd, so /proc/PID/environ is theirs
-        assert proctree.kill_leftovers(node, {os.getuid() + 1}) == 0   # someone else's uid: not ours to kill
-        assert proctree.kill_leftovers(node, {os.getuid()}) == 1
+        assert proctree.kill_leftovers("", {os.getuid()}) == 0
+        assert proctree.kill_leftovers(node_id, {os.getuid() + 1}) == 0   # someone else's uid: not ours to kill
+        assert proctree.kill_leftovers(node_id, {os.getuid()}) == 1
         assert ours.wait(5) == -signal.SIGKILL
         assert other_node.poll() is None and no_job.poll() is None
     finally:

@@ -128,11 +128,13 @@ class Daemon(ControlOps):
                               "(apt install bubblewrap) or set sandbox to auto")
         # Before anything below clears what a dead daemon of this name left: it must be dead.
         await self._refuse_if_running()
+        self.identity = load_or_create(cfg.state_dir, cfg.name)
+        self.host.node_id = self.identity.fingerprint
         self.host.job_user = confine.job_identity(cfg.exec_user)
-        killed = await asyncio.to_thread(proctree.kill_leftovers, cfg.name,
+        killed = await asyncio.to_thread(proctree.kill_leftovers, self.identity.fingerprint,
                                          {os.geteuid(), *([self.host.job_user[0]] if self.host.job_user else [])})
         if killed:
-            log.warning("killed %d processes of jobs left running by a vestad %r that died", killed, cfg.name)
+            log.warning("killed %d processes of jobs left running when this node's vestad died", killed)
         runs = self.host.runs = execrun.runs_dir(cfg.name)
         if runs.is_dir() and not runs.is_symlink() and runs.stat().st_uid == os.geteuid() and not cfg.keep_runs:
             await asyncio.to_thread(execrun.remove_workdir, runs)   # runs of a daemon that died: none runs now
@@ -142,7 +144,6 @@ class Daemon(ControlOps):
         self.host.prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
         if self.host.job_user is not None and (self.host.bwrap is not None or self.host.prlimit is not None):
             self.host.setpriv = confine.find_setpriv()
-        self.identity = load_or_create(cfg.state_dir, cfg.name)
         loaded = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                              ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
         self.ledger.path, self.ledger.accounts = loaded.path, loaded.accounts

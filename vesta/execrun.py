@@ -128,7 +128,7 @@ SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reap
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
 
 # Set by the node, never by a caller's ``extra``.
-_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE"})
+_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID"})
 # Variables that change how the dynamic loader or libc behave (glibc's "unsecure" list): with them, an
 # allowlisted binary would load code of the job's choosing.
 _LOADER_ENV = frozenset({
@@ -264,8 +264,11 @@ class Allowlist:
 # ---------------------------------------------------------------------------------- environment, workdir
 
 
-def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None,
+                 node_id: str = "") -> dict[str, str]:
     """The whole environment a job sees: nothing is inherited from the daemon (it may hold VESTA_KEY).
+    ``node_id`` (the node's fingerprint, as VESTA_NODE_ID) also marks the job's processes as this node's,
+    so a vestad that died can find them when it comes back (``proctree.kill_leftovers``).
 
     ``extra`` may not set the node's own variables (PATH, HOME, TMPDIR, VESTA_*) nor loader variables
     (LD_*, GCONV_PATH, ...), which would let an allowlisted binary load code of the job's choosing.
@@ -281,6 +284,8 @@ def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, s
         "VESTA_JOB_ID": job_id,
         "VESTA_NODE": node,
     }
+    if node_id:
+        env["VESTA_NODE_ID"] = node_id
     for name, value in (extra or {}).items():
         if not _ENV_NAME.fullmatch(name) or "\0" in value:
             raise Refused(f"environment variable {name!r} is not a valid name=value", reason="policy")

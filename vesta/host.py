@@ -182,6 +182,7 @@ class Host:
                  keep_runs: bool = False, job_user: tuple[int, int] | None = None, setpriv: str | None = None,
                  max_procs: int = 0) -> None:
         self.name = name
+        self.node_id = ""               # our fingerprint, in every exec job's environment (VESTA_NODE_ID)
         self.runs: Path | None = None   # where run directories are made (None: the system temp dir)
         self.job_user = job_user   # (uid, gid) exec jobs run as (vestad is root), or None: the daemon's user
         self.setpriv = setpriv     # drops to job_user (inside the sandbox, where bwrap itself stays root)
@@ -473,7 +474,7 @@ class Host:
             return proto.Result(rid=offer.rid, ok=False, node=self.name, hostname=HOSTNAME, error=why[:200])
 
         try:
-            env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir)
+            env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir, node_id=self.node_id)
             (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
             env["VESTA_OUTPUT"] = str(workdir / artifacts.OUTPUT_DIR)
             problem = await files.fill(offer, workdir)

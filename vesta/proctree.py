@@ -60,6 +60,8 @@ _NO_PIDFD = (errno.ENOSYS, errno.EPERM, errno.EINVAL)   # kernel < 5.3, or a sec
 _subreaper = False
 supervised: set[int] = set()   # children waited for by their own supervisor (run leaders, sandbox inits)
 _runs: dict[int, RunProcs] = {}   # leader pid -> its run, while it is supervised: whom a stray is charged to
+ESCAPED_GRACE_S = 0.5   # how long an escaped process is seen alive before it is killed (one just killed is dying)
+_escaped_seen: dict[tuple[int, int], float] = {}   # (pid, start) -> when a sweep first saw it escaped
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,8 +388,13 @@ def reap_strays() -> int:
             finally:
                 if run is not None:
                     run.lock.release()
+        now = time.monotonic()
+        seen = {(st.pid, st.start): _escaped_seen.get((st.pid, st.start), now) for st in escaped}
+        _escaped_seen.clear()
+        _escaped_seen.update(seen)
         for st in escaped:
-            _kill_escaped(st)
+            if now - seen[st.pid, st.start] >= ESCAPED_GRACE_S:
+                _kill_escaped(st)
     except OSError as exc:
         log.warning("cannot reap the orphans of jobs: %s", exc)
     return reaped
@@ -404,12 +411,14 @@ def _kill_escaped(st: ProcStat) -> None:
         pass
 
 
-def kill_leftovers(node: str, uids: set[int], proc_root: Path = PROC) -> int:
-    """SIGKILL what runs of an earlier vestad named ``node`` left running when it died without stopping
-    them (a crash, SIGKILL, a power-less ``kill -9``): every process of one of ``uids`` whose environment
-    names ``node`` as VESTA_NODE and has a VESTA_JOB_ID (``execrun.scrubbed_env`` gives every run both).
-    Only when no vestad of that name runs. How many were killed; never raises."""
-    marker = f"VESTA_NODE={node}".encode()
+def kill_leftovers(node_id: str, uids: set[int], proc_root: Path = PROC) -> int:
+    """SIGKILL what runs of an earlier vestad of this node left running when it died without stopping them
+    (a crash, ``kill -9``): every process of one of ``uids`` whose environment names the node's fingerprint
+    as VESTA_NODE_ID and has a VESTA_JOB_ID (``execrun.scrubbed_env`` gives every run both). Only when no
+    vestad of this node runs. How many were killed; never raises."""
+    if not node_id:
+        return 0
+    marker = f"VESTA_NODE_ID={node_id}".encode()
     me = os.getpid()
     killed = 0
     try:
@@ -437,5 +446,5 @@ def kill_leftovers(node: str, uids: set[int], proc_root: Path = PROC) -> int:
                     if fd >= 0:
                         os.close(fd)
     except OSError as exc:
-        log.warning("cannot look for processes left by an earlier vestad %r: %s", node, exc)
+        log.warning("cannot look for processes left by an earlier vestad of this node: %s", exc)
     return killed
