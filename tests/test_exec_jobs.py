@@ -8,6 +8,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -271,24 +272,34 @@ def test_a_run_on_several_cores_is_borrowed_as_much_as_it_was_lent(cluster: Clus
     assert eventually(lambda: row(a, "b"), 5)["borrowed"] == pytest.approx(lent, rel=0.01)
 
 
-def test_a_second_vestad_of_the_same_name_leaves_the_running_one_alone(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_runtime_dir", [False, True])
+def test_a_second_vestad_of_the_same_node_leaves_the_running_one_alone(cluster: Cluster, tmp_path: Path,
+                                                                        own_runtime_dir: bool) -> None:
+    # The same name and state directory, with the same control socket or (started from another login, say)
+    # another one: either way it stops before it clears anything of the running one's.
     a, b = exec_pair(cluster, tmp_path, "-allow-exec")
     job = subprocess.Popen(tool("vesta") + ["-name", "a", "exec", "--on", "b", "--", "sh", "-c",
                                             "echo started; sleep 1.5; echo done > f; cat f"],
                            env=a.env, stdout=subprocess.PIPE, text=True)
+    elsewhere = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))
     try:
         assert job.stdout is not None and job.stdout.readline() == "started\n"
-        again = subprocess.run(b.command(), env=b.env, capture_output=True, text=True, timeout=30)
+        env = dict(b.env, XDG_RUNTIME_DIR=str(elsewhere)) if own_runtime_dir else b.env
+        again = subprocess.run(b.command(), env=env, capture_output=True, text=True, timeout=30)
         assert again.returncode == 2
-        assert "a vestad named 'b' is already running" in again.stderr.strip().splitlines()[-1]
-        # it did not clear the running one's working directories on its way out
+        last = again.stderr.strip().splitlines()[-1]
+        assert ("a vestad of node 'b' is already running on" in last if own_runtime_dir
+                else "a vestad named 'b' is already running" in last), last
+        # it did not clear the running one's working directories, nor kill its jobs, on its way out
         assert job.stdout.read() == "done\n" and job.wait(10) == 0
+        assert b.status()["fingerprint"] and b.running()
     finally:
         if job.poll() is None:
             job.kill()
         job.wait()
         assert job.stdout is not None
         job.stdout.close()
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_jobs_left_running_by_a_vestad_that_died_are_killed_when_it_comes_back(cluster: Cluster,

@@ -442,7 +442,7 @@ def test_make_workdir_is_private_unique_and_named_for_the_job(tmp_path: Path) ->
 def test_a_runs_directory_someone_else_could_write_is_refused(tmp_path: Path) -> None:
     base = tmp_path / "runs"
     base.mkdir(mode=0o777)
-    base.chmod(0o777)   # as a stranger's /tmp/vesta-runs-NODE would be
+    base.chmod(0o777)   # as a stranger's /tmp/vesta-runs-NODE-FP would be
     with pytest.raises(Refused, match="is not a private directory of this node's user"):
         make_workdir(base, "j")
     base.chmod(0o711)

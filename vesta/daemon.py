@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -107,6 +108,7 @@ class Daemon(ControlOps):
         self._stopping = False
         self._servers: list[asyncio.Server] = []
         self._socket_inode: int | None = None
+        self._lock_fd = -1
         self._ops = self.ops()
 
     # ------------------------------------------------------------ lifecycle
@@ -126,16 +128,17 @@ class Daemon(ControlOps):
         if cfg.sandbox == "bwrap" and self.host.bwrap is None:
             raise ConfigError("sandbox is 'bwrap' but bubblewrap is not installed: install it "
                               "(apt install bubblewrap) or set sandbox to auto")
-        # Before anything below clears what a dead daemon of this name left: it must be dead.
+        # Before anything below clears what a dead daemon of this node left: it must be dead.
         await self._refuse_if_running()
         self.identity = load_or_create(cfg.state_dir, cfg.name)
+        self._lock_state()
         self.host.node_id = self.identity.fingerprint
         self.host.job_user = confine.job_identity(cfg.exec_user)
         killed = await asyncio.to_thread(proctree.kill_leftovers, self.identity.fingerprint,
                                          {os.geteuid(), *([self.host.job_user[0]] if self.host.job_user else [])})
         if killed:
             log.warning("killed %d processes of jobs left running when this node's vestad died", killed)
-        runs = self.host.runs = execrun.runs_dir(cfg.name)
+        runs = self.host.runs = execrun.runs_dir(cfg.name, self.identity.fingerprint)
         if runs.is_dir() and not runs.is_symlink() and runs.stat().st_uid == os.geteuid() and not cfg.keep_runs:
             await asyncio.to_thread(execrun.remove_workdir, runs)   # runs of a daemon that died: none runs now
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
@@ -226,6 +229,9 @@ class Daemon(ControlOps):
         if getattr(self, "records", None) is not None:
             self.records.close()
         self._remove_socket()
+        if self._lock_fd >= 0:   # last: nothing of ours runs any more
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         self._stopped.set()
         log.info("vestad %s stopped", self.cfg.name)
 
@@ -528,6 +534,22 @@ class Daemon(ControlOps):
         return peer
 
     # ------------------------------------------------------------ control socket
+
+    def _lock_state(self) -> None:
+        """Hold a lock on this node's state for as long as the daemon runs: a second vestad of the node (the
+        same state directory and name), whatever its control socket, stops here."""
+        path = self.cfg.state_dir / f"vestad-{self.cfg.name}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open {path}: {exc.strerror}: check -state-dir") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"a vestad of node {self.cfg.name!r} is already running on {self.cfg.state_dir} "
+                              f"(it holds {path.name}): stop it first, or use another -state-dir") from exc
+        self._lock_fd = fd
 
     async def _refuse_if_running(self) -> None:
         path = self.cfg.control_socket

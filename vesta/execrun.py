@@ -307,10 +307,11 @@ def make_workdir(base: Path | None, job_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"vesta-{safe}-", dir=base))
 
 
-def runs_dir(node: str) -> Path:
-    """Where one node makes its runs' working directories: ``$TMPDIR/vesta-runs-NODE``. A restarted
-    daemon empties it (nothing can still be running), so a crash leaves no job trees behind."""
-    return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}"
+def runs_dir(node: str, fingerprint: str) -> Path:
+    """Where one node makes its runs' working directories: ``$TMPDIR/vesta-runs-NODE-FINGERPRINT8`` (two nodes
+    of one name on a machine do not share it). A restarted daemon empties it (nothing can still be
+    running), so a crash leaves no job trees behind."""
+    return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}-{fingerprint[:8]}"
 
 
 def remove_workdir(path: Path) -> None:

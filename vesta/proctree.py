@@ -435,10 +435,17 @@ def kill_leftovers(node_id: str, uids: set[int], proc_root: Path = PROC) -> int:
             if marker in env and any(entry.startswith(b"VESTA_JOB_ID=") for entry in env):
                 fd = -1
                 try:
-                    fd = os.pidfd_open(st.pid)
+                    try:
+                        fd = os.pidfd_open(st.pid)
+                    except OSError as exc:   # no pidfds here: by pid, right after the start time check
+                        if exc.errno not in _NO_PIDFD:
+                            raise
                     again = read_stat(st.pid, proc_root)
                     if again is not None and again.start == st.start:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        if fd >= 0:
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                        else:
+                            os.kill(st.pid, signal.SIGKILL)
                         killed += 1
                 except OSError:
                     continue
