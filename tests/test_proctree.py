@@ -99,6 +99,13 @@ def state(pid: int) -> str | None:
     return None if st is None else st.state
 
 
+def wait_states(pids: list[int], states: tuple[str | None, ...], timeout: float = 5.0) -> None:
+    """Until each of ``pids`` is in one of ``states`` (a signal may take a moment to land on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while any(state(pid) not in states for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def finish(leader: subprocess.Popen[bytes], procs: RunProcs) -> None:
     procs.kill()
     procs.close()
@@ -117,9 +124,7 @@ def test_stop_counts_what_the_run_used_then_kill_ends_it(tmp_path: Path) -> None
         burners = wait_pids(pids, 3)
         time.sleep(0.6)
         used = procs.stop()
-        deadline = time.monotonic() + 5   # every one has SIGSTOP; on a busy machine it may take a moment to land
-        while any(state(pid) != "T" for pid in [*burners, leader.pid]) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_states([*burners, leader.pid], ("T",))   # every one has SIGSTOP
         assert all(state(pid) == "T" for pid in burners), [state(p) for p in burners]
         assert state(leader.pid) == "T"                      # the group stopped too
         before = sum(proctree.read_stat(pid).cpu_s for pid in burners)  # type: ignore[union-attr]
@@ -129,9 +134,7 @@ def test_stop_counts_what_the_run_used_then_kill_ends_it(tmp_path: Path) -> None
         assert sum(proctree.read_stat(pid).cpu_s for pid in burners) == before  # type: ignore[union-attr]
         procs.kill()
         leader.wait(5)
-        deadline = time.monotonic() + 5
-        while any(state(pid) not in (None, "Z") for pid in burners) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_states(burners, (None, "Z"))
         assert all(state(pid) in (None, "Z") for pid in burners)
     finally:
         finish(leader, procs)
@@ -280,9 +283,7 @@ def test_without_pidfds_or_file_descriptors_what_was_stopped_is_still_killed(
         procs.kill()
         monkeypatch.undo()
         assert leader.wait(5) == -signal.SIGKILL
-        deadline = time.monotonic() + 5
-        while any(state(pid) not in (None, "Z") for pid in left) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_states(left, (None, "Z"))
         assert all(state(pid) in (None, "Z") for pid in left)
     finally:
         finish(leader, procs)

@@ -404,9 +404,10 @@ class ExecResult:
 class SandboxInfo:
     """The pipe bubblewrap names its namespace's init on (``--info-fd``, see ``confine.bwrap_command``).
 
-    bubblewrap exits without waiting for that init; in a subreaper (``proctree.become_subreaper``) the init
-    is then this process's child, and waiting for it counts everything that ran in the sandbox. ``run``
-    owns the pipe once it is handed over, and closes it.
+    bubblewrap exits without waiting for that init; the run makes it a root of its processes
+    (``proctree.RunProcs.add_root``), so what runs under it is counted and killed with the rest, and in a
+    subreaper (``proctree.become_subreaper``) reaps it once it is this process's child. ``run`` owns the
+    pipe once it is handed over, and closes it.
     """
 
     MAX_BYTES = 4096   # bubblewrap writes ~100 bytes, in several writes
@@ -561,7 +562,7 @@ class _Running:
         self.sandbox = sandbox
         self._watching_sandbox = sandbox is not None
         if sandbox is not None:   # its init is supervised as soon as it is named, so no stray sweep takes it
-            asyncio.get_running_loop().add_reader(sandbox.read_fd, self._sandbox_readable)
+            asyncio.get_running_loop().add_reader(sandbox.read_fd, self._read_sandbox)
         self.readers = [
             asyncio.ensure_future(_pump(proc.stdout, "stdout", on_output)),
             asyncio.ensure_future(_pump(proc.stderr, "stderr", on_output)),
@@ -573,9 +574,6 @@ class _Running:
         self._stopping: asyncio.Future[float] | None = None   # stop() in its thread
         self.procs = proctree.RunProcs(proc.pid)   # supervised from here (last: nothing after it can fail)
 
-    def _sandbox_readable(self) -> None:
-        self._read_sandbox()
-
     def _read_sandbox(self) -> None:
         """Read what bubblewrap said; once it named its init, that init is the run's wherever it ends up, and
         supervised (no stray sweep reaps it)."""
@@ -585,13 +583,17 @@ class _Running:
         if self._watching_sandbox:
             if not sandbox.feed():
                 return
-            self._watching_sandbox = False
-            asyncio.get_running_loop().remove_reader(sandbox.read_fd)
+            self._unwatch_sandbox(sandbox)
         if sandbox.unresolved is not None and sandbox.unresolved not in proctree.supervised:
             sandbox.resolve(parents=(self.pid, os.getpid()))
         if sandbox.init is not None and sandbox.init[0] not in self.procs.roots:
             self.procs.add_root(*sandbox.init)
             proctree.supervised.add(sandbox.init[0])
+
+    def _unwatch_sandbox(self, sandbox: SandboxInfo) -> None:
+        if self._watching_sandbox:   # before the pipe is closed: the loop must not watch a reused fd number
+            self._watching_sandbox = False
+            asyncio.get_running_loop().remove_reader(sandbox.read_fd)
 
     async def reap_sandbox_init(self) -> None:
         """After the run is killed and its leader reaped: reap bubblewrap's namespace init, our child by now
@@ -601,9 +603,7 @@ class _Running:
             return
         self.sandbox = None
         self._read_sandbox()   # bubblewrap is gone: the rest is in the pipe, or it is at EOF
-        if self._watching_sandbox:
-            self._watching_sandbox = False
-            asyncio.get_running_loop().remove_reader(sandbox.read_fd)
+        self._unwatch_sandbox(sandbox)
         sandbox.close()
         if sandbox.init is None:
             return
@@ -796,8 +796,8 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     (reason ``not_found`` for ENOENT/EACCES and kin, ``exec_failed`` otherwise, ``policy`` for NUL bytes).
     An exception from ``on_output`` kills the group and is re-raised once the child is reaped.
     ``sandbox``: ``program`` is bubblewrap, told to name its namespace's init on ``sandbox``'s pipe; SIGTERM
-    goes to what runs inside (bubblewrap taking it would tear the namespace down uncounted), and the init's
-    CPU time is added. ``run`` closes that pipe.
+    goes to what runs inside (bubblewrap taking it could tear the namespace down uncounted), and the init and
+    what runs under it are stopped, counted and killed with the rest. ``run`` closes that pipe.
     """
     try:
         if not argv:

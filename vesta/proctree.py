@@ -43,7 +43,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,38 +257,50 @@ class RunProcs:
             log.warning("cannot signal process group %d", self.leader)
 
     def _send(self, pid: int, start: int, sig: int) -> bool:
-        """Signal ``pid`` if it is still the process that started at ``start``; whether it was signalled."""
-        fd = -1
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return False
-        except OSError as exc:   # no pidfds here (old kernel, seccomp), or out of fds: by pid after the check
-            if exc.errno not in _NO_PIDFD:
-                self._cannot_see(exc)
-        try:
-            try:
-                now = read_stat(pid, self.proc_root)
-            except OSError as exc:
-                self._cannot_see(exc)
-                if self._stopped.get(pid) != start:   # unchecked, and not held by our SIGSTOP: leave it
-                    return False
-            else:
-                if now is None or now.start != start:   # the pid was freed and given to another process
-                    return False
-            if fd >= 0:
-                signal.pidfd_send_signal(fd, sig)
-            else:   # the check just before narrows the pid-reuse race to a moment (none for one we stopped)
-                os.kill(pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
+        try:   # one we stopped cannot have exited, so its pid is still its own even unchecked
+            return send_checked(pid, start, sig, self.proc_root, blind=self._cannot_see,
+                                unchecked_ok=self._stopped.get(pid) == start)
         except PermissionError:
             log.warning("cannot signal pid %d of run %d (a setuid program?)", pid, self.leader)
             return False
-        finally:
-            if fd >= 0:
-                os.close(fd)
+
+
+def send_checked(pid: int, start: int, sig: int, proc_root: Path = PROC, *,
+                 blind: Callable[[OSError], None] | None = None, unchecked_ok: bool = False) -> bool:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``start``; whether it was sent (not
+    when it is gone). Through a pidfd, so a pid freed and given to another process after the check is not
+    hit either; without pidfds (old kernel, seccomp) by pid, right after the check. Where /proc cannot be
+    read (out of fds), ``blind`` hears why, and the signal goes unchecked only if ``unchecked_ok``. Other
+    failures (EPERM) raise ``OSError``."""
+    fd = -1
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_PIDFD and blind is not None:
+            blind(exc)
+    try:
+        try:
+            now = read_stat(pid, proc_root)
+        except OSError as exc:
+            if blind is not None:
+                blind(exc)
+            if not unchecked_ok:
+                return False
+        else:
+            if now is None or now.start != start:
+                return False
+        if fd >= 0:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def become_subreaper() -> bool:
@@ -433,25 +445,10 @@ def kill_leftovers(node_id: str, uids: set[int], proc_root: Path = PROC) -> int:
             except OSError:
                 continue
             if marker in env and any(entry.startswith(b"VESTA_JOB_ID=") for entry in env):
-                fd = -1
                 try:
-                    try:
-                        fd = os.pidfd_open(st.pid)
-                    except OSError as exc:   # no pidfds here: by pid, right after the start time check
-                        if exc.errno not in _NO_PIDFD:
-                            raise
-                    again = read_stat(st.pid, proc_root)
-                    if again is not None and again.start == st.start:
-                        if fd >= 0:
-                            signal.pidfd_send_signal(fd, signal.SIGKILL)
-                        else:
-                            os.kill(st.pid, signal.SIGKILL)
-                        killed += 1
+                    killed += send_checked(st.pid, st.start, signal.SIGKILL, proc_root)
                 except OSError:
                     continue
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
     except OSError as exc:
         log.warning("cannot look for processes left by an earlier vestad of this node: %s", exc)
     return killed
