@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import vesta
+from tests.helpers import Cluster
 
 PACKAGE_DIR = Path(vesta.__file__).parent
 
@@ -46,7 +47,7 @@ SAME_LAYER: dict[str, set[str]] = {
 PUBLIC_API = {"vesta": {"vesta.client"}}
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {
-    "vesta.control": {"vesta.config", "vesta.wire", "vesta.errors"},
+    "vesta.control": {"vesta.config", "vesta.checks", "vesta.errors"},
 }
 
 
@@ -195,3 +196,19 @@ def test_daemon_does_not_import_numpy() -> None:
     proc = subprocess.run([sys.executable, "-c", _RECORD_IMPORTS], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "[]"], proc.stdout
+
+
+def test_the_cli_talks_to_its_daemon_without_the_crypto_libraries_or_numpy(cluster: Cluster) -> None:
+    """`vesta status` only uses the control socket: importing cryptography, PyNaCl or numpy would be most of its
+    start-up time (checked in the real process, after the command ran)."""
+    a = cluster.add("a")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('loaded:', sorted(m for m in ('cryptography', 'nacl', 'numpy')"
+             " if m in sys.modules), file=sys.stderr))\n"
+             "from vesta.cli.vesta import main\n"
+             "sys.argv = ['vesta', 'status', '--json']\n"
+             "main()\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=a.env | {"VESTA_NAME": "a"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and '"name": "a"' in out.stdout, out.stderr
+    assert "loaded: []" in out.stderr, out.stderr

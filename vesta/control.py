@@ -18,9 +18,9 @@ from typing import Any
 
 import msgpack
 
+from vesta.checks import MAX_FRAME
 from vesta.config import sanitize_name, socket_dir, socket_path
 from vesta.errors import ConfigError, DaemonNotRunning, PeerUnavailable, RemoteError, remote
-from vesta.wire import MAX_FRAME
 
 __all__ = ["ControlClient", "RemoteError", "find_socket"]
 
