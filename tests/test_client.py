@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,9 +56,17 @@ def test_requests_with_ids_are_answered_out_of_order_on_one_connection(cluster: 
         data = msgpack.packb(body)
         sock.sendall(frame.pack(len(data)) + data)
 
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            piece = sock.recv(n - len(data))
+            assert piece, "vestad closed the connection"
+            data += piece
+        return data
+
     def recv() -> dict[str, object]:
-        (size,) = frame.unpack(sock.recv(4, socket.MSG_WAITALL))
-        return msgpack.unpackb(sock.recv(size, socket.MSG_WAITALL), raw=False)
+        (size,) = frame.unpack(exactly(4))
+        return msgpack.unpackb(exactly(size), raw=False)
 
     send({"op": "mem", "args": {"mib": 1, "ms": 1500}, "id": 1})
     send({"op": "status", "args": {}, "id": 2})
@@ -75,6 +84,9 @@ def test_requests_with_ids_are_answered_out_of_order_on_one_connection(cluster: 
     assert by_id[2]["ok"] and by_id[2]["result"]["name"] == "a"          # type: ignore[index]
     assert not by_id[3]["ok"] and by_id[3]["type"] == "ConfigError"
     assert not by_id["x"]["ok"] and "request id must be a whole number" in str(by_id["x"]["error"])
+    send({"op": "exec", "args": {"argv": ["true"], "puts": ["/tmp/a\x00b"]}, "id": 4})   # bad input: answered
+    bad = recv()
+    assert (bad["id"], bad["ok"], bad["type"]) == (4, False, "InvalidJob")
     send({"op": "status", "args": {}})                         # a one-at-a-time request still works
     assert recv()["ok"] is True
     sock.close()
@@ -150,11 +162,58 @@ def test_the_executor_keeps_the_futures_promises(cluster: Cluster, tmp_path: Pat
         eventually(lambda: slow.job_id is not None and a.call("show", job_id=slow.job_id)["state"] == "running", 15)
         assert slow.cancel() and slow.cancelled()
         eventually(lambda: a.call("show", job_id=slow.job_id)["state"] == "cancelled", 15)
+        at_once = pool.submit("sleep", "30")   # cancelled before the daemon has even named it
+        assert at_once.cancel()
+        done, _ = concurrent.futures.wait([at_once], timeout=5)   # a cancelled job is done for those waiting
+        assert at_once in done
+        eventually(lambda: at_once.job_id is not None, 15)
+        eventually(lambda: a.call("show", job_id=at_once.job_id)["state"] == "cancelled", 15)
         last = pool.submit("sh", "-c", "sleep 0.5; echo late")
         pool.shutdown(wait=True)
         assert last.done() and last.result().stdout == b"late\n"
         with pytest.raises(RuntimeError, match="after shutdown"):
             pool.submit("true")
+    pool = Executor(a.name, directory=a.runtime_dir)
+    going = pool.submit("sh", "-c", "sleep 0.5; echo still")
+    pool.shutdown(wait=False)                  # the jobs go on; the connection closes after the last
+    assert going.result(timeout=30).stdout == b"still\n"
+
+
+def test_errors_from_the_daemon_survive_pickling() -> None:
+    """A future's exception may cross a process boundary (a ProcessPool, multiprocessing)."""
+    import pickle
+    again = pickle.loads(pickle.dumps(errors.remote("JobFailed")("no node could run it")))
+    assert isinstance(again, errors.JobFailed) and isinstance(again, errors.RemoteError)
+    assert str(again) == "no node could run it"
+
+
+def test_cancel_from_a_done_callback_does_not_stall_the_client(cluster: Cluster, tmp_path: Path) -> None:
+    """The usual "first one wins" pattern: the loser's cancel is sent without waiting on the client's own loop."""
+    a, _ = exec_pair(cluster, tmp_path)
+    with client_of(a) as client:
+        quick = client.submit(["true"])
+        slow = client.submit(["sleep", "30"])
+        t0 = time.monotonic()
+        quick.add_done_callback(lambda _: slow.cancel())
+        quick.result(timeout=30)
+        eventually(lambda: slow.cancelled(), 5)
+        assert time.monotonic() - t0 < 4
+        eventually(lambda: slow.job_id is not None and a.call("show", job_id=slow.job_id)["state"] == "cancelled",
+                   15)
+        with pytest.raises(RuntimeError, match="done callbacks"):
+            fails: list[BaseException] = []
+            done = threading.Event()
+
+            def blocking(_: object) -> None:
+                try:
+                    client.call("status")
+                except RuntimeError as exc:
+                    fails.append(exc)
+                done.set()
+
+            client.submit(["true"]).add_done_callback(blocking)
+            assert done.wait(30)
+            raise fails[0]
 
 
 def test_async_client_and_map_templates(cluster: Cluster, tmp_path: Path) -> None:

@@ -154,6 +154,7 @@ class AsyncJob:
         self.client = client
         self.future = future
         self.job_id: str | None = None    # known once the daemon has it on record
+        self.cancel_requested = False
 
     def __await__(self) -> Generator[Any, None, JobResult]:
         return self.future.__await__()
@@ -161,14 +162,26 @@ class AsyncJob:
     def done(self) -> bool:
         return self.future.done()
 
-    async def cancel(self) -> bool:
-        """Stop the job wherever it runs; False if it had ended already."""
+    def request_cancel(self) -> bool:
+        """Cancel the job: its future at once, the job on the daemon as soon as the daemon has named it (now, or
+        with its first event). False if it had ended already. Call it on the client's event loop."""
         if self.future.done():
             return False
+        self.cancel_requested = True
         if self.job_id is not None:
-            with contextlib.suppress(VestaError):
-                await self.client.call("cancel", job_id=self.job_id)
+            self.client._cancel_remote(self.job_id)
         return self.future.cancel()
+
+    def named(self, job_id: str) -> None:
+        """The daemon named the job (its first event): a cancel asked for before then goes out now."""
+        if self.job_id is None:
+            self.job_id = job_id
+            if self.cancel_requested:
+                self.client._cancel_remote(job_id)
+
+    async def cancel(self) -> bool:
+        """Stop the job wherever it runs; False if it had ended already."""
+        return self.request_cancel()
 
 
 class AsyncClient:
@@ -181,6 +194,8 @@ class AsyncClient:
         self._waiting: dict[int, tuple[asyncio.Future[Any], Callable[[dict[str, Any]], None] | None]] = {}
         self._out: list[bytes] = []
         self._closed: BaseException | None = None
+        self._cancels: set[asyncio.Task[Any]] = set()   # cancels on their way to the daemon
+        self._jobs: set[asyncio.Task[Any]] = set()      # jobs waiting for their answer
         self._read_task = asyncio.get_running_loop().create_task(self._read(), name="vesta-client-read")
 
     @classmethod
@@ -202,6 +217,8 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._cancels:   # a cancel asked for must reach the daemon before the connection goes
+            await asyncio.wait(self._cancels, timeout=5)
         self._fail(DaemonNotRunning("the client was closed"))
         self._writer.close()
         self._read_task.cancel()
@@ -226,6 +243,15 @@ class AsyncClient:
         finally:
             self._waiting.pop(rid, None)
 
+    def _cancel_remote(self, job_id: str) -> None:
+        async def cancel() -> None:
+            with contextlib.suppress(VestaError):
+                await self.call("cancel", job_id=job_id)
+
+        task = asyncio.get_running_loop().create_task(cancel(), name="vesta-cancel")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
     def _flush(self) -> None:
         if self._out and self._closed is None:
             self._writer.write(b"".join(self._out))
@@ -240,13 +266,14 @@ class AsyncClient:
                 self._dispatch(msgpack.unpackb(await self._reader.readexactly(size), raw=False))
         except asyncio.IncompleteReadError:
             self._fail(DaemonNotRunning("vestad closed the connection (did it stop?)"))
-        except (OSError, ValueError, msgpack.UnpackException, ProtocolError) as exc:
-            self._fail(DaemonNotRunning(f"lost the connection to vestad ({exc})"))
+        except Exception as exc:   # a broken frame, a reset connection: every request waiting is told
+            self._fail(DaemonNotRunning(f"lost the connection to vestad ({type(exc).__name__}: {exc})"))
 
     def _dispatch(self, frame: Any) -> None:
         if not isinstance(frame, dict):
             return
-        waiting = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
+        rid = frame.get("id")
+        waiting = self._waiting.get(rid) if isinstance(rid, int) else None
         if waiting is None:
             return   # an answer to a request given up on
         future, on_event = waiting
@@ -305,22 +332,24 @@ class AsyncClient:
             if kind == "output" and isinstance(ev.get("data"), bytes):
                 output.feed(str(ev.get("stream")), ev["data"])
             elif kind in ("start", "queued") and isinstance(ev.get("job_id"), str):
-                job.job_id = ev["job_id"]
+                job.named(ev["job_id"])
 
         async def run() -> None:
+            # Runs to the daemon's answer even after the job's future was cancelled: its events name the job,
+            # so a cancel asked for before then still reaches the daemon.
             try:
-                answer = await self.call(request.kind, on_event=event, **request.to_wire())
-            except BaseException as exc:
+                answer = await self.call(request.kind, on_event=event, **request.to_control())
+                result = JobResult.from_answer(answer, output.take("stdout"), output.take("stderr"))
+            except Exception as exc:
                 if not job.future.done():
                     job.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
                 return
             if not job.future.done():
-                job.future.set_result(JobResult.from_answer(answer, output.take("stdout"), output.take("stderr")))
+                job.future.set_result(result)
 
         task = loop.create_task(run(), name="vesta-job")
-        job.future.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
         return job
 
     async def as_completed(self, jobs: Iterable[AsyncJob]) -> AsyncIterator[AsyncJob]:
@@ -372,13 +401,14 @@ class Job(concurrent.futures.Future[JobResult]):
         return self.inner.job_id if self.inner is not None else None
 
     def cancel(self) -> bool:
+        """Cancel this future and, without waiting (so it may be called from a done callback), the job on the
+        daemon: it is told as soon as it has named the job."""
         inner = self.inner
         if self.done():
             return False
-        if inner is not None and not inner.done():
-            with contextlib.suppress(VestaError, concurrent.futures.TimeoutError):
-                self.client._run(inner.cancel()).result(timeout=5)
-        return super().cancel()
+        if inner is not None:
+            self.client._loop.call_soon_threadsafe(inner.request_cancel)
+        return _cancel(self, super().cancel)
 
 
 class Client:
@@ -395,6 +425,10 @@ class Client:
             raise
 
     def _run(self, coro: Any) -> concurrent.futures.Future[Any]:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a blocking vesta.Client call from one of its own done callbacks would wait for "
+                               "itself: call it from another thread (Job.cancel is fine)")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def __enter__(self) -> Client:
@@ -441,22 +475,37 @@ class Client:
         job = Job(self)
 
         async def begin() -> AsyncJob:
-            return start(self._async)
+            inner = start(self._async)
+            inner.future.add_done_callback(lambda f: _settle(job, f))   # on the loop: add_done_callback is not
+            return inner                                                # safe from another thread
 
         job.inner = self._run(begin()).result()   # a bad argument raises here, before anything is sent
-        job.inner.future.add_done_callback(lambda f: _settle(job, f))
         return job
 
 
+def _cancel(future: concurrent.futures.Future[Any], cancel: Callable[[], bool]) -> bool:
+    """Cancel a future no executor will ever run, and tell those waiting on it (wait(), as_completed()): a plain
+    Future.cancel leaves it CANCELLED, which they wait on for ever, until set_running_or_notify_cancel."""
+    with _CANCELLING:   # notified once: a second notify is an error
+        if future.cancelled():
+            return True
+        if not cancel():
+            return False
+        future.set_running_or_notify_cancel()
+        return True
+
+
+_CANCELLING = threading.RLock()   # cancelling one future may cancel another from its callbacks
+
+
 def _settle(job: Job, inner: asyncio.Future[JobResult]) -> None:
-    if job.done():
-        return
-    if inner.cancelled():
-        job.cancel()
-    elif inner.exception() is not None:
-        job.set_exception(inner.exception())
-    else:
-        job.set_result(inner.result())
+    with contextlib.suppress(concurrent.futures.InvalidStateError):   # the user cancelled it meanwhile
+        if inner.cancelled():
+            _cancel(job, lambda: concurrent.futures.Future.cancel(job))
+        elif inner.exception() is not None:
+            job.set_exception(inner.exception())
+        else:
+            job.set_result(inner.result())
 
 
 class Executor(concurrent.futures.Executor):
@@ -489,15 +538,16 @@ class Executor(concurrent.futures.Executor):
         checked.inner = job.inner
 
         def relay(done: concurrent.futures.Future[JobResult]) -> None:
-            if done.cancelled():
-                checked.cancel()
-            elif done.exception() is not None:
-                checked.set_exception(done.exception())
-            else:
-                try:
-                    checked.set_result(done.result().check())
-                except JobFailed as exc:
-                    checked.set_exception(exc)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):   # cancelled by the user meanwhile
+                if done.cancelled():
+                    _cancel(checked, lambda: concurrent.futures.Future.cancel(checked))
+                elif done.exception() is not None:
+                    checked.set_exception(done.exception())
+                else:
+                    try:
+                        checked.set_result(done.result().check())
+                    except JobFailed as exc:
+                        checked.set_exception(exc)
 
         job.add_done_callback(relay)
         return checked
@@ -528,5 +578,11 @@ class Executor(concurrent.futures.Executor):
                 job.cancel()
         if wait:
             concurrent.futures.wait(jobs)
-        self._client.close()
+            self._client.close()
+        else:   # the jobs go on: the connection closes once the last has its answer
+            def close_when_done() -> None:
+                concurrent.futures.wait(jobs)
+                self._client.close()
+
+            threading.Thread(target=close_when_done, name="vesta-executor-shutdown", daemon=True).start()
 

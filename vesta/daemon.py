@@ -136,8 +136,8 @@ class Daemon:
         self._wire_jobs(Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
                                  hours=lambda: self.host.hours, port=listening.getsockname()[1],
                                  hash_rate=hash_rate, gpus=gpus))
-        self._exits.push_async_callback(self.queue.close)
         self._exits.push_async_callback(self.pool.close)
+        self._exits.push_async_callback(self.queue.close)   # before the links close: its jobs send their Cancels
         server = await asyncio.start_server(self._accept_peer, sock=listening)
         self._exits.push_async_callback(cancel_all, self._inbound)
         self._exits.callback(server.close)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -33,6 +34,8 @@ from vesta.records import Records
 from vesta.spec import JobRequest
 from vesta.submitter import Emit, Submitter, new_job_id
 from vesta.tasks import spawn
+
+log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
 RECORDS_TIMEOUT = 5.0         # a member that does not answer `vesta jobs --all` in time is listed unreachable
@@ -88,6 +91,11 @@ class ControlOps:
             return {"ok": True, "result": await op(args, emit)}
         except VestaError as exc:
             return {"ok": False, "error": str(exc), "type": type(exc).__name__}
+        except Exception as exc:   # a bug of ours: the client still gets an answer, the log the traceback
+            log.exception("control request %r failed inside vestad", request.get("op") if isinstance(request, dict)
+                          else request)
+            return {"ok": False, "error": f"internal error in vestad: {type(exc).__name__}: {exc}"[:500],
+                    "type": "VestaError"}
 
     def find_peer(self, node: str) -> Peer:
         """A peer by name or fingerprint (prefix of at least 8 hex characters)."""

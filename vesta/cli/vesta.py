@@ -423,7 +423,7 @@ def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool, as_
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
     request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
     with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
-        r = c.call("cpu", on_event=bar.event, **request.to_wire())
+        r = c.call("cpu", on_event=bar.event, **request.to_control())
     if as_json:
         print_json(r)
         return
@@ -450,7 +450,7 @@ def mem(ctx: click.Context, mib: int, ms: int, on: str | None, as_json: bool) ->
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
     request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on})
     with _client(ctx) as c:
-        r = c.call("mem", **request.to_wire())
+        r = c.call("mem", **request.to_control())
     if as_json:
         print_json(r)
         return
@@ -540,12 +540,12 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     request.validate()
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", detach=True, **request.to_wire())
+            r = c.call("exec", detach=True, **request.to_control())
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
         try:
-            r = c.call("exec", on_event=event, **request.to_wire())
+            r = c.call("exec", on_event=event, **request.to_control())
         except KeyboardInterrupt:
             if queue and said:
                 click.echo("vesta: the job stays queued; see vesta jobs, or vesta cancel JOB", err=True)
