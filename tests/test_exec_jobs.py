@@ -355,3 +355,23 @@ def test_sandbox_bwrap_without_bubblewrap_is_a_config_error(cluster: Cluster, tm
     last = out.stderr.strip().splitlines()[-1]    # (test daemons log at debug level before it)
     assert last.startswith("vestad: error: sandbox is 'bwrap' but bubblewrap is not installed")
     assert "Traceback" not in out.stderr
+
+
+def test_a_shipped_config_file_runs_nothing_and_code_runners_are_called_out(cluster: Cluster, tmp_path: Path) -> None:
+    # With git allowed, `--put .gitconfig -- git x` ran the shipped alias: the job's HOME was its working
+    # directory. And an allowlist naming a program that runs code from its arguments says so.
+    git = need_tool("git", "git")
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "exec_allowlist": ["true", git]}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    gitconfig = tmp_path / ".gitconfig"
+    gitconfig.write_text("[alias]\n\tx = !echo pwned\n")
+    out = a.vesta("exec", "--on", "b", "--put", str(gitconfig), "--", "git", "x")
+    assert "pwned" not in out.stdout + out.stderr
+    assert out.returncode == 1 and "'x' is not a git command" in out.stderr, out.stderr
+    assert b.status()["exec_code_runners"] == ["git"]
+    shown = b.vesta("status")
+    assert shown.returncode == 0
+    assert "git run code from their arguments or input files: every key holder may run any program here" in shown.stdout
+    assert "exec_allowlist allows git, which run code from their arguments or input files" in b.log()
+    assert a.status()["exec_code_runners"] == []   # exec off there

@@ -202,6 +202,10 @@ class Daemon(ControlOps):
                         ", ".join(self.allowlist.describe()) if cfg.exec_allowlist else "ANY command")
             for entry in self.allowlist.missing:
                 log.warning("exec_allowlist entry %r matches no executable file: it allows nothing", entry)
+            if cfg.exec_allowlist and self.allowlist.code_runners():
+                log.warning("exec_allowlist allows %s, which run code from their arguments or input files: every "
+                            "holder of the federation key may run any program here",
+                            ", ".join(self.allowlist.code_runners()))
         self._event("start", f"{cfg.name} started")
 
     async def stop(self) -> None:

@@ -127,8 +127,18 @@ OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output reade
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
 
+# What turns off the places where common programs look for code or configuration of their own beside
+# HOME (which is a fresh empty directory anyway): Python's per-user site directory (usercustomize.py) and the
+# script's or working directory first on sys.path (a shipped json.py), git's global and system config (an
+# alias or core.pager runs a shell).
+HOOKS_OFF = {
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONSAFEPATH": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 # Set by the node, never by a caller's ``extra``.
-_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID"})
+_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID", *HOOKS_OFF})
 # Variables that change how the dynamic loader or libc behave (glibc's "unsecure" list): with them, an
 # allowlisted binary would load code of the job's choosing.
 _LOADER_ENV = frozenset({
@@ -142,6 +152,30 @@ OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 
 
 # ---------------------------------------------------------------------------------------------- allowlist
+
+# Programs that run code, or other programs, named in their arguments or read from their input files:
+# allowing one of them allows every program to whoever holds the federation key. Matched against the names
+# an entry was allowlisted under and the allowed file's own name, with any version suffix (python3.11) off.
+CODE_RUNNERS = frozenset({
+    # interpreters
+    "python", "python2", "python3", "pypy", "pypy3", "perl", "ruby", "irb", "node", "nodejs", "deno", "bun",
+    "php", "lua", "luajit", "tclsh", "wish", "expect", "Rscript", "R", "julia", "java", "jshell", "guile",
+    "racket", "ghci", "runghc", "osascript", "pwsh", "gdb", "lldb", "awk", "gawk", "mawk", "nawk", "bc",
+    # shells and multi-call binaries
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox", "toybox",
+    # programs that run others, or commands in their arguments or input files
+    "env", "xargs", "find", "make", "gmake", "cmake", "ninja", "meson", "git", "nice", "nohup", "timeout",
+    "stdbuf", "setsid", "chroot", "flock", "watch", "time", "script", "strace", "ltrace", "taskset",
+    "ionice", "chrt", "prlimit", "setpriv", "unshare", "nsenter", "sudo", "su", "doas", "runuser", "ssh",
+    "parallel", "sed", "tar", "rsync", "vi", "vim", "nvim", "emacs", "ed", "less", "more", "man", "pip",
+    "pip3", "npm", "npx", "cargo", "go", "gcc", "cc", "clang", "tcc", "docker", "podman", "systemd-run",
+})
+_VERSION_SUFFIX = re.compile(r"[-.]?[0-9][0-9.]*$")
+
+
+def runs_code(name: str) -> bool:
+    """Whether ``name`` (a program's file name) is a program that runs code from its arguments or inputs."""
+    return name in CODE_RUNNERS or _VERSION_SUFFIX.sub("", name) in CODE_RUNNERS
 
 
 def _executable_file(path: str) -> bool:
@@ -252,6 +286,14 @@ class Allowlist:
     def names(self) -> list[str]:
         return sorted(n for names in self.allowed.values() for n in names)
 
+    def code_runners(self) -> list[str]:
+        """The allowed programs that run code from their arguments or inputs (``CODE_RUNNERS``): each
+        grants arbitrary code to every key holder. Also ``["any program"]`` for an empty list."""
+        if self.any:
+            return ["any program"]
+        return sorted(" / ".join(sorted(names)) for path, names in self.allowed.items()
+                      if any(runs_code(n) for n in (*names, os.path.basename(path))))
+
     def describe(self) -> list[str]:
         """One line per allowed program, then the missing entries (for status output)."""
         if self.any:
@@ -267,22 +309,29 @@ class Allowlist:
 def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None,
                  node_id: str = "") -> dict[str, str]:
     """The whole environment a job sees: nothing is inherited from the daemon (it may hold VESTA_KEY).
-    ``node_id`` (the node's fingerprint, as VESTA_NODE_ID) also marks the job's processes as this node's,
-    so a vestad that died can find them when it comes back (``proctree.kill_leftovers``).
+    ``HOME`` is a fresh empty directory beside ``workdir`` (``home_of``), made here, never the working
+    directory: a peer's input files land in the working directory, and a file shipped as
+    ``.local/lib/python3.11/site-packages/usercustomize.py`` or ``.gitconfig`` there would otherwise be read
+    as the program's own configuration and run code of the peer's choosing in an allowlisted program
+    (``HOOKS_OFF`` turns off the same hooks by variable). ``node_id`` (the node's fingerprint, as
+    VESTA_NODE_ID) also marks the job's processes as this node's, so a vestad that died can find them when it
+    comes back (``proctree.kill_leftovers``).
 
     ``extra`` may not set the node's own variables (PATH, HOME, TMPDIR, VESTA_*) nor loader variables
     (LD_*, GCONV_PATH, ...), which would let an allowlisted binary load code of the job's choosing.
     """
     tmp = workdir / "tmp"
     tmp.mkdir(mode=0o700, exist_ok=True)
+    home = make_home(workdir)
     env = {
         "PATH": SAFE_PATH,
-        "HOME": str(workdir),
+        "HOME": str(home),
         "TMPDIR": str(tmp),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "VESTA_JOB_ID": job_id,
         "VESTA_NODE": node,
+        **HOOKS_OFF,
     }
     if node_id:
         env["VESTA_NODE_ID"] = node_id
@@ -293,6 +342,27 @@ def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, s
             raise Refused(f"environment variable {name} may not be set by a job", reason="policy")
         env[name] = value
     return env
+
+
+def home_of(workdir: Path) -> Path:
+    """The run's HOME: ``WORKDIR.home``, beside its working directory (so no input file can land in it),
+    removed with it (``remove_workdir``)."""
+    return workdir.with_name(workdir.name + ".home")
+
+
+def make_home(workdir: Path) -> Path:
+    """Make the run's empty HOME (0700); ``Refused`` if something else is in its place."""
+    home = home_of(workdir)
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(home)
+    owners = {os.geteuid(), os.lstat(workdir).st_uid}   # the run's own user, once give_workdir handed both over
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o077:
+        raise Refused(f"{home} is in the way of this run's home directory (someone else made it?): "
+                      "remove it and try again", reason="policy")
+    return home
 
 
 def make_workdir(base: Path | None, job_id: str) -> Path:
@@ -315,7 +385,23 @@ def runs_dir(node: str, fingerprint: str) -> Path:
 
 
 def remove_workdir(path: Path) -> None:
-    """rm -rf ``path``, also where the job took away its own permissions; failures are logged."""
+    """rm -rf ``path`` and its run's HOME (``home_of``), also where the job took away its own permissions;
+    failures are logged."""
+    home = home_of(path)
+    try:   # ours or the run's (give_workdir), not what another user put there
+        owners = {os.geteuid(), os.lstat(path).st_uid}
+        ours = os.lstat(home).st_uid in owners
+    except OSError:
+        ours = False
+    if ours:
+        try:
+            _remove_tree(home)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", home, exc)
+    _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
     if path.is_symlink():
         path.unlink()
         return

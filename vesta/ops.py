@@ -121,6 +121,7 @@ class ControlOps:
             "allow_exec": cfg.allow_exec,
             "isolation": self.isolation(),
             "exec_allowlist": list(cfg.exec_allowlist),
+            "exec_code_runners": self.host.allowlist.code_runners() if cfg.allow_exec and cfg.exec_allowlist else [],
             "peers": {"alive": alive, "suspect": len(self.table) - alive},
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
             "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,

@@ -94,6 +94,8 @@ def status_table(s: dict[str, Any]) -> Table:
         ("spare now", f"{budget['spare_cores']:.1f} cores"),
         ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
          if s["allow_exec"] else "off"),
+        *([("exec WARNING", f"{', '.join(s['exec_code_runners'])} run code from their arguments or input files: "
+                            "every key holder may run any program here")] if s.get("exec_code_runners") else []),
         ("isolation", s["isolation"]),
         ("lending hours", s["lending"]["describe"]),
         ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
