@@ -375,3 +375,17 @@ def test_a_shipped_config_file_runs_nothing_and_code_runners_are_called_out(clus
     assert "git run code from their arguments or input files: every key holder may run any program here" in shown.stdout
     assert "exec_allowlist allows git, which run code from their arguments or input files" in b.log()
     assert a.status()["exec_code_runners"] == []   # exec off there
+
+
+def test_without_the_sandbox_a_job_cannot_read_the_key_from_the_daemon_s_command_line(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # /proc/PID/cmdline is readable by every user: a job running as exec_user read `-key SECRET` there.
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "sandbox": "none"}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg), "-key", cluster.key)
+    out = a.vesta("exec", "--on", "b", "--", "cat", f"/proc/{b.pid}/cmdline")
+    assert out.returncode == 0, out.stderr
+    assert "\0-key\0" in out.stdout and cluster.key not in out.stdout   # it read the line; the key is gone
+    environ = Path(f"/proc/{b.pid}/environ").read_bytes()
+    assert b"VESTA_KEY=" in environ and cluster.key.encode() not in environ
+    assert a.vesta("ping", "b", "-c", "1").returncode == 0   # the daemon kept its own copy
