@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from nacl.signing import SigningKey
 
 from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
 from vesta import proto
-from vesta.crypto import derive_keys, fingerprint, seal_beacon
+from vesta.crypto import FederationKeys, derive_keys, fingerprint, seal_beacon
 from vesta.errors import PeerUnavailable, ProtocolError
 from vesta.wire import MAX_FRAME, Channel, handshake, pack_frame
 
@@ -344,3 +345,82 @@ async def test_file_pieces_from_a_peer_are_checked_and_never_land_elsewhere(clus
         assert (hosted["job_id"], hosted["state"]) == ("jhostile1", "failed")
     finally:
         await peer.close()
+
+
+async def _linked(port: int, keys: FederationKeys, source: str = "127.0.0.1") -> Channel:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    return Channel(reader, writer, await handshake(reader, writer, keys, SigningKey.generate(),
+                                                   initiator=True, timeout=5))
+
+
+async def _ping(port: int, keys: FederationKeys) -> None:
+    ch = await _linked(port, keys)
+    try:
+        await ch.send(proto.Ping(rid=1, ts=time.time()))
+        assert isinstance(await asyncio.wait_for(ch.recv(), 5), proto.Pong)
+    finally:
+        await ch.close()
+
+
+async def test_strangers_holding_handshakes_from_many_addresses_do_not_keep_a_new_peer_out(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # 4 unauthenticated connections from each of several addresses held every handshake slot: a new node's
+    # link (and ping) failed for as long as they stayed.
+    cfg = tmp_path / "slow.json"
+    cfg.write_text(json.dumps({"handshake_timeout_s": 20}))
+    target = cluster.add("target", args=["-config", str(cfg)])
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    sources = [f"127.0.0.{i}" for i in range(2, 10)]
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def strangers() -> None:   # silent connections, round robin from every address, as fast as they go
+        while not stop.is_set():
+            for source in sources:
+                s = socket.socket()
+                try:
+                    s.bind((source, 0))
+                    s.connect(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                held.append(s)
+            time.sleep(0.01)
+
+    flood = threading.Thread(target=strangers)
+    flood.start()
+    try:
+        eventually(lambda: target.status()["counters"].get("tcp_accepted", 0) >= 16, 10,
+                   what="the strangers to hold every handshake slot")
+        for _ in range(3):
+            await _ping(port, keys)
+        assert target.status()["counters"].get("tcp_handshakes_cut", 0) >= 1
+    finally:
+        stop.set()
+        flood.join()
+        for s in held:
+            s.close()
+
+
+async def test_idle_links_of_key_holders_do_not_keep_a_new_peer_out(cluster: Cluster, tmp_path: Path) -> None:
+    # 64 authenticated links doing nothing took every inbound slot: new peers were refused for as long as
+    # they stayed. The idlest makes room instead; and a link idle past link_idle_s is closed.
+    cfg = tmp_path / "idle.json"
+    cfg.write_text(json.dumps({"link_idle_s": 4}))
+    target = cluster.add("target", args=["-config", str(cfg)])
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    idle = [await _linked(port, keys, f"127.0.0.{2 + i % 8}") for i in range(64)]   # 64 identities
+    try:
+        for _ in range(3):
+            await _ping(port, keys)
+        assert target.status()["counters"].get("links_evicted", 0) >= 1
+        with pytest.raises(PeerUnavailable):   # the first, idlest one made room (or idled out)
+            await asyncio.wait_for(idle[0].recv(), 10)
+        with pytest.raises(PeerUnavailable):   # the last one idled out, after link_idle_s
+            await asyncio.wait_for(idle[-1].recv(), 15)
+        assert target.status()["counters"].get("links_idle_closed", 0) >= 1
+    finally:
+        for ch in idle:
+            await ch.close()

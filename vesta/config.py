@@ -107,6 +107,7 @@ class Config:
     expire_after: int = 10           # missed beacons before a peer is removed
     max_clock_skew_s: float = 30.0   # beacons older or newer than this are dropped (replay window)
     handshake_timeout_s: float = 5.0  # a TCP peer must finish the handshake within this
+    link_idle_s: float = 300.0       # an inbound peer link with nothing running or heard this long is closed
     max_peers: int = 256             # peer table bound; beacons from further nodes are dropped
 
     @property
@@ -282,6 +283,7 @@ _CHECKS: dict[str, Check] = {
     "expire_after": _int(2, 10000),
     "max_clock_skew_s": _float(1.0, 86400.0),
     "handshake_timeout_s": _float(0.1, 120.0),
+    "link_idle_s": _float(1.0, 86400.0),
     "max_peers": _int(1, 100_000),
 }
 # Only in the file: where to read the key from.

@@ -38,7 +38,7 @@ from vesta.identity import load_or_create
 from vesta.jobqueue import ExecQueue
 from vesta.jobs import Emit, JobFailed, Submitter
 from vesta.ledger import Ledger
-from vesta.link import LinkPool, serve
+from vesta.link import InboundGate, LinkPool, accept, listen
 from vesta.ops import ControlError, ControlOps, Event
 from vesta.peertable import Change, Peer, PeerTable
 from vesta.records import Records
@@ -47,9 +47,6 @@ from vesta.wire import Channel, pack_frame, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
-MAX_INBOUND = 64              # concurrent peer connections; more are closed at once
-MAX_HANDSHAKING = 16          # of those, not yet authenticated: a keyless stranger cannot take every slot
-MAX_HANDSHAKING_PER_IP = 4    # ... and one host cannot take the handshake slots of all the others
 MAX_CONTROL_FRAME = 1 << 20   # control requests are small
 GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not every beacon
 MAX_EVENTS = 200
@@ -100,9 +97,8 @@ class Daemon(ControlOps):
         self._status: proto.NodeStatus | None = None   # refreshed every beacon round
         self._lent_in_sample = 0                        # chunks lent during the last CPU sample window
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by MAX_INBOUND)
-        self._handshaking = 0                           # of those, not authenticated yet
-        self._handshaking_from: Counter[str] = Counter()  # ... by source address
+        self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by the gate)
+        self.gate = InboundGate(self.counters)          # who may connect, who makes room (link.py)
         self._control: set[asyncio.Task[Any]] = set()   # control-socket clients (same user only)
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -170,7 +166,7 @@ class Daemon(ControlOps):
                                self._can_place, self._queued_done)
         self.queue.forget_stale_inputs()
         try:
-            server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
+            server = await listen(self.gate, self._accept_peer, cfg.bind, cfg.port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(f"TCP port {cfg.port} is already in use (another vestad?): "
@@ -477,35 +473,17 @@ class Daemon(ControlOps):
     # ------------------------------------------------------------ peer links
 
     async def _accept_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        source = str((writer.get_extra_info("peername") or ("?",))[0])
-        if (self._stopping or len(self._inbound) >= MAX_INBOUND or self._handshaking >= MAX_HANDSHAKING
-                or self._handshaking_from[source] >= MAX_HANDSHAKING_PER_IP):
-            self.counters["tcp_rejected_busy"] += 1
+        if self._stopping:
             writer.close()
             return
         task = asyncio.current_task()
         assert task is not None
         self._inbound.add(task)
-        self._handshaking += 1
-        self._handshaking_from[source] += 1
-        pending = [True]
-
-        def authenticated() -> None:
-            if pending[0]:
-                pending[0] = False
-                self._handshaking -= 1
-                self._handshaking_from[source] -= 1
-                if self._handshaking_from[source] <= 0:
-                    del self._handshaking_from[source]
-
         try:
-            await serve(reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
-                        handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg,
-                        on_authenticated=authenticated)
-        except asyncio.CancelledError:
-            pass  # shutting down; asyncio 3.11 would log a cancelled connection task as an error
+            await accept(self.gate, reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
+                         handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg,
+                         idle_timeout=self.cfg.link_idle_s)
         finally:
-            authenticated()
             self._inbound.discard(task)
 
     async def _handle_peer_msg(self, msg: proto.Message, channel: Channel) -> proto.Message | None:
