@@ -389,3 +389,24 @@ def test_without_the_sandbox_a_job_cannot_read_the_key_from_the_daemon_s_command
     environ = Path(f"/proc/{b.pid}/environ").read_bytes()
     assert b"VESTA_KEY=" in environ and cluster.key.encode() not in environ
     assert a.vesta("ping", "b", "-c", "1").returncode == 0   # the daemon kept its own copy
+
+
+HOGS = """
+import subprocess, sys
+hogs = [subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (60 << 20); time.sleep(6)"]) for _ in range(4)]
+print("survived", [h.wait() for h in hogs], flush=True)
+"""
+
+
+def test_the_memory_limit_holds_for_the_whole_run(cluster: Cluster, tmp_path: Path) -> None:
+    # The limit was RLIMIT_AS per process: four processes of 60 MiB passed a 150 MiB mem_offer_mb.
+    need_tool("python3", "python3")
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "mem_offer_mb": 150}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    out = a.vesta("exec", "--json", "--on", "b", "--", "python3", "-c", HOGS)
+    r = json.loads(out.stdout)
+    assert "survived" not in r["stdout"]
+    assert r["signal"] == 9 and r["reason"].startswith("memory limit hit (") and "limit 150 MiB" in r["reason"], r
+    shown = a.vesta("show", r["job_id"])
+    assert shown.returncode == 0 and "memory limit hit" in shown.stdout, shown.stdout

@@ -453,6 +453,33 @@ async def test_files_shipped_into_the_workdir_are_never_a_program_s_own_configur
     assert not work.exists() and not execrun.home_of(work).exists()
 
 
+MEMORY_HOGS = """
+import subprocess, sys
+hogs = [subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (%d << 20); time.sleep(%d)"]) for _ in range(4)]
+print("survived", [h.wait() for h in hogs], flush=True)
+"""
+
+
+async def test_the_memory_limit_holds_for_the_whole_run_not_each_process(job: Path) -> None:
+    # RLIMIT_AS bounds each process: four of 60 MiB passed a 150 MiB limit. The run's resident sum does not.
+    python = real_which("python3")   # the system one, as a job finds it
+    out = Collector()
+    started = time.monotonic()
+    async with asyncio.timeout(30):
+        result = await execrun.run(["python3", "-c", MEMORY_HOGS % (60, 20)], program=python, cwd=job,
+                                   env=env_for(job), timeout=25, on_output=out, mem_limit_mib=150)
+    assert "survived" not in out.text("stdout"), out.text("stderr")
+    assert result.over_memory and result.signal == signal.SIGKILL and not result.timed_out, out.text("stderr")
+    assert result.reason.startswith("memory limit hit (") and "limit 150 MiB" in result.reason, result.reason
+    assert time.monotonic() - started < 15
+    # under the limit, the same run is left alone
+    out = Collector()
+    async with asyncio.timeout(30):
+        result = await execrun.run(["python3", "-c", MEMORY_HOGS % (5, 1)], program=python, cwd=job,
+                                   env=env_for(job), timeout=25, on_output=out, mem_limit_mib=150)
+    assert result.exit_code == 0 and not result.over_memory and "survived [0, 0, 0, 0]" in out.text("stdout")
+
+
 async def test_large_output_arrives_completely_through_an_async_callback(job: Path) -> None:
     got = Collector()
 

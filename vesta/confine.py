@@ -234,6 +234,8 @@ class Limits:
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
         """Which limit a failed run most likely hit, or "" when none."""
+        if result.over_memory:   # the run's own watch killed it: it says how much
+            return result.reason
         # A sandboxed run reports its program's death by signal N as exit status 128+N.
         died_of = result.signal or ((result.exit_code or 0) - 128 if (result.exit_code or 0) > 128 else None)
         if died_of == signal.SIGXCPU:

@@ -97,6 +97,7 @@ Limits, the job user and the sandbox are in ``confine``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import inspect
 import json
@@ -125,6 +126,7 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH jobs see and programs are lo
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
+MEM_CHECK_S = 0.25          # how often the resident memory of a run with a memory limit is summed
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
 
 # What turns off the places where common programs look for code or configuration of their own beside
@@ -485,6 +487,7 @@ class ExecResult:
     cpu_s: float               # user+sys: wait4 of the process (and what it waited for), plus the rest of the run
     max_rss_kb: int
     reason: str                # "" on a normal exit, else a one-line why
+    over_memory: bool = False  # killed for the resident memory of the whole run (``run``'s ``mem_limit_mib``)
 
 
 class SandboxInfo:
@@ -748,8 +751,10 @@ class _Running:
             self.proc.returncode = os.waitstatus_to_exitcode(self.status)   # Popen must not wait for it
 
     async def supervise(self, started: float, timeout: float | None, cancel: asyncio.Event | None,
-                        term_grace: float) -> ExecResult:
+                        term_grace: float, mem_limit_mib: int | None = None) -> ExecResult:
         deadline = None if timeout is None else started + timeout
+        next_check = None if mem_limit_mib is None else started + MEM_CHECK_S
+        over_memory = 0   # what the run had resident when it was found over its limit
         cancel_wait = None if cancel is None else asyncio.ensure_future(cancel.wait())
         watching: set[asyncio.Future[Any]] = {self.watch.exited, *self.readers}
         if cancel_wait is not None:
@@ -758,11 +763,22 @@ class _Running:
         failure: BaseException | None = None
         try:
             while not self.watch.exited.done():
-                left = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
                     timed_out = True
                     break
-                done, _ = await asyncio.wait(watching, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if next_check is not None and mem_limit_mib is not None and now >= next_check:
+                    resident = await asyncio.to_thread(self.procs.resident_bytes)
+                    if resident > mem_limit_mib << 20:
+                        over_memory = resident
+                        break
+                    next_check = time.monotonic() + MEM_CHECK_S
+                wait = left
+                if next_check is not None:
+                    until_check = max(0.0, next_check - now)
+                    wait = until_check if wait is None else min(wait, until_check)
+                done, _ = await asyncio.wait(watching, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if self.watch.exited.done():
                     break
                 if cancel_wait is not None and cancel_wait in done:
@@ -777,7 +793,7 @@ class _Running:
         finally:
             if cancel_wait is not None:
                 cancel_wait.cancel()
-        if not self.watch.exited.done() and failure is None:
+        if not self.watch.exited.done() and failure is None and not over_memory:
             # bubblewrap taking SIGTERM could tear its namespace down at once (--die-with-parent), reaped where
             # nothing counts it; the job's processes get it instead, and the sandbox ends when they do.
             await asyncio.to_thread(self.signal, signal.SIGTERM, leader=self.sandbox is None)
@@ -792,7 +808,12 @@ class _Running:
         self.finished = True
         if failure is not None:
             raise failure
-        return self.result(elapsed, timeout, timed_out, cancelled)
+        result = self.result(elapsed, timeout, timed_out, cancelled)
+        if over_memory and mem_limit_mib is not None:   # killed at once: no grace to grow further in
+            result = dataclasses.replace(result, over_memory=True, reason=(
+                f"memory limit hit ({over_memory / (1 << 20):.0f} MiB resident in all its processes, "
+                f"limit {mem_limit_mib} MiB)"))
+        return result
 
     async def drain(self) -> BaseException | None:
         """Let the readers reach EOF (the group is dead, so they do) within a bound; close the pipes."""
@@ -874,7 +895,8 @@ def _signame(sig: int) -> str:
 async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
               timeout: float | None, on_output: OutputCallback | None = None,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
-              preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None) -> ExecResult:
+              preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None,
+              mem_limit_mib: int | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
@@ -884,6 +906,9 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     ``sandbox``: ``program`` is bubblewrap, told to name its namespace's init on ``sandbox``'s pipe; SIGTERM
     goes to what runs inside (bubblewrap taking it could tear the namespace down uncounted), and the init and
     what runs under it are stopped, counted and killed with the rest. ``run`` closes that pipe.
+    ``mem_limit_mib``: the resident memory of the whole run (every process of it, ``proctree``) is summed
+    every ``MEM_CHECK_S``; over the limit, the run is killed at once (no SIGTERM grace) and the result
+    says ``over_memory``. Per-process limits (RLIMIT_AS) let four processes of 900 MiB each through.
     """
     try:
         if not argv:
@@ -907,7 +932,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
             sandbox.close()
         raise
     try:
-        return await job.supervise(started, timeout, cancel, term_grace)
+        return await job.supervise(started, timeout, cancel, term_grace, mem_limit_mib)
     except BaseException:
         job.abandon()
         raise

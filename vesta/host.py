@@ -507,7 +507,7 @@ class Host:
                 return failed("cancelled before it started")
             handed, sandbox = sandbox, None   # run() owns it from here, even if it is cancelled
             r = await execrun.run(argv, program=runner, cwd=workdir, env=env, timeout=timeout, on_output=keep_tail,
-                                  cancel=stop, preexec=preexec, sandbox=handed)
+                                  cancel=stop, preexec=preexec, sandbox=handed, mem_limit_mib=limits.mem_mib)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
