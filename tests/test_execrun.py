@@ -455,7 +455,8 @@ async def test_files_shipped_into_the_workdir_are_never_a_program_s_own_configur
 
 MEMORY_HOGS = """
 import subprocess, sys
-hogs = [subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (%d << 20); time.sleep(%d)"]) for _ in range(4)]
+hog = "import time; b = b'x' * (%d << 20); time.sleep(%d)"
+hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(4)]
 print("survived", [h.wait() for h in hogs], flush=True)
 """
 
