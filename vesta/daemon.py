@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, autopilot, confine, execrun, executor, proctree, proto, sysstat
+from vesta import __version__, artifacts, autopilot, confine, execrun, executor, proctree, proto, sysstat
 from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
 from vesta.config import Config
@@ -156,6 +156,8 @@ class Daemon(ControlOps):
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the records database in {cfg.state_dir}: {exc}") from exc
         self.host.records = self.records
+        if artifacts.remove_unrecorded(cfg.state_dir / "artifacts", lambda job: bool(self.records.artifacts(job))):
+            log.info("removed the artifacts of jobs cut off when this node's vestad last stopped")
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=self.views, spill_cpu_pct=cfg.spill_cpu_pct,
                                    counters=self.counters, run_local=self._run_local, on_borrowed=self._borrowed,
@@ -229,6 +231,7 @@ class Daemon(ControlOps):
         if getattr(self, "records", None) is not None:
             self.records.close()
         self._remove_socket()
+        execrun.remove_if_empty(self.host.runs)   # every run's directory is gone by now (unless keep_runs)
         if self._lock_fd >= 0:   # last: nothing of ours runs any more
             os.close(self._lock_fd)
             self._lock_fd = -1

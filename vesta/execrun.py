@@ -97,6 +97,7 @@ Limits, the job user and the sandbox are in ``confine``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import inspect
@@ -384,6 +385,13 @@ def runs_dir(node: str, fingerprint: str) -> Path:
     of one name on a machine do not share it). A restarted daemon empties it (nothing can still be
     running), so a crash leaves no job trees behind."""
     return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}-{fingerprint[:8]}"
+
+
+def remove_if_empty(runs: Path | None) -> None:
+    """At a clean stop: the node's ``runs_dir``, unless something is still in it (``keep_runs``)."""
+    if runs is not None:
+        with contextlib.suppress(OSError):
+            runs.rmdir()
 
 
 def remove_workdir(path: Path) -> None:
