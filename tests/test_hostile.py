@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -12,16 +13,19 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 from nacl.signing import SigningKey
 
-from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
+from tests.helpers import Cluster, Vestad, eventually, eventually_async, idle_proc, tool
 from vesta import proto
 from vesta.crypto import FederationKeys, derive_keys, fingerprint, seal_beacon
 from vesta.errors import PeerUnavailable, ProtocolError
+from vesta.identity import Identity
+from vesta.link import serve
 from vesta.wire import MAX_FRAME, Channel, handshake, pack_frame
 
 pytestmark = pytest.mark.integration
@@ -424,3 +428,56 @@ async def test_idle_links_of_key_holders_do_not_keep_a_new_peer_out(cluster: Clu
     finally:
         for ch in idle:
             await ch.close()
+
+
+async def test_records_of_a_member_are_checked_and_marked_with_who_sent_them(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `vesta jobs --all` showed whatever a member sent, under the name it claimed; a non-numeric field raised
+    # TypeError in the daemon and broke `jobs --all` until that member left.
+    a = cluster.add("a")
+    keys = derive_keys(cluster.key)
+    liar = SigningKey.generate()
+    pub = bytes(liar.verify_key)
+    me = Identity(signing_key=liar, public_key=pub, fingerprint=fingerprint(pub), path=tmp_path / "liar.json")
+    row = {"id": "jforged0001", "kind": "exec", "args": {"argv": ["rm", "-rf", "/home/alice"]}, "submitter": "a",
+           "submitter_fp": "0" * 32, "created": time.time(), "started": None, "finished": None,
+           "state": "succeeded", "exit_code": 0, "reason": "", "result": None, "log_bytes": 0, "log_dropped": 0,
+           "log_truncated": False}
+    sending: list[dict[str, object]] = [row]
+    monkeypatch.setattr(proto.Records, "validate", lambda self: None)   # this liar sends what it likes
+
+    async def answer(msg: proto.Message, channel: Channel) -> proto.Message | None:
+        assert isinstance(msg, proto.RecordsRequest)
+        return proto.Records(rid=msg.rid, node="a", rows=tuple(sending))   # claims to be a itself
+
+    server = await asyncio.start_server(
+        lambda r, w: serve(r, w, keys=keys, identity=me, counters=Counter(), handshake_timeout=5, handler=answer),
+        "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def beacons() -> None:
+        for seq in itertools.count(1):
+            send_udp(cluster.dport, seal_beacon(keys, liar, proto.encode(make_beacon(liar, seq=seq, name="liar",
+                                                                                     port=port))))
+            await asyncio.sleep(0.1)
+
+    beaconing = asyncio.ensure_future(beacons())
+    try:
+        await eventually_async(lambda: a.peer_names() == {"liar"}, 5)
+        out = await asyncio.to_thread(a.vesta, "jobs", "--all", "--json")
+        assert out.returncode == 0, out.stderr
+        forged = [r for r in json.loads(out.stdout) if r["id"] == "jforged0001"]
+        assert [(r["node"], r["node_id"]) for r in forged] == [("liar", me.fingerprint)]   # not "a"
+        text = (await asyncio.to_thread(a.vesta, "jobs", "--all")).stdout
+        assert f"liar {me.fingerprint[:8]}" in text
+        sending[:] = [row | {"created": "yesterday"}, row | {"id": "jforged0002", "args": {"argv": [1, 2]}}]
+        for _ in range(2):   # the bad answer breaks only the liar's own link; asked again, it is the same
+            out = await asyncio.to_thread(a.vesta, "jobs", "--all", "--json")
+            assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+            rows = json.loads(out.stdout)
+            assert [(r["node"], r["state"]) for r in rows] == [("liar", "unreachable")], rows
+            assert "records.rows[0].created must be a number" in rows[0]["reason"]
+        assert a.status()["name"] == "a"
+    finally:
+        beaconing.cancel()
+        server.close()

@@ -182,7 +182,7 @@ class ControlOps:
         if not args.get("all"):
             return own
         # Every reachable member's records, each row labelled with the node that keeps it.
-        rows = [r | {"node": self.cfg.name} for r in own]
+        rows = [r | {"node": self.cfg.name, "node_id": self.identity.fingerprint} for r in own]
         peers = self.table.alive()
 
         async def ask(peer: Peer) -> list[dict[str, Any]]:
@@ -190,13 +190,14 @@ class ControlOps:
                 rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
             if not isinstance(reply, proto.Records):
                 raise ControlError(f"{peer.name} answered {type(reply).__name__}")
-            return [dict(r) | {"node": reply.node} for r in reply.rows]
+            # marked with the identity the link authenticated, never the name the answer claims
+            return [dict(r) | {"node": peer.name, "node_id": peer.fingerprint} for r in reply.rows]
 
         answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
         for peer, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
-                rows.append({"node": peer.name, "id": "-", "kind": "-", "state": "unreachable",
-                             "reason": str(answer)[:200], "created": 0.0, "args": {}})
+                rows.append({"node": peer.name, "node_id": peer.fingerprint, "id": "-", "kind": "-",
+                             "state": "unreachable", "reason": str(answer)[:200], "created": 0.0, "args": {}})
             else:
                 rows.extend(r for r in answer if state is None or r.get("state") == state)
         key = "started" if hosted else "created"

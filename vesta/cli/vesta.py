@@ -181,7 +181,7 @@ def jobs_table(rows: list[dict[str, Any]], hosted: bool) -> Table:
     for col in (("node",) if gathered else ()) + cols:
         table.add_column(col)
     for r in rows:
-        node = (str(r.get("node", "")),) if gathered else ()
+        node = (f"{r.get('node', '')} {str(r.get('node_id', ''))[:8]}".strip(),) if gathered else ()
         if r.get("state") == "unreachable":
             cells = {c: "-" for c in cols} | {"state": "unreachable", "reason": str(r.get("reason", ""))}
             table.add_row(*node, *(cells[c] for c in cols))
