@@ -481,3 +481,59 @@ async def test_records_of_a_member_are_checked_and_marked_with_who_sent_them(
     finally:
         beaconing.cancel()
         server.close()
+
+
+def _send_from(source: str, port: int, *datagrams: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+def test_made_up_identities_do_not_keep_a_real_node_out_of_the_peer_table(cluster: Cluster, tmp_path: Path) -> None:
+    # One beacon per made-up identity, each claiming a 1-hour interval, filled the table for 10 hours: a real
+    # node arriving later was never listed.
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps({"max_peers": 16}))
+    a = cluster.add("a", args=["-config", str(cfg)])
+    keys = derive_keys(cluster.key)
+    for i in range(32):   # from 8 addresses, 4 each
+        fake = SigningKey.generate()
+        beacon = dataclasses.replace(make_beacon(fake, name=f"fake{i}"), interval_ms=3_600_000)
+        _send_from(f"127.0.0.{2 + i % 8}", cluster.dport, seal_beacon(keys, fake, proto.encode(beacon)))
+    eventually(lambda: len(a.call("peers")) == 17, 5, what="the fakes to fill the table")   # and a itself
+    time.sleep(5.5)   # the fakes say nothing more
+    b = cluster.add("b")
+    eventually(lambda: "b" in a.peer_names(), 5, what="the real node to be listed")
+    assert len(a.call("peers")) == 17 and a.status()["counters"].get("dropped_table_full", 0) >= 16
+    assert a.vesta("ping", "b", "-c", "1").returncode == 0
+    assert "b" in a.peer_names() and b.running()
+
+
+def test_gossip_cannot_aim_a_stream_of_beacons_at_a_third_party(cluster: Cluster, tmp_path: Path) -> None:
+    # A member naming any host and port in its gossip made every node beacon there each round: 44 KB from
+    # the member caused 4.56 MB at a third party.
+    a = cluster.add("a")
+    keys = derive_keys(cluster.key)
+    member = SigningKey.generate()
+    victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    victim.bind(("127.0.0.1", 0))
+    victim.setblocking(False)
+    aim = proto.GossipEntry(fingerprint(bytes(SigningKey.generate().verify_key)), "127.0.0.1",
+                            victim.getsockname()[1])
+    got = 0
+    try:
+        for seq in range(1, 41):   # 4 s of a member's beacons, each naming the victim
+            beacon = dataclasses.replace(make_beacon(member, seq=seq, name="member"), gossip=(aim,))
+            _send_from("127.0.0.2", cluster.dport, seal_beacon(keys, member, proto.encode(beacon)))
+            time.sleep(0.1)
+            while True:
+                try:
+                    victim.recv(65536)
+                except BlockingIOError:
+                    break
+                got += 1
+        assert "member" in a.peer_names()
+        assert 1 <= got <= 5, got   # a few probes, not one a round (20 in 4 s at a 200 ms interval)
+    finally:
+        victim.close()

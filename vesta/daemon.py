@@ -98,7 +98,7 @@ class Daemon(ControlOps):
         self._lent_in_sample = 0                        # chunks lent during the last CPU sample window
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by the gate)
-        self.gate = InboundGate(self.counters)          # who may connect, who makes room (link.py)
+        self.gate = InboundGate(self.counters, on_linked=self.table.mark_linked)   # who may connect (link.py)
         self._control: set[asyncio.Task[Any]] = set()   # control-socket clients (same user only)
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -148,6 +148,7 @@ class Daemon(ControlOps):
         self.ledger.path, self.ledger.accounts = loaded.path, loaded.accounts
         self.keys = await asyncio.to_thread(derive_keys, cfg.key)
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
+        self.pool.on_linked = self.table.mark_linked   # peers we linked with keep their place in the table
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters,
                                    lambda: self._status or self.node_status(), self._on_change)
         try:

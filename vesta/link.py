@@ -149,6 +149,7 @@ class LinkPool:
         self.identity = identity
         self.counters = counters
         self.handshake_timeout = handshake_timeout
+        self.on_linked: Callable[[str], None] = lambda fingerprint: None   # a handshake with it succeeded
         self._links: dict[str, _Link] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._rids = itertools.count(1)
@@ -193,6 +194,7 @@ class LinkPool:
             raise PeerUnavailable(f"{addr[0]}:{addr[1]} answered as {session.peer_fingerprint[:8]}, "
                                   f"expected {fingerprint[:8]}")
         self.counters["links_opened"] += 1
+        self.on_linked(fingerprint)
         return Channel(reader, writer, session)
 
     def _forget(self, fingerprint: str, dead: _Link) -> None:
@@ -253,8 +255,10 @@ class InboundGate:
     def __init__(self, counters: Counter[str], *, max_links: int = MAX_INBOUND,
                  max_handshaking: int = MAX_HANDSHAKING, per_source: int = MAX_HANDSHAKING_PER_SOURCE,
                  per_peer: int = MAX_LINKS_PER_PEER, rate: float = ACCEPT_RATE, burst: int = ACCEPT_BURST,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_linked: Callable[[str], None] = lambda fingerprint: None) -> None:
         self.counters = counters
+        self.on_linked = on_linked   # an identity completed a handshake and its link is kept
         self.max_links = max_links
         self.max_handshaking = max_handshaking
         self.per_source = per_source
@@ -322,6 +326,7 @@ class InboundGate:
             self.counters["links_evicted"] += 1
             victim.cut()
         self.links.append(conn)
+        self.on_linked(fingerprint)
         return True
 
     def closed_conn(self, conn: Inbound) -> None:
