@@ -537,3 +537,43 @@ def test_gossip_cannot_aim_a_stream_of_beacons_at_a_third_party(cluster: Cluster
         assert 1 <= got <= 5, got   # a few probes, not one a round (20 in 4 s at a 200 ms interval)
     finally:
         victim.close()
+
+
+async def test_a_burst_of_requests_slows_the_link_instead_of_cutting_it(cluster: Cluster, tmp_path: Path) -> None:
+    # 256 requests in flight closed the link: a burst of 300 pings (or 12 busy exec jobs) lost it.
+    target = cluster.add("target")
+    ch = await _linked(target.status()["port"], derive_keys(cluster.key))
+    try:
+        pings = [proto.Ping(rid=rid, ts=time.time()) for rid in range(1, 301)]
+        await ch.send(*pings)   # one write: the daemon reads them all before answering any
+        got = set()
+        for _ in pings:
+            reply = await asyncio.wait_for(ch.recv(), 10)
+            assert isinstance(reply, proto.Pong)
+            got.add(reply.rid)
+        assert got == set(range(1, 301))
+        assert target.status()["counters"].get("tcp_flooded", 0) == 0
+    finally:
+        await ch.close()
+
+
+async def test_half_sent_large_frames_cannot_take_the_daemon_s_memory(cluster: Cluster, tmp_path: Path) -> None:
+    # 60 half-sent 16 MiB frames took the daemon from 47 MB to 971 MB: all links together buffer a bounded amount.
+    target = cluster.add("target")
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    before = psutil.Process(target.pid).memory_info().rss
+    links = [await _linked(port, keys, f"127.0.0.{2 + i % 8}") for i in range(20)]
+    try:
+        half = struct.pack(">I", MAX_FRAME) + b"\0" * (MAX_FRAME * 3 // 4)   # 12 MiB of each, 240 MiB in all
+        for ch in links:
+            ch.writer.write(half)
+        await asyncio.gather(*(asyncio.wait_for(ch.writer.drain(), 2) for ch in links), return_exceptions=True)
+        await asyncio.sleep(2)
+        grown = psutil.Process(target.pid).memory_info().rss - before
+        assert grown < 100 * 1024 * 1024, f"{grown / 2**20:.0f} MiB"   # MAX_BUFFERED (64 MiB) and a little
+        await _ping(port, keys)   # small frames still go through
+        assert target.status()["name"] == "target"
+    finally:
+        for ch in links:
+            ch.writer.transport.abort()

@@ -486,7 +486,7 @@ class Daemon(ControlOps):
         try:
             await accept(self.gate, reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
                          handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg,
-                         idle_timeout=self.cfg.link_idle_s)
+                         idle_timeout=self.cfg.link_idle_s, inline=(proto.FileChunk,))
         finally:
             self._inbound.discard(task)
 

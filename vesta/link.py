@@ -53,7 +53,8 @@ _handshake_warn = WarnOnce(log, logging.INFO)
 Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
 CONNECT_TIMEOUT = 3.0
 MAX_QUEUED = 1024        # messages waiting for one request's reader; a peer sending faster breaks that request
-MAX_IN_FLIGHT = 256      # requests one inbound connection may have running at once
+MAX_IN_FLIGHT = 256      # requests one inbound connection may have running at once; the next one waits
+STALL_S = 60.0           # ... and if none of them ends within this, the link is closed
 MAX_INBOUND = 64              # authenticated inbound links at once
 MAX_HANDSHAKING = 16          # inbound connections not authenticated yet
 MAX_HANDSHAKING_PER_SOURCE = 4    # ... from one source address: one host cannot take every slot
@@ -388,9 +389,14 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
                 identity: Identity, counters: Counter[str], handshake_timeout: float,
                 handler: Handler, on_authenticated: Callable[[], None] = lambda: None,
                 conn: Inbound | None = None, gate: InboundGate | None = None,
-                idle_timeout: float | None = None) -> None:
+                idle_timeout: float | None = None, inline: tuple[type, ...] = ()) -> None:
     """Serve one inbound peer connection until it closes or misbehaves (or, with ``idle_timeout``, has had
-    no request running and no message for that long). With ``gate``, the link is kept only if it lets it."""
+    no request running and no message for that long). With ``gate``, the link is kept only if it lets it.
+
+    Each request runs in a task of its own; messages of the ``inline`` types (ones the handler deals with
+    at once, without waiting: a file piece) are handled in the read loop instead. With
+    ``MAX_IN_FLIGHT`` requests running, the loop stops reading until one ends (TCP then slows the peer
+    down: backpressure, not a cut link); only if none ends within ``STALL_S`` is the link closed."""
     peer = writer.get_extra_info("peername") or ("?", 0)
     where = f"addr={peer[0]}:{peer[1]}"
     counters["tcp_accepted"] += 1
@@ -433,6 +439,15 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
                 conn.busy -= 1
                 conn.last_active = clock()
 
+    async def answer_inline(msg: proto.Message) -> None:
+        try:
+            reply = await handler(msg, channel)
+            if reply is not None:
+                with contextlib.suppress(PeerUnavailable):
+                    await channel.send(reply)
+        except Exception:   # as a task's failure would be: logged, and the link serves on
+            log.exception("handling %s from %s failed", type(msg).__name__, where)
+
     def finished(_: asyncio.Task[Any]) -> None:
         rest()   # runs after spawn's own callback, which took the task out of ``tasks``
 
@@ -444,10 +459,17 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
                 counters["link_messages"] += 1
                 if conn is not None:
                     conn.last_active = clock()
-                if len(tasks) >= MAX_IN_FLIGHT:
-                    counters["tcp_flooded"] += 1
-                    log.warning("closed link %s: more than %d requests in flight", where, MAX_IN_FLIGHT)
-                    break
+                if isinstance(msg, inline):
+                    await answer_inline(msg)
+                    continue
+                if len(tasks) >= MAX_IN_FLIGHT:   # hold this one (and read nothing more) until one ends
+                    counters["link_backpressure"] += 1
+                    done, _ = await asyncio.wait(set(tasks), timeout=STALL_S, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        counters["tcp_flooded"] += 1
+                        log.warning("closed link %s: %d requests in flight and none ended in %gs", where,
+                                    len(tasks), STALL_S)
+                        break
                 if conn is not None:
                     conn.busy += 1
                 if idle is not None:
