@@ -424,8 +424,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
     idle = None if idle_timeout is None else asyncio.timeout(None)
     clock = time.monotonic if gate is None else gate.clock
 
+    reading = [True]   # the idle timer may be moved only while the read loop is inside it
+
     def rest() -> None:   # nothing running: the link may idle from now
-        if idle is not None and idle_timeout is not None and not tasks:
+        if idle is not None and idle_timeout is not None and not tasks and reading[0]:
             idle.reschedule(loop.time() + idle_timeout)
 
     async def answer(msg: proto.Message) -> None:
@@ -486,5 +488,6 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
             counters["tcp_oversize"] += 1
         log.warning("closed link %s: %s", where, exc)
     finally:
+        reading[0] = False
         await cancel_all(tasks)
         await channel.close()
