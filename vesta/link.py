@@ -367,10 +367,11 @@ class _GatedProtocol(asyncio.StreamReaderProtocol):
 
 async def listen(gate: InboundGate, on_connection: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                                             Awaitable[None]],
-                 host: str | None, port: int) -> asyncio.Server:
-    """``asyncio.start_server``, with ``gate.allow`` asked before a connection costs anything."""
+                 host: str | None = None, port: int | None = None, **kw: Any) -> asyncio.Server:
+    """``asyncio.start_server`` (``kw``: ``sock=`` and the like), with ``gate.allow`` asked before a
+    connection costs anything."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _GatedProtocol(gate, on_connection), host, port)
+    return await loop.create_server(lambda: _GatedProtocol(gate, on_connection), host, port, **kw)
 
 
 async def accept(gate: InboundGate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any) -> None:

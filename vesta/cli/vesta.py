@@ -17,7 +17,8 @@ from rich.table import Table
 
 from vesta.cli.common import option_json, print_json, run_command, stdout_console
 from vesta.control import ControlClient
-from vesta.errors import ConfigError, VestaError
+from vesta.errors import ConfigError, InvalidJob, VestaError
+from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
 
 
 def _client(ctx: click.Context) -> ControlClient:
@@ -422,10 +423,9 @@ def _rate(it_per_s: float) -> str:
 @click.pass_context
 def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool, as_json: bool) -> None:
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
-    if not 0 < millions <= 1e9:
-        raise ConfigError("MILLIONS must be a positive number of million iterations, e.g. vesta cpu 200")
+    request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
     with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
-        r = c.call("cpu", on_event=bar.event, millions=millions, on=on, split=not no_split)
+        r = c.call("cpu", on_event=bar.event, **request.to_wire())
     if as_json:
         print_json(r)
         return
@@ -450,10 +450,9 @@ def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool, as_
 @click.pass_context
 def mem(ctx: click.Context, mib: int, ms: int, on: str | None, as_json: bool) -> None:
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
-    if mib <= 0 or ms < 0:
-        raise ConfigError("usage: vesta mem MIB MS, with MIB > 0 and MS >= 0 (e.g. vesta mem 512 5000)")
+    request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on})
     with _client(ctx) as c:
-        r = c.call("mem", mib=mib, ms=ms, on=on)
+        r = c.call("mem", **request.to_wire())
     if as_json:
         print_json(r)
         return
@@ -510,12 +509,10 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
     Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
-    if timeout is not None and not 0 < timeout <= 7 * 86400:
-        raise ConfigError("--timeout must be from 1 to 604800 seconds")
+    if timeout is not None and timeout <= 0:   # 0 in a spec is the node's default, not a time
+        raise InvalidJob(f"--timeout must be from 1 to {MAX_TIMEOUT_S} seconds")
     if mem is not None and mem <= 0:
-        raise ConfigError("--mem must be a positive number of MiB")
-    if not 0 <= retries <= 10:
-        raise ConfigError("--retries must be from 0 to 10")
+        raise InvalidJob("--mem must be a positive number of MiB")
     files = []
     for put in puts:
         path = os.path.abspath(put)
@@ -540,16 +537,17 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
         out.write(data)
         out.flush()
 
-    request: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "on": on, "mem": mem, "puts": files,
-                               "queue": queue, "retries": retries}
+    request = JobRequest(ExecSpec(argv, timeout_s=timeout or 0.0, mem_mib=mem or 0), on=on, retries=retries,
+                         queue=queue, puts=tuple(files))
+    request.validate()
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", detach=True, **request)
+            r = c.call("exec", detach=True, **request.to_wire())
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
         try:
-            r = c.call("exec", on_event=event, **request)
+            r = c.call("exec", on_event=event, **request.to_wire())
         except KeyboardInterrupt:
             if queue and said:
                 click.echo("vesta: the job stays queued; see vesta jobs, or vesta cancel JOB", err=True)
