@@ -108,6 +108,7 @@ class Config:
     expire_after: int = 10           # missed beacons before a peer is removed
     max_clock_skew_s: float = 30.0   # beacons older or newer than this are dropped (replay window)
     handshake_timeout_s: float = 5.0  # a TCP peer must finish the handshake within this
+    link_idle_s: float = 300.0       # an inbound peer link with nothing running or heard this long is closed
     max_peers: int = 256             # peer table bound; beacons from further nodes are dropped
 
     @property
@@ -283,6 +284,7 @@ _CHECKS: dict[str, Check] = {
     "expire_after": _int(2, 10000),
     "max_clock_skew_s": _float(1.0, 86400.0),
     "handshake_timeout_s": _float(0.1, 120.0),
+    "link_idle_s": _float(1.0, 86400.0),
     "max_peers": _int(1, 100_000),
 }
 # Only in the file: where to read the key from.
@@ -393,3 +395,64 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     validate(cfg)
     return cfg
 
+
+
+# ------------------------------------------------------------------------------- the key out of /proc
+
+_KEY_FLAGS = (b"-key", b"--key")
+
+
+def _mask_key_args(block: bytes) -> tuple[bytes, int]:
+    """The command line (NUL-separated) with the value of every -key/--key (also -key=V) overwritten."""
+    parts = block.split(b"\0")
+    hidden = 0
+    for i, part in enumerate(parts):
+        if part in _KEY_FLAGS and i + 1 < len(parts) and parts[i + 1]:
+            parts[i + 1] = b"x" * len(parts[i + 1])
+            hidden += 1
+        elif part.startswith(tuple(flag + b"=" for flag in _KEY_FLAGS)):
+            flag, _, value = part.partition(b"=")
+            parts[i] = flag + b"=" + b"x" * len(value)
+            hidden += 1
+    return b"\0".join(parts), hidden
+
+
+def _mask_key_env(block: bytes) -> tuple[bytes, int]:
+    """The environment block with the value of VESTA_KEY overwritten."""
+    parts = block.split(b"\0")
+    hidden = 0
+    for i, part in enumerate(parts):
+        if part.startswith(b"VESTA_KEY=") and len(part) > len(b"VESTA_KEY="):
+            parts[i] = b"VESTA_KEY=" + b"x" * (len(part) - len(b"VESTA_KEY="))
+            hidden += 1
+    return b"\0".join(parts), hidden
+
+
+def hide_key_from_proc(proc_self: Path = Path("/proc/self")) -> int:
+    """Overwrite the federation key where other processes can read it: this process's original command
+    line (``-key SECRET``, ``/proc/PID/cmdline``, readable by every user of the machine, so by a job that
+    runs as ``exec_user`` without the sandbox) and environment (``VESTA_KEY``, ``/proc/PID/environ``,
+    readable by processes of the same user). Python works from its own copies of both, read at start, so
+    the originals can go. Returns how many values were hidden; 0 where ``/proc`` cannot be written."""
+    try:
+        fields = (proc_self / "stat").read_text().rsplit(")", 1)[1].split()
+        # proc(5): arg_start, arg_end, env_start, env_end are fields 48 to 51; the list starts at field 3
+        arg_start, arg_end, env_start, env_end = (int(fields[n - 3]) for n in (48, 49, 50, 51))
+    except (OSError, ValueError, IndexError):
+        return 0
+    hidden = 0
+    try:
+        with open(proc_self / "mem", "r+b", buffering=0) as mem:
+            for start, end, mask in ((arg_start, arg_end, _mask_key_args), (env_start, env_end, _mask_key_env)):
+                if not 0 < start < end:
+                    continue
+                mem.seek(start)
+                block = mem.read(end - start)
+                masked, n = mask(block)
+                if n and len(masked) == len(block):
+                    mem.seek(start)
+                    mem.write(masked)
+                    hidden += n
+    except OSError as exc:
+        log.debug("could not hide the key in /proc/self: %s", exc)
+    return hidden

@@ -153,6 +153,9 @@ class ControlOps:
             "allow_exec": cfg.allow_exec,
             "isolation": self.isolation(),
             "exec_allowlist": list(cfg.exec_allowlist),
+            "exec_code_runners": (self.host.runner.allowlist.code_runners()
+                                  if self.host.runner is not None and self.host.runner.allowlist is not None
+                                  and cfg.allow_exec and cfg.exec_allowlist else []),
             "peers": {"alive": alive, "suspect": len(self.table) - alive},
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
             "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,
@@ -213,7 +216,7 @@ class ControlOps:
         if not args.get("all"):
             return own
         # Every reachable member's records, each row labelled with the node that keeps it.
-        rows = [r | {"node": self.cfg.name} for r in own]
+        rows = [r | {"node": self.cfg.name, "node_id": self.identity.fingerprint} for r in own]
         peers = self.table.alive()
 
         async def ask(peer: Peer) -> list[dict[str, Any]]:
@@ -221,13 +224,14 @@ class ControlOps:
                 rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
             if not isinstance(reply, proto.Records):
                 raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__}")
-            return [dict(r) | {"node": reply.node} for r in reply.rows]
+            # marked with the identity the link authenticated, never the name the answer claims
+            return [dict(r) | {"node": peer.name, "node_id": peer.fingerprint} for r in reply.rows]
 
         answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
         for peer, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
-                rows.append({"node": peer.name, "id": "-", "kind": "-", "state": "unreachable",
-                             "reason": str(answer)[:200], "created": 0.0, "args": {}})
+                rows.append({"node": peer.name, "node_id": peer.fingerprint, "id": "-", "kind": "-",
+                             "state": "unreachable", "reason": str(answer)[:200], "created": 0.0, "args": {}})
             else:
                 rows.extend(r for r in answer if state is None or r.get("state") == state)
         key = "started" if hosted else "created"

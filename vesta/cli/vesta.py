@@ -95,6 +95,8 @@ def status_table(s: dict[str, Any]) -> Table:
         ("spare now", f"{budget['spare_cores']:.1f} cores"),
         ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
          if s["allow_exec"] else "off"),
+        *([("exec WARNING", f"{', '.join(s['exec_code_runners'])} run code from their arguments or input files: "
+                            "every key holder may run any program here")] if s.get("exec_code_runners") else []),
         ("isolation", s["isolation"]),
         ("lending hours", s["lending"]["describe"]),
         ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
@@ -180,7 +182,7 @@ def jobs_table(rows: list[dict[str, Any]], hosted: bool) -> Table:
     for col in (("node",) if gathered else ()) + cols:
         table.add_column(col)
     for r in rows:
-        node = (str(r.get("node", "")),) if gathered else ()
+        node = (f"{r.get('node', '')} {str(r.get('node_id', ''))[:8]}".strip(),) if gathered else ()
         if r.get("state") == "unreachable":
             cells = {c: "-" for c in cols} | {"state": "unreachable", "reason": str(r.get("reason", ""))}
             table.add_row(*node, *(cells[c] for c in cols))

@@ -11,7 +11,7 @@ import click
 
 from vesta import proctree
 from vesta.cli.common import run_command, setup_logging
-from vesta.config import Config, load
+from vesta.config import Config, hide_key_from_proc, load
 from vesta.daemon import Daemon
 from vesta.errors import ConfigError
 
@@ -77,6 +77,7 @@ def cli(verbose: int, quiet: bool, **flags: Any) -> None:
     flags["seeds"] = ",".join(flags["seeds"]) or None
     flags["labels"] = ",".join(flags["labels"]) or None
     cfg = load(flags)
+    hide_key_from_proc()   # a job running as another user could read it in /proc/PID/cmdline
     if flags.get("key"):
         log.warning("the key given with -key is visible to other users in `ps`; prefer -key-file or VESTA_KEY")
     try:
