@@ -25,10 +25,10 @@ from typing import Any
 
 import msgpack
 
-from vesta import __version__, autopilot, confine, execrun, executor, proctree, proto, sysstat
+from vesta import __version__, autopilot, confine, execrun, executor, outcome, proctree, proto, sysstat
 from vesta.autopilot import NodeView
 from vesta.budget import PowerMode, compute_offer, power_mode
-from vesta.config import Config
+from vesta.config import Config, link_tmp_socket, unlink_tmp_socket
 from vesta.crypto import derive_keys
 from vesta.discovery import Discovery
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError, Refused, VestaError
@@ -233,7 +233,8 @@ class Daemon(ControlOps):
             os.close(self._lock_fd)
             self._lock_fd = -1
         self._stopped.set()
-        log.info("vestad %s stopped", self.cfg.name)
+        if self._socket_inode is not None:   # it was up: a start that was refused did not "stop" anything
+            log.info("vestad %s stopped", self.cfg.name)
 
     # ------------------------------------------------------------ status
 
@@ -365,7 +366,9 @@ class Daemon(ControlOps):
         if error is not None:
             self._event("job_failed", f"{job_id} exec (queued): {error}")
         elif result is not None:
-            self._event("job_done", f"{job_id} exec (queued) on {result['node']} in {result['elapsed_s']:.2f}s")
+            ended = outcome.of_result(result)
+            self._event(outcome.event_kind(ended), f"{job_id} exec (queued) on {result['node']} in "
+                        f"{result['elapsed_s']:.2f}s: {ended}")
 
     async def _beacon_loop(self) -> None:
         interval = self.cfg.beacon_interval
@@ -579,9 +582,11 @@ class Daemon(ControlOps):
         os.chmod(path, 0o600)
         self._socket_inode = path.stat().st_ino
         self._servers.append(server)
+        self._tmp_link = link_tmp_socket(path, self.cfg.name)   # the seed's /tmp place, for other runtime dirs
 
     def _remove_socket(self) -> None:
         path = self.cfg.control_socket
+        unlink_tmp_socket(getattr(self, "_tmp_link", None), path)
         with contextlib.suppress(OSError):
             if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
                 path.unlink()

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vesta import __version__, executor, proto, sysstat
+from vesta import __version__, executor, outcome, proto, sysstat
 from vesta.budget import PowerMode
 from vesta.config import Config
 from vesta.crypto import FederationKeys
@@ -266,7 +266,9 @@ class ControlOps:
             self._event("job_failed", f"{kind} {what}: {exc}")
             raise
         nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
-        self._event("job_done", f"{result['job_id']} {kind} {what} on {nodes} in {result['elapsed_s']:.2f}s")
+        ended = outcome.of_result(result)
+        self._event(outcome.event_kind(ended), f"{result['job_id']} {kind} {what} on {nodes} in "
+                    f"{result['elapsed_s']:.2f}s: {ended}")
         return result
 
     async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:

@@ -78,6 +78,7 @@ from typing import Any
 
 import msgpack
 
+from vesta import outcome
 from vesta.errors import ConfigError, VestaError
 
 log = logging.getLogger(__name__)
@@ -299,7 +300,10 @@ class Records:
             except BaseException:
                 db.rollback()
                 raise
-            log.info("records database %s migrated to schema version %d", self.path, target)
+        if version == 0:
+            log.info("records database %s created (schema version %d)", self.path, len(MIGRATIONS))
+        elif version < len(MIGRATIONS):
+            log.info("records database %s migrated from schema version %d to %d", self.path, version, len(MIGRATIONS))
 
     def _recover(self, db: sqlite3.Connection) -> int:
         """Close what a previous daemon left open: nothing can still be running after a restart."""
@@ -557,6 +561,21 @@ class Records:
     def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         out = _row(row)
         out["log_truncated"] = out["log_dropped"] > 0
+        out["outcome"] = outcome.of_job(out)
+        return out
+
+    def _ran_on(self, job_ids: list[str]) -> dict[str, list[str]]:
+        """The nodes where each job's attempts ran (not those that refused), in order of first attempt."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self.db.execute(f"SELECT job_id, node FROM parts WHERE job_id IN ({marks}) AND state != 'refused' "
+                               "ORDER BY id", job_ids)
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            nodes = out.setdefault(r["job_id"], [])
+            if r["node"] not in nodes:
+                nodes.append(r["node"])
         return out
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -569,6 +588,9 @@ class Records:
                                 "mem_mib_s, exit_code, reason, result FROM parts WHERE job_id=? "
                                 "ORDER BY chunk, attempt, id", (job_id,))
         out["parts"] = [_row(p) for p in parts]
+        for p in out["parts"]:
+            p["outcome"] = outcome.of_job(p)
+        out["ran_on"] = self._ran_on([job_id]).get(job_id, [])
         out["artifacts"] = self.artifacts(job_id)
         return out
 
@@ -578,7 +600,11 @@ class Records:
         _check(limit > 0, f"limit must be > 0 (got {limit})")
         rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE (? IS NULL OR state=?) "
                                "ORDER BY created DESC, rowid DESC LIMIT ?", (state, state, limit))
-        return [self._job_dict(r) for r in rows]
+        out = [self._job_dict(r) for r in rows]
+        ran_on = self._ran_on([j["id"] for j in out])
+        for j in out:
+            j["ran_on"] = ran_on.get(j["id"], [])
+        return out
 
     # -- runs hosted for peers ------------------------------------------------------------------------------------
 
