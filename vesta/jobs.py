@@ -493,8 +493,7 @@ class Submitter:
             return
         r = o.result
         state = outcome.attempt_state(ok=o.ok, refused=bool(o.refused), cancelled=cancelled, has_result=r is not None,
-                                      error=o.error or (r.error if r else ""), exit_code=r.exit_code if r else None,
-                                      signal=r.signal if r else None)
+                                      error=o.error or (r.error if r else ""))
         try:
             self.records.finish_part(o.part_id, state=state, finished=time.time(), cpu_s=r.cpu_s if r else 0.0,
                                      exit_code=r.exit_code if r else None, reason=(o.refused or o.error)[:500],

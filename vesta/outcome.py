@@ -20,6 +20,8 @@ def _timed_out(reason: str | None) -> bool:
 
 def describe(state: str, exit_code: int | None = None, signal: int | None = None, reason: str | None = None) -> str:
     """The outcome in words: ``succeeded``, ``failed, exit 4``, ``failed, signal 9``, ``timed out``, ..."""
+    if state == SUCCEEDED and (exit_code not in (None, 0) or signal):
+        state = FAILED   # an attempt that ran a program to its non-zero end
     if state == FAILED:
         if _timed_out(reason):
             return TIMED_OUT
@@ -53,10 +55,9 @@ def event_kind(outcome: str) -> str:
     return "job_" + outcome.split(",")[0].replace(" ", "_")
 
 
-def attempt_state(*, ok: bool, refused: bool, cancelled: bool, error: str, has_result: bool,
-                  exit_code: int | None, signal: int | None) -> str:
-    """How one attempt at one chunk ended, for the records: an exec attempt that exited non-zero failed,
-    one stopped by a cancel was cancelled, never ``succeeded``."""
+def attempt_state(*, ok: bool, refused: bool, cancelled: bool, error: str, has_result: bool) -> str:
+    """How one attempt at one chunk ended, for the records: one stopped by a cancel is ``cancelled``, never
+    ``succeeded``."""
     if refused:
         return REFUSED
     if cancelled or "cancel" in (error or ""):
@@ -65,6 +66,6 @@ def attempt_state(*, ok: bool, refused: bool, cancelled: bool, error: str, has_r
         return LOST
     if not ok:
         return FAILED
-    if exit_code not in (None, 0) or signal:   # an exec program's own failure
-        return FAILED
+    # An exec program that ran and exited non-zero stays a "succeeded" attempt in the stored state (the run was
+    # delivered; records before this version say so too); its outcome (describe) says "failed, exit N".
     return SUCCEEDED

@@ -133,6 +133,9 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX jobs_queued ON jobs(created) WHERE state='queued';",
     # The number of the last write-log entry a commit included (see Durability in the module doc).
     "CREATE TABLE written (seq INTEGER NOT NULL); INSERT INTO written VALUES (0);",
+    # vesta rerun: which job runs which again (both ways: `vesta show` names either from the other).
+    "CREATE TABLE reruns (job_id TEXT PRIMARY KEY, rerun_of TEXT NOT NULL); "
+    "CREATE INDEX reruns_of ON reruns(rerun_of);",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -455,6 +458,15 @@ class Records:
         except sqlite3.IntegrityError:
             raise RecordsError(f"job {job_id!r} is already in the records") from None
 
+    def link_rerun(self, job_id: str, rerun_of: str) -> None:
+        """Record that ``job_id`` runs ``rerun_of`` again (vesta rerun)."""
+        _check(job_id != rerun_of, f"job {job_id!r} cannot be a rerun of itself")
+        try:
+            with self._tx():
+                self._exec("INSERT INTO reruns (job_id, rerun_of) VALUES (?, ?)", (job_id, rerun_of))
+        except sqlite3.IntegrityError:
+            raise RecordsError(f"job {job_id!r} is already linked as a rerun") from None
+
     def transition(self, job_id: str, to: str, *, reason: str = "", exit_code: int | None = None,
                    result: dict[str, Any] | None = None) -> None:
         """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result are kept when not given."""
@@ -591,6 +603,10 @@ class Records:
         for p in out["parts"]:
             p["outcome"] = outcome.of_job(p)
         out["ran_on"] = self._ran_on([job_id]).get(job_id, [])
+        link = self.db.execute("SELECT rerun_of FROM reruns WHERE job_id=?", (job_id,)).fetchone()
+        out["rerun_of"] = link["rerun_of"] if link is not None else None
+        out["reruns"] = [r["job_id"] for r in self.db.execute("SELECT job_id FROM reruns WHERE rerun_of=? "
+                                                              "ORDER BY rowid", (job_id,))]
         out["artifacts"] = self.artifacts(job_id)
         return out
 

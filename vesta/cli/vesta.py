@@ -768,6 +768,78 @@ def cancel(ctx: click.Context, job_id: str) -> None:
         click.echo(f"cancelled {r['cancelled']}")
 
 
+def rerun_request(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The op and request that submit a recorded job again, as it was submitted (pure)."""
+    args = job.get("args") or {}
+    kind = job["kind"]
+    if kind == "cpu" and "iterations" in args:
+        return "cpu", {"millions": args["iterations"] / 1e6, "on": args.get("on"), "split": args.get("split", True)}
+    if kind == "mem":
+        return "mem", {"mib": args["mib"], "ms": args["ms"], "on": args.get("on")}
+    if kind == "exec":
+        inputs = args.get("inputs") or []
+        if inputs:
+            names = " ".join(f"--put {i[0]}" for i in inputs)
+            raise ConfigError(f"{job['id']} shipped files ({', '.join(i[0] for i in inputs)}), and a node keeps them "
+                              f"only while the job runs: submit it again from the files with "
+                              f"vesta exec {names} -- {' '.join(args.get('argv', []))}")
+        return "exec", {"argv": list(args["argv"]), "timeout": args.get("timeout") or None, "on": args.get("on"),
+                        "mem": args.get("mem_mib") or None, "puts": [], "queue": bool(args.get("queue")),
+                        "retries": int(args.get("retries") or 0)}
+    raise ConfigError(f"{job['id']} is a {kind} job that vesta rerun cannot submit again")
+
+
+@cli.command()
+@_job_argument()
+@click.option("--detach", "-detach", is_flag=True, help="Print the new job's id at once (exec jobs only).")
+@shared_options
+@click.pass_context
+def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
+    """Submit JOB again: the same command, options and size; the two records name each other.
+
+    The output streams as with the original command, and vesta exits as it would.
+    """
+    as_json = _json(ctx)
+    with _client(ctx) as c:
+        old = c.call("show", job_id=job_id)
+    op, request = rerun_request(old)
+    if detach and op != "exec":
+        raise ConfigError(f"--detach works for exec jobs; {job_id} is a {op} job")
+    linked: list[str] = []
+
+    def link(new_id: str) -> None:
+        if linked:
+            return
+        linked.append(new_id)
+        with _client(ctx) as side:   # the first connection is busy with the job itself
+            side.call("link-rerun", job_id=new_id, rerun_of=job_id)
+        if not as_json:
+            click.echo(f"vesta: {new_id} reruns {job_id}", err=True)
+
+    def event(ev: dict[str, Any]) -> None:
+        if ev.get("job_id"):
+            link(str(ev["job_id"]))
+        if ev.get("type") == "output" and not as_json:
+            out = sys.stdout.buffer if ev["stream"] == "stdout" else sys.stderr.buffer
+            out.write(bytes(ev["data"]))
+            out.flush()
+
+    with _client(ctx) as c:
+        r = c.call(op, on_event=event, **request, **({"detach": True} if detach else {}))
+    link(str(r["job_id"]))
+    if as_json:
+        print_json(r | {"rerun_of": job_id})
+    elif detach:
+        click.echo(r["job_id"])
+    elif op == "exec":
+        if r.get("reason"):
+            click.echo(f"vesta: {' '.join(request['argv'])} on {r['node']}: {r['reason']}", err=True)
+    else:
+        click.echo(f"{r['job_id']} {outcome.of_result(r)}" + (f"; digest {r['digest']}" if r.get("digest") else ""))
+    if op == "exec" and not detach:
+        ctx.exit(r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0))
+
+
 def main() -> NoReturn:
     run_command(cli, "vesta")
 
