@@ -365,3 +365,22 @@ def test_every_command_takes_json_and_pipes_plain_text(cluster: Cluster) -> None
             assert "\x1b" not in stream, (command, stream)
             assert not any(line.endswith(" ") for line in stream.splitlines()), (command, stream)
         assert not out.stdout.startswith("\n"), command
+
+
+@pytest.mark.integration
+def test_shell_completion_offers_commands_nodes_and_job_ids_from_the_daemon(cluster: Cluster) -> None:
+    a = cluster.add("desk")
+    job = as_json(a, "cpu", "1")["job_id"]
+
+    def complete(words: str, cword: int) -> list[str]:
+        env = dict(a.env, _VESTA_COMPLETE="bash_complete", COMP_WORDS=words, COMP_CWORD=str(cword))
+        out = run(tool("vesta"), env)
+        assert out.returncode == 0, out.stderr
+        return [line.split(",", 1)[1] for line in out.stdout.splitlines()]
+
+    assert {"peers", "ping"} <= set(complete("vesta p", 1))
+    assert complete("vesta ping ", 2) == ["desk"]
+    assert job in complete("vesta show ", 2) and job in complete("vesta wait x ", 3)
+    for shell in ("bash", "zsh", "fish"):
+        script = run(tool("vesta"), dict(a.env, _VESTA_COMPLETE=f"{shell}_source"))
+        assert script.returncode == 0 and "_VESTA_COMPLETE" in script.stdout
