@@ -8,7 +8,7 @@ from two, against it:
 
 * ``hashlib`` (the baseline): hashlib.sha256 over 1 MiB buffers (DESIGN.md: the GIL is released
   for large buffers), one digest per buffer, one Python thread per thread counted;
-* ``hash_units`` (the daemon's real cpu workload): ``vesta.executor.hash_units`` over a job far
+* ``hash_units`` (the daemon's real cpu workload): ``vesta.workloads.hash_units`` over a job far
   larger than the measurement, with its own ``threads=`` pool, stopped through its ``cancel``
   event; bytes = iterations (counted by its ``progress`` callback) x 64.
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from common import LoadWatch, Report, settle
 
-from vesta import executor
+from vesta import workloads
 
 HashFn = Callable[[threading.Event], int]          # one thread's loop: hash until stop, bytes hashed
 Workload = Callable[[int, threading.Event], int]   # (threads, stop) -> bytes hashed by all of them
@@ -102,7 +102,7 @@ def hashlib_sha256(buffer_bytes: int = MIB) -> HashFn:
 
 
 def hash_units_workload(threads: int, stop: threading.Event) -> int:
-    """The daemon's cpu workload: ``executor.hash_units`` with its own thread pool, until ``stop``.
+    """The daemon's cpu workload: ``workloads.hash_units`` with its own thread pool, until ``stop``.
 
     The job is far larger than any measurement (10,000 units = 64 GiB), so it is always stopped
     through ``cancel``; each finished segment reports its iterations (64 bytes each) to ``progress``.
@@ -116,20 +116,20 @@ def hash_units_workload(threads: int, stop: threading.Event) -> int:
             counted[0] += n
 
     try:
-        executor.hash_units("bench-hash", units * executor.UNIT, 0, units, threads=threads,
+        workloads.hash_units("bench-hash", units * workloads.UNIT, 0, units, threads=threads,
                             cancel=stop, progress=progress)
-    except executor.Cancelled:
+    except workloads.Cancelled:
         pass
     else:
         raise RuntimeError("hash_units finished a 64 GiB job before the measurement ended")
-    return counted[0] * executor.BLOCK
+    return counted[0] * workloads.BLOCK
 
 
 def workloads() -> dict[str, Workload]:
     """What to measure, by short name: the plain-hashlib baseline and the daemon's own cpu workload."""
     return {
         "hashlib": per_thread(hashlib_sha256()),    # hashlib.sha256 over 1 MiB buffers, one thread each
-        "hash_units": hash_units_workload,          # vesta.executor.hash_units(threads=N)
+        "hash_units": hash_units_workload,          # vesta.workloads.hash_units(threads=N)
     }
 
 
@@ -153,7 +153,7 @@ def openssl_sha256_mb_s(seconds: int = int(SECONDS)) -> tuple[float | None, str]
 
 def main() -> None:
     report = Report("hash", "cpu hashing: SHA-256 rate vs OpenSSL (hashlib: hashlib.sha256 over 1 MiB buffers; "
-                            "hash_units: the daemon's cpu workload, vesta.executor.hash_units)")
+                            "hash_units: the daemon's cpu workload, vesta.workloads.hash_units)")
     report.extra["busy_pct_before"] = settle()
 
     with LoadWatch() as load:
@@ -175,8 +175,8 @@ def main() -> None:
                    f"{two['mb_s_per_thread']:,.0f} MB/s per thread" + _busy(load2))
         report.row(f"{name}: 2 threads / 1", ratio, "x", f"target ≥ {TWO_VS_ONE}")
         if name == "hash_units":   # the daemon's unit of work: one iteration = one 64-byte block
-            report.row(f"{name}: iterations/s", one["mb_s"] / executor.BLOCK, "million/s",
-                       f"1 thread; {two['mb_s'] / executor.BLOCK:.1f} million/s on 2 threads")
+            report.row(f"{name}: iterations/s", one["mb_s"] / workloads.BLOCK, "million/s",
+                       f"1 thread; {two['mb_s'] / workloads.BLOCK:.1f} million/s on 2 threads")
         report.target(f"{name} per core ≥ {PER_CORE_VS_OPENSSL} x openssl", None if vs is None else
                       vs >= PER_CORE_VS_OPENSSL, f"{vs:.2f} x" if vs is not None else how)
         report.target(f"{name} 2 threads ≥ {TWO_VS_ONE} x 1", ratio >= TWO_VS_ONE, f"{ratio:.2f} x")

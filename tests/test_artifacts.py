@@ -172,13 +172,13 @@ def test_file_chunk_validation() -> None:
         proto.FileChunk(rid=1, path="a", data=b"x", refused="no").validate()
     with pytest.raises(ProtocolError, match="at most"):
         proto.FileChunk(rid=1, path="a", data=bytes(proto.MAX_FILE_PIECE + 1)).validate()
-    ok = proto.Offer(rid=1, job_id="j1", kind="exec", argv=("x",), inputs=(("a", 1, "0" * 64, False),),
+    ok = proto.Offer(rid=1, job_id="j1", spec=proto.ExecSpec(("x",), inputs=(FileInfo("a", 1, "0" * 64),)),
                      output_cap=5)
     assert proto.decode(proto.encode(ok)) == ok
     with pytest.raises(ProtocolError, match="twice"):
-        dataclasses.replace(ok, inputs=(("a", 1, "0" * 64, False),) * 2).validate()
+        dataclasses.replace(ok, spec=proto.ExecSpec(("x",), inputs=(FileInfo("a", 1, "0" * 64),) * 2)).validate()
     with pytest.raises(ProtocolError, match="for exec jobs"):
-        proto.Offer(rid=1, job_id="j1", kind="mem", mib=1, output_cap=5).validate()
+        proto.Offer(rid=1, job_id="j1", spec=proto.MemSpec(mib=1, ms=0), output_cap=5).validate()
 
 
 def test_names_that_are_not_utf8_are_refused_not_fatal(tmp_path: Path) -> None:

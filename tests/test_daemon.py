@@ -16,6 +16,7 @@ from vesta.config import Config
 from vesta.control import ControlClient, RemoteError
 from vesta.daemon import Daemon
 from vesta.errors import PeerUnavailable
+from vesta.spec import CpuSpec, JobRequest
 
 
 def battery_tree(root: Path, capacity: int, status: str = "Discharging", ac_online: int = 0) -> Path:
@@ -182,10 +183,10 @@ async def test_work_running_when_the_window_closes_is_stopped_after_grace_and_re
     b = await Daemon.start(cfg.with_(name="b", state_dir=tmp_path / "b", lend_grace_s=0.3,
                                      proc_root=str(idle_proc(tmp_path / "proc-b"))))
     hours = SwitchableHours()
-    b.hours = b.host.hours = hours  # type: ignore[assignment]
+    b.host.hours = hours  # type: ignore[assignment]
     try:
         await eventually_async(lambda: b.identity.fingerprint in a.table, timeout=5)
-        job = asyncio.ensure_future(a.submitter.run_cpu(300_000_000, on=None, split=True, emit=_ignore))
+        job = asyncio.ensure_future(a.submitter.submit(JobRequest(CpuSpec(300_000_000)), _ignore))
         await eventually_async(lambda: b.host.running, timeout=10)
         hours.open = False                       # the owner's agreed hours end now
         result = await asyncio.wait_for(job, 120)
@@ -194,7 +195,7 @@ async def test_work_running_when_the_window_closes_is_stopped_after_grace_and_re
         assert sum(p["iterations"] for p in result["parts"]) == 300_000_000
         assert not b.host.running
         # and b now refuses new work from peers, saying when lending resumes
-        offer = proto.Offer(rid=1, job_id="j1", kind="cpu", iterations=1, count=1)
+        offer = proto.Offer(rid=1, job_id="j1", spec=CpuSpec(1), count=1)
         refusal = b.host.admit(offer, a.identity.fingerprint)
         assert refusal is not None and refusal.reason == "hours" and "resumes Mon 18:00" in refusal.message
         assert b.host.admit(offer, None) is None       # the owner's own work is not bound by the hours

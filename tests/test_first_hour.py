@@ -192,7 +192,7 @@ def test_8_a_negative_size_is_a_bad_value_not_a_flag() -> None:
     out = run(tool("vesta") + ["cpu", "-5"])
     assert out.returncode == 2
     line = one_error_line(out.stderr)
-    assert "MILLIONS must be a positive number" in line and "unknown flag" not in line
+    assert "positive number of million iterations" in line and "unknown flag" not in line
 
 
 @pytest.mark.integration

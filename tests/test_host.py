@@ -17,8 +17,10 @@ import pytest
 from vesta import artifacts, execrun, proto
 from vesta.errors import PeerUnavailable
 from vesta.host import Host
+from vesta.hostexec import ExecRunner
 from vesta.ledger import Ledger
 from vesta.records import Records, RecordsError
+from vesta.spec import ExecSpec, FileInfo
 from vesta.wire import Channel
 
 FP = "ab" * 32
@@ -54,22 +56,21 @@ def runs(tmp_path: Path) -> Path:
 
 
 def make_host(runs: Path, **kw: Any) -> Host:
-    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None,
-             allow_exec=True, allowlist=execrun.Allowlist([]), **kw)
-    h.runs = runs
-    return h
+    return Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None,
+                runner=ExecRunner(name="h", allowlist=execrun.Allowlist([]), runs=runs), **kw)
 
 
-def exec_offer(argv: tuple[str, ...], rid: int = 1, **kw: Any) -> proto.Offer:
-    return proto.Offer(rid=rid, job_id="j1", kind="exec", argv=argv, timeout_s=30, submitter="sub", **kw)
+def exec_offer(argv: tuple[str, ...], rid: int = 1, inputs: tuple[FileInfo, ...] = (), **kw: Any) -> proto.Offer:
+    return proto.Offer(rid=rid, job_id="j1", spec=ExecSpec(argv, timeout_s=30, inputs=inputs), submitter="sub",
+                       **kw)
 
 
 def serve(h: Host, offer: proto.Offer, peer: Peer) -> Coroutine[Any, Any, None]:
     return h.serve_offer(offer, cast(Channel, peer))
 
 
-def one_input(name: str, data: bytes) -> tuple[tuple[str, int, str, bool], ...]:
-    return ((name, len(data), hashlib.sha256(data).hexdigest(), False),)
+def one_input(name: str, data: bytes) -> tuple[FileInfo, ...]:
+    return (FileInfo(name, len(data), hashlib.sha256(data).hexdigest()),)
 
 
 def left_in(runs: Path) -> list[Path]:

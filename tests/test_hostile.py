@@ -251,14 +251,14 @@ async def test_job_offers_that_try_to_hide_work_or_overcommit_are_refused(cluste
                 return msg
 
     # 250 MiB held for 3 s is admitted; a second 250 MiB while the first is held would exceed 300 MiB.
-    await ch.send(proto.Offer(rid=1, job_id="jmem1", kind="mem", mib=250, ms=3000, submitter="greedy"))
+    await ch.send(proto.Offer(rid=1, job_id="jmem1", spec=proto.MemSpec(mib=250, ms=3000), submitter="greedy"))
     assert isinstance(await answer(1), proto.Accept)
-    await ch.send(proto.Offer(rid=2, job_id="jmem2", kind="mem", mib=250, ms=10, submitter="greedy"))
+    await ch.send(proto.Offer(rid=2, job_id="jmem2", spec=proto.MemSpec(mib=250, ms=10), submitter="greedy"))
     refusal = await answer(2)
     assert isinstance(refusal, proto.Refuse) and refusal.reason == "memory"
     assert "250 MiB already lent" in refusal.message
     # Reusing the live request id of the first offer is refused instead of hiding a second job.
-    await ch.send(proto.Offer(rid=1, job_id="jmem3", kind="mem", mib=10, ms=10, submitter="greedy"))
+    await ch.send(proto.Offer(rid=1, job_id="jmem3", spec=proto.MemSpec(mib=10, ms=10), submitter="greedy"))
     again = await answer(1)
     assert isinstance(again, proto.Refuse) and again.reason == "invalid"
     assert len(host.status()["hosting"]) == 1
@@ -332,8 +332,8 @@ async def test_file_pieces_from_a_peer_are_checked_and_never_land_elsewhere(clus
         eventually(lambda: target.status()["counters"].get("file_chunks_unexpected") == 1, 5)
         # An input that is not the file announced in the offer: the program never starts.
         announced = hashlib.sha256(b"abc").hexdigest()
-        await peer.send(proto.Offer(rid=5, job_id="jhostile1", kind="exec", argv=("cat", "x"),
-                                    inputs=(("x", 3, announced, False),)))
+        await peer.send(proto.Offer(rid=5, job_id="jhostile1",
+                                    spec=proto.ExecSpec(("cat", "x"), inputs=(proto.FileInfo("x", 3, announced),))))
         assert isinstance(await asyncio.wait_for(peer.recv(), 5), proto.Accept)
         await peer.send(proto.FileChunk(rid=5, path="x", data=b"abd"))
         await peer.send(proto.FileChunk(rid=5, path="x", offset=3, eof=True, sha256=hashlib.sha256(b"abd").digest()))

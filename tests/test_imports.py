@@ -19,15 +19,20 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 # already, so they land in the right layer when they arrive.
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
+    {"vesta.checks"},
+    {"vesta.spec", "vesta.status"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
      "vesta.hours", "vesta.proctree", "vesta.outcome"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
-     "vesta.artifacts"},
-    {"vesta.discovery", "vesta.link", "vesta.executor", "vesta.confine"},
-    {"vesta.autopilot", "vesta.host"},
-    {"vesta.jobs"},
+     "vesta.artifacts", "vesta.workloads"},
+    {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver"},
+    {"vesta.autopilot"},
+    {"vesta.hostexec", "vesta.capacity"},
+    {"vesta.host", "vesta.chunks"},
+    {"vesta.submitter"},
     {"vesta.jobqueue"},
-    {"vesta.daemon", "vesta.control", "vesta.ops"},
+    {"vesta.ops"},
+    {"vesta.daemon", "vesta.control"},
     {"vesta.cli"},  # and every vesta.cli.* module
     {"vesta.__main__"},  # python -m vesta: the vesta command
 ]
@@ -36,7 +41,6 @@ SAME_LAYER: dict[str, set[str]] = {
     "vesta.identity": {"vesta.crypto"},              # the fingerprint function
     "vesta.budget": {"vesta.sysstat"},               # PowerInfo
     "vesta.config": {"vesta.hours"},                 # lend_hours are checked when the config is read
-    "vesta.daemon": {"vesta.ops"},                   # the daemon is its control operations plus the wiring
 }
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {

@@ -9,11 +9,13 @@ from typing import Any
 
 from vesta import identity, proto
 from vesta.crypto import derive_keys
+from vesta.hostexec import LocalRun
 from vesta.jobqueue import ExecQueue
-from vesta.jobs import LocalRun, Submitter
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.records import Records
+from vesta.spec import ExecSpec, JobRequest
+from vesta.submitter import Submitter
 
 
 async def never_local(offer: proto.Offer, run: LocalRun) -> proto.Result:
@@ -33,8 +35,7 @@ def queue_of(tmp_path: Path, records: Records, ended: list[tuple[str, BaseExcept
 
 
 def add(queue: ExecQueue, job_id: str) -> None:
-    queue.add(job_id, ["true"], on=None, timeout=0.0, mem_mib=0, inputs=(), retries=0, submitter="a",
-              fingerprint="fp-a")
+    queue.add(job_id, JobRequest(ExecSpec(("true",)), queue=True), submitter="a", fingerprint="fp-a")
 
 
 def test_a_job_cancelled_as_its_offer_starts_ends_cancelled(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ import pytest
 from vesta import proto
 from vesta.autopilot import NodeView
 from vesta.errors import PeerUnavailable, VestaError
-from vesta.jobs import Submitter
 from vesta.link import LinkPool, Stream, _Link
 from vesta.peertable import PeerTable
 from vesta.records import Records, RecordsError
+from vesta.spec import ExecSpec, JobRequest
+from vesta.submitter import Submitter
 
 FP = "cd" * 32
 
@@ -68,6 +69,10 @@ async def emit(event: dict[str, Any]) -> None:
     pass
 
 
+def exec_job(argv: tuple[str, ...], timeout: float) -> JobRequest:
+    return JobRequest(ExecSpec(argv, timeout_s=timeout), on="peer")
+
+
 async def test_a_records_failure_mid_run_fails_the_job_and_stops_it_on_the_node(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     node = ScriptedNode(after_accept=(proto.Output(rid=1, stream="stdout", data=b"hello\n"),))
@@ -77,15 +82,14 @@ async def test_a_records_failure_mid_run_fails_the_job_and_stops_it_on_the_node(
 
         monkeypatch.setattr(records, "append_log", disk_full)
         with pytest.raises(VestaError, match="No space left on device"):
-            await asyncio.wait_for(submitter(node, records).run_exec(["sleep", "3600"], on="peer", timeout=3600,
-                                                                     emit=emit), 10)
+            await asyncio.wait_for(submitter(node, records).submit(exec_job(("sleep", "3600"), 3600), emit), 10)
     assert node.sent() == ["Offer", "Cancel"]   # not left running there for the hour
 
 
 async def test_a_cancelled_request_the_link_dropped_ends_without_stalling_the_loop() -> None:
     node = ScriptedNode()
     sub = submitter(node)
-    job = asyncio.ensure_future(sub.run_exec(["sleep", "60"], on="peer", timeout=60, emit=emit))
+    job = asyncio.ensure_future(sub.submit(exec_job(("sleep", "60"), 60), emit))
     for _ in range(100):
         if node.streams and sub.jobs:
             break

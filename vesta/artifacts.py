@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vesta import proto
 from vesta.errors import ProtocolError
+from vesta.spec import STORED, FileInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,7 @@ OUTPUT_DIR = "output"          # $VESTA_OUTPUT, inside the job's working directo
 MAX_ARTIFACTS = 1000           # entries (files and directories) one job may send back
 MAX_WALK_DEPTH = proto.MAX_PATH_DEPTH
 
-STORED, REFUSED, CORRUPT, INCOMPLETE = "stored", "refused", "corrupt", "incomplete"
-
-
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    """A file as the other side announced it (an input in an Offer) or as a Sink kept it."""
-
-    path: str
-    size: int
-    sha256: str          # hex
-    executable: bool = False
-    state: str = STORED
-    reason: str = ""
+REFUSED, CORRUPT, INCOMPLETE = "refused", "corrupt", "incomplete"   # and spec.STORED
 
 
 def sha256_file(path: Path) -> tuple[int, str]:

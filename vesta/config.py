@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vesta.errors import ConfigError, DaemonNotRunning
+from vesta.spec import MAX_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ _CHECKS: dict[str, Check] = {
     "spill_cpu_pct": _int(1, 100),
     "allow_exec": _bool,
     "exec_allowlist": _str_list,
-    "exec_timeout_s": _float(1.0, 7 * 86400.0),
+    "exec_timeout_s": _float(1.0, float(MAX_TIMEOUT_S)),
     "log_cap_bytes": _int(0, 1 << 30),
     "exec_max_file_mb": _int(1, 1 << 24),
     "sandbox": _choice("auto", "bwrap", "none"),

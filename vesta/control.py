@@ -2,8 +2,9 @@
 
 Requests and replies are msgpack maps in 4-byte length-prefixed frames:
 ``{"op": "peers", "args": {...}}`` -> ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error": "one line"}``. Blocking sockets on purpose: a CLI
-call is one round trip and needs no event loop.
+``{"ok": false, "error": "one line", "type": "ErrorClass"}``; the client raises
+``errors.remote(type)``, both the daemon's class and ``RemoteError``. Blocking
+sockets on purpose: a CLI call is one round trip and needs no event loop.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from typing import Any
 import msgpack
 
 from vesta.config import locate_socket, socket_dirs
-from vesta.errors import DaemonNotRunning, PeerUnavailable, VestaError
+from vesta.errors import DaemonNotRunning, PeerUnavailable, RemoteError, remote
 from vesta.wire import MAX_FRAME
+
+__all__ = ["ControlClient", "RemoteError", "find_socket"]
 
 _HEADER = struct.Struct(">I")
 START_HINT = "start it with: vestad -name NAME -key-file PATH"
-
-
-class RemoteError(VestaError):
-    """The daemon answered with an error."""
 
 
 def find_socket(name: str | None = None, directory: Path | None = None) -> Path:
@@ -75,7 +74,7 @@ class ControlClient:
         if not isinstance(reply, dict) or "ok" not in reply:
             raise RemoteError("vestad sent an unexpected reply")
         if not reply["ok"]:
-            raise RemoteError(str(reply.get("error", "unknown error")))
+            raise remote(reply.get("type"))(str(reply.get("error", "unknown error")))
         return reply.get("result")
 
     def _read_frame(self) -> bytes:

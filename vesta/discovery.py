@@ -33,7 +33,7 @@ import psutil
 from vesta import proto
 from vesta.config import Config, parse_seed
 from vesta.crypto import FederationKeys, fingerprint, open_beacon, seal_beacon, verify_signature
-from vesta.errors import AuthError, ProtocolError
+from vesta.errors import AuthError, Dropped, ProtocolError
 from vesta.identity import Identity
 from vesta.logs import WarnOnce
 from vesta.peertable import Change, Freshness, PeerTable
@@ -232,11 +232,11 @@ class Discovery(asyncio.DatagramProtocol):
     def _receive(self, data: bytes, addr: tuple[str, int]) -> None:
         self.counters["datagrams_received"] += 1
         if len(data) > MAX_DATAGRAM:
-            raise _Drop("oversize", f"{len(data)} bytes")
+            raise Dropped("oversize", f"{len(data)} bytes")
         message, signature = open_beacon(self.keys, data)
         msg = proto.decode(message)
         if not isinstance(msg, proto.Beacon):
-            raise _Drop("malformed", f"expected a beacon, got {type(msg).__name__}")
+            raise Dropped("malformed", f"expected a beacon, got {type(msg).__name__}")
         verify_signature(msg.pubkey, message, signature)
         if fingerprint(msg.pubkey) != msg.status.fingerprint:
             raise AuthError("beacon fingerprint does not match its key")
@@ -245,19 +245,19 @@ class Discovery(asyncio.DatagramProtocol):
             return
         skew = msg.ts - self.wall()
         if skew > self.cfg.max_clock_skew_s:
-            raise _Drop("future", f"timestamp {skew:.0f}s ahead (check the clocks; NTP?)")
+            raise Dropped("future", f"timestamp {skew:.0f}s ahead (check the clocks; NTP?)")
         if -skew > self.cfg.max_clock_skew_s:
-            raise _Drop("stale", f"timestamp {-skew:.0f}s old")
+            raise Dropped("stale", f"timestamp {-skew:.0f}s old")
         fresh = self.table.freshness(msg)
         if fresh is Freshness.DUPLICATE:
             self.counters["duplicates"] += 1
             return
         if fresh is Freshness.REPLAY:
-            raise _Drop("replay", f"seq {msg.seq} already seen")
+            raise Dropped("replay", f"seq {msg.seq} already seen")
         known = len(self.table)
         changes = self.table.observe(msg, addr)
         if msg.status.fingerprint not in self.table:
-            raise _Drop("table_full", f"peer table holds {known} peers (max_peers)")
+            raise Dropped("table_full", f"peer table holds {known} peers (max_peers)")
         self.counters["beacons_accepted"] += 1
         for change in changes:
             self.on_change(change)
@@ -278,14 +278,8 @@ class Discovery(asyncio.DatagramProtocol):
                 self._gossip_targets.popitem(last=False)
 
 
-class _Drop(ProtocolError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 def _reason(exc: ProtocolError) -> str:
-    if isinstance(exc, _Drop):
+    if isinstance(exc, Dropped):
         return exc.reason
     if isinstance(exc, AuthError):
         return "bad_auth"

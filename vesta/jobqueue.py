@@ -27,10 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vesta import artifacts, proto
-from vesta.errors import PeerUnavailable, VestaError
-from vesta.jobs import Emit, JobFailed, NotNow, Submitter
+from vesta import artifacts, spec
+from vesta.errors import InputError, JobFailed, NotNow, PeerUnavailable, VestaError
 from vesta.records import Records
+from vesta.spec import FileInfo, JobRequest
+from vesta.submitter import Emit, Submitter
 from vesta.tasks import StopFlag, cancel_all, spawn
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,11 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0   # a queued job every node keeps turning away is still offered at least this often
 
 
-class InputError(VestaError):
-    """A file given with --put cannot be shipped (the message names it and the fix)."""
-
-
-def stage_inputs(paths: list[str], dest: Path) -> tuple[artifacts.FileInfo, ...]:
+def stage_inputs(paths: list[str] | tuple[str, ...], dest: Path) -> tuple[FileInfo, ...]:
     """Copy the files to ship with a job into ``dest`` (so later edits do not change what runs, and a
     queued job keeps them across a restart), with their size and SHA-256."""
-    if len(paths) > proto.MAX_INPUTS:
-        raise InputError(f"--put takes at most {proto.MAX_INPUTS} files ({len(paths)} given)")
+    if len(paths) > spec.MAX_INPUTS:
+        raise InputError(f"--put takes at most {spec.MAX_INPUTS} files ({len(paths)} given)")
     names: dict[str, str] = {}
     for raw in paths:
         name = os.path.basename(raw.rstrip("/"))
@@ -73,9 +70,9 @@ def stage_inputs(paths: list[str], dest: Path) -> tuple[artifacts.FileInfo, ...]
                 size, sha = artifacts.sha256_file(dest / name)
             except OSError as exc:
                 raise InputError(f"--put {raw}: cannot read it: {exc.strerror or exc}") from None
-            if size > proto.MAX_FILE_BYTES:
+            if size > spec.MAX_FILE_BYTES:
                 raise InputError(f"--put {raw}: too big to ship")
-            staged.append(artifacts.FileInfo(name, size, sha, bool(os.stat(raw).st_mode & 0o100)))
+            staged.append(FileInfo(name, size, sha, bool(os.stat(raw).st_mode & 0o100)))
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
@@ -114,23 +111,14 @@ class ExecQueue:
                 if entry.name not in keep:
                     shutil.rmtree(entry.path, ignore_errors=True)
 
-    def add(self, job_id: str, argv: list[str], *, on: str | None, timeout: float, mem_mib: int,
-            inputs: tuple[artifacts.FileInfo, ...], retries: int, submitter: str, fingerprint: str) -> None:
+    def add(self, job_id: str, request: JobRequest, *, submitter: str, fingerprint: str) -> None:
         """Put a job on record as queued; it is tried at once. (Its inputs are staged already.)"""
         try:
-            self._create(job_id, argv, on=on, timeout=timeout, mem_mib=mem_mib, inputs=inputs, retries=retries,
-                         submitter=submitter, fingerprint=fingerprint)
+            self.records.create_job(job_id, request.kind, request.to_wire(), submitter, fingerprint, state="queued")
         except BaseException:
             shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
             raise
         self.wake.set()
-
-    def _create(self, job_id: str, argv: list[str], *, on: str | None, timeout: float, mem_mib: int,
-                inputs: tuple[artifacts.FileInfo, ...], retries: int, submitter: str, fingerprint: str) -> None:
-        self.records.create_job(job_id, "exec", {
-            "argv": argv, "on": on, "timeout": timeout, "mem_mib": mem_mib, "retries": retries, "queue": True,
-            "inputs": [[i.path, i.size, i.sha256, i.executable] for i in inputs]}, submitter, fingerprint,
-            state="queued")
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
         """Wait for a queued job to end, passing its events to ``emit``; the job's result."""
@@ -219,13 +207,9 @@ class ExecQueue:
             if cancel.is_set():   # cancelled before this task first ran
                 self._cancelled(job_id)
                 return
-            inputs = tuple(artifacts.FileInfo(str(p), int(n), str(h), bool(x))
-                           for p, n, h, x in args.get("inputs", []))
-            result = await self.submitter.run_exec(
-                list(args["argv"]), on=args.get("on"), timeout=float(args.get("timeout") or 0.0),
-                emit=lambda event: self._emit(job_id, event), job_id=job_id, mem_mib=int(args.get("mem_mib") or 0),
-                inputs=inputs, inputs_dir=self.inputs_root / job_id, retries=int(args.get("retries") or 0),
-                queued=True, cancel=cancel)
+            request = JobRequest.from_wire("exec", args)
+            result = await self.submitter.submit(request, lambda event: self._emit(job_id, event), job_id=job_id,
+                                                 queued=True, cancel=cancel, inputs_dir=self.inputs_root / job_id)
         except NotNow as exc:   # still queued (the reasons are on record): try again later, less and less often
             if cancel.is_set():   # cancelled while no node could take it: it ends here
                 try:

@@ -1,8 +1,9 @@
 """vestad's control operations: one ``_op_NAME(args, emit)`` per request of the ``vesta`` CLI.
 
-``ControlOps`` is mixed into ``daemon.Daemon``, which wires the parts these operations use (declared
-below) and dispatches requests to them by name. Each operation checks its arguments itself: a bad one
-is a ``ControlError`` whose one-line message goes back to the client.
+``ControlOps`` is given the parts it uses when the daemon starts, and ``dispatch`` serves one request
+from the control socket (``controlserver``). A job request is a ``spec.JobRequest``, checked by its own
+``from_wire``; other arguments are checked here. Every error is a class of ``errors``, whose name travels
+back with its one-line message so the client raises the same class (and the CLI exits with its code).
 """
 
 from __future__ import annotations
@@ -17,28 +18,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vesta import __version__, executor, outcome, proto, sysstat
-from vesta.budget import PowerMode
+from vesta import __version__, outcome, proto
+from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.crypto import FederationKeys
-from vesta.errors import VestaError
+from vesta.errors import ConfigError, JobFailed, NotFound, PeerUnavailable, VestaError
 from vesta.host import Host
-from vesta.hours import LendingHours
 from vesta.identity import Identity
 from vesta.jobqueue import ExecQueue, stage_inputs
-from vesta.jobs import Emit, JobFailed, Submitter, new_job_id
 from vesta.ledger import Ledger
 from vesta.link import LinkPool
 from vesta.peertable import Peer, PeerTable
 from vesta.records import Records
+from vesta.spec import JobRequest
+from vesta.submitter import Emit, Submitter, new_job_id
 from vesta.tasks import spawn
 
 PING_TIMEOUT = 5.0
 RECORDS_TIMEOUT = 5.0         # a member that does not answer `vesta jobs --all` in time is listed unreachable
-
-
-class ControlError(VestaError):
-    """A control request that cannot be served; the message goes back to the client."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,32 +46,59 @@ class Event:
 
 
 class ControlOps:
-    """The operations; the attributes and methods below are the daemon's (see ``daemon.Daemon``)."""
+    """The control operations of one daemon, over the parts it was given."""
 
-    cfg: Config
-    counters: Counter[str]
-    events: deque[Event]
-    table: PeerTable
-    started: float
-    started_wall: float
-    cores: int
-    port: int
-    stress: executor.Stress
-    hours: LendingHours | None
-    ledger: Ledger
-    host: Host
-    identity: Identity
-    keys: FederationKeys
-    pool: LinkPool
-    records: Records
-    submitter: Submitter
-    queue: ExecQueue
-    _tasks: set[asyncio.Task[Any]]
-    node_status: Callable[[], proto.NodeStatus]
-    power: Callable[[], tuple[PowerMode, sysstat.PowerInfo]]
-    isolation: Callable[[], str]
-    find_peer: Callable[[str], Peer]
-    _event: Callable[[str, str], None]
+    def __init__(self, *, cfg: Config, identity: Identity, keys: FederationKeys, counters: Counter[str],
+                 events: deque[Event], table: PeerTable, pool: LinkPool, capacity: Capacity, host: Host,
+                 ledger: Ledger, records: Records, submitter: Submitter, queue: ExecQueue,
+                 isolation: Callable[[], str], started_wall: float) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.keys = keys
+        self.counters = counters
+        self.events = events
+        self.table = table
+        self.pool = pool
+        self.capacity = capacity
+        self.host = host
+        self.ledger = ledger
+        self.records = records
+        self.submitter = submitter
+        self.queue = queue
+        self.isolation = isolation
+        self.started_wall = started_wall
+        self.tasks: set[asyncio.Task[Any]] = set()   # detached jobs: cancelled when the daemon stops
+        self._ops = self.ops()
+
+    def event(self, kind: str, text: str) -> None:
+        self.events.append(Event(time.time(), kind, text))
+
+    async def dispatch(self, request: Any, emit: Emit) -> dict[str, Any]:
+        """Serve one control request: ``{"op", "args"}`` -> ``{"ok", "result"}`` or ``{"ok": false, "error",
+        "type"}`` (the error's class in ``errors``)."""
+        try:
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise ConfigError("request must be a map with an 'op'")
+            op = self._ops.get(request["op"])
+            if op is None:
+                raise ConfigError(f"unknown op {request['op']!r} (daemon version {__version__})")
+            args = request.get("args") or {}
+            if not isinstance(args, dict):
+                raise ConfigError("args must be a map")
+            return {"ok": True, "result": await op(args, emit)}
+        except VestaError as exc:
+            return {"ok": False, "error": str(exc), "type": type(exc).__name__}
+
+    def find_peer(self, node: str) -> Peer:
+        """A peer by name or fingerprint (prefix of at least 8 hex characters)."""
+        peer = self.table.by_name(node)
+        if peer is None and len(node) >= 8:
+            matches = [p for p in self.table.all() if p.fingerprint.startswith(node.lower())]
+            peer = matches[0] if len(matches) == 1 else None
+        if peer is None:
+            known = ", ".join(sorted(p.name for p in self.table.all())) or "none yet"
+            raise NotFound(f"no peer named {node!r} (known: {known}); see `vesta peers`")
+        return peer
 
     def ops(self) -> dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]]:
         """Request name -> operation."""
@@ -88,8 +112,8 @@ class ControlOps:
 
     async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cfg = self.cfg
-        status = self.node_status()
-        mode, info = self.power()
+        status = self.capacity.node_status()
+        mode, info = self.capacity.power()
         alive = len(self.table.alive())
         accounts = self.ledger.rows()
         return {
@@ -99,7 +123,7 @@ class ControlOps:
             "version": __version__,
             "pid": os.getpid(),
             "bind": cfg.bind,
-            "port": self.port,
+            "port": self.capacity.port,
             "dport": cfg.dport,
             "advertise": status.host,
             "seeds": list(cfg.seeds),
@@ -107,13 +131,13 @@ class ControlOps:
             "state_dir": str(cfg.state_dir),
             "identity_file": str(self.identity.path),
             "started": self.started_wall,
-            "uptime_s": time.monotonic() - self.started,
+            "uptime_s": time.monotonic() - self.capacity.started,
             "beacon_interval_ms": cfg.advertise_spare_ms,
             "node": status.to_wire(),
             "power": {"mode": mode.mode, "willingness": mode.willingness, "forced": mode.forced,
                       "setting": cfg.power, "ac_online": info.ac_online, "battery_pct": info.battery_pct,
                       "battery_status": info.battery_status, "battery_min_pct": cfg.battery_min_pct},
-            "budget": {"cores": self.cores, "offered_cores": status.offered_cores,
+            "budget": {"cores": self.capacity.cores, "offered_cores": status.offered_cores,
                        "spare_cores": status.spare_cores, "offered_mem_mb": status.offered_mem_mb,
                        "cpu_offer_pct": cfg.cpu_offer_pct, "reserve_pct": cfg.reserve_pct,
                        "mem_offer_mb": cfg.mem_offer_mb, "spill_cpu_pct": cfg.spill_cpu_pct,
@@ -125,11 +149,11 @@ class ControlOps:
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
             "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,
                          "started": h.started} for h in self.host.running.values()],
-            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
+            "stress": self._stress(),
             "counters": dict(sorted(self.counters.items())),
-            "lending": {"open": self.hours is None or self.hours.is_open(),
+            "lending": {"open": self.capacity.lending(),
                         "hours": list(cfg.lend_hours), "grace_s": cfg.lend_grace_s,
-                        "describe": self.hours.describe() if self.hours else "always (no lend_hours set)"},
+                        "describe": self.host.hours.describe() if self.host.hours else "always (no lend_hours set)"},
             "ledger": {"peers": len(self.ledger.accounts),
                        "lent": round(sum(r["lent"] for r in accounts), 3),
                        "borrowed": round(sum(r["borrowed"] for r in accounts), 3),
@@ -139,8 +163,8 @@ class ControlOps:
 
     async def _op_peers(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         now = time.monotonic()
-        own = self.node_status()
-        rows = [_peer_row(own, (own.host or "*", self.port), 0.0, "self")]
+        own = self.capacity.node_status()
+        rows = [_peer_row(own, (own.host or "*", self.capacity.port), 0.0, "self")]
         for p in sorted(self.table.all(), key=lambda p: p.name):
             rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
                         | {"restarts": p.restarts, "beacons": p.beacons,
@@ -151,32 +175,32 @@ class ControlOps:
     async def _op_ping(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         node = args.get("node")
         if not isinstance(node, str) or not node:
-            raise ControlError("ping needs a node name")
+            raise ConfigError("ping needs a node name")
         peer = self.find_peer(node)
         t0 = time.perf_counter()
         reply = await self.pool.request(peer.fingerprint, peer.addr,
                                         lambda rid: proto.Ping(rid=rid, ts=time.time()), PING_TIMEOUT)
         rtt = (time.perf_counter() - t0) * 1000
         if not isinstance(reply, proto.Pong):
-            raise ControlError(f"{peer.name} answered {type(reply).__name__} to a ping")
+            raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__} to a ping")
         return {"node": reply.name, "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
                 "rtt_ms": round(rtt, 3)}
 
     async def _op_events(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = args.get("limit", 50)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ControlError("limit must be a positive whole number")
+            raise ConfigError("limit must be a positive whole number")
         return [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-limit:]]
 
 
     async def _op_jobs(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
         limit = args.get("limit", 50)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
-            raise ControlError("--limit must be from 1 to 10000")
+            raise ConfigError("--limit must be from 1 to 10000")
         hosted = bool(args.get("hosted"))
         state = _opt_str(args, "state")
         if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
-            raise ControlError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
+            raise ConfigError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
         own = self.records.hosted(limit=limit) if hosted else self.records.jobs(state=state, limit=limit)
         if not args.get("all"):
             return own
@@ -188,7 +212,7 @@ class ControlOps:
             reply = await self.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.RecordsRequest(
                 rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
             if not isinstance(reply, proto.Records):
-                raise ControlError(f"{peer.name} answered {type(reply).__name__}")
+                raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__}")
             return [dict(r) | {"node": reply.node} for r in reply.rows]
 
         answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
@@ -206,7 +230,7 @@ class ControlOps:
         job_id = _opt_str(args, "job_id")
         record = self.records.job(job_id) if job_id else None
         if record is None:
-            raise ControlError(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
+            raise NotFound(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
         return record
 
     async def _op_link_rerun(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -222,7 +246,7 @@ class ControlOps:
         record = self._record(args)
         after = args.get("after", 0)
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ControlError("after must be a whole number >= 0")
+            raise ConfigError("after must be a whole number >= 0")
         data, nxt = self.records.log(record["id"], None, after)
         return {"job_id": record["id"], "data": data, "next": nxt, "state": record["state"]}
 
@@ -251,78 +275,51 @@ class ControlOps:
             "local_work": local,
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
             "hosting": len(self.host.running),
-            "stress": {"active": self.stress.active, "cores": self.stress.cores if self.stress.active else 0},
+            "stress": self._stress(),
             "events": [{"ts": e.ts, "kind": e.kind, "text": e.text} for e in list(self.events)[-20:]],
             "counters": {k: v for k, v in self.counters.items() if k.startswith("dropped_")},
         }
 
     async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        millions = args.get("millions")
-        if isinstance(millions, bool) or not isinstance(millions, (int, float)) or not 0 < millions <= 1e9:
-            raise ControlError("cpu needs a positive number of million iterations (e.g. vesta cpu 200)")
-        iterations = max(1, int(round(millions * 1_000_000)))
-        return await self._job("cpu", f"{millions:g}M iterations", self.submitter.run_cpu(
-            iterations, on=_opt_str(args, "on"), split=bool(args.get("split", True)), emit=emit))
+        request = JobRequest.from_wire("cpu", args)
+        return await self._job(request, self.submitter.submit(request, emit))
 
-    async def _job(self, kind: str, what: str, run: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        request = JobRequest.from_wire("mem", args)
+        return await self._job(request, self.submitter.submit(request, emit))
+
+    async def _job(self, request: JobRequest, run: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         """Run a submitted job, with its start and end in the event feed."""
+        what = f"{request.kind} {request.spec.describe()}"
         try:
             result = await run
         except JobFailed as exc:
-            self._event("job_failed", f"{kind} {what}: {exc}")
+            self.event("job_failed", f"{what}: {exc}")
             raise
         nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
         ended = outcome.of_result(result)
-        self._event(outcome.event_kind(ended), f"{result['job_id']} {kind} {what} on {nodes} in "
-                    f"{result['elapsed_s']:.2f}s: {ended}")
+        self.event(outcome.event_kind(ended), f"{result['job_id']} {what} on {nodes} in {result['elapsed_s']:.2f}s: "
+                   f"{ended}")
         return result
 
-    async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        mib, ms = args.get("mib"), args.get("ms")
-        if isinstance(mib, bool) or not isinstance(mib, int) or not 0 < mib <= proto.MAX_MEM_MIB:
-            raise ControlError("mem needs a size in MiB from 1 (e.g. vesta mem 512 5000)")
-        if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= 86_400_000:
-            raise ControlError("mem needs a hold time in milliseconds from 0 to 86400000")
-        return await self._job("mem", f"{mib} MiB", self.submitter.run_mem(mib, ms, on=_opt_str(args, "on"),
-                                                                          emit=emit))
-
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        argv = args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
-            raise ControlError("exec needs a command: vesta exec -- CMD ARGS...")
-        if len(argv) > proto.MAX_ARGV or any(len(a) > proto.MAX_ARG or "\x00" in a for a in argv):
-            raise ControlError(f"command too long: at most {proto.MAX_ARGV} arguments of {proto.MAX_ARG} bytes")
-        mem = args.get("mem") or 0
-        if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem <= proto.MAX_MEM_MIB:
-            raise ControlError("--mem must be a whole number of MiB")
-        timeout = args.get("timeout") or 0.0
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 7 * 86400:
-            raise ControlError("--timeout must be from 1 to 604800 seconds")
-        retries = args.get("retries") or 0
-        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
-            raise ControlError("--retries must be from 0 to 10")
-        puts = args.get("puts") or []
-        if not isinstance(puts, list) or not all(isinstance(p, str) and p for p in puts):
-            raise ControlError("puts must be a list of file paths")
-        on = _opt_str(args, "on")
+        request = JobRequest.from_wire("exec", args)
         job_id = new_job_id()
         inputs_dir = self.queue.inputs_root / job_id
-        inputs = await asyncio.to_thread(stage_inputs, puts, inputs_dir) if puts else ()
-        what = " ".join(argv)[:60]
-        if args.get("queue"):
-            self.queue.add(job_id, argv, on=on, timeout=float(timeout), mem_mib=mem, inputs=inputs, retries=retries,
-                           submitter=self.cfg.name, fingerprint=self.identity.fingerprint)
+        if request.puts:
+            request = request.with_inputs(await asyncio.to_thread(stage_inputs, request.puts, inputs_dir))
+        if request.queue:
+            self.queue.add(job_id, request, submitter=self.cfg.name, fingerprint=self.identity.fingerprint)
             if args.get("detach"):
                 return {"job_id": job_id, "detached": True, "queued": True}
             return await self.queue.follow(job_id, emit)
 
         async def run(emit: Emit) -> dict[str, Any]:
             try:
-                return await self._job("exec", what, self.submitter.run_exec(
-                    argv, on=on, timeout=float(timeout), emit=emit, job_id=job_id, mem_mib=mem, inputs=inputs,
-                    inputs_dir=inputs_dir, retries=retries))
+                return await self._job(request, self.submitter.submit(request, emit, job_id=job_id,
+                                                                      inputs_dir=inputs_dir))
             finally:
-                if inputs:
+                if request.spec.inputs:   # type: ignore[union-attr]
                     await asyncio.to_thread(shutil.rmtree, inputs_dir, True)
 
         if args.get("detach"):
@@ -331,10 +328,10 @@ class ControlOps:
                 return None
 
             async def detached() -> None:
-                with contextlib.suppress(JobFailed, VestaError):
+                with contextlib.suppress(VestaError):
                     await run(nowhere)
 
-            spawn(detached(), f"detached-{job_id}", self._tasks)
+            spawn(detached(), f"detached-{job_id}", self.tasks)
             await asyncio.sleep(0)   # registered before we answer, so `vesta wait` finds it at once
             return {"job_id": job_id, "detached": True}
         return await run(emit)
@@ -348,22 +345,26 @@ class ControlOps:
     async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cores, secs = args.get("cores", 0), args.get("secs")
         if isinstance(cores, bool) or not isinstance(cores, int) or not 0 <= cores <= 4096:
-            raise ControlError("stress needs a number of cores (0 = all)")
+            raise ConfigError("stress needs a number of cores (0 = all)")
         if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not 0 < secs <= 86400:
-            raise ControlError("stress needs a duration in seconds from 1 to 86400")
-        n = cores or self.cores
-        self.stress.start(n, float(secs))
-        self._event("stress", f"stressing {n} cores for {secs:g}s")
+            raise ConfigError("stress needs a duration in seconds from 1 to 86400")
+        n = cores or self.capacity.cores
+        self.capacity.stress.start(n, float(secs))
+        self.event("stress", f"stressing {n} cores for {secs:g}s")
         return {"cores": n, "secs": secs}
 
+    def _stress(self) -> dict[str, Any]:
+        stress = self.capacity.stress
+        return {"active": stress.active, "cores": stress.cores if stress.active else 0}
+
     async def _op_stop_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return {"stopped": await asyncio.to_thread(self.stress.stop)}
+        return {"stopped": await asyncio.to_thread(self.capacity.stress.stop)}
 
     async def _op_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         job_id = _opt_str(args, "job_id")
         if not job_id or not (self.submitter.cancel(job_id) or self.queue.cancel(job_id)):
             running = ", ".join(self.submitter.jobs) or "none"
-            raise ControlError(f"no running job {job_id!r} submitted here (running: {running})")
+            raise NotFound(f"no running job {job_id!r} submitted here (running: {running})")
         return {"cancelled": job_id}
 
 
@@ -372,7 +373,7 @@ def _opt_str(args: dict[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise ControlError(f"{key} must be a non-empty string")
+        raise ConfigError(f"{key} must be a non-empty string")
     return value
 
 

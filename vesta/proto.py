@@ -9,49 +9,76 @@ node can add fields without breaking an older one.
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar, cast
 
 import msgpack
 
-from vesta.errors import ProtocolError
+from vesta.checks import (
+    FINGERPRINT_HEX,
+    MAX_NAME,
+    MAX_PATH,
+    MAX_PATH_DEPTH,
+    check_bool,
+    check_fingerprint,
+    check_int,
+    check_job_id,
+    check_list,
+    check_name,
+    check_num,
+    check_rel_path,
+    check_sha256_hex,
+    check_str,
+)
+from vesta.checks import build as _build
+from vesta.errors import InvalidJob, ProtocolError
+from vesta.spec import (
+    JOB_KINDS,
+    MAX_ARG,
+    MAX_ARGV,
+    MAX_FILE_BYTES,
+    MAX_INPUTS,
+    MAX_ITERATIONS,
+    MAX_MEM_MIB,
+    CpuSpec,
+    ExecSpec,
+    FileInfo,
+    MemSpec,
+    Spec,
+    spec_from_wire,
+)
+from vesta.status import (
+    MAX_CORES,
+    MAX_GPUS,
+    MAX_HOST,
+    MAX_LABEL,
+    MAX_LABELS,
+    MAX_VERSION,
+    POWER_MODES,
+    GossipEntry,
+    GpuInfo,
+    NodeStatus,
+)
+
+__all__ = [   # re-exported: the limits and parts that messages carry
+    "FINGERPRINT_HEX", "JOB_KINDS", "MAX_ARG", "MAX_ARGV", "MAX_CORES", "MAX_FILE_BYTES", "MAX_GPUS", "MAX_HOST",
+    "MAX_INPUTS", "MAX_ITERATIONS", "MAX_LABEL", "MAX_LABELS", "MAX_MEM_MIB", "MAX_NAME", "MAX_PATH", "MAX_PATH_DEPTH",
+    "MAX_VERSION", "POWER_MODES", "CpuSpec", "ExecSpec", "FileInfo", "GossipEntry", "GpuInfo", "MemSpec", "NodeStatus",
+    "Spec", "check_fingerprint", "check_job_id", "check_name", "check_rel_path", "check_sha256_hex"]
 
 PROTO_VERSION = 1
 
-# Limits checked before anything is built from outside input.
-MAX_NAME = 32
-MAX_HOST = 253
-MAX_VERSION = 32
-MAX_CORES = 4096
-MAX_GPUS = 16
-MAX_LABELS = 16
-MAX_LABEL = 32
+# Limits checked before anything is built from outside input (a node's status: see ``status``).
 MAX_GOSSIP = 32          # peers listed per beacon; keeps a beacon near one UDP datagram
 MAX_REASON = 200
-MAX_ITERATIONS = 1 << 50          # per job; ~3.6e15 hashes is years of work
-CPU_UNIT = 1 << 20                # iterations per cpu unit (see vesta.executor)
+CPU_UNIT = 1 << 20                # iterations per cpu unit (see vesta.workloads)
 MAX_UNITS_PER_CHUNK = 1 << 16
-MAX_ARGV = 256                    # arguments of an exec job
-MAX_ARG = 4096                    # bytes per argument
 MAX_OUTPUT_CHUNK = 64 * 1024      # bytes of stdout/stderr per Output message
-MAX_MEM_MIB = 1 << 22
 MAX_FILE_PIECE = 256 * 1024       # bytes of a file per FileChunk message
-MAX_FILE_BYTES = 1 << 40          # one input or artifact, whole (each node has its own, smaller cap)
-MAX_INPUTS = 64                   # files shipped with one exec job (vesta exec --put)
-MAX_PATH = 1024                   # bytes of a relative file path (inputs, artifacts)
-MAX_PATH_DEPTH = 32
-JOB_KINDS = ("cpu", "mem", "exec")
 REFUSE_REASONS = ("capacity", "exec_disabled", "not_allowed", "not_found", "memory", "ledger", "hours",
                   "policy", "busy", "invalid")
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
-FINGERPRINT_HEX = 32     # 16 bytes of SHA-256(public key), hex
-POWER_MODES = ("grid", "solar", "battery")
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HEX_RE = re.compile(r"^[0-9a-f]+$")
 
 
 class Kind(IntEnum):
@@ -73,206 +100,8 @@ class Kind(IntEnum):
     FILE_CHUNK = 14
 
 
-# ---------------------------------------------------------------- field checks
-
-
-def _str(where: str, value: object, max_len: int, *, empty: bool = True) -> str:
-    if not isinstance(value, str):
-        raise ProtocolError(f"{where} must be a string, got {type(value).__name__}")
-    if len(value) > max_len or (not empty and not value):
-        raise ProtocolError(f"{where} has bad length {len(value)}")
-    return value
-
-
-def _int(where: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ProtocolError(f"{where} out of range: {value!r}")
-    return value
-
-
-def _num(where: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError(f"{where} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise ProtocolError(f"{where} out of range: {value!r}")
-    return float(value)
-
-
-def _bool(where: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ProtocolError(f"{where} must be true or false")
-    return value
-
-
-def check_job_id(where: str, value: object) -> str:
-    job = _str(where, value, 40, empty=False)
-    if not _JOB_ID_RE.match(job):
-        raise ProtocolError(f"{where} is not a job id: {job!r}")
-    return job
-
-
-def _list(where: str, value: object, max_len: int) -> list[Any]:
-    if not isinstance(value, (list, tuple)) or len(value) > max_len:
-        raise ProtocolError(f"{where} must be a list of at most {max_len}")
-    return list(value)
-
-
-def check_name(where: str, value: object) -> str:
-    """A node name as it may appear on the wire (already sanitized by its owner)."""
-    name = _str(where, value, MAX_NAME, empty=False)
-    if not _NAME_RE.match(name):
-        raise ProtocolError(f"{where} has invalid characters: {name!r}")
-    return name
-
-
-def check_fingerprint(where: str, value: object) -> str:
-    fp = _str(where, value, FINGERPRINT_HEX, empty=False)
-    if len(fp) != FINGERPRINT_HEX or not _HEX_RE.match(fp):
-        raise ProtocolError(f"{where} is not a fingerprint: {fp!r}")
-    return fp
-
-
-def check_rel_path(where: str, value: object) -> str:
-    """A relative file path from outside: '/'-separated, no empty, '.' or '..' part, no NUL, bounded.
-    Whoever writes it joins it under a directory of its own, so it cannot land anywhere else."""
-    path = _str(where, value, MAX_PATH, empty=False)
-    parts = path.split("/")
-    if "\x00" in path or path.startswith("/") or len(parts) > MAX_PATH_DEPTH:
-        raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
-    try:
-        too_long = any(len(part.encode()) > 255 for part in parts)
-    except UnicodeEncodeError:   # a file name that is not UTF-8 (os.listdir hands those over escaped)
-        raise ProtocolError(f"{where} is not valid UTF-8: {path!r}") from None
-    if too_long or any(part in ("", ".", "..") for part in parts):
-        raise ProtocolError(f"{where} is not a safe relative path: {path!r}")
-    return path
-
-
-def check_sha256_hex(where: str, value: object) -> str:
-    digest = _str(where, value, 64, empty=False)
-    if len(digest) != 64 or not _HEX_RE.match(digest):
-        raise ProtocolError(f"{where} is not a SHA-256 in hex")
-    return digest
-
-
-# ---------------------------------------------------------------- parts
-
-
-@dataclass(frozen=True, slots=True)
-class GpuInfo:
-    """One GPU as a node advertises it."""
-
-    name: str
-    mem_total_mb: int
-    mem_used_mb: int
-    util_pct: float
-
-    def validate(self) -> None:
-        _str("gpu.name", self.name, 64)
-        _int("gpu.mem_total_mb", self.mem_total_mb, 0, 1 << 24)
-        _int("gpu.mem_used_mb", self.mem_used_mb, 0, 1 << 24)
-        _num("gpu.util_pct", self.util_pct, 0, 100)
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatus:
-    """What a node says about itself in every beacon."""
-
-    name: str
-    fingerprint: str
-    host: str                 # advertised TCP host; "" = the address the beacon came from
-    port: int                 # TCP peer port
-    dport: int                # UDP discovery port
-    version: str
-    cores: int
-    cpu_pct: float            # total busy share, 0..100
-    cpu_per_core: tuple[int, ...]
-    load1: float
-    mem_total_mb: int
-    mem_avail_mb: int
-    offered_cores: float      # cores this node is willing to lend right now
-    offered_mem_mb: int
-    spare_cores: float        # offered minus what is busy now
-    power: str                # grid | solar | battery
-    willingness: float        # 0..1 from the power mode
-    battery_pct: float | None = None
-    temp_c: float | None = None
-    gpus: tuple[GpuInfo, ...] = ()
-    labels: tuple[str, ...] = ()
-    uptime_s: float = 0.0
-    hash_rate: float = 0.0    # cpu iterations per second of one core, measured at start-up
-    exec_allowed: bool = False
-    running: int = 0          # chunks running here for peers right now
-    lending: bool = True      # inside its lending hours (when it has any)
-
-    def validate(self) -> None:
-        check_name("status.name", self.name)
-        check_fingerprint("status.fingerprint", self.fingerprint)
-        _str("status.host", self.host, MAX_HOST)
-        _int("status.port", self.port, 1, 65535)
-        _int("status.dport", self.dport, 1, 65535)
-        _str("status.version", self.version, MAX_VERSION)
-        _int("status.cores", self.cores, 1, MAX_CORES)
-        _num("status.cpu_pct", self.cpu_pct, 0, 100)
-        for pct in _list("status.cpu_per_core", self.cpu_per_core, MAX_CORES):
-            _int("status.cpu_per_core[]", pct, 0, 100)
-        _num("status.load1", self.load1, 0, 1e6)
-        _int("status.mem_total_mb", self.mem_total_mb, 0, 1 << 32)
-        _int("status.mem_avail_mb", self.mem_avail_mb, 0, 1 << 32)
-        _num("status.offered_cores", self.offered_cores, 0, MAX_CORES)
-        _int("status.offered_mem_mb", self.offered_mem_mb, 0, 1 << 32)
-        _num("status.spare_cores", self.spare_cores, 0, MAX_CORES)
-        if self.power not in POWER_MODES:
-            raise ProtocolError(f"status.power unknown: {self.power!r}")
-        _num("status.willingness", self.willingness, 0, 1)
-        if self.battery_pct is not None:
-            _num("status.battery_pct", self.battery_pct, 0, 100)
-        if self.temp_c is not None:
-            _num("status.temp_c", self.temp_c, -100, 300)
-        for gpu in _list("status.gpus", self.gpus, MAX_GPUS):
-            gpu.validate()
-        for label in _list("status.labels", self.labels, MAX_LABELS):
-            _str("status.labels[]", label, MAX_LABEL)
-        _num("status.uptime_s", self.uptime_s, 0, 1e10)
-        _num("status.hash_rate", self.hash_rate, 0, 1e13)
-        _bool("status.exec_allowed", self.exec_allowed)
-        _int("status.running", self.running, 0, 1 << 20)
-        _bool("status.lending", self.lending)
-
-    def to_wire(self) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["gpus"] = [[g.name, g.mem_total_mb, g.mem_used_mb, g.util_pct] for g in self.gpus]
-        body["cpu_per_core"] = list(self.cpu_per_core)
-        body["labels"] = list(self.labels)
-        return body
-
-    @classmethod
-    def from_wire(cls, body: object) -> NodeStatus:
-        if not isinstance(body, dict):
-            raise ProtocolError("status must be a map")
-        body = dict(body)
-        gpus = _list("status.gpus", body.get("gpus", []), MAX_GPUS)
-        try:
-            body["gpus"] = tuple(GpuInfo(*g) for g in gpus)
-        except TypeError as exc:
-            raise ProtocolError(f"status.gpus malformed: {exc}") from exc
-        body["cpu_per_core"] = tuple(_list("status.cpu_per_core", body.get("cpu_per_core", []), MAX_CORES))
-        body["labels"] = tuple(_list("status.labels", body.get("labels", []), MAX_LABELS))
-        return cast(NodeStatus, _build(cls, body, "status"))
-
-
-@dataclass(frozen=True, slots=True)
-class GossipEntry:
-    """A peer the sender knows, so the receiver can contact it directly."""
-
-    fingerprint: str
-    host: str     # IP the sender reaches it at
-    dport: int    # its discovery port
-
-    def validate(self) -> None:
-        check_fingerprint("gossip.fingerprint", self.fingerprint)
-        _str("gossip.host", self.host, MAX_HOST, empty=False)
-        _int("gossip.dport", self.dport, 1, 65535)
+# Field checks (shared with the control socket and the config): see ``checks``.
+_str, _int, _num, _bool, _list = check_str, check_int, check_num, check_bool, check_list
 
 
 # ---------------------------------------------------------------- messages
@@ -375,84 +204,64 @@ class Error:
 @dataclass(frozen=True, slots=True)
 class Offer:
     """A chunk of a job proposed to a host (submitter -> host). The host answers Accept or Refuse,
-    then Progress/Output while it runs and one Result, all carrying the same rid."""
+    then Progress/Output while it runs and one Result, all carrying the same rid.
+
+    On the wire the spec's fields are flat beside the offer's own, with ``kind`` naming the spec:
+    ``{rid, job_id, kind, chunk, submitter, iterations, start, count}`` for cpu, ``{..., mib, ms}`` for mem,
+    ``{..., argv, timeout_s, mem_mib, inputs, output_cap}`` for exec."""
 
     KIND: ClassVar[Kind] = Kind.OFFER
     rid: int
     job_id: str
-    kind: str                     # cpu | mem | exec
+    spec: Spec
     chunk: int = 0
-    iterations: int = 0           # cpu: the whole job's iterations (units are cut from it)
-    start: int = 0                # cpu: first unit of this chunk
+    start: int = 0                # cpu: first unit of this chunk (units are cut from spec.iterations)
     count: int = 0                # cpu: units in this chunk
-    mib: int = 0                  # mem
-    ms: int = 0                   # mem
-    argv: tuple[str, ...] = ()    # exec
-    timeout_s: float = 0.0        # exec: 0 = the host's default
-    mem_mib: int = 0              # exec: address-space limit; 0 = the host's default (its mem_offer_mb)
     submitter: str = ""           # the submitter's node name, for the host's logs and records
-    # exec: files the submitter sends (FileChunk, after Accept) before the program starts:
-    # (relative path, size, sha256 hex, executable)
-    inputs: tuple[tuple[str, int, str, bool], ...] = ()
     output_cap: int = 0           # exec: bytes of $VESTA_OUTPUT the submitter takes back (0: none)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.KIND
 
     def validate(self) -> None:
         _int("offer.rid", self.rid, 0, 1 << 63)
         check_job_id("offer.job_id", self.job_id)
-        if self.kind not in JOB_KINDS:
-            raise ProtocolError(f"offer.kind unknown: {self.kind!r}")
+        if not isinstance(self.spec, (CpuSpec, MemSpec, ExecSpec)):
+            raise ProtocolError("offer.spec must be a job specification")
+        try:
+            self.spec.validate()
+        except InvalidJob as exc:
+            raise ProtocolError(f"offer: {exc}") from None
         _int("offer.chunk", self.chunk, 0, 1 << 31)
         if self.submitter:
             check_name("offer.submitter", self.submitter)
-        if self.kind == "cpu":
-            _int("offer.iterations", self.iterations, 1, MAX_ITERATIONS)
+        _int("offer.output_cap", self.output_cap, 0, MAX_FILE_BYTES)
+        if isinstance(self.spec, CpuSpec):
             _int("offer.count", self.count, 1, MAX_UNITS_PER_CHUNK)
             _int("offer.start", self.start, 0, MAX_ITERATIONS)
-            if (self.start + self.count - 1) * CPU_UNIT >= self.iterations:
+            if (self.start + self.count - 1) * CPU_UNIT >= self.spec.iterations:
                 raise ProtocolError("offer units lie beyond the job's iterations")
-        elif self.kind == "mem":
-            _int("offer.mib", self.mib, 1, MAX_MEM_MIB)
-            _int("offer.ms", self.ms, 0, 86_400_000)
-        else:
-            argv = _list("offer.argv", self.argv, MAX_ARGV)
-            if not argv:
-                raise ProtocolError("offer.argv is empty")
-            for arg in argv:
-                _str("offer.argv[]", arg, MAX_ARG)
-                if "\x00" in arg:
-                    raise ProtocolError("offer.argv contains a NUL byte")
-            if not argv[0]:
-                raise ProtocolError("offer.argv[0] is empty")
-            _num("offer.timeout_s", self.timeout_s, 0, 7 * 86400)
-            _int("offer.mem_mib", self.mem_mib, 0, MAX_MEM_MIB)
-            _int("offer.output_cap", self.output_cap, 0, MAX_FILE_BYTES)
-            seen = set()
-            for entry in _list("offer.inputs", self.inputs, MAX_INPUTS):
-                if not isinstance(entry, tuple) or len(entry) != 4:
-                    raise ProtocolError("offer.inputs[] must be [path, size, sha256, executable]")
-                path = check_rel_path("offer.inputs[].path", entry[0])
-                _int("offer.inputs[].size", entry[1], 0, MAX_FILE_BYTES)
-                check_sha256_hex("offer.inputs[].sha256", entry[2])
-                _bool("offer.inputs[].executable", entry[3])
-                if path in seen:
-                    raise ProtocolError(f"offer.inputs names {path!r} twice")
-                seen.add(path)
-        if self.kind != "exec" and (self.inputs or self.output_cap):
+        elif not isinstance(self.spec, ExecSpec) and self.output_cap:
             raise ProtocolError("offer.inputs and offer.output_cap are for exec jobs")
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> Offer:
         body = dict(body)
-        body["argv"] = tuple(_list("offer.argv", body.get("argv", []), MAX_ARGV))
-        body["inputs"] = tuple(tuple(e) if isinstance(e, list) else e
-                               for e in _list("offer.inputs", body.get("inputs", []), MAX_INPUTS))
+        kind = body.get("kind")
+        if kind not in JOB_KINDS:
+            raise ProtocolError(f"offer.kind unknown: {kind!r}")
+        if kind != "exec" and body.get("inputs"):
+            raise ProtocolError("offer.inputs and offer.output_cap are for exec jobs")
+        try:
+            body["spec"] = spec_from_wire(kind, body)
+        except InvalidJob as exc:
+            raise ProtocolError(f"offer: {exc}") from None
         return cast(Offer, _build(cls, body, "offer"))
 
     def to_wire(self) -> dict[str, Any]:
-        body = {f.name: getattr(self, f.name) for f in fields(self)}
-        body["argv"] = list(self.argv)
-        body["inputs"] = [list(e) for e in self.inputs]
-        return body
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"}
+        return body | {"kind": self.kind} | self.spec.to_wire()
 
 
 @dataclass(frozen=True, slots=True)
@@ -656,18 +465,6 @@ _BY_KIND: dict[Kind, type[Any]] = {
     cls.KIND: cls for cls in (Beacon, Ping, Pong, Error, Offer, Accept, Refuse, Progress, Output, Result, Cancel,
                               RecordsRequest, Records, FileChunk)
 }
-
-
-def _build(cls: type[Any], body: dict[str, Any], where: str) -> Any:
-    """Construct ``cls`` from a wire map: defaults fill gaps, unknown keys are ignored."""
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in body:
-            kwargs[f.name] = body[f.name]
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise ProtocolError(f"{where}.{f.name} missing")
-    return cls(**kwargs)
-
 
 
 def encode(msg: Message) -> bytes:

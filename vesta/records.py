@@ -79,7 +79,9 @@ from typing import Any
 import msgpack
 
 from vesta import outcome
-from vesta.errors import ConfigError, VestaError
+from vesta.errors import RecordsError, RecordsVersionError, TransitionError, UnknownRecord
+
+__all__ = ["Records", "RecordsError", "RecordsVersionError", "TransitionError", "UnknownRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +145,6 @@ WRITES_SUFFIX = "-writes"   # the write log, beside the database
 _FRAME = struct.Struct("<II")   # an entry's length and CRC-32, then msgpack [seq, sql, params]
 _JOB_COLS = ("id, kind, args, submitter, submitter_fp, created, started, finished, state, exit_code, reason, "
              "result, log_bytes, log_dropped")
-
-
-class RecordsError(VestaError):
-    """A records call was given something invalid, or the database cannot be used."""
-
-
-class RecordsVersionError(ConfigError):
-    """The records database was written by a newer vesta."""
-
-
-class TransitionError(RecordsError):
-    """An illegal state change (the message names the record, from and to)."""
-
-
-class UnknownRecord(RecordsError, LookupError):
-    """No job, part or hosted run with that id."""
 
 
 def _check(ok: bool, message: str) -> None:

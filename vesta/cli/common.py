@@ -11,13 +11,41 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
+from vesta import errors
 from vesta.cli.base import usage_message
-from vesta.errors import ConfigError, DaemonNotRunning, VestaError
+from vesta.errors import VestaError
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # the daemon or a peer said no, something failed at run time
 EXIT_USAGE = 2      # bad flag, config file or value
 EXIT_NO_DAEMON = 3  # nothing to talk to
+
+# Every class of errors.VestaError's tree, and the exit code of the CLI that meets it (the nearest class
+# listed wins; tests/test_errors.py checks that every class is here).
+EXIT_CODES: dict[type[VestaError], int] = {
+    errors.VestaError: EXIT_ERROR,
+    errors.ConfigError: EXIT_USAGE,
+    errors.IdentityError: EXIT_USAGE,
+    errors.InvalidJob: EXIT_USAGE,
+    errors.InputError: EXIT_ERROR,
+    errors.RecordsVersionError: EXIT_USAGE,
+    errors.ProtocolError: EXIT_ERROR,
+    errors.FrameTooLarge: EXIT_ERROR,
+    errors.AuthError: EXIT_ERROR,
+    errors.Dropped: EXIT_ERROR,
+    errors.PeerUnavailable: EXIT_ERROR,
+    errors.DaemonNotRunning: EXIT_NO_DAEMON,
+    errors.Refused: EXIT_ERROR,
+    errors.NotFound: EXIT_ERROR,
+    errors.JobFailed: EXIT_ERROR,
+    errors.NotNow: EXIT_ERROR,
+    errors.JobCancelled: EXIT_ERROR,
+    errors.RecordsError: EXIT_ERROR,
+    errors.TransitionError: EXIT_ERROR,
+    errors.UnknownRecord: EXIT_ERROR,
+    errors.Cancelled: EXIT_ERROR,
+    errors.RemoteError: EXIT_ERROR,
+}
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
@@ -40,10 +68,10 @@ def fail(prog: str, message: str, code: int) -> NoReturn:
 
 
 def exit_code(exc: VestaError) -> int:
-    if isinstance(exc, DaemonNotRunning):
-        return EXIT_NO_DAEMON
-    if isinstance(exc, ConfigError):
-        return EXIT_USAGE
+    """The exit code of the nearest class of ``exc`` in EXIT_CODES (a remote error: the daemon's class)."""
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
     return EXIT_ERROR
 
 

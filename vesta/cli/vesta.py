@@ -22,7 +22,8 @@ from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command, stdout_console
 from vesta.config import default_key_file
 from vesta.control import ControlClient
-from vesta.errors import ConfigError, VestaError
+from vesta.errors import ConfigError, InvalidJob, VestaError
+from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -543,12 +544,10 @@ def _rate(it_per_s: float) -> str:
 @click.pass_context
 def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> None:
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
-    if not 0 < millions <= 1e9:
-        raise ConfigError(f"MILLIONS must be a positive number of million iterations, at most 1e9 (got {millions:g}), "
-                          "e.g. vesta cpu 200")
     as_json = _json(ctx)
+    request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
     with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
-        r = c.call("cpu", on_event=bar.event, millions=millions, on=on, split=not no_split)
+        r = c.call("cpu", on_event=bar.event, **request.to_wire())
     if as_json:
         print_json(r)
         return
@@ -569,10 +568,9 @@ def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> 
 @click.pass_context
 def mem(ctx: click.Context, mib: int, ms: int, on: str | None) -> None:
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
-    if mib <= 0 or ms < 0:
-        raise ConfigError(f"MIB must be > 0 and MS >= 0 (got {mib} {ms}), e.g. vesta mem 512 5000")
+    request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on})
     with _client(ctx) as c:
-        r = c.call("mem", mib=mib, ms=ms, on=on)
+        r = c.call("mem", **request.to_wire())
     if _json(ctx):
         print_json(r)
         return
@@ -633,12 +631,10 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
     as_json = _json(ctx)
-    if timeout is not None and not 0 < timeout <= 7 * 86400:
-        raise ConfigError("--timeout must be from 1 to 604800 seconds")
+    if timeout is not None and timeout <= 0:   # 0 in a spec is the node's default, not a time
+        raise InvalidJob(f"--timeout must be from 1 to {MAX_TIMEOUT_S} seconds")
     if mem is not None and mem <= 0:
-        raise ConfigError("--mem must be a positive number of MiB")
-    if not 0 <= retries <= 10:
-        raise ConfigError("--retries must be from 0 to 10")
+        raise InvalidJob("--mem must be a positive number of MiB")
     files = []
     for put in puts:
         path = os.path.abspath(put)
@@ -663,16 +659,17 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
         out.write(data)
         out.flush()
 
-    request: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "on": on, "mem": mem, "puts": files,
-                               "queue": queue, "retries": retries}
+    request = JobRequest(ExecSpec(argv, timeout_s=timeout or 0.0, mem_mib=mem or 0), on=on, retries=retries,
+                         queue=queue, puts=tuple(files))
+    request.validate()
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", detach=True, **request)
+            r = c.call("exec", detach=True, **request.to_wire())
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
         try:
-            r = c.call("exec", on_event=event, **request)
+            r = c.call("exec", on_event=event, **request.to_wire())
         except KeyboardInterrupt:
             if queue and said:
                 click.echo("vesta: the job stays queued; see vesta jobs, or vesta cancel JOB", err=True)
@@ -768,25 +765,18 @@ def cancel(ctx: click.Context, job_id: str) -> None:
         click.echo(f"cancelled {r['cancelled']}")
 
 
-def rerun_request(job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The op and request that submit a recorded job again, as it was submitted (pure)."""
-    args = job.get("args") or {}
-    kind = job["kind"]
-    if kind == "cpu" and "iterations" in args:
-        return "cpu", {"millions": args["iterations"] / 1e6, "on": args.get("on"), "split": args.get("split", True)}
-    if kind == "mem":
-        return "mem", {"mib": args["mib"], "ms": args["ms"], "on": args.get("on")}
-    if kind == "exec":
-        inputs = args.get("inputs") or []
-        if inputs:
-            names = " ".join(f"--put {i[0]}" for i in inputs)
-            raise ConfigError(f"{job['id']} shipped files ({', '.join(i[0] for i in inputs)}), and a node keeps them "
-                              f"only while the job runs: submit it again from the files with "
-                              f"vesta exec {names} -- {' '.join(args.get('argv', []))}")
-        return "exec", {"argv": list(args["argv"]), "timeout": args.get("timeout") or None, "on": args.get("on"),
-                        "mem": args.get("mem_mib") or None, "puts": [], "queue": bool(args.get("queue")),
-                        "retries": int(args.get("retries") or 0)}
-    raise ConfigError(f"{job['id']} is a {kind} job that vesta rerun cannot submit again")
+def rerun_request(job: dict[str, Any]) -> JobRequest:
+    """The request that submits a recorded job again, as it was submitted (pure): a job's args in the records
+    are its request (JobRequest.to_wire)."""
+    request = JobRequest.from_wire(job["kind"], job.get("args") or {})
+    inputs = getattr(request.spec, "inputs", ())
+    if inputs:
+        names = " ".join(f"--put {i.path}" for i in inputs)
+        argv = " ".join(getattr(request.spec, "argv", ()))
+        raise ConfigError(f"{job['id']} shipped files ({', '.join(i.path for i in inputs)}), and a node keeps them "
+                          f"only while the job runs: submit it again from the files with "
+                          f"vesta exec {names} -- {argv}")
+    return request
 
 
 @cli.command()
@@ -802,7 +792,8 @@ def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
     as_json = _json(ctx)
     with _client(ctx) as c:
         old = c.call("show", job_id=job_id)
-    op, request = rerun_request(old)
+    request = rerun_request(old)
+    op = request.kind
     if detach and op != "exec":
         raise ConfigError(f"--detach works for exec jobs; {job_id} is a {op} job")
     linked: list[str] = []
@@ -825,7 +816,7 @@ def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
             out.flush()
 
     with _client(ctx) as c:
-        r = c.call(op, on_event=event, **request, **({"detach": True} if detach else {}))
+        r = c.call(op, on_event=event, **request.to_wire(), **({"detach": True} if detach else {}))
     link(str(r["job_id"]))
     if as_json:
         print_json(r | {"rerun_of": job_id})
@@ -833,7 +824,7 @@ def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
         click.echo(r["job_id"])
     elif op == "exec":
         if r.get("reason"):
-            click.echo(f"vesta: {' '.join(request['argv'])} on {r['node']}: {r['reason']}", err=True)
+            click.echo(f"vesta: {request.spec.describe()} on {r['node']}: {r['reason']}", err=True)
     else:
         click.echo(f"{r['job_id']} {outcome.of_result(r)}" + (f"; digest {r['digest']}" if r.get("digest") else ""))
     if op == "exec" and not detach:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
-from vesta import executor
+from vesta import workloads
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,8 @@ def pair(cluster: Cluster, tmp_path: Path, **b_kw: Any) -> tuple[Vestad, Vestad]
 
 
 def expected_digest(job_id: str, iterations: int) -> str:
-    units = executor.units_for(iterations)
-    return executor.job_digest(executor.hash_units(job_id, iterations, 0, units, threads=2).digests)
+    units = workloads.units_for(iterations)
+    return workloads.job_digest(workloads.hash_units(job_id, iterations, 0, units, threads=2).digests)
 
 
 def cpu_json(node: Vestad, *args: str, timeout: float = 120) -> dict[str, Any]:

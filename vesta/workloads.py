@@ -1,4 +1,4 @@
-"""Built-in workloads: cpu hashing, memory holding, local stress.
+"""Built-in workloads: cpu hashing, memory holding, local stress, and a host's runs of cpu and mem chunks.
 
 **cpu.** One iteration is one SHA-256 compression of a 64-byte block. A job
 of N iterations is cut into *units* of ``UNIT`` iterations (the last one
@@ -18,23 +18,29 @@ takes effect within one segment (about a millisecond).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import mmap
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vesta import proto
+from vesta.errors import Cancelled, Refused
 from vesta.proto import CPU_UNIT
+from vesta.spec import CpuSpec, MemSpec
+
+__all__ = ["Cancelled"]
+
+HOSTNAME = socket.gethostname()
+INLINE_ITERATIONS = 4096  # a cpu chunk this small (256 KiB, ~0.2 ms) is hashed on the event loop, not in a thread
 
 BLOCK = 64                         # bytes per iteration (one SHA-256 compression)
 SEGMENT_BLOCKS = 16384             # 1 MiB per hashlib call: large enough to release the GIL
 UNIT = CPU_UNIT                    # iterations per unit (64 MiB hashed, ~0.05-0.5 s on one core)
 PAGE = 4096
-
-
-class Cancelled(Exception):
-    """The work was stopped by its cancel event."""
 
 
 def units_for(iterations: int) -> int:
@@ -209,3 +215,56 @@ class Stress:
             t.join(timeout=2)
         self._threads = []
         return was
+
+
+def is_inline(offer: proto.Offer) -> bool:
+    """A cpu chunk of one small unit: it hashes in microseconds, so it runs on the event loop."""
+    return (isinstance(offer.spec, CpuSpec) and offer.count == 1
+            and unit_size(offer.spec.iterations, offer.start) <= INLINE_ITERATIONS)
+
+
+def run_inline(offer: proto.Offer, cancel: threading.Event, node: str,
+               progress: Callable[[int], None]) -> proto.Result | None:
+    """Run a tiny cpu chunk right here (None if it is not one, see ``is_inline``).
+
+    On the loop it skips two thread hand-offs (to_thread, then hash_units' own worker), which cost
+    ~0.5 ms of a 1-iteration job (benchmarks/bench_dispatch.py)."""
+    if not is_inline(offer):
+        return None
+    t0 = time.perf_counter()
+    c0 = time.thread_time()
+    assert isinstance(offer.spec, CpuSpec)
+    size = unit_size(offer.spec.iterations, offer.start)
+    try:
+        digest = unit_digest(offer.job_id, offer.start, size, cancel=cancel, progress=progress)
+    except Cancelled:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="cancelled")
+    return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=(digest,),
+                        iterations=size, elapsed_s=time.perf_counter() - t0, cpu_s=time.thread_time() - c0)
+
+
+async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,
+                      progress: Callable[[int], None]) -> proto.Result:
+    """Run a cpu or mem chunk in a worker thread and describe how it ended."""
+    quick = run_inline(offer, cancel, node, progress)
+    if quick is not None:
+        return quick
+    t0 = time.perf_counter()
+    try:
+        if isinstance(offer.spec, CpuSpec):
+            r = await asyncio.to_thread(hash_units, offer.job_id, offer.spec.iterations, offer.start,
+                                        offer.count, threads=1, cancel=cancel, progress=progress)
+            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME, digests=tuple(r.digests),
+                                iterations=r.iterations, elapsed_s=r.elapsed_s, cpu_s=r.cpu_s)
+        if isinstance(offer.spec, MemSpec):
+            m = await asyncio.to_thread(hold_memory, offer.spec.mib, offer.spec.ms, cancel)
+            return proto.Result(rid=offer.rid, ok=True, node=node, hostname=HOSTNAME,
+                                elapsed_s=m.held_s + m.touch_s, cpu_s=m.touch_s)
+    except Cancelled:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="cancelled")
+    except MemoryError:
+        return proto.Result(rid=offer.rid, ok=False, node=node, hostname=HOSTNAME,
+                            elapsed_s=time.perf_counter() - t0, error="out of memory")
+    raise Refused(f"{node} cannot run {offer.kind} jobs here", reason="policy")
