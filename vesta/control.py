@@ -18,9 +18,9 @@ from typing import Any
 
 import msgpack
 
+from vesta.checks import MAX_FRAME
 from vesta.config import locate_socket, socket_dirs
 from vesta.errors import DaemonNotRunning, PeerUnavailable, RemoteError, remote
-from vesta.wire import MAX_FRAME
 
 __all__ = ["ControlClient", "RemoteError", "find_socket"]
 

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import sys
 import time
@@ -128,12 +129,18 @@ class Daemon:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the records database in {cfg.state_dir}: {exc}") from exc
         self._exits.callback(self.records.close)
-        self._wire_jobs()
+        listening = self._bind()
+        self._exits.callback(listening.close)
+        gpus = await asyncio.to_thread(sysstat.detect_gpus)
+        hash_rate = await asyncio.to_thread(workloads.measure_hash_rate, 0.1)
+        self._wire_jobs(Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
+                                 hours=lambda: self.host.hours, port=listening.getsockname()[1],
+                                 hash_rate=hash_rate, gpus=gpus))
         self._exits.push_async_callback(self.queue.close)
         self._exits.push_async_callback(self.pool.close)
-        await self._listen()
-        self.capacity.gpus = await asyncio.to_thread(sysstat.detect_gpus)
-        self.capacity.hash_rate = await asyncio.to_thread(workloads.measure_hash_rate, 0.1)
+        server = await asyncio.start_server(self._accept_peer, sock=listening)
+        self._exits.push_async_callback(cancel_all, self._inbound)
+        self._exits.callback(server.close)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -176,12 +183,11 @@ class Daemon:
             hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()),
             job_user=job_user, setpriv=setpriv, prlimit=prlimit, keep_runs=cfg.keep_runs)
 
-    def _wire_jobs(self) -> None:
-        """The capacity model, the host, discovery, the link pool, the submitter and the exec queue."""
+    def _wire_jobs(self, capacity: Capacity) -> None:
+        """The host, discovery, the link pool, the submitter and the exec queue, over the capacity model."""
         cfg = self.cfg
         hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
-        self.capacity = Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
-                                 hours=lambda: self.host.hours, port=cfg.port)
+        self.capacity = capacity
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
@@ -199,19 +205,17 @@ class Daemon:
                                self._can_place, self._queued_done)
         self.queue.forget_stale_inputs()
 
-    async def _listen(self) -> None:
+    def _bind(self) -> socket.socket:
+        """The TCP peer port, bound and listening (served once the parts that answer peers exist)."""
         cfg = self.cfg
         try:
-            server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
+            return socket.create_server((cfg.bind, cfg.port), backlog=MAX_INBOUND, reuse_port=False)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(f"TCP port {cfg.port} is already in use (another vestad?): "
                                   "choose another with -port") from exc
             raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}: "
                               "check -bind and -port") from exc
-        self._exits.push_async_callback(cancel_all, self._inbound)
-        self._exits.callback(server.close)
-        self.capacity.port = server.sockets[0].getsockname()[1]
 
     def _start_loops(self) -> None:
         self._exits.push_async_callback(cancel_all, self._tasks)

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from nacl.signing import SigningKey
 
 from vesta import proto
+from vesta.checks import MAX_FRAME  # bytes; a sealed frame carries at most MAX_FRAME - 16 of payload
 from vesta.crypto import FederationKeys, Handshake, Session
 from vesta.errors import FrameTooLarge, PeerUnavailable, ProtocolError
 
-MAX_FRAME = 16 * 1024 * 1024      # bytes; a sealed frame carries at most MAX_FRAME - 16 of payload
 MAX_HANDSHAKE_FRAME = 1024        # a hello or auth frame is ~120 bytes
 _HEADER = struct.Struct(">I")
 
