@@ -618,7 +618,7 @@ def stop_stress(ctx: click.Context) -> None:
 @click.option("--retries", "-retries", type=int, default=0, show_default=True,
               help="Run it again elsewhere this many times if its node dies or the link drops.")
 @shared_options
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_context
 def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
           puts: tuple[str, ...], queue: bool, retries: int, argv: tuple[str, ...]) -> None:
