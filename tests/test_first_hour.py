@@ -236,7 +236,7 @@ def test_9_jobs_show_the_node_wait_takes_several_and_rerun_links_the_records(clu
 
 
 def _bare_env(tmp_path: Path, runtime: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("VESTA_KEY", "VESTA_NAME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("VESTA_KEY", "VESTA_NAME", "VESTA_TMP_LINK")}
     env.update(XDG_CONFIG_HOME=str(tmp_path / "cfg"), XDG_RUNTIME_DIR=str(runtime))
     return env
 
@@ -278,7 +278,8 @@ def test_10_vestad_reads_the_default_key_refuses_a_shared_one_and_is_found_from_
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="planting a link as another user needs root")
-def test_10_a_link_another_user_planted_in_tmp_is_never_followed(tmp_path: Path) -> None:
+def test_10_a_link_another_user_planted_in_tmp_is_never_followed(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"fh{secrets.token_hex(3)}"
     runtime = short_tmpdir()
     real = socket.socket(socket.AF_UNIX)
@@ -289,6 +290,7 @@ def test_10_a_link_another_user_planted_in_tmp_is_never_followed(tmp_path: Path)
     try:
         out = run(tool("vesta") + ["status", "--name", name], dict(os.environ, XDG_RUNTIME_DIR=str(short_tmpdir())))
         assert out.returncode == 3 and "not running" in out.stderr
+        monkeypatch.delenv("VESTA_TMP_LINK")
         assert config.link_tmp_socket(runtime / f"vestad-{name}.sock", name) is None   # and never replaced
         assert os.readlink(link) == str(runtime / "bait.sock")
     finally:
