@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"vesta.checks"},
     {"vesta.spec", "vesta.status"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
-     "vesta.hours", "vesta.proctree"},
+     "vesta.hours", "vesta.proctree", "vesta.outcome"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
      "vesta.artifacts", "vesta.workloads"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver"},
@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
     {"vesta.daemon", "vesta.control"},
     {"vesta.client"},
     {"vesta.cli"},  # and every vesta.cli.* module
+    {"vesta.__main__"},  # python -m vesta: the vesta command
 ]
 SAME_LAYER: dict[str, set[str]] = {
     "vesta.wire": {"vesta.proto", "vesta.crypto"},   # frames carry messages and sealed sessions
@@ -66,7 +67,7 @@ MODULES = all_modules()
 
 def layer_of(module: str) -> int:
     if module == "vesta.cli" or module.startswith("vesta.cli."):
-        return len(LAYERS) - 1
+        return len(LAYERS) - 2   # the cli layer (only python -m vesta is above it)
     for rank, members in enumerate(LAYERS):
         if module in members:
             return rank

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from vesta import outcome as outcomes
 from vesta.control import find_socket
 from vesta.errors import DaemonNotRunning, InvalidJob, JobFailed, ProtocolError, VestaError, remote
 from vesta.spec import ExecSpec, JobRequest, MemSpec
@@ -104,6 +105,14 @@ class JobResult:
     @property
     def ok(self) -> bool:
         return self.kind != "exec" or self.exit_code == 0
+
+    @property
+    def outcome(self) -> str:
+        """How it ended, in the words of `vesta jobs` and vestatop: ``succeeded``, ``failed, exit 4``,
+        ``failed, signal 9``, ``timed out``, ``cancelled``."""
+        if self.kind != "exec":
+            return outcomes.SUCCEEDED
+        return outcomes.of_result({"exit_code": self.exit_code, "signal": self.signal, "reason": self.reason})
 
     def check(self) -> JobResult:
         """This result, or JobFailed if the program did not exit 0."""

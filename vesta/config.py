@@ -8,6 +8,8 @@ silently fall back to a default).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import json
 import logging
@@ -15,12 +17,13 @@ import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vesta.errors import ConfigError
+from vesta.errors import ConfigError, DaemonNotRunning
 from vesta.spec import MAX_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,25 @@ log = logging.getLogger(__name__)
 MIN_KEY_CHARS = 16
 MAX_NAME = 32
 POWER_CHOICES = ("auto", "grid", "solar", "battery")
-KEY_HINT = "generate one with `vesta keygen` and pass it with -key-file PATH or VESTA_KEY"
+KEY_HINT = ("generate one with `vesta keygen -o ~/.config/vesta/federation.key` (read there by default), "
+            "or pass it with --key-file PATH or VESTA_KEY")
+TMP_SOCKET_DIR = Path("/tmp")
+
+
+def config_home() -> Path:
+    """$XDG_CONFIG_HOME/vesta, or ~/.config/vesta."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "vesta"
+
+
+def default_key_file() -> Path:
+    """Where vestad looks for the federation key when none is given."""
+    return config_home() / "federation.key"
+
+
+def default_config_file() -> Path:
+    """Where vestad looks for its config file when none is given."""
+    return config_home() / "vestad.json"
 
 
 def default_state_dir() -> Path:
@@ -43,6 +64,110 @@ def socket_dir() -> Path:
 
 def socket_path(name: str, directory: Path | None = None) -> Path:
     return (directory or socket_dir()) / f"vestad-{name}.sock"
+
+
+def socket_dirs() -> list[Path]:
+    """Where a client looks for control sockets, in order: $XDG_RUNTIME_DIR (when set), then /tmp."""
+    dirs = [socket_dir()]
+    if TMP_SOCKET_DIR not in dirs:
+        dirs.append(TMP_SOCKET_DIR)
+    return dirs
+
+
+def owned_by_me(path: Path) -> bool:
+    """``path`` itself (not what a link points to) belongs to this user: a link in /tmp that another user
+    planted is never followed."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid()
+
+
+def usable_socket(path: Path) -> bool:
+    """A control socket this user may use: ours, reached directly or through a link that is ours too."""
+    if not owned_by_me(path):
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
+
+
+def locate_socket(name: str | None, directories: list[Path], hint: str) -> Path:
+    """The control socket of vestad ``name`` (the first directory that has it), or with no name the only
+    one of this user (in the first directory that has any). Says where it looked when there is none."""
+    where = " and ".join(str(d) for d in directories)
+    if name:
+        for directory in directories:
+            path = socket_path(sanitize_name(name), directory)
+            if usable_socket(path):
+                return path
+        raise DaemonNotRunning(f"vestad {name!r} is not running (no vestad-{sanitize_name(name)}.sock in {where}): "
+                               f"{hint}")
+    for directory in directories:
+        found: dict[Path, Path] = {}
+        try:
+            for p in sorted(directory.glob("vestad-*.sock")):
+                with contextlib.suppress(OSError):
+                    if usable_socket(p):
+                        found.setdefault(p.resolve(), p)
+        except OSError:
+            continue
+        candidates = list(found.values())
+        if len(candidates) > 1:
+            names = ", ".join(p.name[len("vestad-"):-len(".sock")] for p in candidates)
+            raise ConfigError(f"several vestad are running ({names}): choose one with -name or VESTA_NAME")
+        if candidates:
+            return candidates[0]
+    raise DaemonNotRunning(f"vestad is not running (no vestad-*.sock in {where}): {hint}")
+
+
+def link_tmp_socket(sock: Path, name: str) -> Path | None:
+    """Keep the seed's ``/tmp/vestad-NAME.sock`` as a link to ``sock`` (made with a private umask), so a client
+    with another $XDG_RUNTIME_DIR (a service and a shell, sudo) still finds this daemon. Returns the link, or
+    None when ``sock`` is already in /tmp or the place belongs to someone else (never touched then)."""
+    link = socket_path(name, TMP_SOCKET_DIR)
+    if os.environ.get("VESTA_TMP_LINK", "1") == "0":   # turned off (a test suite's many short-lived daemons)
+        return None
+    if sock.parent.resolve() == TMP_SOCKET_DIR.resolve() or link == sock:
+        return None
+    try:
+        st = link.lstat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        log.warning("not linking %s: %s", link, exc.strerror)
+        return None
+    if st is not None and (st.st_uid != os.getuid() or not stat.S_ISLNK(st.st_mode)):
+        log.warning("not linking %s to the control socket: something else is there (owner uid %d); "
+                    "clients find the socket in %s", link, st.st_uid, sock.parent)
+        return None
+    if st is not None and usable_socket(link) and os.readlink(link) != str(sock):
+        log.warning("not linking %s: it leads to another running vestad's socket (%s)", link, os.readlink(link))
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(sock, tmp)
+        os.replace(tmp, link)   # /tmp is sticky: only we can replace or remove our own link
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not link %s to the control socket: %s", link, exc.strerror)
+        return None
+    return link
+
+
+def unlink_tmp_socket(link: Path | None, sock: Path) -> None:
+    """Remove our /tmp link at shutdown, if it is still ours and still leads to ``sock``."""
+    if link is None:
+        return
+    try:
+        if owned_by_me(link) and link.is_symlink() and os.readlink(link) == str(sock):
+            link.unlink()
+    except OSError:
+        pass
 
 
 def sanitize_name(raw: str) -> str:
@@ -311,6 +436,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("at most 16 labels")
 
 
+def check_private(path: Path, where: str) -> None:
+    """Refuse a key file that other users may read, as OpenSSH does, with the fix in the message."""
+    try:
+        mode = stat.S_IMODE(path.expanduser().stat().st_mode)
+    except OSError:
+        return   # reading it says what is wrong
+    if mode & 0o077:
+        raise ConfigError(f"{where}: key file {path} is readable by other users (mode {mode:04o}); "
+                          f"make it private with: chmod 600 {path}")
+
+
 def read_key_file(path: Path, where: str) -> str:
     try:
         text = path.expanduser().read_text().strip()
@@ -322,6 +458,7 @@ def read_key_file(path: Path, where: str) -> str:
         raise ConfigError(f"{where}: key file {path} is not text") from exc
     if not text:
         raise ConfigError(f"{where}: key file {path} is empty: {KEY_HINT}")
+    check_private(path, where)
     return text
 
 
@@ -344,9 +481,9 @@ def read_file(path: Path) -> dict[str, Any]:
         if k.startswith("_"):
             continue
         if k not in known:
-            close = [n for n in sorted(known) if n.split("_")[0] == k.split("_")[0]]
+            close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown field {k!r}{hint}; see config.example.json for the fields")
+            raise ConfigError(f"{path}: unknown field {k!r}{hint}; `vestad --print-config-example` lists the fields")
         out[k] = v
     return out
 
@@ -356,10 +493,14 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    used: list[str] = []   # said once the config is known to be good
 
     config_path = flags.get("config")
+    if not config_path and default_config_file().is_file():
+        config_path = str(default_config_file())
     if config_path:
         path = Path(config_path).expanduser()
+        used.append(f"config file {path}")
         for k, v in read_file(path).items():
             values[k], origin[k] = v, f"{path}: field {k!r}"
         if "key_file" in values:  # relative to the config file, like any path a user writes there
@@ -376,6 +517,16 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     elif "key" not in values and file_key_file is not None:
         values["key"] = read_key_file(Path(file_key_file), file_key_origin)
         origin["key"] = file_key_origin
+    elif "key" not in values and default_key_file().exists():
+        values["key"] = read_key_file(default_key_file(), "default key file")
+        origin["key"] = f"the default key file {default_key_file()}"
+    if "key" in values:
+        where = {"-key": "-key (visible in ps)", "VESTA_KEY": "VESTA_KEY"}.get(origin["key"], origin["key"])
+        if origin["key"] == "-key-file":
+            where = f"-key-file {flags['key_file']}"
+        elif file_key_file is not None and origin["key"] == file_key_origin:
+            where = f"{file_key_file} (key_file in the config)"
+        used.append(f"federation key from {where}")
     for k, v in flags.items():
         if k in ("config", "key", "key_file") or v is None:
             continue
@@ -393,6 +544,8 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     checked.setdefault("key", "")
     cfg = Config(**checked)
     validate(cfg)
+    for what in used:
+        log.info("%s", what)
     return cfg
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 
+from vesta.config import link_tmp_socket, unlink_tmp_socket
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError
 from vesta.tasks import spawn
 from vesta.wire import pack_frame, read_frame
@@ -59,6 +60,7 @@ class ControlServer:
         self.requests: set[asyncio.Task[Any]] = set()   # pipelined requests being served
         self._server: asyncio.Server | None = None
         self._socket_inode: int | None = None
+        self._tmp_link: Path | None = None
 
     async def stop(self) -> None:
         """Stop listening, end every client's connection, remove the socket."""
@@ -92,9 +94,11 @@ class ControlServer:
         os.chmod(path, 0o600)
         self._socket_inode = path.stat().st_ino
         self._server = server
+        self._tmp_link = link_tmp_socket(path, self.name)   # the seed's /tmp place, for other runtime dirs
 
     def close(self) -> None:
         path = self.path
+        unlink_tmp_socket(self._tmp_link, path)
         with contextlib.suppress(OSError):
             if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
                 path.unlink()

@@ -33,6 +33,7 @@ from vesta import (
     confine,
     controlserver,
     execrun,
+    outcome,
     proctree,
     proto,
     sysstat,
@@ -169,6 +170,7 @@ class Daemon:
         self._exits.push_async_callback(self.control.stop)
         self._start_loops()
         self._started_log()
+        self._up = True   # a start that was refused did not "stop" anything
 
     async def _exec_runner(self, bwrap: str | None) -> ExecRunner:
         """The exec machinery, complete; what a dead vestad of this node left running is killed first."""
@@ -264,7 +266,8 @@ class Daemon:
         self._stopping = True
         await self._exits.aclose()
         self._stopped.set()
-        log.info("vestad %s stopped", self.cfg.name)
+        if getattr(self, "_up", False):
+            log.info("vestad %s stopped", self.cfg.name)
 
     def _save_ledger(self) -> None:
         if self.ledger.path is not None and self.ledger.dirty:
@@ -406,7 +409,9 @@ class Daemon:
         if error is not None:
             self._event("job_failed", f"{job_id} exec (queued): {error}")
         elif result is not None:
-            self._event("job_done", f"{job_id} exec (queued) on {result['node']} in {result['elapsed_s']:.2f}s")
+            ended = outcome.of_result(result)
+            self._event(outcome.event_kind(ended), f"{job_id} exec (queued) on {result['node']} in "
+                        f"{result['elapsed_s']:.2f}s: {ended}")
 
     # ------------------------------------------------------------ peer links
 

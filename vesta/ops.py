@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vesta import __version__, proto
+from vesta import __version__, outcome, proto
 from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.crypto import FederationKeys
@@ -115,7 +115,7 @@ class ControlOps:
             "cpu": self._op_cpu, "mem": self._op_mem, "exec": self._op_exec, "stress": self._op_stress,
             "stop-stress": self._op_stop_stress, "cancel": self._op_cancel, "snapshot": self._op_snapshot,
             "ledger": self._op_ledger, "jobs": self._op_jobs, "show": self._op_show, "logs": self._op_logs,
-            "artifacts": self._op_artifacts,
+            "artifacts": self._op_artifacts, "link-rerun": self._op_link_rerun,
         }
 
     async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -245,6 +245,12 @@ class ControlOps:
             raise NotFound(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
         return record
 
+    async def _op_link_rerun(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`vesta rerun`: note that job ``job_id`` runs ``rerun_of`` again, so each record names the other."""
+        new, old = self._record(args), self._record({"job_id": args.get("rerun_of")})
+        self.records.link_rerun(new["id"], old["id"])
+        return {"job_id": new["id"], "rerun_of": old["id"]}
+
     async def _op_show(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return self._record(args)
 
@@ -303,7 +309,9 @@ class ControlOps:
             self.event("job_failed", f"{what}: {exc}")
             raise
         nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
-        self.event("job_done", f"{result['job_id']} {what} on {nodes} in {result['elapsed_s']:.2f}s")
+        ended = outcome.of_result(result)
+        self.event(outcome.event_kind(ended), f"{result['job_id']} {what} on {nodes} in {result['elapsed_s']:.2f}s: "
+                   f"{ended}")
         return result
 
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
