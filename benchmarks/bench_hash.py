@@ -13,7 +13,7 @@ from two, against it:
   event; bytes = iterations (counted by its ``progress`` callback) x 64.
 
 A workload is any ``run(threads, stop) -> bytes hashed`` that hashes on ``threads`` threads until
-``stop`` is set; ``workloads()`` lists them and every one is measured and checked the same way.
+``stop`` is set; ``to_measure()`` lists them and every one is measured and checked the same way.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def hash_units_workload(threads: int, stop: threading.Event) -> int:
     return counted[0] * workloads.BLOCK
 
 
-def workloads() -> dict[str, Workload]:
+def to_measure() -> dict[str, Workload]:
     """What to measure, by short name: the plain-hashlib baseline and the daemon's own cpu workload."""
     return {
         "hashlib": per_thread(hashlib_sha256()),    # hashlib.sha256 over 1 MiB buffers, one thread each
@@ -160,7 +160,7 @@ def main() -> None:
         openssl, how = openssl_sha256_mb_s()
     report.row("openssl sha256", openssl, "MB/s", how + _busy(load))
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for name, fn in workloads().items():
+    for name, fn in to_measure().items():
         measure(fn, 1, 0.2)   # warm-up
         with LoadWatch() as load1:
             one = measure(fn, 1)

@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 
 from tests.helpers import need_tool
-from vesta import confine, execrun, proctree
+from vesta import confine, execrun, proctree, rundir
+from vesta.allowlist import SAFE_PATH, Allowlist, runs_code
 from vesta.errors import ConfigError, Refused
-from vesta.execrun import SAFE_PATH, Allowlist, ExecResult, make_workdir, remove_workdir, scrubbed_env
+from vesta.execrun import ExecResult
+from vesta.rundir import make_workdir, remove_workdir, scrubbed_env
 
 
 def real_which(name: str) -> str:
@@ -375,8 +377,8 @@ async def test_environment_is_scrubbed(job: Path, monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 0
     seen = dict(line.split("=", 1) for line in out.text("stdout").splitlines())
     assert seen == {
-        "PATH": SAFE_PATH, "HOME": str(execrun.home_of(job)), "TMPDIR": str(job / "tmp"), "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8", "VESTA_JOB_ID": "job-1", "VESTA_NODE": "testnode", **execrun.HOOKS_OFF,
+        "PATH": SAFE_PATH, "HOME": str(rundir.home_of(job)), "TMPDIR": str(job / "tmp"), "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8", "VESTA_JOB_ID": "job-1", "VESTA_NODE": "testnode", **rundir.HOOKS_OFF,
     }
     assert "federation-secret" not in out.text("stdout")
     assert (job / "tmp").is_dir()
@@ -392,10 +394,10 @@ def test_extra_environment_may_not_override_the_node_or_the_loader(job: Path) ->
 
 
 def test_code_runners_in_the_allowlist_are_named() -> None:
-    assert execrun.runs_code("python3.11") and execrun.runs_code("sh") and execrun.runs_code("git")
-    assert not execrun.runs_code("true") and not execrun.runs_code("piwork") and not execrun.runs_code("py3compile")
-    allowlist = Allowlist(["true", "sh", "env", "head"])
-    assert allowlist.code_runners() == ["env", "sh"]
+    assert runs_code("python3.11") and runs_code("sh") and runs_code("git")
+    assert not runs_code("true") and not runs_code("piwork") and not runs_code("py3compile")
+    allowed = Allowlist(["true", "sh", "env", "head"])
+    assert allowed.code_runners() == ["env", "sh"]
     assert Allowlist(["true", "head"]).code_runners() == []
     assert Allowlist([]).code_runners() == ["any program"]
 
@@ -450,7 +452,7 @@ async def test_files_shipped_into_the_workdir_are_never_a_program_s_own_configur
                 assert result.exit_code == 0, said
     finally:
         remove_workdir(work)
-    assert not work.exists() and not execrun.home_of(work).exists()
+    assert not work.exists() and not rundir.home_of(work).exists()
 
 
 MEMORY_HOGS = """
@@ -774,22 +776,22 @@ async def test_in_bwrap_the_state_stays_hidden_under_an_exposed_program_director
 SANDBOXED_RUN = """
 import asyncio, json, sys
 from pathlib import Path
-from vesta import confine, execrun, proctree
+from vesta import confine, execrun, proctree, rundir
 
 async def main(bwrap: str, sh: str, script: str, timeout: float) -> None:
     print(json.dumps({"subreaper": proctree.become_subreaper()}), flush=True)
-    work = execrun.make_workdir(None, "bwrap-cpu")
+    work = rundir.make_workdir(None, "bwrap-cpu")
     try:
         info = execrun.SandboxInfo()
         program, argv = confine.bwrap_command(bwrap, program=sh, argv=["sh", "-c", script], workdir=work,
                                               allow_network=False, info_fd=info.write_fd, die_with_parent=False)
-        env = execrun.scrubbed_env(job_id="j", node="n", workdir=work)
+        env = rundir.scrubbed_env(job_id="j", node="n", workdir=work)
         r = await execrun.run(argv, program=program, cwd=work, env=env, timeout=timeout, term_grace=0.3,
                               sandbox=info)
         print(json.dumps({"cpu_s": r.cpu_s, "timed_out": r.timed_out, "exit_code": r.exit_code,
                           "supervised": sorted(proctree.supervised), "strays": proctree.reap_strays()}))
     finally:
-        execrun.remove_workdir(work)
+        rundir.remove_workdir(work)
 
 asyncio.run(main(*sys.argv[1:4], float(sys.argv[4])))
 """

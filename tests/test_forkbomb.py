@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need_tool
-from vesta import confine, execrun
+from vesta import allowlist, confine, execrun, rundir
 from vesta.confine import Limits
 from vesta.execrun import ExecResult
 
@@ -26,7 +26,7 @@ PROCS = 24      # tasks a job may have
 # job user (nobody) is quiet, but an unprivileged test user may have a desktop session coming and going.
 SLACK = 0 if os.geteuid() == 0 else 16
 # dash gives up at the first failed fork; bash retries for seconds first.
-SH = os.path.realpath(shutil.which("dash", path=execrun.SAFE_PATH) or shutil.which("sh", path=execrun.SAFE_PATH)
+SH = os.path.realpath(shutil.which("dash", path=allowlist.SAFE_PATH) or shutil.which("sh", path=allowlist.SAFE_PATH)
                       or "/bin/sh")
 
 # The leader forks children forever (up to a safety net of 1000), each sleeping, and says how many it made
@@ -51,11 +51,11 @@ def need_bwrap() -> str:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A job directory where host.py makes them (the system temp dir), handed to the job user."""
-    path = execrun.make_workdir(None, "forkbomb")
+    path = rundir.make_workdir(None, "forkbomb")
     try:
         yield path
     finally:
-        execrun.remove_workdir(path)
+        rundir.remove_workdir(path)
         assert not path.exists()
 
 
@@ -80,7 +80,7 @@ async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: flo
     run_as = identity()
     limits = Limits(mem_mib=1024, cpu_s=30, file_mib=16, procs=PROCS, run_as=run_as)
     confine.give_workdir(workdir, run_as)
-    env = execrun.scrubbed_env(job_id="bomb", node="testnode", workdir=workdir)
+    env = rundir.scrubbed_env(job_id="bomb", node="testnode", workdir=workdir)
     program = argv[0]
     if sandbox:
         program, argv = confine.bwrap_command(need_bwrap(), program=argv[0], argv=argv, workdir=workdir,
@@ -88,7 +88,7 @@ async def run_job(argv: list[str], workdir: Path, *, sandbox: bool, timeout: flo
                                               run_as=run_as)
     preexec = limits.preexec(switch_user=not sandbox)
     if prefix:
-        prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
+        prlimit = shutil.which("prlimit", path=allowlist.SAFE_PATH)
         assert prlimit is not None, "scripts/setup installs util-linux"
         program, argv = limits.command(prlimit, program, argv, setpriv=confine.find_setpriv(),
                                        switch_user=not sandbox)
@@ -160,7 +160,7 @@ async def test_the_workdir_and_what_the_job_user_left_in_it_are_removed(workdir:
     assert result.exit_code == 0, out
     assert (workdir / "me").read_text().strip() == str(run_as[0])
     assert (workdir / "a").stat().st_uid == run_as[0] and (workdir / "tmp" / "t").stat().st_uid == run_as[0]
-    execrun.remove_workdir(workdir)
+    rundir.remove_workdir(workdir)
     assert not workdir.exists()
 
 
@@ -169,7 +169,7 @@ async def test_in_bwrap_the_job_user_reaches_exposed_programs_under_closed_direc
     bwrap = need_bwrap()
     run_as = identity()
     assert run_as is not None
-    top = execrun.make_workdir(None, "closed-tools")    # like /root/.pyenv: 0700 directories above the tools
+    top = rundir.make_workdir(None, "closed-tools")    # like /root/.pyenv: 0700 directories above the tools
     try:
         tool = top / "py" / "bin" / "tool"
         tool.parent.mkdir(parents=True)
@@ -185,10 +185,10 @@ async def test_in_bwrap_the_job_user_reaches_exposed_programs_under_closed_direc
                                               run_as=run_as)
         limits = Limits(mem_mib=1024, cpu_s=30, file_mib=16, procs=PROCS, run_as=run_as)
         tail = Tail()
-        env = execrun.scrubbed_env(job_id="tools", node="testnode", workdir=workdir)
+        env = rundir.scrubbed_env(job_id="tools", node="testnode", workdir=workdir)
         async with asyncio.timeout(20):
             result = await execrun.run(argv, program=program, cwd=workdir, env=env, timeout=10, on_output=tail,
                                        preexec=limits.preexec(switch_user=False))
         assert result.exit_code == 0 and bytes(tail.data) == f"{run_as[0]}\n".encode(), bytes(tail.data)
     finally:
-        execrun.remove_workdir(top)
+        rundir.remove_workdir(top)

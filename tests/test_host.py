@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from vesta import artifacts, execrun, proto
+from vesta import allowlist, artifacts, proto
 from vesta.errors import PeerUnavailable
 from vesta.host import Host
 from vesta.hostexec import ExecRunner
@@ -57,7 +57,7 @@ def runs(tmp_path: Path) -> Path:
 
 def make_host(runs: Path, **kw: Any) -> Host:
     return Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None,
-                runner=ExecRunner(name="h", allowlist=execrun.Allowlist([]), runs=runs), **kw)
+                runner=ExecRunner(name="h", allowlist=allowlist.Allowlist([]), runs=runs), **kw)
 
 
 def exec_offer(argv: tuple[str, ...], rid: int = 1, inputs: tuple[FileInfo, ...] = (), **kw: Any) -> proto.Offer:

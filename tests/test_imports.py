@@ -24,6 +24,8 @@ LAYERS: list[set[str]] = [
     {"vesta.spec", "vesta.status"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
      "vesta.hours", "vesta.proctree", "vesta.outcome"},
+    {"vesta.allowlist"},
+    {"vesta.rundir"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
      "vesta.artifacts", "vesta.workloads"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver"},

@@ -218,7 +218,7 @@ def test_a_subreaper_reaps_adopted_orphans_but_not_children_someone_waits_for() 
 
 STRAY_CHARGED = """
 import asyncio, json, sys
-from vesta import execrun, proctree
+from vesta import execrun, proctree, rundir
 
 # B is orphaned at once (the subreaper adopts it), burns 1 s and dies while the run still sleeps: whoever
 # reaps it first (here the end of another run) charges it to this run.
@@ -235,12 +235,12 @@ time.sleep(2.5)
 '''
 
 async def run(argv):
-    work = execrun.make_workdir(None, "stray")
-    env = execrun.scrubbed_env(job_id="j", node="n", workdir=work)
+    work = rundir.make_workdir(None, "stray")
+    env = rundir.scrubbed_env(job_id="j", node="n", workdir=work)
     try:
         return await execrun.run(argv, program=argv[0], cwd=work, env=env, timeout=20)
     finally:
-        execrun.remove_workdir(work)
+        rundir.remove_workdir(work)
 
 async def main():
     assert proctree.become_subreaper()

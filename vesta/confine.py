@@ -41,14 +41,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vesta.allowlist import SAFE_PATH
 from vesta.errors import ConfigError, Refused
-from vesta.execrun import SAFE_PATH, ExecResult, home_of, make_home
+from vesta.execrun import ExecResult
+from vesta.rundir import home_of, make_home
 
 log = logging.getLogger(__name__)
 
 
 def give_workdir(workdir: Path, run_as: tuple[int, int] | None) -> None:
-    """Hand a fresh ``make_workdir`` directory, its ``tmp/`` and its HOME (``execrun.make_home``) to the
+    """Hand a fresh ``make_workdir`` directory, its ``tmp/`` and its HOME (``rundir.make_home``) to the
     job user (no-op when ``None``).
 
     Refused (reason ``policy``) when a directory above it is closed to that user: the job could not
@@ -308,7 +310,7 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     as the job's main process does: only for a subreaper runner (``proctree``), which adopts the init,
     counts what is left in it and kills it (the kernel's own teardown would reap it uncounted).
     """
-    home = home_of(workdir)   # the run's HOME beside it (execrun.scrubbed_env), when it has one
+    home = home_of(workdir)   # the run's HOME beside it (rundir.scrubbed_env), when it has one
     homes = [str(home)] if home.is_dir() and not home.is_symlink() else []
     mounts = ["/tmp", "/home", "/root"]
     mounts += [str(p) for p in hide if p.is_dir() and str(p) not in ("/", "/tmp")]

@@ -28,14 +28,15 @@ from typing import Any
 
 from vesta import (
     __version__,
+    allowlist,
     artifacts,
     autopilot,
     confine,
     controlserver,
-    execrun,
     outcome,
     proctree,
     proto,
+    rundir,
     sysstat,
     workloads,
 )
@@ -126,7 +127,7 @@ class Daemon:
         lock_fd = self._lock_state()
         self._exits.callback(os.close, lock_fd)   # released last: nothing of ours runs any more
         self.runner = await self._exec_runner(bwrap)
-        self._exits.callback(execrun.remove_if_empty, self.runner.runs)   # every run's directory is gone by then
+        self._exits.callback(rundir.remove_if_empty, self.runner.runs)   # every run's directory is gone by then
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
         self.ledger = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
@@ -180,16 +181,16 @@ class Daemon:
                                          {os.geteuid(), *([job_user[0]] if job_user else [])})
         if killed:
             log.warning("killed %d processes of jobs left running when this node's vestad died", killed)
-        runs = execrun.runs_dir(cfg.name, self.identity.fingerprint)
+        runs = rundir.runs_dir(cfg.name, self.identity.fingerprint)
         if runs.is_dir() and not runs.is_symlink() and runs.stat().st_uid == os.geteuid() and not cfg.keep_runs:
-            await asyncio.to_thread(execrun.remove_workdir, runs)   # runs of a daemon that died: none runs now
-        prlimit = shutil.which("prlimit", path=execrun.SAFE_PATH)
+            await asyncio.to_thread(rundir.remove_workdir, runs)   # runs of a daemon that died: none runs now
+        prlimit = shutil.which("prlimit", path=allowlist.SAFE_PATH)
         setpriv = (confine.find_setpriv() if job_user is not None and (bwrap is not None or prlimit is not None)
                    else None)
         # Programs are found where the system keeps them and beside vesta itself (so `piwork` works).
         return ExecRunner(
             name=cfg.name, node_id=self.identity.fingerprint,
-            allowlist=execrun.Allowlist(cfg.exec_allowlist, exec_search_path()), timeout_s=cfg.exec_timeout_s,
+            allowlist=allowlist.Allowlist(cfg.exec_allowlist, exec_search_path()), timeout_s=cfg.exec_timeout_s,
             mem_mib=cfg.mem_offer_mb, file_mib=cfg.exec_max_file_mb, max_procs=cfg.exec_max_procs, runs=runs,
             bwrap=bwrap, allow_network=cfg.allow_network,
             hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()),
@@ -470,5 +471,5 @@ class Daemon:
 def exec_search_path() -> str:
     """SAFE_PATH plus the directory this vesta's own commands (vestad, piwork) are installed in."""
     here = str(Path(sys.executable).parent)
-    parts = execrun.SAFE_PATH.split(":")
+    parts = allowlist.SAFE_PATH.split(":")
     return ":".join(parts + ([here] if here not in parts else []))

@@ -1,69 +1,7 @@
-"""Run a peer's command on this node: the program allowlist, and a runner that is safe for the host.
+"""Run a peer's command on this node: a runner that is safe for the host.
 
-The exec allowlist rule
-=======================
-
-An allowlist entry names a *file*, not a word. When the daemon starts, every
-entry of ``exec_allowlist`` is resolved once:
-
-- a bare name (``make``) is looked up in ``SAFE_PATH`` as ``execvp`` would:
-  the first directory that holds an executable regular file of that name;
-- an absolute path (``/opt/tools/bin/render``) is taken as written;
-- then every symlink is followed (``os.path.realpath``). The result, say
-  ``/usr/bin/make``, is the allowed file.
-
-An entry that resolves to nothing (or a relative path such as ``bin/make``,
-which has no directory to be relative to) is kept in ``Allowlist.missing``;
-the daemon warns about it and it allows nothing. Files installed or moved
-after start-up count from the next start.
-
-A peer's ``argv[0]`` is resolved exactly as the node is about to execute it:
-a bare name through ``SAFE_PATH``; anything containing ``/`` relative to the
-job's fresh working directory (or absolute); symlinks followed and ``..``
-taken on the real tree, as the kernel does. It must be an existing,
-executable regular file, else the request is refused with ``not_found``.
-It runs only if it *is* an allowed file: the same real path, or the same
-inode on the same device (a hard link is that file under another name, not
-a copy; its bytes cannot differ). The runner then executes the allowed
-file's own real path, never the peer's spelling again. So with ``make``
-allowed (``/usr/bin/make`` on this node):
-
-- ``make``, ``/usr/bin/make``, ``/bin/make`` (merged ``/usr``),
-  ``../../../usr/bin/make`` and a symlink or hard link named ``make`` that
-  leads to ``/usr/bin/make`` all run ``/usr/bin/make``;
-- ``./make``, ``/tmp/x/make`` or ``../bin/make`` that lead to any other file
-  (a copy, a script, a symlink to ``/bin/sh``) are refused with
-  ``not_allowed``, whatever they are called. Relative paths and ``..`` are
-  refused unless the file they reach is itself allowed.
-
-The name matters in one case. The program sees ``argv[0]`` as the peer wrote
-it, and multi-call programs (busybox, toybox, coreutils built as one binary)
-choose what to be from it: if ``true`` is ``/bin/busybox``, a peer asking for
-``/bin/sh`` reaches the very same file. Therefore, when an allowed file's own
-name differs from every name it was allowlisted under (``true`` ->
-``busybox``, ``python3`` -> ``python3.11``), the last component of the peer's
-``argv[0]`` must be one of those names (``python3``, ``./python3``,
-``/usr/bin/python3``; not ``python3.11``). When the names agree (``make`` ->
-``/usr/bin/make``) the file is enough.
-
-The seed matched the *basename* of the requested program against the list.
-That was dropped on purpose: a basename match lets ``./make`` -- a script the
-job wrote and called make -- run anything.
-
-What the allowlist cannot do:
-
-- It checks the program, not what the program does with its arguments.
-  Allowing an interpreter or anything that runs code or other programs it is
-  given (``python3``, ``sh``, ``perl``, ``node``, ``make``, ``env``,
-  ``xargs``, ``find``, ``nice``, ``timeout``, ``busybox``, ``ssh``) allows
-  every program.
-- It pins the file, not its contents: there is nothing to swap between the
-  check and ``exec`` (the runner executes the checked real path, PATH and
-  symlinks are not looked at again), but whoever can write the allowed file
-  or its directory decides what runs. Allow only files in directories that
-  only root (or the node owner) can write.
-- An empty ``exec_allowlist`` with ``allow_exec`` on means any program at all
-  (``Allowlist.any``); it still has to exist and be executable.
+The program to run comes resolved from ``allowlist``; its working directory and environment from
+``workdir``; limits, the job user and the sandbox from ``confine``.
 
 The runner
 ==========
@@ -97,20 +35,14 @@ Limits, the job user and the sandbox are in ``confine``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
 import inspect
 import json
 import logging
 import os
-import re
 import resource
-import shutil
 import signal
-import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -118,368 +50,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from vesta import proctree
+from vesta.allowlist import NOT_FOUND_ERRNOS
 from vesta.errors import Refused
 from vesta.tasks import spawn
 
 log = logging.getLogger(__name__)
 
-SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH jobs see and programs are looked up in
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
 MEM_CHECK_S = 0.25          # how often the resident memory of a run with a memory limit is summed
-_NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
-
-# What turns off the places where common programs look for code or configuration of their own beside
-# HOME (which is a fresh empty directory anyway): Python's per-user site directory (usercustomize.py) and the
-# script's or working directory first on sys.path (a shipped json.py), git's global and system config (an
-# alias or core.pager runs a shell).
-HOOKS_OFF = {
-    "PYTHONNOUSERSITE": "1",
-    "PYTHONSAFEPATH": "1",
-    "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
-# Set by the node, never by a caller's ``extra``.
-_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID", *HOOKS_OFF})
-# Variables that change how the dynamic loader or libc behave (glibc's "unsecure" list): with them, an
-# allowlisted binary would load code of the job's choosing.
-_LOADER_ENV = frozenset({
-    "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE", "NIS_PATH",
-    "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR",
-})
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
-
-
-# ---------------------------------------------------------------------------------------------- allowlist
-
-# Programs that run code, or other programs, named in their arguments or read from their input files:
-# allowing one of them allows every program to whoever holds the federation key. Matched against the names
-# an entry was allowlisted under and the allowed file's own name, with any version suffix (python3.11) off.
-CODE_RUNNERS = frozenset({
-    # interpreters
-    "python", "python2", "python3", "pypy", "pypy3", "perl", "ruby", "irb", "node", "nodejs", "deno", "bun",
-    "php", "lua", "luajit", "tclsh", "wish", "expect", "Rscript", "R", "julia", "java", "jshell", "guile",
-    "racket", "ghci", "runghc", "osascript", "pwsh", "gdb", "lldb", "awk", "gawk", "mawk", "nawk", "bc",
-    # shells and multi-call binaries
-    "sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox", "toybox",
-    # programs that run others, or commands in their arguments or input files
-    "env", "xargs", "find", "make", "gmake", "cmake", "ninja", "meson", "git", "nice", "nohup", "timeout",
-    "stdbuf", "setsid", "chroot", "flock", "watch", "time", "script", "strace", "ltrace", "taskset",
-    "ionice", "chrt", "prlimit", "setpriv", "unshare", "nsenter", "sudo", "su", "doas", "runuser", "ssh",
-    "parallel", "sed", "tar", "rsync", "vi", "vim", "nvim", "emacs", "ed", "less", "more", "man", "pip",
-    "pip3", "npm", "npx", "cargo", "go", "gcc", "cc", "clang", "tcc", "docker", "podman", "systemd-run",
-})
-_VERSION_SUFFIX = re.compile(r"[-.]?[0-9][0-9.]*$")
-
-
-def runs_code(name: str) -> bool:
-    """Whether ``name`` (a program's file name) is a program that runs code from its arguments or inputs."""
-    return name in CODE_RUNNERS or _VERSION_SUFFIX.sub("", name) in CODE_RUNNERS
-
-
-def _executable_file(path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK)
-
-
-def _search(name: str, search_path: str) -> str | None:
-    """First executable regular file called ``name`` in ``search_path``, as execvp finds it.
-
-    Unlike execvp, empty or relative components are skipped: they would mean the job's own directory.
-    """
-    for directory in search_path.split(os.pathsep):
-        if directory and os.path.isabs(directory):
-            candidate = os.path.join(directory, name)
-            if _executable_file(candidate):
-                return candidate
-    return None
-
-
-def _real_executable(path: str) -> str | None:
-    try:
-        real = os.path.realpath(path, strict=True)
-    except (OSError, ValueError):
-        return None
-    return real if _executable_file(real) else None
-
-
-class Allowlist:
-    """Programs peers may run. Built once from config ``exec_allowlist`` at daemon start (rule: module doc)."""
-
-    def __init__(self, entries: Sequence[str], search_path: str = SAFE_PATH) -> None:
-        self.entries = tuple(entries)
-        self.search_path = search_path
-        self.any = not self.entries        # allow_exec without a list: the owner allows every program
-        self.missing: list[str] = []       # entries that resolve to nothing here; they allow nothing
-        names: dict[str, set[str]] = {}
-        for entry in self.entries:
-            real = self._resolve_entry(entry)
-            if real is None:
-                self.missing.append(entry)
-            else:
-                names.setdefault(real, set()).add(os.path.basename(entry))
-        # real path of each allowed file -> the names it was allowlisted under
-        self.allowed: dict[str, frozenset[str]] = {path: frozenset(n) for path, n in names.items()}
-
-    def _resolve_entry(self, entry: str) -> str | None:
-        if not entry or "\0" in entry:
-            return None
-        if "/" not in entry:
-            found = _search(entry, self.search_path)
-            return None if found is None else _real_executable(found)
-        return _real_executable(entry) if os.path.isabs(entry) else None
-
-    def resolve(self, argv0: str, cwd: Path) -> str:
-        """The real path the node will execute for ``argv0`` run in ``cwd``; ``Refused`` if it may not."""
-        real = self._locate(argv0, cwd)
-        if self.any:
-            return real
-        match = self._match(real)
-        if match is None:
-            raise Refused(f"{argv0!r} is not in this node's exec_allowlist (it is {real}; allowed: "
-                          f"{', '.join(self.names()) or 'nothing'})", reason="not_allowed")
-        path, names = match
-        if os.path.basename(path) not in names and os.path.basename(argv0) not in names:
-            raise Refused(f"{argv0!r} is not in this node's exec_allowlist ({path} is allowed only when "
-                          f"called as {' or '.join(sorted(names))})", reason="not_allowed")
-        return path
-
-    def _locate(self, argv0: str, cwd: Path) -> str:
-        if not argv0 or "\0" in argv0:
-            raise Refused(f"program {argv0!r} is not a valid program name", reason="not_found")
-        if "/" not in argv0:
-            found = _search(argv0, self.search_path)
-            if found is None:
-                raise Refused(f"program {argv0!r} not found on this node (looked in {self.search_path})",
-                              reason="not_found")
-        else:
-            found = os.path.join(os.path.abspath(cwd), argv0)   # an absolute argv0 replaces cwd
-        try:
-            real = os.path.realpath(found, strict=True)
-        except (OSError, ValueError) as exc:
-            raise Refused(f"program {argv0!r} not found on this node", reason="not_found") from exc
-        if not _executable_file(real):
-            raise Refused(f"program {argv0!r} ({real}) is not an executable file", reason="not_found")
-        return real
-
-    def _match(self, real: str) -> tuple[str, frozenset[str]] | None:
-        names = self.allowed.get(real)
-        if names is not None:
-            return real, names
-        try:
-            st = os.stat(real)
-        except OSError:
-            return None
-        for path, names in self.allowed.items():
-            try:
-                allowed = os.stat(path)     # now, not at start: an inode number freed by an upgrade is reused
-            except OSError:
-                continue
-            if (allowed.st_dev, allowed.st_ino) == (st.st_dev, st.st_ino):
-                return path, names          # a hard link: run the allowed path itself, not the job's link
-        return None
-
-    def names(self) -> list[str]:
-        return sorted(n for names in self.allowed.values() for n in names)
-
-    def code_runners(self) -> list[str]:
-        """The allowed programs that run code from their arguments or inputs (``CODE_RUNNERS``): each
-        grants arbitrary code to every key holder. Also ``["any program"]`` for an empty list."""
-        if self.any:
-            return ["any program"]
-        return sorted(" / ".join(sorted(names)) for path, names in self.allowed.items()
-                      if any(runs_code(n) for n in (*names, os.path.basename(path))))
-
-    def describe(self) -> list[str]:
-        """One line per allowed program, then the missing entries (for status output)."""
-        if self.any:
-            return ["any program (exec_allowlist is empty)"]
-        lines = [f"{' / '.join(sorted(names))} -> {path}" for path, names in sorted(self.allowed.items())]
-        lines += [f"{entry} (not found on this node: allows nothing)" for entry in self.missing]
-        return lines
-
-
-# ---------------------------------------------------------------------------------- environment, workdir
-
-
-def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None,
-                 node_id: str = "") -> dict[str, str]:
-    """The whole environment a job sees: nothing is inherited from the daemon (it may hold VESTA_KEY).
-    ``HOME`` is a fresh empty directory beside ``workdir`` (``home_of``), made here, never the working
-    directory: a peer's input files land in the working directory, and a file shipped as
-    ``.local/lib/python3.11/site-packages/usercustomize.py`` or ``.gitconfig`` there would otherwise be read
-    as the program's own configuration and run code of the peer's choosing in an allowlisted program
-    (``HOOKS_OFF`` turns off the same hooks by variable). ``node_id`` (the node's fingerprint, as
-    VESTA_NODE_ID) also marks the job's processes as this node's, so a vestad that died can find them when it
-    comes back (``proctree.kill_leftovers``).
-
-    ``extra`` may not set the node's own variables (PATH, HOME, TMPDIR, VESTA_*) nor loader variables
-    (LD_*, GCONV_PATH, ...), which would let an allowlisted binary load code of the job's choosing.
-    """
-    tmp = workdir / "tmp"
-    tmp.mkdir(mode=0o700, exist_ok=True)
-    home = make_home(workdir)
-    env = {
-        "PATH": SAFE_PATH,
-        "HOME": str(home),
-        "TMPDIR": str(tmp),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "VESTA_JOB_ID": job_id,
-        "VESTA_NODE": node,
-        **HOOKS_OFF,
-    }
-    if node_id:
-        env["VESTA_NODE_ID"] = node_id
-    for name, value in (extra or {}).items():
-        if not _ENV_NAME.fullmatch(name) or "\0" in value:
-            raise Refused(f"environment variable {name!r} is not a valid name=value", reason="policy")
-        if name in _FIXED_ENV or name.startswith(("LD_", "VESTA_")) or name in _LOADER_ENV:
-            raise Refused(f"environment variable {name} may not be set by a job", reason="policy")
-        env[name] = value
-    return env
-
-
-def home_of(workdir: Path) -> Path:
-    """The run's HOME: ``WORKDIR.home``, beside its working directory (so no input file can land in it),
-    removed with it (``remove_workdir``)."""
-    return workdir.with_name(workdir.name + ".home")
-
-
-def make_home(workdir: Path) -> Path:
-    """Make the run's empty HOME (0700); ``Refused`` if something else is in its place."""
-    home = home_of(workdir)
-    try:
-        home.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(home)
-    owners = {os.geteuid(), os.lstat(workdir).st_uid}   # the run's own user, once give_workdir handed both over
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o077:
-        raise Refused(f"{home} is in the way of this run's home directory (someone else made it?): "
-                      "remove it and try again", reason="policy")
-    return home
-
-
-def make_workdir(base: Path | None, job_id: str) -> Path:
-    """A fresh private directory (0700) for one run, under ``base`` or the system temp dir."""
-    safe = _UNSAFE_NAME_CHARS.sub("_", job_id)[:48].strip("._") or "job"
-    if base is not None:
-        base.mkdir(mode=0o711, parents=True, exist_ok=True)   # 0711: a job user may reach its own run in it
-        st = os.lstat(base)   # at a guessable path in /tmp: it must be ours, or someone could swap runs in it
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise Refused(f"{base} is not a private directory of this node's user (someone else made it?): "
-                          "remove it and try again", reason="policy")
-    return Path(tempfile.mkdtemp(prefix=f"vesta-{safe}-", dir=base))
-
-
-def runs_dir(node: str, fingerprint: str) -> Path:
-    """Where one node makes its runs' working directories: ``$TMPDIR/vesta-runs-NODE-FINGERPRINT8`` (two nodes
-    of one name on a machine do not share it). A restarted daemon empties it (nothing can still be
-    running), so a crash leaves no job trees behind."""
-    return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}-{fingerprint[:8]}"
-
-
-def remove_if_empty(runs: Path | None) -> None:
-    """At a clean stop: the node's ``runs_dir``, unless something is still in it (``keep_runs``)."""
-    if runs is not None:
-        with contextlib.suppress(OSError):
-            runs.rmdir()
-
-
-def remove_workdir(path: Path) -> None:
-    """rm -rf ``path`` and its run's HOME (``home_of``), also where the job took away its own permissions;
-    failures are logged."""
-    home = home_of(path)
-    try:   # ours or the run's (give_workdir), not what another user put there
-        owners = {os.geteuid(), os.lstat(path).st_uid}
-        ours = os.lstat(home).st_uid in owners
-    except OSError:
-        ours = False
-    if ours:
-        try:
-            _remove_tree(home)
-        except OSError as exc:
-            log.warning("could not remove %s: %s", home, exc)
-    _remove_tree(path)
-
-
-def _remove_tree(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink()
-        return
-    if not path.is_dir():
-        return
-    _unlock_dirs(path)
-    shutil.rmtree(path, ignore_errors=True)   # rmtree itself walks by descriptors and never follows a link
-    if os.path.lexists(path):
-        log.warning("could not remove job directory %s completely", path)
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_dir(name: str, dir_fd: int | None) -> int:
-    """A descriptor of directory ``name`` (in ``dir_fd``), never through a symlink."""
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except PermissionError:
-        if os.geteuid() == 0:
-            raise
-        # Not root: the job runs as this very user (confine), so whatever chmod reaches through a link
-        # the job swapped in, the job could have changed itself.
-        os.chmod(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-
-
-def _subdirs(fd: int) -> list[str]:
-    with os.scandir(fd) as entries:
-        return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-
-
-def _unlock_dirs(path: Path) -> None:
-    """Give every directory under ``path`` back u+rwx, top-down, so rmtree can list and empty it.
-
-    Only through descriptors opened with O_NOFOLLOW: a job still running (it left the group, or it is
-    another job of the same job user) may swap a directory for a symlink at any moment, and a root
-    daemon that chmods by path would then chmod whatever the link points to."""
-    try:
-        top = _open_dir(str(path), None)
-    except OSError:
-        return
-    stack: list[tuple[int, list[str]]] = []
-    try:
-        try:
-            os.fchmod(top, 0o700)
-            stack.append((top, _subdirs(top)))
-        except OSError:
-            os.close(top)
-            return
-        while stack:
-            fd, names = stack[-1]
-            if not names:
-                os.close(fd)
-                stack.pop()
-                continue
-            try:
-                child = _open_dir(names.pop(), fd)   # a link swapped in since the listing: ELOOP/ENOTDIR
-            except OSError:
-                continue
-            try:
-                os.fchmod(child, 0o700)
-                stack.append((child, _subdirs(child)))
-            except OSError:
-                os.close(child)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -584,7 +166,7 @@ def _start(argv: Sequence[str], program: str, cwd: Path, env: Mapping[str, str],
         )
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        reason = "not_found" if exc.errno in _NOT_FOUND_ERRNOS else "exec_failed"
+        reason = "not_found" if exc.errno in NOT_FOUND_ERRNOS else "exec_failed"
         raise Refused(f"cannot start {argv[0]!r}: {exc.strerror}{where}", reason=reason) from exc
     except ValueError as exc:   # a NUL byte in an argument or the environment
         raise Refused(f"cannot start {argv[0]!r}: {exc}", reason="policy") from exc

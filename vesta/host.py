@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesta import artifacts, execrun, proto
+from vesta import artifacts, proto, rundir
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hostexec import ExecRunner, LocalRun, Prepared, RemoteFiles
 from vesta.hours import LendingHours
@@ -110,7 +110,7 @@ class Host:
             prepared = self.runner.prepare(offer)
             refusal = self.admit(offer, peer)
             if refusal is not None:
-                execrun.remove_workdir(prepared.workdir)
+                rundir.remove_workdir(prepared.workdir)
                 raise refusal
             return prepared
         refusal = self.admit(offer, peer)
@@ -299,7 +299,7 @@ class HostedRun:
             return
         self._record_end()
         if self.prepared is not None and not self._keep_runs:   # after the Result is sent: off the submitter's wait
-            await asyncio.to_thread(execrun.remove_workdir, self.prepared.workdir)
+            await asyncio.to_thread(rundir.remove_workdir, self.prepared.workdir)
 
     @property
     def _keep_runs(self) -> bool:
@@ -355,6 +355,6 @@ class HostedRun:
 def _remove_soon(workdir: Any) -> None:
     """Remove a working directory in a worker thread, or here if the loop can no longer start one."""
     try:
-        asyncio.get_running_loop().run_in_executor(None, execrun.remove_workdir, workdir)
+        asyncio.get_running_loop().run_in_executor(None, rundir.remove_workdir, workdir)
     except RuntimeError:
-        execrun.remove_workdir(workdir)
+        rundir.remove_workdir(workdir)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vesta import artifacts, confine, execrun, proctree, proto
+from vesta import allowlist, artifacts, confine, execrun, proctree, proto, rundir
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.spec import ExecSpec, FileInfo
 from vesta.tasks import StopFlag
@@ -166,7 +166,7 @@ class ExecRunner:
 
     name: str                                   # this node's name (results, messages)
     node_id: str = ""                           # its fingerprint, in every job's environment (VESTA_NODE_ID)
-    allowlist: execrun.Allowlist | None = None
+    allowlist: allowlist.Allowlist | None = None
     timeout_s: float = 3600.0                   # exec_timeout_s: a run's default and longest time
     mem_mib: int = 1024                         # mem_offer_mb: a run's default and largest address space
     file_mib: int = 1024                        # exec_max_file_mb
@@ -181,7 +181,7 @@ class ExecRunner:
     keep_runs: bool = False
 
     def __post_init__(self) -> None:
-        self.allowlist = self.allowlist or execrun.Allowlist([])
+        self.allowlist = self.allowlist or allowlist.Allowlist([])
 
     def prepare(self, offer: proto.Offer) -> Prepared:
         """A fresh working directory and the allowlisted program to run in it, or Refused.
@@ -197,7 +197,7 @@ class ExecRunner:
             raise Refused(f"{argv0!r} was shipped with the job; {self.name} runs only its exec_allowlist "
                           f"({', '.join(self.allowlist.names()) or 'nothing'})", reason="not_allowed")
         try:
-            workdir = execrun.make_workdir(self.runs, offer.job_id)
+            workdir = rundir.make_workdir(self.runs, offer.job_id)
         except (OSError, Refused) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise Refused(f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON],
@@ -207,7 +207,7 @@ class ExecRunner:
         try:
             return Prepared(workdir, self.allowlist.resolve(argv0, workdir))
         except Refused as exc:
-            execrun.remove_workdir(workdir)
+            rundir.remove_workdir(workdir)
             reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
             raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
 
@@ -244,7 +244,7 @@ class ExecRunner:
             if problem:
                 return self._failed(offer, problem)
             program = prepared.program or self.allowlist.resolve(spec.argv[0], workdir)  # type: ignore[union-attr]
-            env = execrun.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir, node_id=self.node_id)
+            env = rundir.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir, node_id=self.node_id)
             env["VESTA_OUTPUT"] = str(workdir / artifacts.OUTPUT_DIR)
             command = self._command(spec, program, workdir, limits)
             if isinstance(command, str):
@@ -273,7 +273,7 @@ class ExecRunner:
             if self.keep_runs:
                 log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)
             elif remove:
-                await asyncio.to_thread(execrun.remove_workdir, workdir)   # may be a big tree
+                await asyncio.to_thread(rundir.remove_workdir, workdir)   # may be a big tree
         reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])

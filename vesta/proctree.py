@@ -440,7 +440,7 @@ def _kill_escaped(st: ProcStat) -> None:
 def kill_leftovers(node_id: str, uids: set[int], proc_root: Path = PROC) -> int:
     """SIGKILL what runs of an earlier vestad of this node left running when it died without stopping them
     (a crash, ``kill -9``): every process of one of ``uids`` whose environment names the node's fingerprint
-    as VESTA_NODE_ID and has a VESTA_JOB_ID (``execrun.scrubbed_env`` gives every run both). Only when no
+    as VESTA_NODE_ID and has a VESTA_JOB_ID (``rundir.scrubbed_env`` gives every run both). Only when no
     vestad of this node runs. How many were killed; never raises."""
     if not node_id:
         return 0
