@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import free_udp_port, new_key, short_tmpdir, tool
 from vesta import config, proto
+from vesta.checks import MAX_NAME
 from vesta.config import Config, parse_seed, sanitize_name
 from vesta.errors import ConfigError
 
@@ -390,7 +391,7 @@ def test_sanitized_names_are_always_safe(raw: str) -> None:
         name = sanitize_name(raw)
     except ConfigError:
         return
-    assert 0 < len(name) <= config.MAX_NAME
+    assert 0 < len(name) <= MAX_NAME
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)
     assert "/" not in name and not name.startswith(".")
     assert sanitize_name(name) == name  # idempotent, so validate() accepts what load() produced

@@ -16,7 +16,7 @@ import pytest
 
 import vesta
 from tests.helpers import Cluster, Vestad, eventually, free_udp_port, idle_proc, short_tmpdir, tool
-from vesta import config
+from vesta import config, paths
 from vesta.cli.vesta import cli as vesta_cli
 from vesta.errors import ConfigError
 
@@ -291,7 +291,7 @@ def test_10_a_link_another_user_planted_in_tmp_is_never_followed(tmp_path: Path,
         out = run(tool("vesta") + ["status", "--name", name], dict(os.environ, XDG_RUNTIME_DIR=str(short_tmpdir())))
         assert out.returncode == 3 and "not running" in out.stderr
         monkeypatch.delenv("VESTA_TMP_LINK")
-        assert config.link_tmp_socket(runtime / f"vestad-{name}.sock", name) is None   # and never replaced
+        assert paths.link_tmp_socket(runtime / f"vestad-{name}.sock", name) is None   # and never replaced
         assert os.readlink(link) == str(runtime / "bait.sock")
     finally:
         link.unlink()
@@ -306,9 +306,9 @@ def test_10_the_shipped_config_example_works_with_the_default_key(tmp_path: Path
     out = run(tool("vestad") + ["--print-config-example"])
     assert out.returncode == 0
     example.write_text(out.stdout)
-    assert run(tool("vesta") + ["keygen", "-o", str(config.default_key_file())]).returncode == 0
+    assert run(tool("vesta") + ["keygen", "-o", str(paths.default_key_file())]).returncode == 0
     cfg = config.load({"config": str(example)}, env={})
-    assert cfg.key == config.default_key_file().read_text().strip()
+    assert cfg.key == paths.default_key_file().read_text().strip()
 
 
 # ---- every command: --json parses; piped output has no escape codes and no padding

@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
     {"vesta.checks"},
-    {"vesta.spec", "vesta.status"},
+    {"vesta.spec", "vesta.status", "vesta.paths"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
      "vesta.hours", "vesta.proctree", "vesta.outcome"},
     {"vesta.allowlist"},
@@ -50,7 +50,7 @@ SAME_LAYER: dict[str, set[str]] = {
 PUBLIC_API = {"vesta": {"vesta.client"}}
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {
-    "vesta.control": {"vesta.config", "vesta.checks", "vesta.errors"},
+    "vesta.control": {"vesta.paths", "vesta.checks", "vesta.errors"},
 }
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import msgpack
 
 from vesta.checks import MAX_FRAME
-from vesta.config import locate_socket, socket_dirs
 from vesta.errors import DaemonNotRunning, PeerUnavailable, RemoteError, remote
+from vesta.paths import locate_socket, socket_dirs
 
 __all__ = ["ControlClient", "RemoteError", "find_socket"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import msgpack
 
-from vesta.config import link_tmp_socket, unlink_tmp_socket
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError
+from vesta.paths import link_tmp_socket, unlink_tmp_socket
 from vesta.tasks import spawn
 from vesta.wire import pack_frame, read_frame
 

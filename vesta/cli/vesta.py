@@ -20,9 +20,9 @@ from vesta import outcome
 from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command, stdout_console
-from vesta.config import default_key_file
 from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
+from vesta.paths import default_key_file
 from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
 
 F = TypeVar("F", bound=Callable[..., Any])
