@@ -420,75 +420,96 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
         await channel.close()
         return
     log.debug("link up %s", where)
-    tasks: set[asyncio.Task[Any]] = set()
-    loop = asyncio.get_running_loop()
-    idle = None if idle_timeout is None else asyncio.timeout(None)
-    clock = time.monotonic if gate is None else gate.clock
+    await _ServedLink(channel, handler, counters, where, conn=conn, clock=time.monotonic if gate is None
+                      else gate.clock, idle_timeout=idle_timeout, inline=inline).run()
 
-    reading = [True]   # the idle timer may be moved only while the read loop is inside it
 
-    def rest() -> None:   # nothing running: the link may idle from now
-        if idle is not None and idle_timeout is not None and not tasks and reading[0]:
-            idle.reschedule(loop.time() + idle_timeout)
+class _ServedLink:
+    """An authenticated inbound link: its requests, each in a task of its own, and its idle timer."""
 
-    async def answer(msg: proto.Message) -> None:
+    def __init__(self, channel: Channel, handler: Handler, counters: Counter[str], where: str, *,
+                 conn: Inbound | None, clock: Callable[[], float], idle_timeout: float | None,
+                 inline: tuple[type, ...]) -> None:
+        self.channel = channel
+        self.handler = handler
+        self.counters = counters
+        self.where = where
+        self.conn = conn
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.inline = inline
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.idle = None if idle_timeout is None else asyncio.timeout(None)
+        self.reading = True   # the idle timer may be moved only while the read loop is inside it
+
+    def rest(self) -> None:
+        """Nothing running: the link may idle from now."""
+        if self.idle is not None and self.idle_timeout is not None and not self.tasks and self.reading:
+            self.idle.reschedule(asyncio.get_running_loop().time() + self.idle_timeout)
+
+    async def _reply(self, msg: proto.Message) -> None:
+        reply = await self.handler(msg, self.channel)
+        if reply is not None:
+            with contextlib.suppress(PeerUnavailable):
+                await self.channel.send(reply)
+
+    async def answer(self, msg: proto.Message) -> None:
         try:
-            reply = await handler(msg, channel)
-            if reply is not None:
-                with contextlib.suppress(PeerUnavailable):
-                    await channel.send(reply)
+            await self._reply(msg)
         finally:
-            if conn is not None:
-                conn.busy -= 1
-                conn.last_active = clock()
+            if self.conn is not None:
+                self.conn.busy -= 1
+                self.conn.last_active = self.clock()
 
-    async def answer_inline(msg: proto.Message) -> None:
+    async def answer_inline(self, msg: proto.Message) -> None:
         try:
-            reply = await handler(msg, channel)
-            if reply is not None:
-                with contextlib.suppress(PeerUnavailable):
-                    await channel.send(reply)
+            await self._reply(msg)
         except Exception:   # as a task's failure would be: logged, and the link serves on
-            log.exception("handling %s from %s failed", type(msg).__name__, where)
+            log.exception("handling %s from %s failed", type(msg).__name__, self.where)
 
-    def finished(_: asyncio.Task[Any]) -> None:
-        rest()   # runs after spawn's own callback, which took the task out of ``tasks``
+    async def run(self) -> None:
+        counters = self.counters
+        try:
+            async with self.idle if self.idle is not None else contextlib.nullcontext():
+                self.rest()
+                while await self._next():
+                    pass
+        except TimeoutError:
+            counters["links_idle_closed"] += 1
+            log.debug("closed link %s: idle for %gs", self.where, self.idle_timeout)
+        except PeerUnavailable:
+            pass
+        except ProtocolError as exc:
+            counters["tcp_bad_frames"] += 1
+            if isinstance(exc, FrameTooLarge):
+                counters["tcp_oversize"] += 1
+            log.warning("closed link %s: %s", self.where, exc)
+        finally:
+            self.reading = False
+            await cancel_all(self.tasks)
+            await self.channel.close()
 
-    try:
-        async with idle if idle is not None else contextlib.nullcontext():
-            rest()
-            while True:
-                msg = await channel.recv()
-                counters["link_messages"] += 1
-                if conn is not None:
-                    conn.last_active = clock()
-                if isinstance(msg, inline):
-                    await answer_inline(msg)
-                    continue
-                if len(tasks) >= MAX_IN_FLIGHT:   # hold this one (and read nothing more) until one ends
-                    counters["link_backpressure"] += 1
-                    done, _ = await asyncio.wait(set(tasks), timeout=STALL_S, return_when=asyncio.FIRST_COMPLETED)
-                    if not done:
-                        counters["tcp_flooded"] += 1
-                        log.warning("closed link %s: %d requests in flight and none ended in %gs", where,
-                                    len(tasks), STALL_S)
-                        break
-                if conn is not None:
-                    conn.busy += 1
-                if idle is not None:
-                    idle.reschedule(None)
-                spawn(answer(msg), f"answer-{type(msg).__name__}", tasks).add_done_callback(finished)
-    except TimeoutError:
-        counters["links_idle_closed"] += 1
-        log.debug("closed link %s: idle for %gs", where, idle_timeout)
-    except PeerUnavailable:
-        pass
-    except ProtocolError as exc:
-        counters["tcp_bad_frames"] += 1
-        if isinstance(exc, FrameTooLarge):
-            counters["tcp_oversize"] += 1
-        log.warning("closed link %s: %s", where, exc)
-    finally:
-        reading[0] = False
-        await cancel_all(tasks)
-        await channel.close()
+    async def _next(self) -> bool:
+        """Read and dispatch one message; False when the link must close (flooded)."""
+        msg = await self.channel.recv()
+        self.counters["link_messages"] += 1
+        if self.conn is not None:
+            self.conn.last_active = self.clock()
+        if isinstance(msg, self.inline):
+            await self.answer_inline(msg)
+            return True
+        if len(self.tasks) >= MAX_IN_FLIGHT:   # hold this one (and read nothing more) until one ends
+            self.counters["link_backpressure"] += 1
+            done, _ = await asyncio.wait(set(self.tasks), timeout=STALL_S, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                self.counters["tcp_flooded"] += 1
+                log.warning("closed link %s: %d requests in flight and none ended in %gs", self.where,
+                            len(self.tasks), STALL_S)
+                return False
+        if self.conn is not None:
+            self.conn.busy += 1
+        if self.idle is not None:
+            self.idle.reschedule(None)
+        # rest() runs after spawn's own callback, which took the task out of ``tasks``
+        spawn(self.answer(msg), f"answer-{type(msg).__name__}", self.tasks).add_done_callback(lambda _: self.rest())
+        return True
