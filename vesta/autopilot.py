@@ -43,6 +43,10 @@ class NodeView:
     offered_mem_mb: int
     exec_allowed: bool
     last_seen: float = 0.0    # monotonic time of its beacon (peers)
+    running: int = 0          # chunks it was running for peers at that beacon (peers)
+    offered_cores: float = 0.0
+    lending: bool = True      # inside its lending hours
+    labels: tuple[str, ...] = ()
 
 
 @dataclass

@@ -90,6 +90,7 @@ class Discovery(asyncio.DatagramProtocol):
         status: Callable[[], proto.NodeStatus],
         on_change: Callable[[Change], None],
         wall: Callable[[], float] = time.time,
+        on_beacon: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.keys = keys
@@ -98,6 +99,7 @@ class Discovery(asyncio.DatagramProtocol):
         self.counters = counters
         self.status = status
         self.on_change = on_change
+        self.on_beacon = on_beacon   # a beacon was accepted: capacity may have appeared
         self.wall = wall
         self.boot = time.time_ns()
         self.seq = 0
@@ -261,6 +263,7 @@ class Discovery(asyncio.DatagramProtocol):
         self.counters["beacons_accepted"] += 1
         for change in changes:
             self.on_change(change)
+        self.on_beacon()
         self._learn_gossip(msg)
 
     def _learn_gossip(self, msg: proto.Beacon) -> None:

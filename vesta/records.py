@@ -5,39 +5,30 @@ the node that ran it, times, CPU and memory used), the stdout/stderr of its
 exec jobs, and the runs it hosted for peers, so an owner can see exactly what
 ran on their machine.
 
-**Durability.** A write is durable when its method returns, unless the
-caller passes ``defer=True``: then it waits for the next write without
-``defer``, which makes both durable at once. The rule callers keep: a deferred
-write is followed by a durable one *before the event loop runs anything else*
-(no ``await`` between them), and before the work it describes is offered or
-answered. So a job's row and its first part are durable before its first
-chunk is offered; a hosted run that is answered at once (a tiny cpu chunk, run
-inline) is made durable, start and end together, right after its Accept and
-Result are sent (so the write is not on the submitter's wait: a crash in that
-instant loses the host's record of a chunk with no effects, which the
+**Durability.** A write is durable when its method returns, unless the caller passes ``defer=True``: then it
+waits for the next write without ``defer``, which makes both durable at once. The rule callers keep: a
+deferred write is followed by a durable one *before the event loop runs anything else* (no ``await`` between
+them), and before the work it describes is offered or answered. So a job's row and its first part are durable
+before its first chunk is offered; a hosted run that is answered at once (a tiny cpu chunk, run inline) is
+made durable, start and end together, right after its Accept and Result are sent (so the write is not on the
+submitter's wait: a crash in that instant loses the host's record of a chunk with no effects, which the
 submitter's record still shows); a part's end is durable with the job's end.
 
-"Durable" means in the write log (``NAME-writes`` beside the database), not
-yet committed: every write runs on the connection at once, inside one open
-transaction (so every read sees it), and the statement and its parameters are
-appended to the write log with one ``write()`` (a few microseconds, where a
-SQLite commit is ~0.1 ms on the event loop, twice per job, which a 1 ms job
-notices). ``commit()`` commits the transaction with the number of the last
-logged write (table ``written``) and empties the log; the daemon calls it
-about once a second, and ``close()`` does. Opening the database replays the
-logged writes the last commit did not include, in order, on the state they
-were first run on: a write that returned survives SIGKILL of the daemon at any
-moment. Each log entry carries its length and CRC-32, so a torn tail (a power
-cut in the middle of an append) is dropped with a warning, never replayed
-half. Neither the log nor the WAL (``synchronous=NORMAL``) is fsynced: a power
-cut can lose the last second or so of writes, and the database stays
-consistent. FULL would fsync several times per job, which on a Pi's SD card
-costs milliseconds on the event loop. The connection belongs to one thread
-(the daemon's event loop). With ``background_checkpoint`` SQLite's own
-checkpoints (every ~1000 WAL pages, two fsyncs, several ms on a slow disk)
-leave the commit path: the owner calls ``checkpoint()`` from a worker thread
-instead (the daemon does, after its commits); that changes when pages reach
-the main file, not what survives a crash.
+"Durable" means in the write log (``NAME-writes`` beside the database), not yet committed: every write runs on
+the connection at once, inside one open transaction (so every read sees it), and the statement and its
+parameters are appended to the write log with one ``write()`` (a few microseconds, where a SQLite commit is
+~0.1 ms on the event loop, twice per job, which a 1 ms job notices). ``commit()`` commits the transaction with
+the number of the last logged write (table ``written``) and empties the log; the daemon calls it about once a
+second, and ``close()`` does. Opening the database replays the logged writes the last commit did not include,
+in order, on the state they were first run on: a write that returned survives SIGKILL of the daemon at any
+moment. Each log entry carries its length and CRC-32, so a torn tail (a power cut in the middle of an append)
+is dropped with a warning, never replayed half. Neither the log nor the WAL (``synchronous=NORMAL``) is
+fsynced: a power cut can lose the last second or so of writes, and the database stays consistent. FULL would
+fsync several times per job, which on a Pi's SD card costs milliseconds on the event loop. The connection
+belongs to one thread (the daemon's event loop). With ``background_checkpoint`` SQLite's own checkpoints
+(every ~1000 WAL pages, two fsyncs, several ms on a slow disk) leave the commit path: the owner calls
+``checkpoint()`` from a worker thread instead (the daemon does, after its commits); that changes when pages
+reach the main file, not what survives a crash.
 
 **Schema.** ``PRAGMA user_version`` is the schema version; ``MIGRATIONS[i]``
 takes a database from version ``i`` to ``i + 1`` in one transaction. A
@@ -134,6 +125,8 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX jobs_queued ON jobs(created) WHERE state='queued';",
     # The number of the last write-log entry a commit included (see Durability in the module doc).
     "CREATE TABLE written (seq INTEGER NOT NULL); INSERT INTO written VALUES (0);",
+    # Where a job was placed and why not elsewhere: for each node, chosen or not and why (JSON).
+    "ALTER TABLE jobs ADD COLUMN placement TEXT;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -520,6 +513,11 @@ class Records:
         with self._tx():
             self._exec("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
 
+    def set_placement(self, job_id: str, rows: list[dict[str, Any]], *, defer: bool = False) -> None:
+        """A job's placement decision: for each node, chosen or not and why (``placement.Row``)."""
+        with self._tx(defer):
+            self._exec("UPDATE jobs SET placement=? WHERE id=?", (_dumps(rows, "placement"), job_id))
+
     def queued(self) -> list[dict[str, Any]]:
         """Queued jobs, oldest first: the order they are placed in."""
         rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE state='queued' ORDER BY created, rowid")
@@ -556,6 +554,8 @@ class Records:
                                 "ORDER BY chunk, attempt, id", (job_id,))
         out["parts"] = [_row(p) for p in parts]
         out["artifacts"] = self.artifacts(job_id)
+        placed = self.db.execute("SELECT placement FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+        out["placement"] = json.loads(placed) if placed else []
         return out
 
     def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

@@ -14,31 +14,28 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vesta import artifacts, autopilot, proto, workloads
-from vesta.autopilot import Choice, NodeView
+from vesta.autopilot import NodeView
 from vesta.chunks import ChunkOutcome, ChunkRun, Job, OnBorrowed, RunLocal, new_job_id
 from vesta.errors import JobCancelled, JobFailed, NotNow, VestaError
 from vesta.hostexec import OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
+from vesta.placement import JobPlan, Placer, Start, Want
 from vesta.records import Records
 from vesta.spec import STORED, CpuSpec, ExecSpec, JobRequest, MemSpec
 from vesta.tasks import StopFlag
 
 log = logging.getLogger(__name__)
 
-REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
-
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 MakeOffer = Callable[[int, int, int], Callable[[int], proto.Offer]]   # (chunk, start, count) -> (rid -> Offer)
-# Refusals that may not last: a queued job waits them out instead of failing.
-PASSING = frozenset({"capacity", "hours", "ledger", "busy"})
 
 __all__ = ["Emit", "Job", "Submitter", "new_job_id"]
 
@@ -51,7 +48,7 @@ class Submitter:
                  run_local: RunLocal, on_borrowed: OnBorrowed = lambda fp, name, offer, result: None,
                  on_event: Callable[[str, str], None] = lambda kind, text: None,
                  records: Records | None = None, artifacts_dir: Path | None = None, artifact_cap: int = 0,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, view_every: float = 0.25) -> None:
         self.artifacts_dir = artifacts_dir   # where each exec job's $VESTA_OUTPUT files are stored (JOB/...)
         self.artifact_cap = artifact_cap     # bytes of them per job
         self.max_attempts = max_attempts     # runs of a cpu/mem chunk lost to failures before its job fails
@@ -66,8 +63,37 @@ class Submitter:
         self.spill_cpu_pct = spill_cpu_pct
         self.counters = counters
         self.run_local = run_local
-        self.debits = autopilot.Debits()
+        self.placer = Placer(spill_cpu_pct=spill_cpu_pct)   # every node's slots and our chunks in flight
+        self.view_every = view_every         # a job waiting for a slot looks at the views at least this often
+        self.on_free: Callable[[], None] = lambda: None   # capacity may have appeared (the exec queue listens)
+        self._changed: asyncio.Future[None] | None = None
+        self.plans: dict[str, JobPlan] = {}
         self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------ capacity events
+
+    def refresh(self) -> None:
+        """Take in the latest views (a beacon came, a node left); wakes whoever waits if a slot appeared."""
+        if self.placer.update(self.views()):
+            self.freed()
+
+    def freed(self) -> None:
+        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): wake the waiting jobs."""
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self.on_free()
+
+    def changed(self) -> asyncio.Future[None]:
+        """Done at the next ``freed``."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    def free_exec_slots(self, on: str | None) -> int:
+        """Free slots on the nodes that may take an exec job now (the exec queue offers that many)."""
+        self.refresh()
+        want = Want("exec", on)
+        return sum(self.placer.free(fp) for fp, v in self.placer.views.items() if not self.placer.why_not(v, want))
 
     # ------------------------------------------------------------ the job's record
 
@@ -114,10 +140,20 @@ class Submitter:
             log.warning("could not record part %s: %s", o.part_id, exc)
         o.part_id = None
 
+    def _placement(self, job: Job) -> None:
+        """Put the job's placement decision on record (deferred: durable with the write that follows)."""
+        plan = self.plans.pop(job.job_id, None)
+        if self.records is not None and plan is not None:
+            try:
+                self.records.set_placement(job.job_id, [r.to_json() for r in plan.decision()], defer=True)
+            except VestaError as exc:
+                log.warning("could not record the placement of job %s: %s", job.job_id, exc)
+
     def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
                 result: dict[str, Any] | None = None) -> None:
         """Record how a job ended (once) and forget it."""
         self.jobs.pop(job.job_id, None)
+        self._placement(job)
         if self.records is not None:
             try:
                 self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result)
@@ -129,6 +165,7 @@ class Submitter:
             return
         if job.queued and isinstance(exc, (NotNow, asyncio.CancelledError)):   # never started: still queued
             self.jobs.pop(job.job_id, None)
+            self._placement(job)
             if self.records is not None and isinstance(exc, NotNow):
                 self.records.wait_reason(job.job_id, str(exc)[:500])
             return
@@ -162,7 +199,8 @@ class Submitter:
         return True
 
     def _pick(self, on: str | None) -> list[NodeView]:
-        views = self.views()
+        self.refresh()
+        views = list(self.placer.views.values())
         if on is None:
             return views
         match = [v for v in views if v.name == on or (len(on) >= 8 and v.fingerprint.startswith(on))]
@@ -170,6 +208,17 @@ class Submitter:
             known = ", ".join(sorted(v.name for v in views))
             raise JobFailed(f"no node named {on!r} (known: {known})")
         return match
+
+    def check_on(self, on: str | None) -> None:
+        """Refuse at once a ``--on`` name no node has ever had (a node seen before may come back)."""
+        self.refresh()
+        if on is not None and not self.placer.known(on):
+            known = ", ".join(sorted(v.name for v in self.placer.views.values()))
+            raise JobFailed(f"no node named {on!r} (known: {known})")
+
+    def _plan(self, job: Job, plan: JobPlan) -> JobPlan:
+        self.plans[job.job_id] = plan
+        return plan
 
     async def submit(self, request: JobRequest, emit: Emit, *, job_id: str | None = None, queued: bool = False,
                      cancel: StopFlag | None = None, inputs_dir: Path | None = None) -> dict[str, Any]:
@@ -187,29 +236,23 @@ class Submitter:
         return await self._exec(job, spec, emit)
 
     async def _cpu(self, job: Job, spec: CpuSpec, emit: Emit) -> dict[str, Any]:
+        """A cpu job waits for slots: it never runs more chunks at once than the nodes have slots."""
         on, split = job.request.on, job.request.split
         units = workloads.units_for(spec.iterations)
         nodes = self._pick(on)
-        if on is not None:
-            choices = [Choice(n, max(1, autopilot.slots(n, self.debits))) for n in nodes]
-        else:
-            choices = autopilot.choose(nodes, spill_cpu_pct=self.spill_cpu_pct, units=units, split=split,
-                                       debits=self.debits)
-        total = sum(c.slots for c in choices)
-        splittable = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
-        chunks = autopilot.cut(units, autopilot.cut_size_slots(nodes, total) if splittable else total)
-
-        def refresh() -> list[Choice]:  # peers that became free after the job started may join it
-            return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
-                                    debits=self.debits, fallback=False)
-
+        want = Want("cpu", on)
+        if on is None and split and units >= autopilot.SPLIT_MIN_UNITS:
+            free = sum(self.placer.free(v.fingerprint) for v in nodes)
+            plan = JobPlan(self.placer, want, autopilot.cut(units, autopilot.cut_size_slots(nodes, free)),
+                           max_attempts=self.max_attempts)
+        else:   # on the single best node, one chunk per slot it has free when placed
+            plan = JobPlan(self.placer, want, [(0, units)], pinned=True, max_attempts=self.max_attempts,
+                           cut=lambda slots: autopilot.cut(units, max(1, slots)))
         self._register(job)
         try:
             t0 = time.perf_counter()
-            start = {"type": "start", "job_id": job.job_id, "iterations": spec.iterations, "units": units,
-                     "chunks": len(chunks), "nodes": [c.node.name for c in choices]}
-            outcomes = await _Schedule(self, job, choices, chunks, emit, start, allow_local_fallback=on is None,
-                                       refresh=refresh if splittable else None).run()
+            start = {"type": "start", "job_id": job.job_id, "iterations": spec.iterations, "units": units}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start).run()
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -248,17 +291,16 @@ class Submitter:
 
     async def _mem(self, job: Job, spec: MemSpec, emit: Emit) -> dict[str, Any]:
         nodes = self._pick(job.request.on)
-        fits = autopilot.fits_memory(nodes, spec.mib)
-        if not fits:
+        if not autopilot.fits_memory(nodes, spec.mib):
             offers = ", ".join(f"{n.name} offers {n.offered_mem_mb} MiB" for n in nodes)
             raise JobFailed(f"no node can hold {spec.mib} MiB ({offers}); try less, or raise mem_offer_mb")
+        plan = JobPlan(self.placer, Want("mem", job.request.on, mem_mib=spec.mib), [(0, 1)], patient=False,
+                       one_at_a_time=True, max_attempts=self.max_attempts)
         self._register(job)
         t0 = time.perf_counter()
         try:
-            start = {"type": "start", "job_id": job.job_id, "mib": spec.mib, "ms": spec.ms,
-                     "nodes": [n.name for n in fits]}
-            outcomes = await _Schedule(self, job, [Choice(n, 1) for n in fits], [(0, 1)], emit, start,
-                                       allow_local_fallback=False, one_at_a_time=True).run()
+            start = {"type": "start", "job_id": job.job_id, "mib": spec.mib, "ms": spec.ms}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start).run()
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -268,26 +310,21 @@ class Submitter:
         return {"job_id": job.job_id, "kind": "mem", "mib": spec.mib, "ms": spec.ms, "node": o.node.name,
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
-    def _exec_candidates(self, job: Job) -> list[NodeView]:
-        """The nodes an exec job may go to, best first; a queued job that finds none stays queued (NotNow)."""
+    def _exec_check(self, job: Job) -> None:
+        """Some node may take an exec job; a queued job that finds none stays queued (NotNow)."""
         on = job.request.on
         try:
             nodes = self._pick(on)
-            allowed = [n for n in nodes if n.exec_allowed]
-            if on is None and not allowed:
+            if on is None and not any(n.exec_allowed for n in nodes):
                 states = ", ".join(f"{n.name}: exec off" for n in nodes)
                 raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
         except JobFailed as exc:   # a node may yet come, or allow exec after a restart
             raise NotNow(str(exc)) if job.queued else exc from None
-        candidates = nodes if on is not None else [
-            c.node for c in autopilot.choose(allowed, spill_cpu_pct=self.spill_cpu_pct, split=False,
-                                             debits=self.debits, exec_job=True)]
-        return candidates + [n for n in allowed if n not in candidates]
 
     async def _exec(self, job: Job, spec: ExecSpec, emit: Emit) -> dict[str, Any]:
         self._register(job)   # first: a job that cannot start is on record too
         try:
-            candidates = self._exec_candidates(job)
+            self._exec_check(job)
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -300,12 +337,12 @@ class Submitter:
                 self.records.append_log(job.job_id, stream, data)
             await emit({"type": "output", "stream": stream, "data": data})
 
+        # A queued job waits for a free slot (in the queue); any other is offered to the nodes in turn.
+        plan = JobPlan(self.placer, Want("exec", job.request.on), [(0, 1)], patient=job.queued, one_at_a_time=True,
+                       max_attempts=1 + job.request.retries)
         try:
-            start = {"type": "start", "job_id": job.job_id, "argv": list(spec.argv),
-                     "nodes": [n.name for n in candidates]}
-            outcomes = await _Schedule(self, job, [Choice(n, 1) for n in candidates], [(0, 1)], emit, start,
-                                       allow_local_fallback=False, one_at_a_time=True,
-                                       max_attempts=1 + job.request.retries, on_output=output).run()
+            start = {"type": "start", "job_id": job.job_id, "argv": list(spec.argv)}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start, on_output=output).run()
         except BaseException as exc:
             self._store_artifacts(job)
             self._failed(job, exc)
@@ -334,102 +371,89 @@ class Submitter:
 
 @dataclass
 class _Schedule:
-    """Hands a job's chunks to its nodes, at most each node's slots at once, and re-places what fails."""
+    """Drives one job's ``JobPlan``: starts the chunks it says where it says, feeds it how each ended,
+    and waits for a slot when it has none (a chunk ending anywhere, a beacon that shows spare)."""
 
     sub: Submitter
     job: Job
-    choices: list[Choice]
-    chunks: list[tuple[int, int]]
+    plan: JobPlan
     emit: Emit
     start_event: dict[str, Any] | None
-    allow_local_fallback: bool
-    one_at_a_time: bool = False
-    max_attempts: int = 0
     on_output: OnOutput | None = None
-    refresh: Callable[[], list[Choice]] | None = None
-    queue: deque[tuple[int, int, int]] = field(default_factory=deque)
-    free: dict[str, int] = field(default_factory=dict)          # slots left per node (fingerprint)
-    order: list[NodeView] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)      # node name -> why it left the job
-    running: dict[asyncio.Task[ChunkOutcome], ChunkOutcome] = field(default_factory=dict)
+    running: dict[asyncio.Task[ChunkOutcome], tuple[int, ChunkOutcome]] = field(default_factory=dict)
     done: list[ChunkOutcome] = field(default_factory=list)
     progress: int = 0
-    attempts: Counter[int] = field(default_factory=Counter)
-    lost: Counter[int] = field(default_factory=Counter)         # runs of each chunk that started and did not finish
-    passing: set[str] = field(default_factory=set)              # nodes whose "no" may not last
 
     def __post_init__(self) -> None:
-        self.queue.extend((i, start, count) for i, (start, count) in enumerate(self.chunks))
-        self.free = {c.node.fingerprint: c.slots for c in self.choices}
-        self.order = [c.node for c in self.choices]
-        self.max_attempts = self.max_attempts or self.sub.max_attempts
         self.offer = self.sub.offer_maker(self.job)
 
     async def run(self) -> list[ChunkOutcome]:
-        job = self.job
-        last_emit = last_refresh = time.monotonic()
+        job, plan = self.job, self.plan
+        last_emit = time.monotonic()
         cancel_wait = job.cancel.future()
         try:
-            while self.queue or self.running:
+            while not plan.complete():
                 if job.cancel.is_set():
                     raise JobCancelled(f"job {job.job_id} cancelled")
-                if self.refresh is not None and self.queue and time.monotonic() - last_refresh >= REFRESH_EVERY:
-                    last_refresh = time.monotonic()
-                    await self._add_free_nodes()
-                self._place()
+                for s in plan.next():
+                    self._start(s)
                 if not self.running:
-                    self._no_node()   # raises, or brings in this node as the last resort
+                    await self._wait_for_slot(cancel_wait)
                     continue
                 if self.sub.records is not None:
                     self.sub.records.flush()   # the job and its parts are on disk before anything else runs
                 if self.start_event is not None:   # after the records are on disk: it never names a job they lack
-                    await self.emit(self.start_event)
+                    await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
                     self.start_event = None
                 waiting: list[asyncio.Future[Any]] = [*self.running, cancel_wait]
-                await asyncio.wait(waiting, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                if plan.queue:   # more chunks than slots: a slot freeing anywhere may take one
+                    waiting.append(self.sub.changed())
+                await asyncio.wait(waiting, timeout=self.sub.view_every, return_when=asyncio.FIRST_COMPLETED)
                 if time.monotonic() - last_emit >= 0.25:
                     last_emit = time.monotonic()
                     await self.emit({"type": "progress", "done": self.progress, "running": len(self.running),
                                      "finished": len(self.done)})
                 for task in [t for t in self.running if t.done()]:
                     await self._settle(task)
+                if plan.queue:
+                    self.sub.refresh()
         finally:
             cancel_wait.cancel()
             if self.running:
                 job.cancel.set()
                 await asyncio.gather(*self.running, return_exceptions=True)
-                for o in self.running.values():
+                for token, o in self.running.values():
                     o.error = o.error or "cancelled"
                     self.sub._record_part(o, cancelled=True)
+                    plan.ended(token, ok=False, error=o.error)
+                self.sub.freed()
         return self.done
 
-    async def _add_free_nodes(self) -> None:
-        """Peers that became free after the job started join it."""
-        assert self.refresh is not None
-        for c in self.refresh():
-            if c.node.fingerprint not in self.free and c.node.name not in self.failures:
-                self.order.append(c.node)
-                self.free[c.node.fingerprint] = c.slots
-                await self.emit({"type": "joined", "node": c.node.name})
+    async def _wait_for_slot(self, cancel_wait: asyncio.Future[None]) -> None:
+        """Nothing runs and nothing could start: wait for a slot, or fail (a queued job stays queued)."""
+        plan = self.plan
+        names = {fp: v.name for fp, v in plan.chosen.items()}
+        why = "; ".join(f"{names.get(fp, fp[:8])}: {reason}" for fp, reason in plan.left.items())
+        if plan.stuck() == "fail":
+            if self.job.queued and (plan.passing or not plan.left):
+                raise NotNow(f"waiting: {why or self._why_not()}")
+            raise JobFailed(f"no node could run job {self.job.job_id} ({why or self._why_not()})")
+        if self.job.queued:
+            raise NotNow(f"waiting: {self._why_not()}")
+        await asyncio.wait([self.sub.changed(), cancel_wait], timeout=self.sub.view_every,
+                           return_when=asyncio.FIRST_COMPLETED)
+        self.sub.refresh()
 
-    def _place(self) -> None:
-        """Start a chunk on every free slot."""
-        for node in self.order:
-            while self.queue and self.free.get(node.fingerprint, 0) > 0:
-                self._start(node, *self.queue.popleft())
-            if self.one_at_a_time and self.running:
-                break
+    def _why_not(self) -> str:
+        return "; ".join(f"{r.node}: {r.why}" for r in self.plan.rows() if not r.chosen) or "no node available"
 
-    def _start(self, node: NodeView, i: int, start: int, count: int) -> None:
-        job, sub = self.job, self.sub
-        self.free[node.fingerprint] -= 1
-        o = ChunkOutcome(node, i, start, count)
-        if not node.local:
-            sub.debits.place(node.fingerprint)
+    def _start(self, s: Start) -> None:
+        job, sub, node = self.job, self.sub, s.node
+        start, count = self.plan.chunks[s.chunk]
+        o = ChunkOutcome(node, s.chunk, start, count)
         job.running_by_node[node.name] += 1
         job.first_by_node.setdefault(node.name, time.monotonic())
-        self.attempts[i] += 1
-        o.attempt, o.placed = self.attempts[i], time.time()
+        o.attempt, o.placed = s.attempt, time.time()
         if not job.queued:   # a queued job's tries are on record only once one is accepted
             sub._add_part(job, o)
 
@@ -437,54 +461,33 @@ class _Schedule:
             self.progress += n
             job.done_by_node[node.name] += n
 
-        chunk = ChunkRun(job, o, self.offer(i, start, count), progress, self.on_output,
+        chunk = ChunkRun(job, o, self.offer(s.chunk, start, count), progress, self.on_output,
                          lambda: sub._mark_running(job, o))
         work = chunk.here(sub.run_local) if node.local else chunk.there(sub.pool, sub.table, sub.on_borrowed)
-        self.running[asyncio.ensure_future(work)] = o
-
-    def _no_node(self) -> None:
-        """Nothing runs and nothing could be placed: this node as the last resort, else the job fails (or,
-        queued, waits)."""
-        local = next((v for v in self.sub.views() if v.local), None)
-        if (self.allow_local_fallback and local is not None and local.fingerprint not in self.free
-                and local.fingerprint not in {n.fingerprint for n in self.order}):
-            self.order.append(local)
-            self.free[local.fingerprint] = 1
-            return
-        why = "; ".join(f"{name}: {reason}" for name, reason in self.failures.items()) or "no node available"
-        if self.job.queued and (self.passing or not self.failures):
-            raise NotNow(f"waiting: {why}")
-        raise JobFailed(f"no node could run job {self.job.job_id} ({why})")
+        self.running[asyncio.ensure_future(work)] = (s.token, o)
 
     async def _settle(self, task: asyncio.Task[ChunkOutcome]) -> None:
         """A chunk ended: keep its result, or put it back for another node."""
         job, sub = self.job, self.sub
         o = task.result()
-        del self.running[task]
+        token, _ = self.running.pop(task)
         job.running_by_node[o.node.name] -= 1
         # The job's last part ends in the same commit as the job (_finish follows, nothing awaited).
-        sub._record_part(o, defer=o.ok and not self.queue and not self.running)
-        fp = o.node.fingerprint
-        if o.ok:
+        sub._record_part(o, defer=o.ok and not self.plan.queue and not self.running)
+        verdict = self.plan.ended(token, ok=o.ok, refused=o.refused, error=o.error, started=o.started)
+        sub.freed()   # its slot is free: a job waiting for one may take it
+        if verdict == "done":
             self.done.append(o)
-            self.free[fp] = self.free.get(fp, 0) + 1
             return
-        if not o.node.local:
-            sub.debits.release(fp)
-        why = self.failures[o.node.name] = o.refused and f"refused ({o.refused}: {o.error})" or o.error
-        if o.refused in PASSING or not (o.started or o.refused):
-            self.passing.add(o.node.name)
-        if o.started:   # a run that began counts as an attempt; a refusal does not
-            self.lost[o.chunk] += 1
-            if self.lost[o.chunk] >= self.max_attempts:
-                ended = JobCancelled if job.cancel.is_set() else JobFailed   # its run was stopped by the cancel
-                if job.kind == "exec" and self.max_attempts == 1:   # it may have had effects: not twice
-                    raise ended(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may "
-                                    "have had effects; vesta exec --retries N allows re-runs)")
-                raise ended(f"job {job.job_id}: chunk {o.chunk} failed {self.lost[o.chunk]} times "
-                                f"(max_attempts {self.max_attempts}); last on {o.node.name}: {o.error}")
-        self.free[fp] = -len(self.chunks)          # this node is out of this job
-        self.queue.appendleft((o.chunk, o.start, o.count))
+        if verdict == "failed":
+            lost, limit = self.plan.lost[o.chunk], self.plan.max_attempts
+            ended = JobCancelled if job.cancel.is_set() else JobFailed   # its run was stopped by the cancel
+            if job.kind == "exec" and limit == 1:   # it may have had effects: not twice
+                raise ended(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may "
+                            "have had effects; vesta exec --retries N allows re-runs)")
+            raise ended(f"job {job.job_id}: chunk {o.chunk} failed {lost} times "
+                        f"(max_attempts {limit}); last on {o.node.name}: {o.error}")
+        why = self.plan.left[o.node.fingerprint]
         sub.counters["chunks_replaced"] += 1
         moved = {"node": o.node.name, "chunk": o.chunk, "why": why}
         job.replaced.append(moved)
