@@ -139,8 +139,8 @@ class Placer:
 
     def why_not(self, v: NodeView, want: Want) -> str:
         """Why this node may never take the job as things stand ("" when it may)."""
-        if want.on is not None and not matches(v, want.on):
-            return f"not the --on node ({want.on})"
+        if want.on is not None:   # a forced node decides for itself (its refusal says why)
+            return "" if matches(v, want.on) else f"not the --on node ({want.on})"
         if want.kind == "exec" and not v.exec_allowed:
             return "exec off"
         missing = [label for label in want.need if label not in v.labels]
