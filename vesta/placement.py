@@ -190,6 +190,7 @@ class JobPlan:
     running: dict[int, tuple[int, str]] = field(default_factory=dict)   # token -> (chunk, fingerprint)
     done: dict[int, int] = field(default_factory=dict)                  # chunk -> token that completed it
     left: dict[str, str] = field(default_factory=dict)                  # fingerprint -> why it left the job
+    refusals: dict[str, str] = field(default_factory=dict)              # fingerprint -> the refusal's word
     passing: set[str] = field(default_factory=set)                      # nodes whose "no" may not last
     attempts: Counter[int] = field(default_factory=Counter)
     lost: Counter[int] = field(default_factory=Counter)
@@ -206,6 +207,9 @@ class JobPlan:
         """Nodes that may take this job's chunks, best first."""
         nodes = [v for v in self.placer.views.values()
                  if v.fingerprint not in self.left and not self.placer.why_not(v, self.want)]
+        if self.home is not None and self.home not in self.placer.views and not any(
+                fp == self.home for _, fp in self.running.values()):
+            self.home = None   # its node is lost: the job goes wherever a slot is
         if self.home is not None:
             nodes = [v for v in nodes if v.fingerprint == self.home]
         return self.placer.ranked(nodes)
@@ -269,6 +273,8 @@ class JobPlan:
             self.ran.add(fp)
             return "done"
         self.left[fp] = refused and f"refused ({refused}: {error})" or error
+        if refused:
+            self.refusals[fp] = refused
         if fp == self.home:   # its node left: the job goes wherever a slot is (this node is the last resort)
             self.home = None
         if refused in PASSING or not (started or refused):
@@ -295,13 +301,19 @@ class JobPlan:
         for v in sorted(self.placer.views.values(), key=lambda v: (not v.local, v.name)):
             fp = v.fingerprint
             chosen = fp in self.ran or (fp in self.chosen and fp not in self.left)
-            why = ("" if chosen else self.left.get(fp) or self.placer.why_not(v, self.want)
+            why = ("" if chosen else self._left_why(fp) or self.placer.why_not(v, self.want)
                    or (f"spill threshold (owner's cpu {v.cpu_pct:.0f}% > {self.placer.spill_cpu_pct:.0f}%)"
                        if self._local_last(v, nodes) else "")
                    or (self.placer.busy(fp) if self.placer.free(fp) <= 0 else "")
                    or ("not its node (no split)" if self.home is not None else "ranked lower"))
             out.append(Row(v.name, fp, chosen, why, self.placer.in_use(fp), self.placer.slots(fp)))
         return out
+
+    def _left_why(self, fp: str) -> str:
+        """Why a node left the job, led by what its refusal means ("ledger cap: refused (ledger: ...)")."""
+        why = self.left.get(fp, "")
+        word = REFUSED_AS.get(self.refusals.get(fp, ""))
+        return f"{word}: {why}" if why and word else why
 
     def decision(self) -> list[Row]:
         """The job's placement decision as it stands: the nodes that got its work, and for the others
