@@ -228,6 +228,18 @@ def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, everyo
     stdout_console().print(jobs_table(rows, hosted))
 
 
+def placement_table(rows: list[dict[str, Any]]) -> Table | None:
+    """A job's placement decision, "why not there?": each node, chosen or not and why (None: not on record)."""
+    if not rows:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="why not there?", title_justify="left")
+    for col in ("node", "chosen", "slots", "why not"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["node"], "yes" if r["chosen"] else "no", f"{r['used']}/{r['slots']}", r["why"] or "-")
+    return table
+
+
 @cli.command()
 @click.argument("job_id")
 @option_json()
@@ -256,6 +268,9 @@ def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
         parts.add_row(str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), p["state"],
                       f"{p.get('cpu_s') or 0:.2f}", p.get("reason") or "")
     con.print(parts)
+    placed = placement_table(job.get("placement") or [])
+    if placed is not None:
+        con.print(placed)
     for f in job.get("artifacts", []):
         con.print(f"artifact {f['path']}: {f['size']:,} bytes, {f['state']}"
                   + (f" ({f['reason']})" if f.get("reason") else f", sha256 {f['sha256'][:16]}"))
