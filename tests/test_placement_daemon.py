@@ -46,7 +46,8 @@ def test_a_burst_of_sixteen_jobs_spreads_over_both_nodes(cluster: Cluster, tmp_p
     # Two one-slot nodes: half the burst each, give or take the jobs that ran while the other was busy.
     assert 4 <= on_b <= 12, where
     hosted = [h for h in b.call("jobs", hosted=True, limit=200) if h["kind"] == "cpu"]
-    assert {h["job_id"] for h in hosted} == {r["job_id"] for r, nodes in zip(results, where) if nodes == {"b"}}
+    assert {h["job_id"] for h in hosted} == {r["job_id"] for r, nodes in zip(results, where, strict=True)
+                                            if nodes == {"b"}}
     # Every job's record says where it went and why not elsewhere.
     record = a.call("show", job_id=results[0]["job_id"])
     chosen = [row["node"] for row in record["placement"] if row["chosen"]]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vesta import autopilot
@@ -316,15 +316,16 @@ class JobPlan:
         return f"{word}: {why}" if why and word else why
 
     def decision(self) -> list[Row]:
-        """The job's placement decision as it stands: the nodes that got its work, and for the others
-        why not: why they left it, else what kept them out when it was first placed (or now)."""
-        now = {r.fingerprint: r for r in self.rows()}
+        """The job's placement decision as it stands: the nodes that got its work, and for the others why
+        not: why they left it, else what kept them out when it was first placed. Slots are as they were
+        then (as they are now for a node that appeared later, or a job never placed)."""
         then = {r.fingerprint: r for r in self.decided}
         out = []
-        for fp, row in now.items():
-            first = then.get(fp)
-            if row.chosen or fp in self.left or first is None or first.chosen:
+        for row in self.rows():
+            first = then.get(row.fingerprint)
+            if first is None:
                 out.append(row)
-            else:
-                out.append(first)
+                continue
+            keep = row.chosen or row.fingerprint in self.left or first.chosen
+            out.append(replace(first, chosen=row.chosen, why=row.why if keep else first.why))
         return out
