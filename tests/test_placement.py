@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import FakeClock
 from vesta.autopilot import NodeView
-from vesta.placement import PASSING, JobPlan, Placer, Want
+from vesta.placement import FULL_MAX_S, PASSING, JobPlan, Placer, Want
 
 
 def local(cores: int = 1, spare: float = 1.0, cpu: float = 0.0, **kw: Any) -> NodeView:
@@ -27,8 +28,8 @@ def peer(name: str, spare: float = 1.0, offered: float = 1.0, running: int = 0, 
     return NodeView(**(fields | kw))
 
 
-def placer(*views: NodeView, spill: float = 80.0) -> Placer:
-    p = Placer(spill_cpu_pct=spill, clock=lambda: 0.0)
+def placer(*views: NodeView, spill: float = 80.0, clock: FakeClock | None = None) -> Placer:
+    p = Placer(spill_cpu_pct=spill, clock=clock or FakeClock())
     p.update(views)
     return p
 
@@ -64,11 +65,18 @@ def test_peer_slots_come_from_its_beacon_and_what_others_ran_there() -> None:
 
 
 def test_a_capacity_refusal_makes_a_node_full_until_its_next_beacon() -> None:
-    p = placer(local(), peer("b"))
+    clock = FakeClock()
+    p = placer(local(), peer("b"), clock=clock)
     p.take("fp-b")
     p.release("fp-b", refused="capacity")
     assert p.free("fp-b") == 0
     assert p.update([local(), peer("b", seen=2.0)])   # capacity appeared: the event says so
+    assert p.free("fp-b") == 1
+    p.take("fp-b")
+    p.release("fp-b", refused="capacity")
+    clock.advance(FULL_MAX_S - 0.1)
+    assert p.free("fp-b") == 0
+    clock.advance(0.2)                                 # its beacons are slow: asked again after a while
     assert p.free("fp-b") == 1
 
 

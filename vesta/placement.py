@@ -9,7 +9,8 @@ queue) feeds it events and does what it says.
   holds a slot from the moment it is placed until it ends (``take``/``release``), not until the next
   beacon, so a burst of submissions spreads over the federation at once and no more chunks run than
   there are slots: the rest wait. Chunks other submitters run on a peer are counted from its beacon
-  (what it ran then, less ours). A peer that refused for capacity is full until its next beacon.
+  (what it ran then, less ours). A peer that refused for capacity is full until its next beacon, or
+  ``FULL_MAX_S`` by the injected clock when its beacons are slow.
 * **Events.** ``update(views)`` (a beacon, a new node, one lost: capacity may have appeared or gone),
   ``take``/``release`` (a chunk placed; a result, a refusal, a lost node, a dropped link), and per job
   ``JobPlan.ended``. Each says whether something may now be placed.
@@ -31,6 +32,7 @@ from typing import Any
 from vesta import autopilot
 from vesta.autopilot import NodeView
 
+FULL_MAX_S = 5.0   # a node that refused for capacity is full until its next beacon, or this long at most
 # Refusals that may not last: a node that gave one may take the job later.
 PASSING = frozenset({"capacity", "hours", "ledger", "busy"})
 # What a host's refusal word means in the "why not there?" table.
@@ -78,7 +80,7 @@ class Placer:
     views: dict[str, NodeView] = field(default_factory=dict)
     used: Counter[str] = field(default_factory=Counter)       # our chunks in flight, per fingerprint
     others: dict[str, int] = field(default_factory=dict)      # other submitters' chunks there at its beacon
-    full: dict[str, float] = field(default_factory=dict)      # refused for capacity since this beacon
+    full: dict[str, tuple[float, float]] = field(default_factory=dict)   # refused for capacity: (beacon, when)
     names: set[str] = field(default_factory=set)              # every node name seen
     fingerprints: set[str] = field(default_factory=set)
 
@@ -118,7 +120,8 @@ class Placer:
 
     def free(self, fp: str) -> int:
         v = self.views.get(fp)
-        if v is None or (fp in self.full and self.full[fp] == v.last_seen):
+        full = self.full.get(fp)
+        if v is None or (full is not None and full[0] == v.last_seen and self.clock() - full[1] < FULL_MAX_S):
             return 0
         return max(0, self.slots(fp) - self.in_use(fp))
 
@@ -132,7 +135,7 @@ class Placer:
             self.used[fp] -= 1
         v = self.views.get(fp)
         if refused == "capacity" and v is not None and not v.local:
-            self.full[fp] = v.last_seen
+            self.full[fp] = (v.last_seen, self.clock())
 
     def spilling(self) -> bool:
         return any(v.local and v.cpu_pct > self.spill_cpu_pct for v in self.views.values())
