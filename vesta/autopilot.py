@@ -3,8 +3,9 @@
 * **Slots.** A chunk runs on one core. What the submitter and the exec queue place by is
   ``placement.Placer``: every node's slots, this one's included, held by each chunk from its placement to
   its end. ``slots``, ``Debits`` and ``choose`` here are the older beacon-only rule (a peer holds
-  ``round(spare)`` chunks less those placed since its beacon; this node always has one), kept for what
-  still ranks by it (``score``, ``cut``, ``fits_memory`` are shared by both).
+  ``round(spare)`` chunks less those placed since its beacon; this node always has one): the daemon no
+  longer uses them (their unit tests still pin them; removing them is a change of its own). ``score``,
+  ``cut``, ``cut_size_slots`` and ``fits_memory`` are what placement uses from here.
 * **Spill.** When this node's CPU is above ``spill_cpu_pct`` it takes no
   chunk of a new job while any peer can; it is still the last resort.
 * **Speed.** Nodes are ordered by slots x measured per-core hash rate, so a
