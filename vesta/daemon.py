@@ -271,6 +271,7 @@ class Daemon:
         interval = self.cfg.beacon_interval
         while True:
             self.capacity.sample(self.host.take_peak(), self.host.take_own_peak())
+            self.submitter.refresh()   # this node's own slots follow its load
             self._check_hours()
             try:
                 await self.discovery.send_once()

@@ -99,6 +99,7 @@ class ExecQueue:
         self._watchers: dict[str, list[Emit]] = {}
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._parked: dict[str, float] = {}   # jobs every node just turned away: until capacity appears
+        self._queued = True                   # the records held queued jobs at the last look (or one was added)
 
     async def close(self) -> None:
         """Stop the jobs being placed from the queue (the daemon is stopping)."""
@@ -119,6 +120,7 @@ class ExecQueue:
         except BaseException:
             shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
             raise
+        self._queued = True
         self.wake.set()
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
@@ -173,8 +175,9 @@ class ExecQueue:
 
     def capacity(self) -> None:
         """Capacity may have appeared (a chunk ended, a beacon shows spare): every queued job may be tried."""
-        self._parked.clear()
-        self.wake.set()
+        if self._queued:   # (nothing to do for an empty queue: this comes with every chunk's end)
+            self._parked.clear()
+            self.wake.set()
 
     async def run(self, interval: float) -> None:
         """Offer queued jobs whenever a node may take them: forever (cancel to stop)."""
@@ -192,6 +195,7 @@ class ExecQueue:
         except VestaError as exc:
             log.warning("cannot read the queue: %s", exc)
             return
+        self._queued = bool(rows)
         now = time.monotonic()
         free: dict[str | None, int] = {}   # slots left to offer, per --on
         for row in rows:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 MakeOffer = Callable[[int, int, int], Callable[[int], proto.Offer]]   # (chunk, start, count) -> (rid -> Offer)
+VIEWS_FRESH_S = 0.05   # a job takes the views as they are when they are this recent (beacons refresh them)
 
 __all__ = ["Emit", "Job", "Submitter", "new_job_id"]
 
@@ -67,13 +68,19 @@ class Submitter:
         self.view_every = view_every         # a job waiting for a slot looks at the views at least this often
         self.on_free: Callable[[], None] = lambda: None   # capacity may have appeared (the exec queue listens)
         self._changed: asyncio.Future[None] | None = None
+        self._refreshed = -1e9
         self.plans: dict[str, JobPlan] = {}
         self.jobs: dict[str, Job] = {}
 
     # ------------------------------------------------------------ capacity events
 
-    def refresh(self) -> None:
-        """Take in the latest views (a beacon came, a node left); wakes whoever waits if a slot appeared."""
+    def refresh(self, *, now: bool = True) -> None:
+        """Take in the latest views (a beacon came, a node left); wakes whoever waits if a slot appeared.
+        ``now=False``: not if they were taken in the last ``VIEWS_FRESH_S`` (every beacon brings them in)."""
+        t = time.monotonic()
+        if not now and t - self._refreshed < VIEWS_FRESH_S:
+            return
+        self._refreshed = t
         if self.placer.update(self.views()):
             self.freed()
 
@@ -199,7 +206,7 @@ class Submitter:
         return True
 
     def _pick(self, on: str | None) -> list[NodeView]:
-        self.refresh()
+        self.refresh(now=False)
         views = list(self.placer.views.values())
         if on is None:
             return views
@@ -416,7 +423,7 @@ class _Schedule:
                 for task in [t for t in self.running if t.done()]:
                     await self._settle(task)
                 if plan.queue:
-                    self.sub.refresh()
+                    self.sub.refresh(now=False)
         finally:
             cancel_wait.cancel()
             if self.running:
