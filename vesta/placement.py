@@ -247,7 +247,7 @@ class JobPlan:
                     self._pin(forced, 1)
                 out.append(self._start(forced))
         if out and not self.decided:
-            self.decided = self.rows()
+            self.decided = self.rows(nodes)
         return out
 
     def _pin(self, v: NodeView, free: int) -> None:
@@ -297,10 +297,11 @@ class JobPlan:
         node can take it)."""
         return "wait" if self.candidates() else "fail"
 
-    def rows(self) -> list[Row]:
-        """For every node now: chosen (it has the job's work), or why not."""
+    def rows(self, nodes: list[NodeView] | None = None) -> list[Row]:
+        """For every node now: chosen (it has the job's work), or why not (``nodes``: the candidates, when
+        the caller has them)."""
         out = []
-        nodes = self.candidates()
+        nodes = self.candidates() if nodes is None else nodes
         for v in sorted(self.placer.views.values(), key=lambda v: (not v.local, v.name)):
             fp = v.fingerprint
             chosen = fp in self.ran or (fp in self.chosen and fp not in self.left)
@@ -322,6 +323,9 @@ class JobPlan:
         """The job's placement decision as it stands: the nodes that got its work, and for the others why
         not: why they left it, else what kept them out when it was first placed. Slots are as they were
         then (as they are now for a node that appeared later, or a job never placed)."""
+        if (self.decided and not self.left and len(self.chosen) == sum(r.chosen for r in self.decided)
+                and all(r.chosen == (r.fingerprint in self.chosen) for r in self.decided)):
+            return self.decided   # as decided: the same nodes got the work and none left
         then = {r.fingerprint: r for r in self.decided}
         out = []
         for row in self.rows():

@@ -431,8 +431,9 @@ class Records:
             raise RecordsError(f"job {job_id!r} is already in the records") from None
 
     def transition(self, job_id: str, to: str, *, reason: str = "", exit_code: int | None = None,
-                   result: dict[str, Any] | None = None) -> None:
-        """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result are kept when not given."""
+                   result: dict[str, Any] | None = None, placement: list[dict[str, Any]] | None = None) -> None:
+        """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result/placement (its placement
+        decision: for each node, chosen or not and why) are kept when not given."""
         _check(to in STATES, f"unknown job state {to!r} (one of {', '.join(STATES)})")
         froms = [frm for frm, tos in ALLOWED.items() if to in tos]
         now = self.clock()
@@ -440,10 +441,11 @@ class Records:
             cur = self._exec(
                 "UPDATE jobs SET state=?, started=CASE WHEN ? THEN ? ELSE started END, finished=?, "
                 "reason=CASE WHEN ?='' THEN (CASE WHEN state='queued' THEN '' ELSE reason END) ELSE ? END, "
-                " exit_code=COALESCE(?, exit_code), "
-                f"result=COALESCE(?, result) WHERE id=? AND state IN ({', '.join('?' * len(froms))})",
+                " exit_code=COALESCE(?, exit_code), result=COALESCE(?, result), placement=COALESCE(?, placement) "
+                f"WHERE id=? AND state IN ({', '.join('?' * len(froms))})",
                 (to, to == "running", now, now if to in TERMINAL else None, reason, reason, exit_code,
-                 None if result is None else _dumps(result, "job result"), job_id, *froms))
+                 None if result is None else _dumps(result, "job result"),
+                 None if placement is None else _dumps(placement, "placement"), job_id, *froms))
         if cur.rowcount != 1:
             raise TransitionError(f"job {job_id!r} cannot go from {self._job_state(job_id)['state']} to {to}")
 
@@ -508,15 +510,12 @@ class Records:
                                "ORDER BY seq", (job_id, after, stream, stream)).fetchall()
         return b"".join(r["data"] for r in rows), (rows[-1]["seq"] if rows else after)
 
-    def wait_reason(self, job_id: str, reason: str) -> None:
-        """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``)."""
+    def wait_reason(self, job_id: str, reason: str, placement: list[dict[str, Any]] | None = None) -> None:
+        """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``), and the placement
+        decision that left it waiting."""
         with self._tx():
-            self._exec("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
-
-    def set_placement(self, job_id: str, rows: list[dict[str, Any]], *, defer: bool = False) -> None:
-        """A job's placement decision: for each node, chosen or not and why (``placement.Row``)."""
-        with self._tx(defer):
-            self._exec("UPDATE jobs SET placement=? WHERE id=?", (_dumps(rows, "placement"), job_id))
+            self._exec("UPDATE jobs SET reason=?, placement=COALESCE(?, placement) WHERE id=? AND state='queued'",
+                       (reason, None if placement is None else _dumps(placement, "placement"), job_id))
 
     def queued(self) -> list[dict[str, Any]]:
         """Queued jobs, oldest first: the order they are placed in."""

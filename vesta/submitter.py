@@ -147,23 +147,20 @@ class Submitter:
             log.warning("could not record part %s: %s", o.part_id, exc)
         o.part_id = None
 
-    def _placement(self, job: Job) -> None:
-        """Put the job's placement decision on record (deferred: durable with the write that follows)."""
+    def _placement(self, job: Job) -> list[dict[str, Any]] | None:
+        """The job's placement decision, to put on record with its end (or its wait)."""
         plan = self.plans.pop(job.job_id, None)
-        if self.records is not None and plan is not None:
-            try:
-                self.records.set_placement(job.job_id, [r.to_json() for r in plan.decision()], defer=True)
-            except VestaError as exc:
-                log.warning("could not record the placement of job %s: %s", job.job_id, exc)
+        return None if plan is None else [r.to_json() for r in plan.decision()]
 
     def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
                 result: dict[str, Any] | None = None) -> None:
-        """Record how a job ended (once) and forget it."""
+        """Record how a job ended (once), with its placement decision, and forget it."""
         self.jobs.pop(job.job_id, None)
-        self._placement(job)
+        placement = self._placement(job)
         if self.records is not None:
             try:
-                self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result)
+                self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result,
+                                        placement=placement)
             except VestaError as exc:
                 log.warning("could not record the end of job %s: %s", job.job_id, exc)
 
@@ -172,9 +169,9 @@ class Submitter:
             return
         if job.queued and isinstance(exc, (NotNow, asyncio.CancelledError)):   # never started: still queued
             self.jobs.pop(job.job_id, None)
-            self._placement(job)
+            placement = self._placement(job)
             if self.records is not None and isinstance(exc, NotNow):
-                self.records.wait_reason(job.job_id, str(exc)[:500])
+                self.records.wait_reason(job.job_id, str(exc)[:500], placement)
             return
         reason = (str(exc) if isinstance(exc, VestaError)
                   else "daemon stopped" if isinstance(exc, asyncio.CancelledError)
