@@ -94,7 +94,10 @@ def test_over_the_spill_threshold_this_node_is_the_last_resort() -> None:
     rows = {r.node: r for r in plan.rows()}
     assert rows["b"].chosen and not rows["a"].chosen
     other = one_chunk(p, pinned=True)
-    assert [s.node.name for s in other.next()] == ["a"]   # b is full: here anyway
+    assert other.next() == [] and other.stuck() == "wait"   # b is full: new work waits for the peer
+    assert "spill threshold" in {r.node: r.why for r in other.rows()}["a"]
+    p.update([local(spare=0.2, cpu=90.0), peer("b", spare=0.0, offered=0.0, seen=2.0)])
+    assert [s.node.name for s in other.next()] == ["a"]     # no peer has a slot at all: here anyway
 
 
 def test_every_reason_a_node_was_not_chosen() -> None:

@@ -16,13 +16,16 @@ from typing import Any
 import pytest
 
 from tests.helpers import Cluster, Vestad, eventually, idle_proc
-from tests.test_submitter_daemon import generous, pair
+from tests.test_submitter_daemon import generous
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_burst_of_sixteen_jobs_spreads_over_both_nodes(cluster: Cluster, tmp_path: Path) -> None:
-    a, b = pair(cluster, tmp_path)
+    # a never spills (spill_cpu_pct 100): other processes on a's core must not send the whole burst to b.
+    a = cluster.add("a", cpus="0", args=generous(tmp_path, spill_cpu_pct=100))
+    b = cluster.add("b", cpus="1", args=[*generous(tmp_path), "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: a.peer_names() == {"b"} and b.peer_names() == {"a"}, 5)
     eventually(lambda: next(p for p in a.peers() if p["name"] == "b")["spare_cores"] >= 0.5, 5,
                what="b to advertise a spare core")
     results: list[dict[str, Any]] = []

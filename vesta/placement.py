@@ -218,9 +218,10 @@ class JobPlan:
         return self.placer.ranked(nodes)
 
     def _local_last(self, v: NodeView, nodes: list[NodeView]) -> bool:
-        """This node over its spill threshold waits while another node of the job has a free slot."""
+        """This node over its spill threshold takes none of the job while another node of the job has slots
+        (the job waits for them: new work goes to peers); it is the last resort when none has."""
         return (v.local and self.placer.spilling()
-                and any(not n.local and self.placer.free(n.fingerprint) > 0 for n in nodes))
+                and any(not n.local and self.placer.slots(n.fingerprint) > 0 for n in nodes))
 
     def next(self) -> list[Start]:
         """The chunks to start now, each on a node with a free slot (they hold it: ``placer.take``)."""
