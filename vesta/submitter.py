@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 MakeOffer = Callable[[int, int, int], Callable[[int], proto.Offer]]   # (chunk, start, count) -> (rid -> Offer)
 VIEWS_FRESH_S = 0.05   # a job takes the views as they are when they are this recent (beacons refresh them)
+PROGRESS_EVERY = 0.25  # seconds between a running job's progress events
+WAIT_POLL_S = 1.0      # a job waiting for a slot is woken by the event that frees one; it looks anyway this often
 
 __all__ = ["Emit", "Job", "Submitter", "new_job_id"]
 
@@ -49,7 +51,7 @@ class Submitter:
                  run_local: RunLocal, on_borrowed: OnBorrowed = lambda fp, name, offer, result: None,
                  on_event: Callable[[str, str], None] = lambda kind, text: None,
                  records: Records | None = None, artifacts_dir: Path | None = None, artifact_cap: int = 0,
-                 max_attempts: int = 3, view_every: float = 0.25) -> None:
+                 max_attempts: int = 3) -> None:
         self.artifacts_dir = artifacts_dir   # where each exec job's $VESTA_OUTPUT files are stored (JOB/...)
         self.artifact_cap = artifact_cap     # bytes of them per job
         self.max_attempts = max_attempts     # runs of a cpu/mem chunk lost to failures before its job fails
@@ -65,9 +67,8 @@ class Submitter:
         self.counters = counters
         self.run_local = run_local
         self.placer = Placer(spill_cpu_pct=spill_cpu_pct)   # every node's slots and our chunks in flight
-        self.view_every = view_every         # a job waiting for a slot looks at the views at least this often
         self.on_free: Callable[[], None] = lambda: None   # capacity may have appeared (the exec queue listens)
-        self._changed: asyncio.Future[None] | None = None
+        self._waiting: dict[int, tuple[JobPlan, asyncio.Future[list[Start]]]] = {}   # jobs waiting for slots, FIFO
         self._refreshed = -1e9
         self.plans: dict[str, JobPlan] = {}
         self.jobs: dict[str, Job] = {}
@@ -85,16 +86,18 @@ class Submitter:
             self.freed()
 
     def freed(self) -> None:
-        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): wake the waiting jobs."""
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
+        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): the jobs waiting for one are
+        placed, oldest first, until the free slots are gone (each gets its starts; none is woken for nothing)."""
+        placer = self.placer
+        for key, (plan, waiter) in list(self._waiting.items()):
+            if not any(placer.free(fp) > 0 for fp in placer.views):
+                break
+            starts = [] if waiter.done() else plan.next()
+            if starts or waiter.done():
+                del self._waiting[key]
+            if starts:
+                waiter.set_result(starts)
         self.on_free()
-
-    def changed(self) -> asyncio.Future[None]:
-        """Done at the next ``freed``."""
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
 
     def free_exec_slots(self, on: str | None) -> int:
         """Free slots on the nodes that may take an exec job now (the exec queue offers that many)."""
@@ -402,25 +405,20 @@ class _Schedule:
                 for s in plan.next():
                     self._start(s)
                 if not self.running:
-                    await self._wait_for_slot(cancel_wait)
-                    continue
-                if self.sub.records is not None:
-                    self.sub.records.flush()   # the job and its parts are on disk before anything else runs
-                if self.start_event is not None:   # after the records are on disk: it never names a job they lack
-                    await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
-                    self.start_event = None
-                waiting: list[asyncio.Future[Any]] = [*self.running, cancel_wait]
-                if plan.queue:   # more chunks than slots: a slot freeing anywhere may take one
-                    waiting.append(self.sub.changed())
-                await asyncio.wait(waiting, timeout=self.sub.view_every, return_when=asyncio.FIRST_COMPLETED)
-                if time.monotonic() - last_emit >= 0.25:
+                    self._stuck()   # raises, unless the job may wait for a slot
+                else:
+                    if self.sub.records is not None:
+                        self.sub.records.flush()   # the job and its parts are on disk before anything else runs
+                    if self.start_event is not None:   # after the records are on disk: never names a job they lack
+                        await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
+                        self.start_event = None
+                await self._wait(cancel_wait)
+                if self.running and time.monotonic() - last_emit >= 0.25:
                     last_emit = time.monotonic()
                     await self.emit({"type": "progress", "done": self.progress, "running": len(self.running),
                                      "finished": len(self.done)})
                 for task in [t for t in self.running if t.done()]:
                     await self._settle(task)
-                if plan.queue:
-                    self.sub.refresh(now=False)
         finally:
             cancel_wait.cancel()
             if self.running:
@@ -433,8 +431,29 @@ class _Schedule:
                 self.sub.freed()
         return self.done
 
-    async def _wait_for_slot(self, cancel_wait: asyncio.Future[None]) -> None:
-        """Nothing runs and nothing could start: wait for a slot, or fail (a queued job stays queued)."""
+    async def _wait(self, cancel_wait: asyncio.Future[None]) -> None:
+        """Until a chunk ends, the job is cancelled, or (with chunks still to place) a slot is found for it
+        (``Submitter.freed``), or a while has passed (``WAIT_POLL_S``: the views are looked at again)."""
+        waiting: list[asyncio.Future[Any]] = [*self.running, cancel_wait]
+        slot: asyncio.Future[list[Start]] | None = None
+        if self.plan.queue:
+            slot = asyncio.get_running_loop().create_future()
+            self.sub._waiting[id(self)] = (self.plan, slot)
+            waiting.append(slot)
+        try:
+            await asyncio.wait(waiting, timeout=PROGRESS_EVERY if self.running else WAIT_POLL_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if slot is not None:
+                self.sub._waiting.pop(id(self), None)
+                for s in slot.result() if slot.done() else ():   # its slots are held: start them, even now
+                    self._start(s)
+        if not self.running:
+            self.sub.refresh(now=False)
+
+    def _stuck(self) -> None:
+        """Nothing runs and nothing could start: fail, or (queued) stay queued, unless a node of the job
+        may yet free a slot."""
         plan = self.plan
         names = {fp: v.name for fp, v in plan.chosen.items()}
         why = "; ".join(f"{names.get(fp, fp[:8])}: {reason}" for fp, reason in plan.left.items())
@@ -444,9 +463,6 @@ class _Schedule:
             raise JobFailed(f"no node could run job {self.job.job_id} ({why or self._why_not()})")
         if self.job.queued:
             raise NotNow(f"waiting: {self._why_not()}")
-        await asyncio.wait([self.sub.changed(), cancel_wait], timeout=self.sub.view_every,
-                           return_when=asyncio.FIRST_COMPLETED)
-        self.sub.refresh()
 
     def _why_not(self) -> str:
         return "; ".join(f"{r.node}: {r.why}" for r in self.plan.rows() if not r.chosen) or "no node available"
