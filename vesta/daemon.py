@@ -180,11 +180,12 @@ class Daemon:
         cfg = self.cfg
         hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
         self.capacity = Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
-                                 hours=lambda: self.host.hours, port=cfg.port, own=lambda: self.host.own_running)
+                                 hours=lambda: self.host.hours, port=cfg.port)
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
                          on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
+        self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters, self.capacity.current,
                                    self._on_change, on_beacon=lambda: self.submitter.refresh())
