@@ -273,6 +273,7 @@ class Daemon:
         while True:
             self.capacity.sample(self.host.take_peak(), self.host.take_own_peak())
             self.submitter.refresh()   # this node's own slots follow its load
+            self.submitter.place_waiting()   # and every beacon interval the waiting jobs look at the slots again
             self._check_hours()
             try:
                 await self.discovery.send_once()

@@ -38,7 +38,7 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 MakeOffer = Callable[[int, int, int], Callable[[int], proto.Offer]]   # (chunk, start, count) -> (rid -> Offer)
 VIEWS_FRESH_S = 0.05   # a job takes the views as they are when they are this recent (beacons refresh them)
 PROGRESS_EVERY = 0.25  # seconds between a running job's progress events
-WAIT_POLL_S = 1.0      # a job waiting for a slot is woken by the event that frees one; it looks anyway this often
+WAIT_POLL_S = 5.0      # a job waiting for a slot is placed by the event that frees one; it looks anyway this often
 
 __all__ = ["Emit", "Job", "Submitter", "new_job_id"]
 
@@ -86,18 +86,27 @@ class Submitter:
             self.freed()
 
     def freed(self) -> None:
-        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): the jobs waiting for one are
-        placed, oldest first, until the free slots are gone (each gets its starts; none is woken for nothing)."""
+        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): place the waiting jobs, and
+        tell the exec queue."""
+        self.place_waiting()
+        self.on_free()
+
+    def place_waiting(self) -> None:
+        """The jobs waiting for a slot are placed, oldest first, until the free slots are gone (each gets its
+        starts; none is woken for nothing). Usually the first waiter takes the slot: one plan, not one per
+        waiting job."""
         placer = self.placer
-        for key, (plan, waiter) in list(self._waiting.items()):
+        served = []
+        for key, (plan, waiter) in self._waiting.items():
             if not any(placer.free(fp) > 0 for fp in placer.views):
                 break
             starts = [] if waiter.done() else plan.next()
             if starts or waiter.done():
-                del self._waiting[key]
+                served.append(key)
             if starts:
-                waiter.set_result(starts)
-        self.on_free()
+                waiter.set_result(starts)   # its callbacks run later: the dict is not changed under this loop
+        for key in served:
+            del self._waiting[key]
 
     def free_exec_slots(self, on: str | None) -> int:
         """Free slots on the nodes that may take an exec job now (the exec queue offers that many)."""
