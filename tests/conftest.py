@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Cluster, short_tmpdir
+
+# No /tmp/vestad-NAME.sock links from the suite's many daemons (in this process and every vestad it starts):
+# a test's daemon must never be found by another suite running at once. tests/test_first_hour.py turns it on
+# for the test of the link itself.
+os.environ["VESTA_TMP_LINK"] = "0"
 
 
 @pytest.fixture

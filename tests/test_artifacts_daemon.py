@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,27 @@ def test_keep_runs_keeps_the_working_directory_and_says_where(cluster: Cluster, 
         assert "kept the working directory" in b.log()
     finally:
         subprocess.run(["rm", "-rf", str(kept)], check=True)
+
+
+def test_a_restart_removes_artifacts_never_put_on_record_and_a_clean_stop_leaves_no_runs_dir(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # A submitter killed while artifacts came in left their files on disk, listed nowhere (71 files); and a
+    # clean stop left an empty vesta-runs-* directory in /tmp.
+    a, b = exec_pair(cluster, tmp_path, "-allow-exec")
+    out = a.vesta("exec", "--on", "b", "--json", "--", "sh", "-c", "echo kept > \"$VESTA_OUTPUT/k.txt\"")
+    assert out.returncode == 0, out.stderr
+    kept = json.loads(out.stdout)["job_id"]
+    runs = [Path(tempfile.gettempdir()) / f"vesta-runs-{n.name}-{n.status()['fingerprint'][:8]}" for n in (a, b)]
+    assert runs[1].is_dir()   # b ran a job in it
+    assert a.stop() == 0 and b.stop() == 0
+    assert not any(r.exists() for r in runs)
+    cut = a.state_dir / "artifacts" / "jcut0000001"   # what a kill -9 mid-transfer leaves
+    (cut / "d").mkdir(parents=True)
+    for i in range(71):
+        (cut / "d" / f"f{i}").write_text("x")
+    (a.state_dir / "artifacts" / ".vesta-incoming-abc").mkdir()
+    a.start()
+    assert not cut.exists() and not (a.state_dir / "artifacts" / ".vesta-incoming-abc").exists()
+    assert (a.state_dir / "artifacts" / kept / "k.txt").read_text() == "kept\n"
+    listing = json.loads(a.vesta("artifacts", kept, "--json").stdout)
+    assert [f["path"] for f in listing["files"]] == ["k.txt"]

@@ -126,12 +126,14 @@ def test_empty_env_key_is_ignored(tmp_path: Path) -> None:
 def test_key_file_flag(tmp_path: Path) -> None:
     key_file = tmp_path / "fed.key"
     key_file.write_text("  " + "s" * 40 + "\n\n")
+    key_file.chmod(0o600)
     assert load(key=..., key_file=str(key_file)).key == "s" * 40
 
 
 def test_key_file_in_the_config_file(tmp_path: Path) -> None:
     key_file = tmp_path / "fed.key"
     key_file.write_text("t" * 40 + "\n")
+    key_file.chmod(0o600)
     path = write_config(tmp_path, {"key_file": str(key_file)})
     assert load(config=str(path), key=...).key == "t" * 40
 
@@ -282,6 +284,7 @@ def test_short_key_from_env_or_file(tmp_path: Path) -> None:
     assert "too short" in config_error(key=..., env={"VESTA_KEY": "abc"})
     key_file = tmp_path / "k"
     key_file.write_text("abc\n")
+    key_file.chmod(0o600)
     assert "too short" in config_error(key=..., key_file=str(key_file))
 
 

@@ -355,3 +355,58 @@ def test_sandbox_bwrap_without_bubblewrap_is_a_config_error(cluster: Cluster, tm
     last = out.stderr.strip().splitlines()[-1]    # (test daemons log at debug level before it)
     assert last.startswith("vestad: error: sandbox is 'bwrap' but bubblewrap is not installed")
     assert "Traceback" not in out.stderr
+
+
+def test_a_shipped_config_file_runs_nothing_and_code_runners_are_called_out(cluster: Cluster, tmp_path: Path) -> None:
+    # With git allowed, `--put .gitconfig -- git x` ran the shipped alias: the job's HOME was its working
+    # directory. And an allowlist naming a program that runs code from its arguments says so.
+    git = need_tool("git", "git")
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "exec_allowlist": ["true", git]}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    gitconfig = tmp_path / ".gitconfig"
+    gitconfig.write_text("[alias]\n\tx = !echo pwned\n")
+    out = a.vesta("exec", "--on", "b", "--put", str(gitconfig), "--", "git", "x")
+    assert "pwned" not in out.stdout + out.stderr
+    assert out.returncode == 1 and "'x' is not a git command" in out.stderr, out.stderr
+    assert b.status()["exec_code_runners"] == ["git"]
+    shown = b.vesta("status")
+    assert shown.returncode == 0
+    assert "git run code from their arguments or input files: every key holder may run any program here" in shown.stdout
+    assert "exec_allowlist allows git, which run code from their arguments or input files" in b.log()
+    assert a.status()["exec_code_runners"] == []   # exec off there
+
+
+def test_without_the_sandbox_a_job_cannot_read_the_key_from_the_daemon_s_command_line(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # /proc/PID/cmdline is readable by every user: a job running as exec_user read `-key SECRET` there.
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "sandbox": "none"}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg), "-key", cluster.key)
+    out = a.vesta("exec", "--on", "b", "--", "cat", f"/proc/{b.pid}/cmdline")
+    assert out.returncode == 0, out.stderr
+    assert "\0-key\0" in out.stdout and cluster.key not in out.stdout   # it read the line; the key is gone
+    environ = Path(f"/proc/{b.pid}/environ").read_bytes()
+    assert b"VESTA_KEY=" in environ and cluster.key.encode() not in environ
+    assert a.vesta("ping", "b", "-c", "1").returncode == 0   # the daemon kept its own copy
+
+
+HOGS = """
+import subprocess, sys
+hogs = [subprocess.Popen([sys.executable, "-c", "import time; b = b'x' * (60 << 20); time.sleep(6)"]) for _ in range(4)]
+print("survived", [h.wait() for h in hogs], flush=True)
+"""
+
+
+def test_the_memory_limit_holds_for_the_whole_run(cluster: Cluster, tmp_path: Path) -> None:
+    # The limit was RLIMIT_AS per process: four processes of 60 MiB passed a 150 MiB mem_offer_mb.
+    need_tool("python3", "python3")
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "mem_offer_mb": 150}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    out = a.vesta("exec", "--json", "--on", "b", "--", "python3", "-c", HOGS)
+    r = json.loads(out.stdout)
+    assert "survived" not in r["stdout"]
+    assert r["signal"] == 9 and r["reason"].startswith("memory limit hit (") and "limit 150 MiB" in r["reason"], r
+    shown = a.vesta("show", r["job_id"])
+    assert shown.returncode == 0 and "memory limit hit" in shown.stdout, shown.stdout

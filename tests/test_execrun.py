@@ -375,8 +375,8 @@ async def test_environment_is_scrubbed(job: Path, monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 0
     seen = dict(line.split("=", 1) for line in out.text("stdout").splitlines())
     assert seen == {
-        "PATH": SAFE_PATH, "HOME": str(job), "TMPDIR": str(job / "tmp"), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-        "VESTA_JOB_ID": "job-1", "VESTA_NODE": "testnode",
+        "PATH": SAFE_PATH, "HOME": str(execrun.home_of(job)), "TMPDIR": str(job / "tmp"), "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8", "VESTA_JOB_ID": "job-1", "VESTA_NODE": "testnode", **execrun.HOOKS_OFF,
     }
     assert "federation-secret" not in out.text("stdout")
     assert (job / "tmp").is_dir()
@@ -389,6 +389,96 @@ def test_extra_environment_may_not_override_the_node_or_the_loader(job: Path) ->
         with pytest.raises(Refused) as info:
             scrubbed_env(job_id="j", node="n", workdir=job, extra={name: "x"})
         assert info.value.reason == "policy", name
+
+
+def test_code_runners_in_the_allowlist_are_named() -> None:
+    assert execrun.runs_code("python3.11") and execrun.runs_code("sh") and execrun.runs_code("git")
+    assert not execrun.runs_code("true") and not execrun.runs_code("piwork") and not execrun.runs_code("py3compile")
+    allowlist = Allowlist(["true", "sh", "env", "head"])
+    assert allowlist.code_runners() == ["env", "sh"]
+    assert Allowlist(["true", "head"]).code_runners() == []
+    assert Allowlist([]).code_runners() == ["any program"]
+
+
+SHIPPED_HOOKS = {
+    # Python's per-user site directory, where HOME would be the working directory (found below)
+    "usercustomize.py": "print('pwned by usercustomize')\n",
+    ".gitconfig": "[alias]\n\tx = !echo pwned by gitconfig\n",
+    "json.py": "print('pwned by json.py')\n",   # first on sys.path with python3 -m / -c (PYTHONSAFEPATH)
+}
+
+
+@pytest.mark.parametrize("sandbox", [False, True])
+async def test_files_shipped_into_the_workdir_are_never_a_program_s_own_configuration(sandbox: bool) -> None:
+    # A peer's inputs land in the working directory (nested names included). With HOME there, an allowlisted
+    # Python script (py3compile) loaded a shipped usercustomize.py and git ran a shipped .gitconfig's alias.
+    py3compile = shutil.which("py3compile", path=SAFE_PATH)
+    git = shutil.which("git", path=SAFE_PATH)
+    if py3compile is None or git is None:
+        pytest.skip("needs py3compile (python3-minimal) and git")
+    bwrap = need_tool("bwrap", "bubblewrap") if sandbox else None
+    work = make_workdir(None, "hooks")
+    try:
+        python = Path(py3compile).read_bytes().split(b"\n", 1)[0][2:].split()[0].decode()   # its #! interpreter
+        user_site = subprocess.run([python, "-c", "import site; print(site.getusersitepackages())"],
+                                   env={"HOME": str(work), "PATH": SAFE_PATH}, capture_output=True, text=True,
+                                   check=True).stdout.strip()
+        assert user_site.startswith(str(work) + "/")
+        Path(user_site).mkdir(parents=True)
+        (Path(user_site) / "usercustomize.py").write_text(SHIPPED_HOOKS["usercustomize.py"])
+        (work / ".gitconfig").write_text(SHIPPED_HOOKS[".gitconfig"])
+        (work / "json.py").write_text(SHIPPED_HOOKS["json.py"])
+        env = env_for(work)
+        home = Path(env["HOME"])
+        assert home != work and not home.is_relative_to(work) and list(home.iterdir()) == []
+        for argv in ([py3compile, "-h"], [git, "x"], [python, "-c", "import json"],
+                     [SH, "-c", 'echo "home=$HOME"; ls -A "$HOME"; touch "$HOME/.cache"']):
+            program, full = os.path.realpath(argv[0]), argv
+            if bwrap is not None:
+                program, full = confine.bwrap_command(bwrap, program=program, argv=argv, workdir=work,
+                                                      allow_network=False, expose=(Path(program).parent,))
+            out = Collector()
+            async with asyncio.timeout(30):
+                result = await execrun.run(full, program=program, cwd=work, env=env, timeout=20, on_output=out)
+            said = out.text("stdout") + out.text("stderr")
+            assert "pwned" not in said, (argv, said)
+            if argv[0] == SH:
+                assert result.exit_code == 0 and said == f"home={home}\n", said   # empty, and writable
+            elif argv[0] == git:
+                assert result.exit_code != 0 and "'x' is not a git command" in said, said
+            else:
+                assert result.exit_code == 0, said
+    finally:
+        remove_workdir(work)
+    assert not work.exists() and not execrun.home_of(work).exists()
+
+
+MEMORY_HOGS = """
+import subprocess, sys
+hog = "import time; b = b'x' * (%d << 20); time.sleep(%d)"
+hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(4)]
+print("survived", [h.wait() for h in hogs], flush=True)
+"""
+
+
+async def test_the_memory_limit_holds_for_the_whole_run_not_each_process(job: Path) -> None:
+    # RLIMIT_AS bounds each process: four of 60 MiB passed a 150 MiB limit. The run's resident sum does not.
+    python = real_which("python3")   # the system one, as a job finds it
+    out = Collector()
+    started = time.monotonic()
+    async with asyncio.timeout(30):
+        result = await execrun.run(["python3", "-c", MEMORY_HOGS % (60, 20)], program=python, cwd=job,
+                                   env=env_for(job), timeout=25, on_output=out, mem_limit_mib=150)
+    assert "survived" not in out.text("stdout"), out.text("stderr")
+    assert result.over_memory and result.signal == signal.SIGKILL and not result.timed_out, out.text("stderr")
+    assert result.reason.startswith("memory limit hit (") and "limit 150 MiB" in result.reason, result.reason
+    assert time.monotonic() - started < 15
+    # under the limit, the same run is left alone
+    out = Collector()
+    async with asyncio.timeout(30):
+        result = await execrun.run(["python3", "-c", MEMORY_HOGS % (5, 1)], program=python, cwd=job,
+                                   env=env_for(job), timeout=25, on_output=out, mem_limit_mib=150)
+    assert result.exit_code == 0 and not result.over_memory and "survived [0, 0, 0, 0]" in out.text("stdout")
 
 
 async def test_large_output_arrives_completely_through_an_async_callback(job: Path) -> None:

@@ -37,7 +37,7 @@ BOMB = r"""
 trap 'echo "forked $n"' EXIT
 n=0
 while [ $n -lt 1000 ]; do
-  { echo "$n" >> "$HOME/spawned"; exec sleep "$1"; } &
+  { echo "$n" >> "$PWD/spawned"; exec sleep "$1"; } &
   n=$((n + 1))
 done
 exec sleep "$1"

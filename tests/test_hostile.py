@@ -5,22 +5,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import socket
 import struct
 import subprocess
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 from nacl.signing import SigningKey
 
-from tests.helpers import Cluster, Vestad, eventually, idle_proc, tool
+from tests.helpers import Cluster, Vestad, eventually, eventually_async, idle_proc, tool
 from vesta import proto
-from vesta.crypto import derive_keys, fingerprint, seal_beacon
+from vesta.crypto import FederationKeys, derive_keys, fingerprint, seal_beacon
 from vesta.errors import PeerUnavailable, ProtocolError
+from vesta.identity import Identity
+from vesta.link import serve
 from vesta.wire import MAX_FRAME, Channel, handshake, pack_frame
 
 pytestmark = pytest.mark.integration
@@ -344,3 +349,231 @@ async def test_file_pieces_from_a_peer_are_checked_and_never_land_elsewhere(clus
         assert (hosted["job_id"], hosted["state"]) == ("jhostile1", "failed")
     finally:
         await peer.close()
+
+
+async def _linked(port: int, keys: FederationKeys, source: str = "127.0.0.1") -> Channel:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    return Channel(reader, writer, await handshake(reader, writer, keys, SigningKey.generate(),
+                                                   initiator=True, timeout=5))
+
+
+async def _ping(port: int, keys: FederationKeys) -> None:
+    ch = await _linked(port, keys)
+    try:
+        await ch.send(proto.Ping(rid=1, ts=time.time()))
+        assert isinstance(await asyncio.wait_for(ch.recv(), 5), proto.Pong)
+    finally:
+        await ch.close()
+
+
+async def test_strangers_holding_handshakes_from_many_addresses_do_not_keep_a_new_peer_out(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # 4 unauthenticated connections from each of several addresses held every handshake slot: a new node's
+    # link (and ping) failed for as long as they stayed.
+    cfg = tmp_path / "slow.json"
+    cfg.write_text(json.dumps({"handshake_timeout_s": 20}))
+    target = cluster.add("target", args=["-config", str(cfg)])
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    sources = [f"127.0.0.{i}" for i in range(2, 10)]
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def strangers() -> None:   # silent connections, round robin from every address, as fast as they go
+        while not stop.is_set():
+            for source in sources:
+                s = socket.socket()
+                try:
+                    s.bind((source, 0))
+                    s.connect(("127.0.0.1", port))
+                except OSError:
+                    s.close()
+                    continue
+                held.append(s)
+            time.sleep(0.01)
+
+    flood = threading.Thread(target=strangers)
+    flood.start()
+    try:
+        eventually(lambda: target.status()["counters"].get("tcp_accepted", 0) >= 16, 10,
+                   what="the strangers to hold every handshake slot")
+        for _ in range(3):
+            await _ping(port, keys)
+        assert target.status()["counters"].get("tcp_handshakes_cut", 0) >= 1
+    finally:
+        stop.set()
+        flood.join()
+        for s in held:
+            s.close()
+
+
+async def test_idle_links_of_key_holders_do_not_keep_a_new_peer_out(cluster: Cluster, tmp_path: Path) -> None:
+    # 64 authenticated links doing nothing took every inbound slot: new peers were refused for as long as
+    # they stayed. The idlest makes room instead; and a link idle past link_idle_s is closed.
+    cfg = tmp_path / "idle.json"
+    cfg.write_text(json.dumps({"link_idle_s": 4}))
+    target = cluster.add("target", args=["-config", str(cfg)])
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    idle = [await _linked(port, keys, f"127.0.0.{2 + i % 8}") for i in range(64)]   # 64 identities
+    try:
+        for _ in range(3):
+            await _ping(port, keys)
+        assert target.status()["counters"].get("links_evicted", 0) >= 1
+        with pytest.raises(PeerUnavailable):   # the first, idlest one made room (or idled out)
+            await asyncio.wait_for(idle[0].recv(), 10)
+        with pytest.raises(PeerUnavailable):   # the last one idled out, after link_idle_s
+            await asyncio.wait_for(idle[-1].recv(), 15)
+        assert target.status()["counters"].get("links_idle_closed", 0) >= 1
+    finally:
+        for ch in idle:
+            await ch.close()
+
+
+async def test_records_of_a_member_are_checked_and_marked_with_who_sent_them(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `vesta jobs --all` showed whatever a member sent, under the name it claimed; a non-numeric field raised
+    # TypeError in the daemon and broke `jobs --all` until that member left.
+    a = cluster.add("a")
+    keys = derive_keys(cluster.key)
+    liar = SigningKey.generate()
+    pub = bytes(liar.verify_key)
+    me = Identity(signing_key=liar, public_key=pub, fingerprint=fingerprint(pub), path=tmp_path / "liar.json")
+    row = {"id": "jforged0001", "kind": "exec", "args": {"argv": ["rm", "-rf", "/home/alice"]}, "submitter": "a",
+           "submitter_fp": "0" * 32, "created": time.time(), "started": None, "finished": None,
+           "state": "succeeded", "exit_code": 0, "reason": "", "result": None, "log_bytes": 0, "log_dropped": 0,
+           "log_truncated": False}
+    sending: list[dict[str, object]] = [row]
+    monkeypatch.setattr(proto.Records, "validate", lambda self: None)   # this liar sends what it likes
+
+    async def answer(msg: proto.Message, channel: Channel) -> proto.Message | None:
+        assert isinstance(msg, proto.RecordsRequest)
+        return proto.Records(rid=msg.rid, node="a", rows=tuple(sending))   # claims to be a itself
+
+    server = await asyncio.start_server(
+        lambda r, w: serve(r, w, keys=keys, identity=me, counters=Counter(), handshake_timeout=5, handler=answer),
+        "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def beacons() -> None:
+        for seq in itertools.count(1):
+            send_udp(cluster.dport, seal_beacon(keys, liar, proto.encode(make_beacon(liar, seq=seq, name="liar",
+                                                                                     port=port))))
+            await asyncio.sleep(0.1)
+
+    beaconing = asyncio.ensure_future(beacons())
+    try:
+        await eventually_async(lambda: a.peer_names() == {"liar"}, 5)
+        out = await asyncio.to_thread(a.vesta, "jobs", "--all", "--json")
+        assert out.returncode == 0, out.stderr
+        forged = [r for r in json.loads(out.stdout) if r["id"] == "jforged0001"]
+        assert [(r["node"], r["node_id"]) for r in forged] == [("liar", me.fingerprint)]   # not "a"
+        text = (await asyncio.to_thread(a.vesta, "jobs", "--all")).stdout
+        assert f"liar {me.fingerprint[:8]}" in text
+        sending[:] = [row | {"created": "yesterday"}, row | {"id": "jforged0002", "args": {"argv": [1, 2]}}]
+        for _ in range(2):   # the bad answer breaks only the liar's own link; asked again, it is the same
+            out = await asyncio.to_thread(a.vesta, "jobs", "--all", "--json")
+            assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+            rows = json.loads(out.stdout)
+            assert [(r["node"], r["state"]) for r in rows] == [("liar", "unreachable")], rows
+            assert "records.rows[0].created must be a number" in rows[0]["reason"]
+        assert a.status()["name"] == "a"
+    finally:
+        beaconing.cancel()
+        server.close()
+
+
+def _send_from(source: str, port: int, *datagrams: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+def test_made_up_identities_do_not_keep_a_real_node_out_of_the_peer_table(cluster: Cluster, tmp_path: Path) -> None:
+    # One beacon per made-up identity, each claiming a 1-hour interval, filled the table for 10 hours: a real
+    # node arriving later was never listed.
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps({"max_peers": 16}))
+    a = cluster.add("a", args=["-config", str(cfg)])
+    keys = derive_keys(cluster.key)
+    for i in range(32):   # from 8 addresses, 4 each
+        fake = SigningKey.generate()
+        beacon = dataclasses.replace(make_beacon(fake, name=f"fake{i}"), interval_ms=3_600_000)
+        _send_from(f"127.0.0.{2 + i % 8}", cluster.dport, seal_beacon(keys, fake, proto.encode(beacon)))
+    eventually(lambda: len(a.call("peers")) == 17, 5, what="the fakes to fill the table")   # and a itself
+    time.sleep(5.5)   # the fakes say nothing more
+    b = cluster.add("b")
+    eventually(lambda: "b" in a.peer_names(), 5, what="the real node to be listed")
+    assert len(a.call("peers")) == 17 and a.status()["counters"].get("dropped_table_full", 0) >= 16
+    assert a.vesta("ping", "b", "-c", "1").returncode == 0
+    assert "b" in a.peer_names() and b.running()
+
+
+def test_gossip_cannot_aim_a_stream_of_beacons_at_a_third_party(cluster: Cluster, tmp_path: Path) -> None:
+    # A member naming any host and port in its gossip made every node beacon there each round: 44 KB from
+    # the member caused 4.56 MB at a third party.
+    a = cluster.add("a")
+    keys = derive_keys(cluster.key)
+    member = SigningKey.generate()
+    victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    victim.bind(("127.0.0.1", 0))
+    victim.setblocking(False)
+    aim = proto.GossipEntry(fingerprint(bytes(SigningKey.generate().verify_key)), "127.0.0.1",
+                            victim.getsockname()[1])
+    got = 0
+    try:
+        for seq in range(1, 41):   # 4 s of a member's beacons, each naming the victim
+            beacon = dataclasses.replace(make_beacon(member, seq=seq, name="member"), gossip=(aim,))
+            _send_from("127.0.0.2", cluster.dport, seal_beacon(keys, member, proto.encode(beacon)))
+            time.sleep(0.1)
+            while True:
+                try:
+                    victim.recv(65536)
+                except BlockingIOError:
+                    break
+                got += 1
+        assert "member" in a.peer_names()
+        assert 1 <= got <= 5, got   # a few probes, not one a round (20 in 4 s at a 200 ms interval)
+    finally:
+        victim.close()
+
+
+async def test_a_burst_of_requests_slows_the_link_instead_of_cutting_it(cluster: Cluster, tmp_path: Path) -> None:
+    # 256 requests in flight closed the link: a burst of 300 pings (or 12 busy exec jobs) lost it.
+    target = cluster.add("target")
+    ch = await _linked(target.status()["port"], derive_keys(cluster.key))
+    try:
+        pings = [proto.Ping(rid=rid, ts=time.time()) for rid in range(1, 301)]
+        await ch.send(*pings)   # one write: the daemon reads them all before answering any
+        got = set()
+        for _ in pings:
+            reply = await asyncio.wait_for(ch.recv(), 10)
+            assert isinstance(reply, proto.Pong)
+            got.add(reply.rid)
+        assert got == set(range(1, 301))
+        assert target.status()["counters"].get("tcp_flooded", 0) == 0
+    finally:
+        await ch.close()
+
+
+async def test_half_sent_large_frames_cannot_take_the_daemon_s_memory(cluster: Cluster, tmp_path: Path) -> None:
+    # 60 half-sent 16 MiB frames took the daemon from 47 MB to 971 MB: all links together buffer a bounded amount.
+    target = cluster.add("target")
+    port = target.status()["port"]
+    keys = derive_keys(cluster.key)
+    before = psutil.Process(target.pid).memory_info().rss
+    links = [await _linked(port, keys, f"127.0.0.{2 + i % 8}") for i in range(20)]
+    try:
+        half = struct.pack(">I", MAX_FRAME) + b"\0" * (MAX_FRAME * 3 // 4)   # 12 MiB of each, 240 MiB in all
+        for ch in links:
+            ch.writer.write(half)
+        await asyncio.gather(*(asyncio.wait_for(ch.writer.drain(), 2) for ch in links), return_exceptions=True)
+        await asyncio.sleep(2)
+        grown = psutil.Process(target.pid).memory_info().rss - before
+        assert grown < 100 * 1024 * 1024, f"{grown / 2**20:.0f} MiB"   # MAX_BUFFERED (64 MiB) and a little
+        await _ping(port, keys)   # small frames still go through
+        assert target.status()["name"] == "target"
+    finally:
+        for ch in links:
+            ch.writer.transport.abort()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import vesta
+from tests.helpers import Cluster
 
 PACKAGE_DIR = Path(vesta.__file__).parent
 
@@ -22,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"vesta.checks"},
     {"vesta.spec", "vesta.status"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
-     "vesta.hours", "vesta.proctree"},
+     "vesta.hours", "vesta.proctree", "vesta.outcome"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
      "vesta.artifacts", "vesta.workloads"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver"},
@@ -34,7 +35,9 @@ LAYERS: list[set[str]] = [
     {"vesta.jobqueue"},
     {"vesta.ops"},
     {"vesta.daemon", "vesta.control"},
+    {"vesta.client"},
     {"vesta.cli"},  # and every vesta.cli.* module
+    {"vesta.__main__"},  # python -m vesta: the vesta command
 ]
 SAME_LAYER: dict[str, set[str]] = {
     "vesta.wire": {"vesta.proto", "vesta.crypto"},   # frames carry messages and sealed sessions
@@ -42,9 +45,11 @@ SAME_LAYER: dict[str, set[str]] = {
     "vesta.budget": {"vesta.sysstat"},               # PowerInfo
     "vesta.config": {"vesta.hours"},                 # lend_hours are checked when the config is read
 }
+# The package itself re-exports the Python API (vesta.Client, ...), imported lazily on first use.
+PUBLIC_API = {"vesta": {"vesta.client"}}
 # The control client is what the CLIs import: it must stay clear of the daemon and everything under it.
 ONLY: dict[str, set[str]] = {
-    "vesta.control": {"vesta.config", "vesta.wire", "vesta.errors"},
+    "vesta.control": {"vesta.config", "vesta.checks", "vesta.errors"},
 }
 
 
@@ -63,7 +68,7 @@ MODULES = all_modules()
 
 def layer_of(module: str) -> int:
     if module == "vesta.cli" or module.startswith("vesta.cli."):
-        return len(LAYERS) - 1
+        return len(LAYERS) - 2   # the cli layer (only python -m vesta is above it)
     for rank, members in enumerate(LAYERS):
         if module in members:
             return rank
@@ -122,6 +127,8 @@ def violations(module: str, targets: set[str]) -> list[str]:
             wrong.append(f"{module} may import only {sorted(ONLY[module])}, not {target}")
         elif module.startswith("vesta.cli.") and target.startswith("vesta.cli"):
             continue  # the CLIs share vesta.cli.common
+        elif target in PUBLIC_API.get(module, set()):
+            continue
         elif layer_of(target) == rank and target not in SAME_LAYER.get(module, set()):
             wrong.append(f"{module} imports {target} from its own layer")
         elif layer_of(target) > rank:
@@ -132,6 +139,7 @@ def violations(module: str, targets: set[str]) -> list[str]:
 def test_the_rules_catch_violations() -> None:
     assert violations("vesta.proto", {"vesta.daemon"})          # upward
     assert violations("vesta.errors", {"vesta.proto"})          # upward by one
+    assert violations("vesta", {"vesta.daemon"})                # the package re-exports only the client
     assert violations("vesta.crypto", {"vesta.proto"})          # same layer, not allowed
     assert violations("vesta.control", {"vesta.daemon"})        # control stays clear of the daemon
     assert violations("vesta.control", {"vesta.crypto"})
@@ -190,3 +198,19 @@ def test_daemon_does_not_import_numpy() -> None:
     proc = subprocess.run([sys.executable, "-c", _RECORD_IMPORTS], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "[]"], proc.stdout
+
+
+def test_the_cli_talks_to_its_daemon_without_the_crypto_libraries_or_numpy(cluster: Cluster) -> None:
+    """`vesta status` only uses the control socket: importing cryptography, PyNaCl or numpy would be most of its
+    start-up time (checked in the real process, after the command ran)."""
+    a = cluster.add("a")
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('loaded:', sorted(m for m in ('cryptography', 'nacl', 'numpy')"
+             " if m in sys.modules), file=sys.stderr))\n"
+             "from vesta.cli.vesta import main\n"
+             "sys.argv = ['vesta', 'status', '--json']\n"
+             "main()\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=a.env | {"VESTA_NAME": "a"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and '"name": "a"' in out.stdout, out.stderr
+    assert "loaded: []" in out.stderr, out.stderr

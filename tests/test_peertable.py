@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import FakeClock
-from vesta.peertable import Freshness, PeerTable
+from vesta.peertable import EVICT_SILENT_S, MAX_INTERVAL_S, MAX_UNLINKED_PER_SOURCE, Freshness, PeerTable
 from vesta.proto import Beacon, NodeStatus
 
 FP_A = "aa" * 16
@@ -227,3 +227,46 @@ def test_seen_marks_are_bounded(monkeypatch: pytest.MonkeyPatch, table: PeerTabl
     assert len(table._seen) == 3  # private on purpose: the bound is the point
     assert table.freshness(make_beacon(fps[-1], boot=1, seq=1)) is Freshness.DUPLICATE  # newest kept
     assert table.freshness(make_beacon(fps[0], boot=1, seq=1)) is Freshness.NEW  # oldest forgotten
+
+
+def test_a_claimed_interval_is_bounded(table: PeerTable, clock: FakeClock) -> None:
+    # One beacon claiming a 1-hour interval held its place for 10 hours.
+    table.observe(make_beacon(FP_A, interval_ms=3_600_000), SRC)
+    assert table.get(FP_A).interval == MAX_INTERVAL_S   # type: ignore[union-attr]
+    clock.advance(MAX_INTERVAL_S * 10 + 1)
+    assert events(table.sweep()) == ["left"] and FP_A not in table
+
+
+def test_a_full_table_makes_room_for_a_real_node_but_never_at_a_linked_peer_s_expense(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=4, clock=clock)
+    fakes = [f"{n:032x}" for n in range(1, 4)]
+    for i, fp in enumerate(fakes):   # made-up identities, one beacon each, from three addresses
+        table.observe(make_beacon(fp, interval_ms=3_600_000), (f"10.0.0.{i}", 7778))
+    table.observe(make_beacon(FP_B, name="friend"), SRC)
+    table.mark_linked(FP_B)
+    newcomer = "c" * 32
+    assert table.observe(make_beacon(newcomer, name="laptop"), ("192.168.1.30", 7778)) == []   # all fresh
+    clock.advance(EVICT_SILENT_S + 1)
+    table.observe(make_beacon(FP_B, name="friend", seq=2), SRC)
+    changes = table.observe(make_beacon(newcomer, name="laptop", seq=2), ("192.168.1.30", 7778))
+    assert events(changes) == ["left", "joined"] and changes[0].peer.fingerprint == fakes[0]
+    assert newcomer in table and FP_B in table
+    # the friend, silent as long as any fake but linked, keeps its place; the fakes make room, one by one
+    clock.advance(EVICT_SILENT_S + 1)
+    for n in range(2):
+        table.observe(make_beacon(f"{100 + n:032x}", name=f"new{n}"), (f"172.16.0.{n}", 7778))
+    assert FP_B in table and fakes[1] not in table and fakes[2] not in table
+    changes = table.observe(make_beacon(f"{200:032x}", name="late"), ("172.16.1.1", 7778))
+    assert events(changes) == ["left", "joined"] and changes[0].peer.fingerprint == newcomer   # silent too
+    assert table.observe(make_beacon(f"{201:032x}", name="later"), ("172.16.1.2", 7778)) == []   # fresh or linked
+    assert FP_B in table
+
+
+def test_one_address_holds_a_bounded_number_of_never_linked_peers(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=1000, clock=clock)
+    for n in range(MAX_UNLINKED_PER_SOURCE + 5):
+        table.observe(make_beacon(f"{n + 1:032x}", name=f"n{n}"), SRC)
+    assert len(table) == MAX_UNLINKED_PER_SOURCE
+    table.mark_linked(f"{1:032x}")
+    table.observe(make_beacon(f"{999:032x}", name="other"), ("192.168.1.21", 7778))   # another address: room
+    assert len(table) == MAX_UNLINKED_PER_SOURCE + 1

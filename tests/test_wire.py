@@ -15,6 +15,7 @@ from nacl.signing import SigningKey
 from vesta import crypto, proto, wire
 from vesta.crypto import FederationKeys
 from vesta.errors import AuthError, FrameTooLarge, PeerUnavailable, ProtocolError
+from vesta.wire import SMALL_FRAME, FrameBudget, pack_frame, read_frame
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -316,3 +317,40 @@ async def test_channel_recv_after_peer_closes_is_peer_unavailable(
     async with asyncio.timeout(2):
         with pytest.raises(PeerUnavailable):
             await b.recv()
+
+
+async def test_the_frame_budget_lets_large_frames_in_turn_and_forgets_a_cancelled_waiter() -> None:
+    budget = FrameBudget(100)
+    await budget.acquire(60)
+    second = asyncio.ensure_future(budget.acquire(60))
+    third = asyncio.ensure_future(budget.acquire(30))   # would fit, but waits its turn behind the second
+    await asyncio.sleep(0)
+    assert not second.done() and not third.done() and budget.used == 60
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    budget.release(60)
+    await second
+    assert budget.used == 60 and not budget._waiters
+    budget.release(60)
+    assert budget.used == 0
+
+
+async def test_a_large_frame_waits_for_its_share_of_the_budget_and_must_then_arrive_in_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    budget = FrameBudget(SMALL_FRAME + 10)
+    big = b"x" * (SMALL_FRAME + 5)
+    first, second = asyncio.StreamReader(), asyncio.StreamReader()
+    first.feed_data(pack_frame(big)[:100])           # half-sent: holds the budget
+    second.feed_data(pack_frame(big))                 # all there, but no room yet
+    holding = asyncio.ensure_future(read_frame(first, budget=budget))
+    waiting = asyncio.ensure_future(read_frame(second, budget=budget))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and budget.used == SMALL_FRAME + 5
+    first.feed_data(pack_frame(big)[100:])
+    assert await holding == big and await waiting == big and budget.used == 0
+    monkeypatch.setattr(wire, "FRAME_BODY_S", 0.1)
+    stalled = asyncio.StreamReader()
+    stalled.feed_data(pack_frame(big)[:100])
+    with pytest.raises(ProtocolError, match="did not arrive within"):
+        await read_frame(stalled, budget=budget)
+    assert budget.used == 0

@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -350,3 +350,20 @@ class Sink:
             out.append(FileInfo(f"... {self.overflow} more", 0, "", False, REFUSED,
                                 f"{self.overflow} more files not kept or listed (more than {self.max_files})"))
         return out
+
+
+def remove_unrecorded(root: Path, recorded: Callable[[str], bool]) -> int:
+    """At start-up: remove what a submitter killed mid-transfer left under ``root`` (``artifacts/``): a
+    staging directory, or a job's directory whose files were never put on record (``recorded(job_id)`` is
+    False), so nothing is on disk that ``vesta artifacts`` does not list. Returns how many were removed."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        if entry.name.startswith(".vesta-incoming-") or (
+                entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".") and not recorded(entry.name)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed

@@ -14,6 +14,7 @@ from typing import Any
 
 from vesta.errors import ProtocolError, VestaError
 
+MAX_FRAME = 16 * 1024 * 1024      # bytes of one length-prefixed frame (peer link, control socket)
 MAX_PATH = 1024                   # bytes of a relative file path (inputs, artifacts)
 MAX_PATH_DEPTH = 32
 FINGERPRINT_HEX = 32              # 16 bytes of SHA-256(public key), hex

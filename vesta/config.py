@@ -8,6 +8,8 @@ silently fall back to a default).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
 import json
 import logging
@@ -15,12 +17,13 @@ import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vesta.errors import ConfigError
+from vesta.errors import ConfigError, DaemonNotRunning
 from vesta.spec import MAX_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,25 @@ log = logging.getLogger(__name__)
 MIN_KEY_CHARS = 16
 MAX_NAME = 32
 POWER_CHOICES = ("auto", "grid", "solar", "battery")
-KEY_HINT = "generate one with `vesta keygen` and pass it with -key-file PATH or VESTA_KEY"
+KEY_HINT = ("generate one with `vesta keygen -o ~/.config/vesta/federation.key` (read there by default), "
+            "or pass it with --key-file PATH or VESTA_KEY")
+TMP_SOCKET_DIR = Path("/tmp")
+
+
+def config_home() -> Path:
+    """$XDG_CONFIG_HOME/vesta, or ~/.config/vesta."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "vesta"
+
+
+def default_key_file() -> Path:
+    """Where vestad looks for the federation key when none is given."""
+    return config_home() / "federation.key"
+
+
+def default_config_file() -> Path:
+    """Where vestad looks for its config file when none is given."""
+    return config_home() / "vestad.json"
 
 
 def default_state_dir() -> Path:
@@ -43,6 +64,110 @@ def socket_dir() -> Path:
 
 def socket_path(name: str, directory: Path | None = None) -> Path:
     return (directory or socket_dir()) / f"vestad-{name}.sock"
+
+
+def socket_dirs() -> list[Path]:
+    """Where a client looks for control sockets, in order: $XDG_RUNTIME_DIR (when set), then /tmp."""
+    dirs = [socket_dir()]
+    if TMP_SOCKET_DIR not in dirs:
+        dirs.append(TMP_SOCKET_DIR)
+    return dirs
+
+
+def owned_by_me(path: Path) -> bool:
+    """``path`` itself (not what a link points to) belongs to this user: a link in /tmp that another user
+    planted is never followed."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid()
+
+
+def usable_socket(path: Path) -> bool:
+    """A control socket this user may use: ours, reached directly or through a link that is ours too."""
+    if not owned_by_me(path):
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid()
+
+
+def locate_socket(name: str | None, directories: list[Path], hint: str) -> Path:
+    """The control socket of vestad ``name`` (the first directory that has it), or with no name the only
+    one of this user (in the first directory that has any). Says where it looked when there is none."""
+    where = " and ".join(str(d) for d in directories)
+    if name:
+        for directory in directories:
+            path = socket_path(sanitize_name(name), directory)
+            if usable_socket(path):
+                return path
+        raise DaemonNotRunning(f"vestad {name!r} is not running (no vestad-{sanitize_name(name)}.sock in {where}): "
+                               f"{hint}")
+    for directory in directories:
+        found: dict[Path, Path] = {}
+        try:
+            for p in sorted(directory.glob("vestad-*.sock")):
+                with contextlib.suppress(OSError):
+                    if usable_socket(p):
+                        found.setdefault(p.resolve(), p)
+        except OSError:
+            continue
+        candidates = list(found.values())
+        if len(candidates) > 1:
+            names = ", ".join(p.name[len("vestad-"):-len(".sock")] for p in candidates)
+            raise ConfigError(f"several vestad are running ({names}): choose one with -name or VESTA_NAME")
+        if candidates:
+            return candidates[0]
+    raise DaemonNotRunning(f"vestad is not running (no vestad-*.sock in {where}): {hint}")
+
+
+def link_tmp_socket(sock: Path, name: str) -> Path | None:
+    """Keep the seed's ``/tmp/vestad-NAME.sock`` as a link to ``sock`` (made with a private umask), so a client
+    with another $XDG_RUNTIME_DIR (a service and a shell, sudo) still finds this daemon. Returns the link, or
+    None when ``sock`` is already in /tmp or the place belongs to someone else (never touched then)."""
+    link = socket_path(name, TMP_SOCKET_DIR)
+    if os.environ.get("VESTA_TMP_LINK", "1") == "0":   # turned off (a test suite's many short-lived daemons)
+        return None
+    if sock.parent.resolve() == TMP_SOCKET_DIR.resolve() or link == sock:
+        return None
+    try:
+        st = link.lstat()
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        log.warning("not linking %s: %s", link, exc.strerror)
+        return None
+    if st is not None and (st.st_uid != os.getuid() or not stat.S_ISLNK(st.st_mode)):
+        log.warning("not linking %s to the control socket: something else is there (owner uid %d); "
+                    "clients find the socket in %s", link, st.st_uid, sock.parent)
+        return None
+    if st is not None and usable_socket(link) and os.readlink(link) != str(sock):
+        log.warning("not linking %s: it leads to another running vestad's socket (%s)", link, os.readlink(link))
+        return None
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(sock, tmp)
+        os.replace(tmp, link)   # /tmp is sticky: only we can replace or remove our own link
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not link %s to the control socket: %s", link, exc.strerror)
+        return None
+    return link
+
+
+def unlink_tmp_socket(link: Path | None, sock: Path) -> None:
+    """Remove our /tmp link at shutdown, if it is still ours and still leads to ``sock``."""
+    if link is None:
+        return
+    try:
+        if owned_by_me(link) and link.is_symlink() and os.readlink(link) == str(sock):
+            link.unlink()
+    except OSError:
+        pass
 
 
 def sanitize_name(raw: str) -> str:
@@ -108,6 +233,7 @@ class Config:
     expire_after: int = 10           # missed beacons before a peer is removed
     max_clock_skew_s: float = 30.0   # beacons older or newer than this are dropped (replay window)
     handshake_timeout_s: float = 5.0  # a TCP peer must finish the handshake within this
+    link_idle_s: float = 300.0       # an inbound peer link with nothing running or heard this long is closed
     max_peers: int = 256             # peer table bound; beacons from further nodes are dropped
 
     @property
@@ -283,6 +409,7 @@ _CHECKS: dict[str, Check] = {
     "expire_after": _int(2, 10000),
     "max_clock_skew_s": _float(1.0, 86400.0),
     "handshake_timeout_s": _float(0.1, 120.0),
+    "link_idle_s": _float(1.0, 86400.0),
     "max_peers": _int(1, 100_000),
 }
 # Only in the file: where to read the key from.
@@ -309,6 +436,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("at most 16 labels")
 
 
+def check_private(path: Path, where: str) -> None:
+    """Refuse a key file that other users may read, as OpenSSH does, with the fix in the message."""
+    try:
+        mode = stat.S_IMODE(path.expanduser().stat().st_mode)
+    except OSError:
+        return   # reading it says what is wrong
+    if mode & 0o077:
+        raise ConfigError(f"{where}: key file {path} is readable by other users (mode {mode:04o}); "
+                          f"make it private with: chmod 600 {path}")
+
+
 def read_key_file(path: Path, where: str) -> str:
     try:
         text = path.expanduser().read_text().strip()
@@ -320,6 +458,7 @@ def read_key_file(path: Path, where: str) -> str:
         raise ConfigError(f"{where}: key file {path} is not text") from exc
     if not text:
         raise ConfigError(f"{where}: key file {path} is empty: {KEY_HINT}")
+    check_private(path, where)
     return text
 
 
@@ -342,9 +481,9 @@ def read_file(path: Path) -> dict[str, Any]:
         if k.startswith("_"):
             continue
         if k not in known:
-            close = [n for n in sorted(known) if n.split("_")[0] == k.split("_")[0]]
+            close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{path}: unknown field {k!r}{hint}; see config.example.json for the fields")
+            raise ConfigError(f"{path}: unknown field {k!r}{hint}; `vestad --print-config-example` lists the fields")
         out[k] = v
     return out
 
@@ -354,10 +493,14 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    used: list[str] = []   # said once the config is known to be good
 
     config_path = flags.get("config")
+    if not config_path and default_config_file().is_file():
+        config_path = str(default_config_file())
     if config_path:
         path = Path(config_path).expanduser()
+        used.append(f"config file {path}")
         for k, v in read_file(path).items():
             values[k], origin[k] = v, f"{path}: field {k!r}"
         if "key_file" in values:  # relative to the config file, like any path a user writes there
@@ -374,6 +517,16 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     elif "key" not in values and file_key_file is not None:
         values["key"] = read_key_file(Path(file_key_file), file_key_origin)
         origin["key"] = file_key_origin
+    elif "key" not in values and default_key_file().exists():
+        values["key"] = read_key_file(default_key_file(), "default key file")
+        origin["key"] = f"the default key file {default_key_file()}"
+    if "key" in values:
+        where = {"-key": "-key (visible in ps)", "VESTA_KEY": "VESTA_KEY"}.get(origin["key"], origin["key"])
+        if origin["key"] == "-key-file":
+            where = f"-key-file {flags['key_file']}"
+        elif file_key_file is not None and origin["key"] == file_key_origin:
+            where = f"{file_key_file} (key_file in the config)"
+        used.append(f"federation key from {where}")
     for k, v in flags.items():
         if k in ("config", "key", "key_file") or v is None:
             continue
@@ -391,5 +544,68 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
     checked.setdefault("key", "")
     cfg = Config(**checked)
     validate(cfg)
+    for what in used:
+        log.info("%s", what)
     return cfg
 
+
+
+# ------------------------------------------------------------------------------- the key out of /proc
+
+_KEY_FLAGS = (b"-key", b"--key")
+
+
+def _mask_key_args(block: bytes) -> tuple[bytes, int]:
+    """The command line (NUL-separated) with the value of every -key/--key (also -key=V) overwritten."""
+    parts = block.split(b"\0")
+    hidden = 0
+    for i, part in enumerate(parts):
+        if part in _KEY_FLAGS and i + 1 < len(parts) and parts[i + 1]:
+            parts[i + 1] = b"x" * len(parts[i + 1])
+            hidden += 1
+        elif part.startswith(tuple(flag + b"=" for flag in _KEY_FLAGS)):
+            flag, _, value = part.partition(b"=")
+            parts[i] = flag + b"=" + b"x" * len(value)
+            hidden += 1
+    return b"\0".join(parts), hidden
+
+
+def _mask_key_env(block: bytes) -> tuple[bytes, int]:
+    """The environment block with the value of VESTA_KEY overwritten."""
+    parts = block.split(b"\0")
+    hidden = 0
+    for i, part in enumerate(parts):
+        if part.startswith(b"VESTA_KEY=") and len(part) > len(b"VESTA_KEY="):
+            parts[i] = b"VESTA_KEY=" + b"x" * (len(part) - len(b"VESTA_KEY="))
+            hidden += 1
+    return b"\0".join(parts), hidden
+
+
+def hide_key_from_proc(proc_self: Path = Path("/proc/self")) -> int:
+    """Overwrite the federation key where other processes can read it: this process's original command
+    line (``-key SECRET``, ``/proc/PID/cmdline``, readable by every user of the machine, so by a job that
+    runs as ``exec_user`` without the sandbox) and environment (``VESTA_KEY``, ``/proc/PID/environ``,
+    readable by processes of the same user). Python works from its own copies of both, read at start, so
+    the originals can go. Returns how many values were hidden; 0 where ``/proc`` cannot be written."""
+    try:
+        fields = (proc_self / "stat").read_text().rsplit(")", 1)[1].split()
+        # proc(5): arg_start, arg_end, env_start, env_end are fields 48 to 51; the list starts at field 3
+        arg_start, arg_end, env_start, env_end = (int(fields[n - 3]) for n in (48, 49, 50, 51))
+    except (OSError, ValueError, IndexError):
+        return 0
+    hidden = 0
+    try:
+        with open(proc_self / "mem", "r+b", buffering=0) as mem:
+            for start, end, mask in ((arg_start, arg_end, _mask_key_args), (env_start, env_end, _mask_key_env)):
+                if not 0 < start < end:
+                    continue
+                mem.seek(start)
+                block = mem.read(end - start)
+                masked, n = mask(block)
+                if n and len(masked) == len(block):
+                    mem.seek(start)
+                    mem.write(masked)
+                    hidden += n
+    except OSError as exc:
+        log.debug("could not hide the key in /proc/self: %s", exc)
+    return hidden

@@ -42,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vesta.errors import ConfigError, Refused
-from vesta.execrun import SAFE_PATH, ExecResult
+from vesta.execrun import SAFE_PATH, ExecResult, home_of, make_home
 
 log = logging.getLogger(__name__)
 
 
 def give_workdir(workdir: Path, run_as: tuple[int, int] | None) -> None:
-    """Hand a fresh ``make_workdir`` directory and its ``tmp/`` to the job user (no-op when ``None``).
+    """Hand a fresh ``make_workdir`` directory, its ``tmp/`` and its HOME (``execrun.make_home``) to the
+    job user (no-op when ``None``).
 
     Refused (reason ``policy``) when a directory above it is closed to that user: the job could not
     even start in it. ``remove_workdir`` (the daemon is root) still removes whatever the job leaves.
@@ -62,7 +63,8 @@ def give_workdir(workdir: Path, run_as: tuple[int, int] | None) -> None:
         if not _may(parent.stat(), uid, gid, stat.S_IXOTH):
             raise Refused(f"the job user (uid {uid}) cannot reach its working directory {workdir}: "
                           f"{parent} is closed to it", reason="policy")
-    for path in (workdir, tmp):
+    home = make_home(workdir)
+    for path in (workdir, tmp, home):
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
@@ -232,6 +234,8 @@ class Limits:
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
         """Which limit a failed run most likely hit, or "" when none."""
+        if result.over_memory:   # the run's own watch killed it: it says how much
+            return result.reason
         # A sandboxed run reports its program's death by signal N as exit status 128+N.
         died_of = result.signal or ((result.exit_code or 0) - 128 if (result.exit_code or 0) > 128 else None)
         if died_of == signal.SIGXCPU:
@@ -282,7 +286,7 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
                   hide: Sequence[Path] = (), expose: Sequence[Path] = (),
                   run_as: tuple[int, int] | None = None, setpriv: str | None = None,
                   info_fd: int | None = None, die_with_parent: bool = True) -> tuple[str, list[str]]:
-    """Wrap a run in bubblewrap: the system read-only, the working directory read-write, a private
+    """Wrap a run in bubblewrap: the system read-only, the working directory and its HOME read-write, a private
     /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
     by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
     bound back read-only so the program and its interpreter can still be found (a ``hide`` path inside
@@ -304,10 +308,12 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     as the job's main process does: only for a subreaper runner (``proctree``), which adopts the init,
     counts what is left in it and kills it (the kernel's own teardown would reap it uncounted).
     """
+    home = home_of(workdir)   # the run's HOME beside it (execrun.scrubbed_env), when it has one
+    homes = [str(home)] if home.is_dir() and not home.is_symlink() else []
     mounts = ["/tmp", "/home", "/root"]
     mounts += [str(p) for p in hide if p.is_dir() and str(p) not in ("/", "/tmp")]
     shown = sorted({str(p) for p in expose if p.is_dir() and str(p) != "/"}, key=len)
-    reach = [] if run_as is None else [*shown, str(workdir)]   # what the job user must get to
+    reach = [] if run_as is None else [*shown, str(workdir), *homes]   # what the job user must get to
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     opened: set[str] = set()
     for mount in mounts:
@@ -318,6 +324,8 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     for mount in mounts[3:]:   # a hidden path inside an exposed one (state under the program's directory):
         if any(mount.startswith(path.rstrip("/") + "/") for path in shown):   # hidden again, over the bind
             cmd += ["--tmpfs", mount]
+    for path in homes:
+        cmd += ["--bind", path, path]
     cmd += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir),
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--new-session"]
     if die_with_parent:

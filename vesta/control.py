@@ -18,9 +18,9 @@ from typing import Any
 
 import msgpack
 
-from vesta.config import sanitize_name, socket_dir, socket_path
-from vesta.errors import ConfigError, DaemonNotRunning, PeerUnavailable, RemoteError, remote
-from vesta.wire import MAX_FRAME
+from vesta.checks import MAX_FRAME
+from vesta.config import locate_socket, socket_dirs
+from vesta.errors import DaemonNotRunning, PeerUnavailable, RemoteError, remote
 
 __all__ = ["ControlClient", "RemoteError", "find_socket"]
 
@@ -29,31 +29,10 @@ START_HINT = "start it with: vestad -name NAME -key-file PATH"
 
 
 def find_socket(name: str | None = None, directory: Path | None = None) -> Path:
-    """The control socket for ``name`` (or $VESTA_NAME), else the only one of this user."""
-    directory = directory or socket_dir()
-    name = name or os.environ.get("VESTA_NAME")
-    if name:
-        path = socket_path(sanitize_name(name), directory)
-        if not path.exists():
-            raise DaemonNotRunning(f"vestad {name!r} is not running (no socket {path}): {START_HINT}")
-        return path
-    uid = os.getuid()
-    candidates = []
-    try:
-        for p in sorted(directory.glob("vestad-*.sock")):
-            try:
-                if p.is_socket() and p.stat().st_uid == uid:
-                    candidates.append(p)
-            except OSError:
-                continue
-    except OSError:
-        pass
-    if not candidates:
-        raise DaemonNotRunning(f"vestad is not running (no vestad-*.sock in {directory}): {START_HINT}")
-    if len(candidates) > 1:
-        names = ", ".join(p.name[len("vestad-"):-len(".sock")] for p in candidates)
-        raise ConfigError(f"several vestad are running ({names}): choose one with -name or VESTA_NAME")
-    return candidates[0]
+    """The control socket for ``name`` (or $VESTA_NAME), else the only one of this user; looked for in
+    ``directory``, or else in $XDG_RUNTIME_DIR and then /tmp."""
+    return locate_socket(name or os.environ.get("VESTA_NAME"), [directory] if directory else socket_dirs(),
+                         START_HINT)
 
 
 class ControlClient:

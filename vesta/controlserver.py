@@ -1,7 +1,10 @@
 """vestad's control socket: the Unix socket ``vesta``, ``vestatop`` and the Python client talk to.
 
-Requests and replies are msgpack maps in length-prefixed frames (see ``control``). Only the daemon's own
-user may connect (SO_PEERCRED); the socket is created 0600. Events a request streams before its
+Requests and replies are msgpack maps in length-prefixed frames (see ``control``). A request with an
+``id`` is pipelined: it runs beside the others of its connection (at most MAX_IN_FLIGHT at once), and its
+events and answer carry the same ``id``. A request without one is served before the next is read (the
+one-request-at-a-time clients of earlier versions). Only the daemon's own user may connect
+(SO_PEERCRED); the socket is created 0600. Events a request streams before its
 answer are held briefly and leave with the next frame (``_Replies``). What a request does is the
 business of ``ops.ControlOps``, handed in as ``dispatch``.
 """
@@ -21,8 +24,10 @@ from typing import Any
 
 import msgpack
 
+from vesta.config import link_tmp_socket, unlink_tmp_socket
 from vesta.errors import ConfigError, PeerUnavailable, ProtocolError
-from vesta.wire import pack_frame, read_frame, write_frame
+from vesta.tasks import spawn
+from vesta.wire import pack_frame, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ MAX_CONTROL_FRAME = 1 << 20   # control requests are small
 MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 EVENT_HOLD_S = 0.02           # seconds a job's events wait for company: a job done sooner sends them with its answer
 EVENT_HOLD_BYTES = 64 * 1024  # ... unless this much is waiting already
+MAX_IN_FLIGHT = 4096          # requests one connection may have in flight; the next waits (is not read) till one ends
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Dispatch = Callable[[Any, Emit], Awaitable[dict[str, Any]]]
@@ -51,17 +57,19 @@ class ControlServer:
         self.dispatch = dispatch
         self.counters = counters
         self.clients: set[asyncio.Task[Any]] = set()
+        self.requests: set[asyncio.Task[Any]] = set()   # pipelined requests being served
         self._server: asyncio.Server | None = None
         self._socket_inode: int | None = None
+        self._tmp_link: Path | None = None
 
     async def stop(self) -> None:
         """Stop listening, end every client's connection, remove the socket."""
         if self._server is not None:
             self._server.close()
-        for task in list(self.clients):
+        for task in [*self.clients, *self.requests]:
             task.cancel()
-        if self.clients:
-            await asyncio.gather(*self.clients, return_exceptions=True)
+        if self.clients or self.requests:
+            await asyncio.gather(*self.clients, *self.requests, return_exceptions=True)
         self.close()
 
     async def open(self) -> None:
@@ -86,9 +94,11 @@ class ControlServer:
         os.chmod(path, 0o600)
         self._socket_inode = path.stat().st_ino
         self._server = server
+        self._tmp_link = link_tmp_socket(path, self.name)   # the seed's /tmp place, for other runtime dirs
 
     def close(self) -> None:
         path = self.path
+        unlink_tmp_socket(self._tmp_link, path)
         with contextlib.suppress(OSError):
             if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
                 path.unlink()
@@ -97,6 +107,7 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self.clients.add(task)
+        conn = _Connection(writer)
         try:
             if not _same_user(writer):
                 self.counters["control_rejected"] += 1
@@ -108,24 +119,86 @@ class ControlServer:
                 except (PeerUnavailable, ProtocolError):
                     return
                 except (ValueError, msgpack.UnpackException):
-                    await write_frame(writer, msgpack.packb({"ok": False, "error": "undecodable request"}))
+                    conn.write(pack_frame(msgpack.packb({"ok": False, "error": "undecodable request",
+                                                         "type": "ProtocolError"})))
                     return
-                replies = _Replies(writer)
-                answer = await self.dispatch(request, replies.event)
-                await replies.send(msgpack.packb(answer))
+                rid = request.get("id") if isinstance(request, dict) else None
+                if rid is None:   # a client of one request at a time: served before the next is read
+                    await conn.serve(self.dispatch, request, None)
+                    continue
+                await conn.slots.acquire()   # at most MAX_IN_FLIGHT at once: the client waits, nothing is dropped
+                spawn(conn.serve(self.dispatch, request, rid), "control-request", self.requests)
         except (PeerUnavailable, asyncio.CancelledError):
             pass
         finally:
             self.clients.discard(task)
-            writer.close()
+            conn.reading_done = True
+            if not conn.busy:
+                conn.close()
+            # else: the last request in flight closes it (answers still go out after the client stops sending)
+
+
+class _Connection:
+    """One client's connection: its requests in flight and what goes back to it. Frames written in one turn of
+    the event loop leave in one write (a batch of small jobs answers in a few syscalls, not one per frame)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.busy = 0                # requests being served
+        self.reading_done = False    # the client sent its last request: close once the answers are out
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self._out and not self.writer.is_closing():
+            self.writer.write(b"".join(self._out))
+        self._out.clear()
+
+    async def drain(self) -> None:
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise PeerUnavailable(f"connection lost: {exc}") from exc
+
+    async def serve(self, dispatch: Dispatch, request: Any, rid: Any) -> None:
+        """One request, its events and its answer, tagged with its id when it has one."""
+        self.busy += 1
+        replies = _Replies(self, rid)
+        try:
+            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < 1 << 63):
+                answer: dict[str, Any] = {"ok": False, "error": "request id must be a whole number >= 0",
+                                          "type": "ConfigError"}
+            else:
+                answer = await dispatch(request, replies.event)
+            if rid is not None:
+                answer["id"] = rid
+            await replies.send(msgpack.packb(answer))
+        except PeerUnavailable:
+            pass   # the client is gone; a job that needed it (its output) has failed already
+        finally:
+            self.busy -= 1
+            if rid is not None:
+                self.slots.release()
+            if self.busy == 0 and self.reading_done:
+                self.close()
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
 
 
 class _Replies:
     """What one control request sends back. Events are held up to EVENT_HOLD_S and leave with the next frame:
     a quick job reaches its client in one write (each write wakes the client, ~0.2 ms of both sides' time)."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, conn: _Connection, rid: Any) -> None:
+        self.conn = conn
+        self.rid = rid
         self.held: list[bytes] = []
         self.held_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -135,30 +208,27 @@ class _Replies:
             self.timer.cancel()
             self.timer = None
         if self.held:
-            self.writer.write(b"".join(self.held))
+            self.conn.write(b"".join(self.held))
             self.held.clear()
             self.held_bytes = 0
 
-    async def _drain(self) -> None:
-        try:
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise PeerUnavailable(f"connection lost: {exc}") from exc
-
     async def event(self, event: dict[str, Any]) -> None:
-        frame = pack_frame(msgpack.packb({"event": event}))
+        body: dict[str, Any] = {"event": event}
+        if self.rid is not None:
+            body["id"] = self.rid
+        frame = pack_frame(msgpack.packb(body))
         self.held.append(frame)
         self.held_bytes += len(frame)
         if self.held_bytes >= EVENT_HOLD_BYTES:
             self._flush()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(EVENT_HOLD_S, self._flush)
-        await self._drain()   # a client that stopped reading still slows its job down (and a gone one fails it)
+        await self.conn.drain()   # a client that stopped reading still slows its job down (and a gone one fails it)
 
     async def send(self, payload: bytes) -> None:
         self.held.append(pack_frame(payload))
         self._flush()
-        await self._drain()
+        await self.conn.drain()
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:

@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import sys
 import time
@@ -25,7 +26,19 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from vesta import __version__, confine, controlserver, execrun, placement, proctree, proto, sysstat, workloads
+from vesta import (
+    __version__,
+    artifacts,
+    confine,
+    controlserver,
+    execrun,
+    outcome,
+    placement,
+    proctree,
+    proto,
+    sysstat,
+    workloads,
+)
 from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.controlserver import ControlServer
@@ -38,7 +51,7 @@ from vesta.hours import LendingHours, parse_hours
 from vesta.identity import Identity, load_or_create
 from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
-from vesta.link import LinkPool, serve
+from vesta.link import InboundGate, LinkPool, accept, listen
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
@@ -48,9 +61,7 @@ from vesta.wire import Channel
 
 log = logging.getLogger(__name__)
 
-MAX_INBOUND = 64              # concurrent peer connections; more are closed at once
-MAX_HANDSHAKING = 16          # of those, not yet authenticated: a keyless stranger cannot take every slot
-MAX_HANDSHAKING_PER_IP = 4    # ... and one host cannot take the handshake slots of all the others
+MAX_INBOUND = 64              # the peer port's listen backlog (link.InboundGate bounds the connections)
 GPU_POLL_S = 30.0             # GPU detection may shell out to nvidia-smi: not every beacon
 MAX_EVENTS = 200
 RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed by a WAL checkpoint (in a thread)
@@ -85,9 +96,8 @@ class Daemon:
         self._closed_since: float | None = None       # when the current lending window ended
         self._ledger_dirty = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by MAX_INBOUND)
-        self._handshaking = 0                           # of those, not authenticated yet
-        self._handshaking_from: Counter[str] = Counter()  # ... by source address
+        self._inbound: set[asyncio.Task[Any]] = set()   # peer connections (bounded by the gate)
+        self.gate = InboundGate(self.counters, on_linked=self.table.mark_linked)   # who may connect (link.py)
         self._exits = contextlib.AsyncExitStack()       # what stop() undoes, newest first
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -116,6 +126,7 @@ class Daemon:
         lock_fd = self._lock_state()
         self._exits.callback(os.close, lock_fd)   # released last: nothing of ours runs any more
         self.runner = await self._exec_runner(bwrap)
+        self._exits.callback(execrun.remove_if_empty, self.runner.runs)   # every run's directory is gone by then
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
         self.ledger = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
@@ -128,12 +139,20 @@ class Daemon:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the records database in {cfg.state_dir}: {exc}") from exc
         self._exits.callback(self.records.close)
-        self._wire_jobs()
-        self._exits.push_async_callback(self.queue.close)
+        if artifacts.remove_unrecorded(cfg.state_dir / "artifacts", lambda job: bool(self.records.artifacts(job))):
+            log.info("removed the artifacts of jobs cut off when this node's vestad last stopped")
+        listening = self._bind()
+        self._exits.callback(listening.close)
+        gpus = await asyncio.to_thread(sysstat.detect_gpus)
+        hash_rate = await asyncio.to_thread(workloads.measure_hash_rate, 0.1)
+        self._wire_jobs(Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
+                                 hours=lambda: self.host.hours, port=listening.getsockname()[1],
+                                 hash_rate=hash_rate, gpus=gpus))
         self._exits.push_async_callback(self.pool.close)
-        await self._listen()
-        self.capacity.gpus = await asyncio.to_thread(sysstat.detect_gpus)
-        self.capacity.hash_rate = await asyncio.to_thread(workloads.measure_hash_rate, 0.1)
+        self._exits.push_async_callback(self.queue.close)   # before the links close: its jobs send their Cancels
+        server = await listen(self.gate, self._accept_peer, sock=listening)
+        self._exits.push_async_callback(cancel_all, self._inbound)
+        self._exits.callback(server.close)
         try:
             await self.discovery.open()
         except OSError as exc:
@@ -151,6 +170,7 @@ class Daemon:
         self._exits.push_async_callback(self.control.stop)
         self._start_loops()
         self._started_log()
+        self._up = True   # a start that was refused did not "stop" anything
 
     async def _exec_runner(self, bwrap: str | None) -> ExecRunner:
         """The exec machinery, complete; what a dead vestad of this node left running is killed first."""
@@ -175,18 +195,19 @@ class Daemon:
             hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()),
             job_user=job_user, setpriv=setpriv, prlimit=prlimit, keep_runs=cfg.keep_runs)
 
-    def _wire_jobs(self) -> None:
-        """The capacity model, the host, discovery, the link pool, the submitter and the exec queue."""
+    def _wire_jobs(self, capacity: Capacity) -> None:
+        """The host, discovery, the link pool, the submitter and the exec queue, over the capacity model."""
         cfg = self.cfg
         hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
-        self.capacity = Capacity(cfg, self.identity.fingerprint, lent=lambda: self.host.lent_running,
-                                 hours=lambda: self.host.hours, port=cfg.port)
+        self.capacity = capacity
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
                          on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
         self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
-        self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s)
+        # peers we linked with keep their place in the table
+        self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s,
+                             on_linked=self.table.mark_linked)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters, self.capacity.current,
                                    self._on_change, on_beacon=lambda: self.submitter.refresh())
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
@@ -200,19 +221,17 @@ class Daemon:
         self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
 
-    async def _listen(self) -> None:
+    def _bind(self) -> socket.socket:
+        """The TCP peer port, bound and listening (served once the parts that answer peers exist)."""
         cfg = self.cfg
         try:
-            server = await asyncio.start_server(self._accept_peer, cfg.bind, cfg.port)
+            return socket.create_server((cfg.bind, cfg.port), backlog=MAX_INBOUND, reuse_port=False)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(f"TCP port {cfg.port} is already in use (another vestad?): "
                                   "choose another with -port") from exc
             raise ConfigError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror}: "
                               "check -bind and -port") from exc
-        self._exits.push_async_callback(cancel_all, self._inbound)
-        self._exits.callback(server.close)
-        self.capacity.port = server.sockets[0].getsockname()[1]
 
     def _start_loops(self) -> None:
         self._exits.push_async_callback(cancel_all, self._tasks)
@@ -236,6 +255,10 @@ class Daemon:
                         ", ".join(allowlist.describe()) if cfg.exec_allowlist else "ANY command")
             for entry in allowlist.missing:
                 log.warning("exec_allowlist entry %r matches no executable file: it allows nothing", entry)
+            if cfg.exec_allowlist and allowlist.code_runners():
+                log.warning("exec_allowlist allows %s, which run code from their arguments or input files: every "
+                            "holder of the federation key may run any program here",
+                            ", ".join(allowlist.code_runners()))
         self._event("start", f"{cfg.name} started")
 
     async def stop(self) -> None:
@@ -245,7 +268,8 @@ class Daemon:
         self._stopping = True
         await self._exits.aclose()
         self._stopped.set()
-        log.info("vestad %s stopped", self.cfg.name)
+        if getattr(self, "_up", False):
+            log.info("vestad %s stopped", self.cfg.name)
 
     def _save_ledger(self) -> None:
         if self.ledger.path is not None and self.ledger.dirty:
@@ -390,40 +414,24 @@ class Daemon:
         if error is not None:
             self._event("job_failed", f"{job_id} exec (queued): {error}")
         elif result is not None:
-            self._event("job_done", f"{job_id} exec (queued) on {result['node']} in {result['elapsed_s']:.2f}s")
+            ended = outcome.of_result(result)
+            self._event(outcome.event_kind(ended), f"{job_id} exec (queued) on {result['node']} in "
+                        f"{result['elapsed_s']:.2f}s: {ended}")
 
     # ------------------------------------------------------------ peer links
 
     async def _accept_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        source = str((writer.get_extra_info("peername") or ("?",))[0])
-        if (self._stopping or len(self._inbound) >= MAX_INBOUND or self._handshaking >= MAX_HANDSHAKING
-                or self._handshaking_from[source] >= MAX_HANDSHAKING_PER_IP):
-            self.counters["tcp_rejected_busy"] += 1
+        if self._stopping:
             writer.close()
             return
         task = asyncio.current_task()
         assert task is not None
         self._inbound.add(task)
-        self._handshaking += 1
-        self._handshaking_from[source] += 1
-        pending = [True]
-
-        def authenticated() -> None:
-            if pending[0]:
-                pending[0] = False
-                self._handshaking -= 1
-                self._handshaking_from[source] -= 1
-                if self._handshaking_from[source] <= 0:
-                    del self._handshaking_from[source]
-
         try:
-            await serve(reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
-                        handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg,
-                        on_authenticated=authenticated)
-        except asyncio.CancelledError:
-            pass  # shutting down; asyncio 3.11 would log a cancelled connection task as an error
+            await accept(self.gate, reader, writer, keys=self.keys, identity=self.identity, counters=self.counters,
+                         handshake_timeout=self.cfg.handshake_timeout_s, handler=self._handle_peer_msg,
+                         idle_timeout=self.cfg.link_idle_s, inline=(proto.FileChunk,))
         finally:
-            authenticated()
             self._inbound.discard(task)
 
     async def _handle_peer_msg(self, msg: proto.Message, channel: Channel) -> proto.Message | None:

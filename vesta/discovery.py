@@ -6,8 +6,12 @@ Every beacon interval the node sends one sealed, signed beacon to:
   loopback, so daemons on one host find each other like a LAN does); when
   ``bind`` names one address, only to the interface that holds it;
 * every ``-seed`` (resolved again every ``RESOLVE_EVERY`` seconds);
-* every peer learned by gossip but not yet heard from, and every known peer
-  outside our broadcast subnets, by unicast.
+* every known peer outside our broadcast subnets, by unicast (an address
+  that answered: its beacons came from there);
+* a peer learned by gossip but not yet heard from, by unicast, sparingly: a
+  member can name any host and port, so each such address gets at most
+  ``GOSSIP_PROBES`` beacons per ``GOSSIP_WINDOW_S``, spaced out (1, 2, 4, 8
+  intervals), and at most ``GOSSIP_PER_ROUND`` of them get one per round.
 
 A received datagram is checked in this order, each failure counted and
 dropped: size, decryption (wrong key), decoding and field ranges, Ed25519
@@ -44,6 +48,10 @@ MAX_DATAGRAM = 16 * 1024       # bytes; a full beacon with 32 gossip entries is 
 MAX_GOSSIP_TARGETS = 64
 RESOLVE_EVERY = 30.0           # seconds between seed DNS look-ups
 INTERFACES_EVERY = 10.0        # seconds between interface scans (laptops change networks)
+GOSSIP_PROBES = 5              # beacons one gossip-learned address gets before it answers ...
+GOSSIP_WINDOW_S = 600.0        # ... in this many seconds
+GOSSIP_PER_ROUND = 8           # gossip-learned addresses sent a beacon in one round, at most
+MAX_PROBED = 1024              # gossip-learned addresses whose probes are remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,8 @@ class Discovery(asyncio.DatagramProtocol):
         self._seeds_at = -1e9
         # (ip, dport) -> (fingerprint, when last mentioned); dropped once that peer is in the table
         self._gossip_targets: OrderedDict[tuple[str, int], tuple[str, float]] = OrderedDict()
+        # (ip, dport) -> (probes sent in this window, window start, next probe not before)
+        self._probes: OrderedDict[tuple[str, int], tuple[int, float, float]] = OrderedDict()
         self._warn_once = WarnOnce(log)
 
     # ------------------------------------------------------------ socket
@@ -176,16 +186,34 @@ class Discovery(asyncio.DatagramProtocol):
             out[(net.broadcast, self.cfg.dport)] = None
         for seed in self._seeds:
             out[seed] = None
-        horizon = time.monotonic() - self.cfg.expire_after * max(self.cfg.beacon_interval, 1.0) * 6
+        now = time.monotonic()
+        horizon = now - self.cfg.expire_after * max(self.cfg.beacon_interval, 1.0) * 6
+        probed = 0
         for target, (fp, mentioned) in list(self._gossip_targets.items()):
             if mentioned < horizon or fp in self.table:
                 del self._gossip_targets[target]
-            else:
+            elif target not in out and probed < GOSSIP_PER_ROUND and self._may_probe(target, now):
                 out[target] = None
+                probed += 1
         for peer in self.table.all():
             if not self._on_subnet(peer.disco[0]):
                 out[peer.disco] = None
         return list(out)
+
+    def _may_probe(self, target: tuple[str, int], now: float) -> bool:
+        """Whether a gossip-learned address that has not answered gets this round's beacon (and count it)."""
+        count, start, next_at = self._probes.get(target, (0, now, now))
+        if now - start > GOSSIP_WINDOW_S:
+            count, start, next_at = 0, now, now
+        if count >= GOSSIP_PROBES or now < next_at:
+            return False
+        count += 1
+        self._probes[target] = (count, start, now + self.cfg.beacon_interval * 2 ** (count - 1))
+        self._probes.move_to_end(target)
+        while len(self._probes) > MAX_PROBED:
+            self._probes.popitem(last=False)
+        self.counters["gossip_probes"] += 1
+        return True
 
     def make_beacon(self) -> proto.Beacon:
         self.seq += 1

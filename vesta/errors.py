@@ -140,6 +140,15 @@ def _message_only(self: VestaError, message: str) -> None:
     VestaError.__init__(self, message)
 
 
+def _reduce_remote(self: VestaError) -> tuple[object, tuple[str, str]]:
+    """Pickled by the name of the daemon's class (a future's exception may cross a process boundary)."""
+    return _rebuild_remote, (type(self).__name__.removeprefix("Remote"), str(self))
+
+
+def _rebuild_remote(name: str, message: str) -> RemoteError:
+    return remote(name)(message)
+
+
 def remote(name: object) -> type[RemoteError]:
     """The error class a client raises for an error the daemon named: a subclass of both the daemon's class
     and RemoteError (RemoteError itself for a name this vesta does not know)."""
@@ -149,5 +158,6 @@ def remote(name: object) -> type[RemoteError]:
         return RemoteError
     if cls not in _REMOTE:   # only the message travels: a field such as Refused.reason reads "remote"
         _REMOTE[cls] = type(f"Remote{cls.__name__}", (cls, RemoteError),
-                            {"__init__": _message_only, "reason": "remote", "__doc__": cls.__doc__})
+                            {"__init__": _message_only, "reason": "remote", "__doc__": cls.__doc__,
+                             "__reduce__": _reduce_remote})
     return _REMOTE[cls]

@@ -97,6 +97,8 @@ Limits, the job user and the sandbox are in ``confine``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import inspect
 import json
@@ -125,10 +127,21 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH jobs see and programs are lo
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
+MEM_CHECK_S = 0.25          # how often the resident memory of a run with a memory limit is summed
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ELOOP, errno.EPERM}
 
+# What turns off the places where common programs look for code or configuration of their own beside
+# HOME (which is a fresh empty directory anyway): Python's per-user site directory (usercustomize.py) and the
+# script's or working directory first on sys.path (a shipped json.py), git's global and system config (an
+# alias or core.pager runs a shell).
+HOOKS_OFF = {
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONSAFEPATH": "1",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 # Set by the node, never by a caller's ``extra``.
-_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID"})
+_FIXED_ENV = frozenset({"PATH", "HOME", "TMPDIR", "VESTA_JOB_ID", "VESTA_NODE", "VESTA_NODE_ID", *HOOKS_OFF})
 # Variables that change how the dynamic loader or libc behave (glibc's "unsecure" list): with them, an
 # allowlisted binary would load code of the job's choosing.
 _LOADER_ENV = frozenset({
@@ -142,6 +155,30 @@ OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 
 
 # ---------------------------------------------------------------------------------------------- allowlist
+
+# Programs that run code, or other programs, named in their arguments or read from their input files:
+# allowing one of them allows every program to whoever holds the federation key. Matched against the names
+# an entry was allowlisted under and the allowed file's own name, with any version suffix (python3.11) off.
+CODE_RUNNERS = frozenset({
+    # interpreters
+    "python", "python2", "python3", "pypy", "pypy3", "perl", "ruby", "irb", "node", "nodejs", "deno", "bun",
+    "php", "lua", "luajit", "tclsh", "wish", "expect", "Rscript", "R", "julia", "java", "jshell", "guile",
+    "racket", "ghci", "runghc", "osascript", "pwsh", "gdb", "lldb", "awk", "gawk", "mawk", "nawk", "bc",
+    # shells and multi-call binaries
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "busybox", "toybox",
+    # programs that run others, or commands in their arguments or input files
+    "env", "xargs", "find", "make", "gmake", "cmake", "ninja", "meson", "git", "nice", "nohup", "timeout",
+    "stdbuf", "setsid", "chroot", "flock", "watch", "time", "script", "strace", "ltrace", "taskset",
+    "ionice", "chrt", "prlimit", "setpriv", "unshare", "nsenter", "sudo", "su", "doas", "runuser", "ssh",
+    "parallel", "sed", "tar", "rsync", "vi", "vim", "nvim", "emacs", "ed", "less", "more", "man", "pip",
+    "pip3", "npm", "npx", "cargo", "go", "gcc", "cc", "clang", "tcc", "docker", "podman", "systemd-run",
+})
+_VERSION_SUFFIX = re.compile(r"[-.]?[0-9][0-9.]*$")
+
+
+def runs_code(name: str) -> bool:
+    """Whether ``name`` (a program's file name) is a program that runs code from its arguments or inputs."""
+    return name in CODE_RUNNERS or _VERSION_SUFFIX.sub("", name) in CODE_RUNNERS
 
 
 def _executable_file(path: str) -> bool:
@@ -252,6 +289,14 @@ class Allowlist:
     def names(self) -> list[str]:
         return sorted(n for names in self.allowed.values() for n in names)
 
+    def code_runners(self) -> list[str]:
+        """The allowed programs that run code from their arguments or inputs (``CODE_RUNNERS``): each
+        grants arbitrary code to every key holder. Also ``["any program"]`` for an empty list."""
+        if self.any:
+            return ["any program"]
+        return sorted(" / ".join(sorted(names)) for path, names in self.allowed.items()
+                      if any(runs_code(n) for n in (*names, os.path.basename(path))))
+
     def describe(self) -> list[str]:
         """One line per allowed program, then the missing entries (for status output)."""
         if self.any:
@@ -267,22 +312,29 @@ class Allowlist:
 def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, str] | None = None,
                  node_id: str = "") -> dict[str, str]:
     """The whole environment a job sees: nothing is inherited from the daemon (it may hold VESTA_KEY).
-    ``node_id`` (the node's fingerprint, as VESTA_NODE_ID) also marks the job's processes as this node's,
-    so a vestad that died can find them when it comes back (``proctree.kill_leftovers``).
+    ``HOME`` is a fresh empty directory beside ``workdir`` (``home_of``), made here, never the working
+    directory: a peer's input files land in the working directory, and a file shipped as
+    ``.local/lib/python3.11/site-packages/usercustomize.py`` or ``.gitconfig`` there would otherwise be read
+    as the program's own configuration and run code of the peer's choosing in an allowlisted program
+    (``HOOKS_OFF`` turns off the same hooks by variable). ``node_id`` (the node's fingerprint, as
+    VESTA_NODE_ID) also marks the job's processes as this node's, so a vestad that died can find them when it
+    comes back (``proctree.kill_leftovers``).
 
     ``extra`` may not set the node's own variables (PATH, HOME, TMPDIR, VESTA_*) nor loader variables
     (LD_*, GCONV_PATH, ...), which would let an allowlisted binary load code of the job's choosing.
     """
     tmp = workdir / "tmp"
     tmp.mkdir(mode=0o700, exist_ok=True)
+    home = make_home(workdir)
     env = {
         "PATH": SAFE_PATH,
-        "HOME": str(workdir),
+        "HOME": str(home),
         "TMPDIR": str(tmp),
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "VESTA_JOB_ID": job_id,
         "VESTA_NODE": node,
+        **HOOKS_OFF,
     }
     if node_id:
         env["VESTA_NODE_ID"] = node_id
@@ -293,6 +345,27 @@ def scrubbed_env(*, job_id: str, node: str, workdir: Path, extra: Mapping[str, s
             raise Refused(f"environment variable {name} may not be set by a job", reason="policy")
         env[name] = value
     return env
+
+
+def home_of(workdir: Path) -> Path:
+    """The run's HOME: ``WORKDIR.home``, beside its working directory (so no input file can land in it),
+    removed with it (``remove_workdir``)."""
+    return workdir.with_name(workdir.name + ".home")
+
+
+def make_home(workdir: Path) -> Path:
+    """Make the run's empty HOME (0700); ``Refused`` if something else is in its place."""
+    home = home_of(workdir)
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(home)
+    owners = {os.geteuid(), os.lstat(workdir).st_uid}   # the run's own user, once give_workdir handed both over
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o077:
+        raise Refused(f"{home} is in the way of this run's home directory (someone else made it?): "
+                      "remove it and try again", reason="policy")
+    return home
 
 
 def make_workdir(base: Path | None, job_id: str) -> Path:
@@ -314,8 +387,31 @@ def runs_dir(node: str, fingerprint: str) -> Path:
     return Path(tempfile.gettempdir()) / f"vesta-runs-{_UNSAFE_NAME_CHARS.sub('_', node)}-{fingerprint[:8]}"
 
 
+def remove_if_empty(runs: Path | None) -> None:
+    """At a clean stop: the node's ``runs_dir``, unless something is still in it (``keep_runs``)."""
+    if runs is not None:
+        with contextlib.suppress(OSError):
+            runs.rmdir()
+
+
 def remove_workdir(path: Path) -> None:
-    """rm -rf ``path``, also where the job took away its own permissions; failures are logged."""
+    """rm -rf ``path`` and its run's HOME (``home_of``), also where the job took away its own permissions;
+    failures are logged."""
+    home = home_of(path)
+    try:   # ours or the run's (give_workdir), not what another user put there
+        owners = {os.geteuid(), os.lstat(path).st_uid}
+        ours = os.lstat(home).st_uid in owners
+    except OSError:
+        ours = False
+    if ours:
+        try:
+            _remove_tree(home)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", home, exc)
+    _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
     if path.is_symlink():
         path.unlink()
         return
@@ -399,6 +495,7 @@ class ExecResult:
     cpu_s: float               # user+sys: wait4 of the process (and what it waited for), plus the rest of the run
     max_rss_kb: int
     reason: str                # "" on a normal exit, else a one-line why
+    over_memory: bool = False  # killed for the resident memory of the whole run (``run``'s ``mem_limit_mib``)
 
 
 class SandboxInfo:
@@ -662,8 +759,10 @@ class _Running:
             self.proc.returncode = os.waitstatus_to_exitcode(self.status)   # Popen must not wait for it
 
     async def supervise(self, started: float, timeout: float | None, cancel: asyncio.Event | None,
-                        term_grace: float) -> ExecResult:
+                        term_grace: float, mem_limit_mib: int | None = None) -> ExecResult:
         deadline = None if timeout is None else started + timeout
+        next_check = None if mem_limit_mib is None else started + MEM_CHECK_S
+        over_memory = 0   # what the run had resident when it was found over its limit
         cancel_wait = None if cancel is None else asyncio.ensure_future(cancel.wait())
         watching: set[asyncio.Future[Any]] = {self.watch.exited, *self.readers}
         if cancel_wait is not None:
@@ -672,11 +771,22 @@ class _Running:
         failure: BaseException | None = None
         try:
             while not self.watch.exited.done():
-                left = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
                     timed_out = True
                     break
-                done, _ = await asyncio.wait(watching, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if next_check is not None and mem_limit_mib is not None and now >= next_check:
+                    resident = await asyncio.to_thread(self.procs.resident_bytes)
+                    if resident > mem_limit_mib << 20:
+                        over_memory = resident
+                        break
+                    next_check = time.monotonic() + MEM_CHECK_S
+                wait = left
+                if next_check is not None:
+                    until_check = max(0.0, next_check - now)
+                    wait = until_check if wait is None else min(wait, until_check)
+                done, _ = await asyncio.wait(watching, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if self.watch.exited.done():
                     break
                 if cancel_wait is not None and cancel_wait in done:
@@ -691,7 +801,7 @@ class _Running:
         finally:
             if cancel_wait is not None:
                 cancel_wait.cancel()
-        if not self.watch.exited.done() and failure is None:
+        if not self.watch.exited.done() and failure is None and not over_memory:
             # bubblewrap taking SIGTERM could tear its namespace down at once (--die-with-parent), reaped where
             # nothing counts it; the job's processes get it instead, and the sandbox ends when they do.
             await asyncio.to_thread(self.signal, signal.SIGTERM, leader=self.sandbox is None)
@@ -706,7 +816,12 @@ class _Running:
         self.finished = True
         if failure is not None:
             raise failure
-        return self.result(elapsed, timeout, timed_out, cancelled)
+        result = self.result(elapsed, timeout, timed_out, cancelled)
+        if over_memory and mem_limit_mib is not None:   # killed at once: no grace to grow further in
+            result = dataclasses.replace(result, over_memory=True, reason=(
+                f"memory limit hit ({over_memory / (1 << 20):.0f} MiB resident in all its processes, "
+                f"limit {mem_limit_mib} MiB)"))
+        return result
 
     async def drain(self) -> BaseException | None:
         """Let the readers reach EOF (the group is dead, so they do) within a bound; close the pipes."""
@@ -788,7 +903,8 @@ def _signame(sig: int) -> str:
 async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
               timeout: float | None, on_output: OutputCallback | None = None,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
-              preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None) -> ExecResult:
+              preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None,
+              mem_limit_mib: int | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
@@ -798,6 +914,9 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     ``sandbox``: ``program`` is bubblewrap, told to name its namespace's init on ``sandbox``'s pipe; SIGTERM
     goes to what runs inside (bubblewrap taking it could tear the namespace down uncounted), and the init and
     what runs under it are stopped, counted and killed with the rest. ``run`` closes that pipe.
+    ``mem_limit_mib``: the resident memory of the whole run (every process of it, ``proctree``) is summed
+    every ``MEM_CHECK_S``; over the limit, the run is killed at once (no SIGTERM grace) and the result
+    says ``over_memory``. Per-process limits (RLIMIT_AS) let four processes of 900 MiB each through.
     """
     try:
         if not argv:
@@ -821,7 +940,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
             sandbox.close()
         raise
     try:
-        return await job.supervise(started, timeout, cancel, term_grace)
+        return await job.supervise(started, timeout, cancel, term_grace, mem_limit_mib)
     except BaseException:
         job.abandon()
         raise

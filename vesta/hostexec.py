@@ -255,7 +255,7 @@ class ExecRunner:
                 return self._failed(offer, "cancelled before it started")
             r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
                                   timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
-                                  preexec=command.preexec, sandbox=command.sandbox)
+                                  preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
@@ -295,20 +295,25 @@ class ExecRunner:
         """How to start the program: inside bubblewrap or not, behind the limits; or why it cannot run here."""
         runner, argv = program, list(spec.argv)
         sandbox: execrun.SandboxInfo | None = None
-        if self.bwrap is not None:
-            sandbox = execrun.SandboxInfo()
-            runner, argv = confine.bwrap_command(
-                self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
-                hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
-                setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper())
-        elif not confine.usable_by(program, self.job_user):
+        if self.bwrap is None and not confine.usable_by(program, self.job_user):
             return (f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                     "on this node: see exec_user")
-        if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
-            runner, argv = limits.command(self.prlimit, runner, argv, setpriv=self.setpriv,
-                                          switch_user=self.bwrap is None)
-            return _Command(runner, argv, None, sandbox)
-        return _Command(runner, argv, limits.preexec(switch_user=self.bwrap is None), sandbox)
+        sandbox = execrun.SandboxInfo() if self.bwrap is not None else None
+        try:
+            if self.bwrap is not None and sandbox is not None:
+                runner, argv = confine.bwrap_command(
+                    self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
+                    hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
+                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper())
+            if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
+                runner, argv = limits.command(self.prlimit, runner, argv, setpriv=self.setpriv,
+                                              switch_user=self.bwrap is None)
+                return _Command(runner, argv, None, sandbox)
+            return _Command(runner, argv, limits.preexec(switch_user=self.bwrap is None), sandbox)
+        except BaseException:
+            if sandbox is not None:   # its pipe is ours until run() has it
+                sandbox.close()
+            raise
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vesta import artifacts, spec
-from vesta.errors import InputError, JobFailed, NotNow, PeerUnavailable, VestaError
+from vesta.errors import InputError, InvalidJob, JobFailed, NotNow, PeerUnavailable, VestaError
 from vesta.records import Records
 from vesta.spec import FileInfo, JobRequest
 from vesta.submitter import Emit, Submitter
@@ -224,7 +224,11 @@ class ExecQueue:
             if cancel.is_set():   # cancelled before this task first ran
                 self._cancelled(job_id)
                 return
-            request = JobRequest.from_wire("exec", args)
+            try:
+                request = JobRequest.from_wire("exec", args)
+            except InvalidJob as exc:   # stored by a vesta that checked less: it can never run, so it ends here
+                self.records.transition(job_id, "failed", reason=f"cannot run this queued job: {exc}"[:500])
+                raise
             result = await self.submitter.submit(request, lambda event: self._emit(job_id, event), job_id=job_id,
                                                  queued=True, cancel=cancel, inputs_dir=self.inputs_root / job_id)
         except NotNow as exc:   # still queued (the reasons are on record): tried again when capacity appears

@@ -8,6 +8,24 @@ handshake and hands each message to the daemon's handler in its own task.
 Every failure on an inbound link (handshake timeout or failure, bad frame,
 oversized frame, wrong key) closes that one connection and is counted; the
 daemon keeps serving.
+
+Room for newcomers (``InboundGate``). Whatever strangers without the key or
+idle key holders do, a new identity can still link up:
+
+- a connection is turned away in ``connection_made``, before any task,
+  buffer or crypto is spent on it, when its source address has opened more
+  than ``ACCEPT_BURST`` connections at more than ``ACCEPT_RATE`` a second,
+  or already holds ``MAX_HANDSHAKING_PER_SOURCE`` unfinished handshakes;
+- when all ``MAX_HANDSHAKING`` handshake slots are taken, the newcomer is
+  let in and the oldest unfinished handshake of the source holding the most
+  is cut (an honest handshake takes one round trip; a stalled one is what
+  holds a slot);
+- an authenticated link that has had no request running and no message for
+  ``idle_timeout`` seconds is closed (the peer's pool reconnects on its next
+  request); one identity keeps at most ``MAX_LINKS_PER_PEER`` links, and when
+  ``MAX_INBOUND`` links are up, a new one replaces the idlest link (of the
+  identity holding the most) instead of being refused. Only links with
+  requests running on every one of them make a newcomer wait.
 """
 
 from __future__ import annotations
@@ -17,7 +35,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,7 +53,16 @@ _handshake_warn = WarnOnce(log, logging.INFO)
 Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
 CONNECT_TIMEOUT = 3.0
 MAX_QUEUED = 1024        # messages waiting for one request's reader; a peer sending faster breaks that request
-MAX_IN_FLIGHT = 256      # requests one inbound connection may have running at once
+MAX_IN_FLIGHT = 256      # requests one inbound connection may have running at once; the next one waits
+STALL_S = 60.0           # ... and if none of them ends within this, the link is closed
+MAX_INBOUND = 64              # authenticated inbound links at once
+MAX_HANDSHAKING = 16          # inbound connections not authenticated yet
+MAX_HANDSHAKING_PER_SOURCE = 4    # ... from one source address: one host cannot take every slot
+MAX_LINKS_PER_PEER = 4        # authenticated inbound links of one identity (a pool uses one)
+IDLE_LINK_S = 300.0           # an inbound link with nothing running and nothing heard this long is closed
+ACCEPT_RATE = 20.0            # connections a second one source address may open, on average ...
+ACCEPT_BURST = 64             # ... and at once
+MAX_SOURCES = 4096            # source addresses whose rate is remembered (the least recent are forgotten)
 
 
 class _Link:
@@ -118,11 +145,12 @@ class LinkPool:
     """Outbound links to peers, one per fingerprint, created on first use."""
 
     def __init__(self, keys: FederationKeys, identity: Identity, counters: Counter[str],
-                 handshake_timeout: float) -> None:
+                 handshake_timeout: float, on_linked: Callable[[str], None] = lambda fingerprint: None) -> None:
         self.keys = keys
         self.identity = identity
         self.counters = counters
         self.handshake_timeout = handshake_timeout
+        self.on_linked = on_linked   # (fingerprint) a handshake with it succeeded
         self._links: dict[str, _Link] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._rids = itertools.count(1)
@@ -167,6 +195,7 @@ class LinkPool:
             raise PeerUnavailable(f"{addr[0]}:{addr[1]} answered as {session.peer_fingerprint[:8]}, "
                                   f"expected {fingerprint[:8]}")
         self.counters["links_opened"] += 1
+        self.on_linked(fingerprint)
         return Channel(reader, writer, session)
 
     def _forget(self, fingerprint: str, dead: _Link) -> None:
@@ -202,10 +231,173 @@ class LinkPool:
         await cancel_all({link.reader for link in links})
 
 
+class Inbound:
+    """One inbound connection, from accept to close (``InboundGate``)."""
+
+    def __init__(self, source: str, task: asyncio.Task[Any] | None) -> None:
+        self.source = source
+        self.task = task
+        self.since = time.monotonic()
+        self.fingerprint: str | None = None   # once authenticated
+        self.last_active = self.since         # last message heard or last request finished
+        self.busy = 0                         # requests running
+
+    def idle(self) -> bool:
+        return self.fingerprint is not None and self.busy == 0
+
+    def cut(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
+class InboundGate:
+    """Who may connect, and who makes room for whom (see the module doc)."""
+
+    def __init__(self, counters: Counter[str], *, max_links: int = MAX_INBOUND,
+                 max_handshaking: int = MAX_HANDSHAKING, per_source: int = MAX_HANDSHAKING_PER_SOURCE,
+                 per_peer: int = MAX_LINKS_PER_PEER, rate: float = ACCEPT_RATE, burst: int = ACCEPT_BURST,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_linked: Callable[[str], None] = lambda fingerprint: None) -> None:
+        self.counters = counters
+        self.on_linked = on_linked   # an identity completed a handshake and its link is kept
+        self.max_links = max_links
+        self.max_handshaking = max_handshaking
+        self.per_source = per_source
+        self.per_peer = per_peer
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.closed = False
+        self.handshaking: list[Inbound] = []   # oldest first
+        self.links: list[Inbound] = []
+        self._by_source: Counter[str] = Counter()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()   # source -> (tokens, when)
+
+    def allow(self, source: str) -> bool:
+        """Whether a connection from ``source`` may start a handshake at all (cheap: no state is made)."""
+        if self.closed:
+            return False
+        if self._by_source[source] >= self.per_source:
+            self.counters["tcp_rejected_busy"] += 1
+            return False
+        now = self.clock()
+        tokens, when = self._buckets.pop(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            self.counters["tcp_rejected_rate"] += 1
+            return False
+        self._buckets[source] = (tokens - 1.0, now)
+        if len(self._buckets) > MAX_SOURCES:
+            self._buckets.popitem(last=False)
+        return True
+
+    def opened(self, source: str, task: asyncio.Task[Any] | None) -> Inbound:
+        """A connection ``allow`` let in starts its handshake; if every slot is taken, one is cut for it."""
+        if len(self.handshaking) >= self.max_handshaking:
+            most = max(self._by_source.values())
+            victim = next(c for c in self.handshaking if self._by_source[c.source] == most)   # oldest of theirs
+            self._forget_handshake(victim)
+            self.counters["tcp_handshakes_cut"] += 1
+            victim.cut()
+        conn = Inbound(source, task)
+        self.handshaking.append(conn)
+        self._by_source[source] += 1
+        return conn
+
+    def authenticated(self, conn: Inbound, fingerprint: str) -> bool:
+        """The handshake is done: the link is kept (making room if needed), or False if there is none."""
+        self._forget_handshake(conn)
+        conn.fingerprint = fingerprint
+        conn.last_active = self.clock()
+        same = [c for c in self.links if c.fingerprint == fingerprint]
+        if len(same) >= self.per_peer:
+            victims = [c for c in same if c.idle()]
+        elif len(self.links) >= self.max_links:
+            victims = [c for c in self.links if c.idle()]
+        else:
+            victims = None
+        if victims is not None:
+            if not victims:
+                self.counters["tcp_rejected_busy"] += 1
+                return False
+            per_peer = Counter(c.fingerprint for c in self.links)
+            victim = min(victims, key=lambda c: (-per_peer[c.fingerprint], c.last_active))
+            self.links.remove(victim)
+            self.counters["links_evicted"] += 1
+            victim.cut()
+        self.links.append(conn)
+        self.on_linked(fingerprint)
+        return True
+
+    def closed_conn(self, conn: Inbound) -> None:
+        self._forget_handshake(conn)
+        if conn in self.links:
+            self.links.remove(conn)
+
+    def _forget_handshake(self, conn: Inbound) -> None:
+        if conn in self.handshaking:
+            self.handshaking.remove(conn)
+            self._by_source[conn.source] -= 1
+            if self._by_source[conn.source] <= 0:
+                del self._by_source[conn.source]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _GatedProtocol(asyncio.StreamReaderProtocol):
+    """A stream protocol that asks the gate first: a connection turned away costs no task and no writer."""
+
+    def __init__(self, gate: InboundGate, on_connection: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                                  Awaitable[None]]) -> None:
+        self._gate = gate
+        super().__init__(asyncio.StreamReader(), on_connection)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername") or ("?",)
+        if not self._gate.allow(str(peer[0])):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()   # a reset: no FIN handshake, no TIME_WAIT here
+            else:
+                transport.close()
+            return
+        super().connection_made(transport)
+
+
+async def listen(gate: InboundGate, on_connection: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                            Awaitable[None]],
+                 host: str | None = None, port: int | None = None, **kw: Any) -> asyncio.Server:
+    """``asyncio.start_server`` (``kw``: ``sock=`` and the like), with ``gate.allow`` asked before a
+    connection costs anything."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _GatedProtocol(gate, on_connection), host, port, **kw)
+
+
+async def accept(gate: InboundGate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kw: Any) -> None:
+    """Serve one connection ``listen`` let in, under the gate's bounds (``serve``'s keywords in ``kw``)."""
+    source = str((writer.get_extra_info("peername") or ("?",))[0])
+    conn = gate.opened(source, asyncio.current_task())
+    try:
+        await serve(reader, writer, conn=conn, gate=gate, **kw)
+    except asyncio.CancelledError:
+        writer.close()   # cut to make room, or shutting down (3.11 would log a cancelled connection task)
+    finally:
+        gate.closed_conn(conn)
+
+
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, keys: FederationKeys,
                 identity: Identity, counters: Counter[str], handshake_timeout: float,
-                handler: Handler, on_authenticated: Callable[[], None] = lambda: None) -> None:
-    """Serve one inbound peer connection until it closes or misbehaves."""
+                handler: Handler, on_authenticated: Callable[[], None] = lambda: None,
+                conn: Inbound | None = None, gate: InboundGate | None = None,
+                idle_timeout: float | None = None, inline: tuple[type, ...] = ()) -> None:
+    """Serve one inbound peer connection until it closes or misbehaves (or, with ``idle_timeout``, has had
+    no request running and no message for that long). With ``gate``, the link is kept only if it lets it.
+
+    Each request runs in a task of its own; messages of the ``inline`` types (ones the handler deals with
+    at once, without waiting: a file piece) are handled in the read loop instead. With
+    ``MAX_IN_FLIGHT`` requests running, the loop stops reading until one ends (TCP then slows the peer
+    down: backpressure, not a cut link); only if none ends within ``STALL_S`` is the link closed."""
     peer = writer.get_extra_info("peername") or ("?", 0)
     where = f"addr={peer[0]}:{peer[1]}"
     counters["tcp_accepted"] += 1
@@ -223,24 +415,72 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
     on_authenticated()
     channel = Channel(reader, writer, session)
     where = f"peer={session.peer_fingerprint[:8]} {where}"
+    if gate is not None and conn is not None and not gate.authenticated(conn, session.peer_fingerprint):
+        log.info("closed link %s: every inbound link has requests running", where)
+        await channel.close()
+        return
     log.debug("link up %s", where)
     tasks: set[asyncio.Task[Any]] = set()
+    loop = asyncio.get_running_loop()
+    idle = None if idle_timeout is None else asyncio.timeout(None)
+    clock = time.monotonic if gate is None else gate.clock
+
+    reading = [True]   # the idle timer may be moved only while the read loop is inside it
+
+    def rest() -> None:   # nothing running: the link may idle from now
+        if idle is not None and idle_timeout is not None and not tasks and reading[0]:
+            idle.reschedule(loop.time() + idle_timeout)
 
     async def answer(msg: proto.Message) -> None:
-        reply = await handler(msg, channel)
-        if reply is not None:
-            with contextlib.suppress(PeerUnavailable):
-                await channel.send(reply)
+        try:
+            reply = await handler(msg, channel)
+            if reply is not None:
+                with contextlib.suppress(PeerUnavailable):
+                    await channel.send(reply)
+        finally:
+            if conn is not None:
+                conn.busy -= 1
+                conn.last_active = clock()
+
+    async def answer_inline(msg: proto.Message) -> None:
+        try:
+            reply = await handler(msg, channel)
+            if reply is not None:
+                with contextlib.suppress(PeerUnavailable):
+                    await channel.send(reply)
+        except Exception:   # as a task's failure would be: logged, and the link serves on
+            log.exception("handling %s from %s failed", type(msg).__name__, where)
+
+    def finished(_: asyncio.Task[Any]) -> None:
+        rest()   # runs after spawn's own callback, which took the task out of ``tasks``
 
     try:
-        while True:
-            msg = await channel.recv()
-            counters["link_messages"] += 1
-            if len(tasks) >= MAX_IN_FLIGHT:
-                counters["tcp_flooded"] += 1
-                log.warning("closed link %s: more than %d requests in flight", where, MAX_IN_FLIGHT)
-                break
-            spawn(answer(msg), f"answer-{type(msg).__name__}", tasks)
+        async with idle if idle is not None else contextlib.nullcontext():
+            rest()
+            while True:
+                msg = await channel.recv()
+                counters["link_messages"] += 1
+                if conn is not None:
+                    conn.last_active = clock()
+                if isinstance(msg, inline):
+                    await answer_inline(msg)
+                    continue
+                if len(tasks) >= MAX_IN_FLIGHT:   # hold this one (and read nothing more) until one ends
+                    counters["link_backpressure"] += 1
+                    done, _ = await asyncio.wait(set(tasks), timeout=STALL_S, return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        counters["tcp_flooded"] += 1
+                        log.warning("closed link %s: %d requests in flight and none ended in %gs", where,
+                                    len(tasks), STALL_S)
+                        break
+                if conn is not None:
+                    conn.busy += 1
+                if idle is not None:
+                    idle.reschedule(None)
+                spawn(answer(msg), f"answer-{type(msg).__name__}", tasks).add_done_callback(finished)
+    except TimeoutError:
+        counters["links_idle_closed"] += 1
+        log.debug("closed link %s: idle for %gs", where, idle_timeout)
     except PeerUnavailable:
         pass
     except ProtocolError as exc:
@@ -249,5 +489,6 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, k
             counters["tcp_oversize"] += 1
         log.warning("closed link %s: %s", where, exc)
     finally:
+        reading[0] = False
         await cancel_all(tasks)
         await channel.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vesta import __version__, proto
+from vesta import __version__, outcome, proto
 from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.crypto import FederationKeys
@@ -33,6 +34,8 @@ from vesta.records import Records
 from vesta.spec import JobRequest
 from vesta.submitter import Emit, Submitter, new_job_id
 from vesta.tasks import spawn
+
+log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
 RECORDS_TIMEOUT = 5.0         # a member that does not answer `vesta jobs --all` in time is listed unreachable
@@ -88,6 +91,11 @@ class ControlOps:
             return {"ok": True, "result": await op(args, emit)}
         except VestaError as exc:
             return {"ok": False, "error": str(exc), "type": type(exc).__name__}
+        except Exception as exc:   # a bug of ours: the client still gets an answer, the log the traceback
+            log.exception("control request %r failed inside vestad", request.get("op") if isinstance(request, dict)
+                          else request)
+            return {"ok": False, "error": f"internal error in vestad: {type(exc).__name__}: {exc}"[:500],
+                    "type": "VestaError"}
 
     def find_peer(self, node: str) -> Peer:
         """A peer by name or fingerprint (prefix of at least 8 hex characters)."""
@@ -107,7 +115,7 @@ class ControlOps:
             "cpu": self._op_cpu, "mem": self._op_mem, "exec": self._op_exec, "stress": self._op_stress,
             "stop-stress": self._op_stop_stress, "cancel": self._op_cancel, "snapshot": self._op_snapshot,
             "ledger": self._op_ledger, "jobs": self._op_jobs, "show": self._op_show, "logs": self._op_logs,
-            "artifacts": self._op_artifacts,
+            "artifacts": self._op_artifacts, "link-rerun": self._op_link_rerun,
         }
 
     async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -145,6 +153,9 @@ class ControlOps:
             "allow_exec": cfg.allow_exec,
             "isolation": self.isolation(),
             "exec_allowlist": list(cfg.exec_allowlist),
+            "exec_code_runners": (self.host.runner.allowlist.code_runners()
+                                  if self.host.runner is not None and self.host.runner.allowlist is not None
+                                  and cfg.allow_exec and cfg.exec_allowlist else []),
             "peers": {"alive": alive, "suspect": len(self.table) - alive},
             "jobs": [{"job_id": j.job_id, "kind": j.kind, "started": j.started} for j in self.submitter.jobs.values()],
             "hosting": [{"peer": h.peer, "job_id": h.offer.job_id, "kind": h.offer.kind, "chunk": h.offer.chunk,
@@ -205,7 +216,7 @@ class ControlOps:
         if not args.get("all"):
             return own
         # Every reachable member's records, each row labelled with the node that keeps it.
-        rows = [r | {"node": self.cfg.name} for r in own]
+        rows = [r | {"node": self.cfg.name, "node_id": self.identity.fingerprint} for r in own]
         peers = self.table.alive()
 
         async def ask(peer: Peer) -> list[dict[str, Any]]:
@@ -213,13 +224,14 @@ class ControlOps:
                 rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
             if not isinstance(reply, proto.Records):
                 raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__}")
-            return [dict(r) | {"node": reply.node} for r in reply.rows]
+            # marked with the identity the link authenticated, never the name the answer claims
+            return [dict(r) | {"node": peer.name, "node_id": peer.fingerprint} for r in reply.rows]
 
         answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
         for peer, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
-                rows.append({"node": peer.name, "id": "-", "kind": "-", "state": "unreachable",
-                             "reason": str(answer)[:200], "created": 0.0, "args": {}})
+                rows.append({"node": peer.name, "node_id": peer.fingerprint, "id": "-", "kind": "-",
+                             "state": "unreachable", "reason": str(answer)[:200], "created": 0.0, "args": {}})
             else:
                 rows.extend(r for r in answer if state is None or r.get("state") == state)
         key = "started" if hosted else "created"
@@ -232,6 +244,12 @@ class ControlOps:
         if record is None:
             raise NotFound(f"no job {job_id!r} in this node's records (see `vesta jobs`)")
         return record
+
+    async def _op_link_rerun(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`vesta rerun`: note that job ``job_id`` runs ``rerun_of`` again, so each record names the other."""
+        new, old = self._record(args), self._record({"job_id": args.get("rerun_of")})
+        self.records.link_rerun(new["id"], old["id"])
+        return {"job_id": new["id"], "rerun_of": old["id"]}
 
     async def _op_show(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return self._record(args)
@@ -291,7 +309,9 @@ class ControlOps:
             self.event("job_failed", f"{what}: {exc}")
             raise
         nodes = ", ".join(p["node"] for p in result.get("parts", [])) or str(result.get("node", ""))
-        self.event("job_done", f"{result['job_id']} {what} on {nodes} in {result['elapsed_s']:.2f}s")
+        ended = outcome.of_result(result)
+        self.event(outcome.event_kind(ended), f"{result['job_id']} {what} on {nodes} in {result['elapsed_s']:.2f}s: "
+                   f"{ended}")
         return result
 
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:

@@ -6,6 +6,15 @@ Peers are keyed by fingerprint, so a node that restarts (new ``boot``) or is
 renamed is the same peer. The table also remembers the newest (boot, seq)
 of every fingerprint it has seen, bounded, even after removal, so an old
 beacon replayed later cannot bring a peer back.
+
+Room for real nodes. A key holder can make identities at will, one beacon
+each: the claimed interval is bounded (``MAX_INTERVAL_S``, the most a
+vestad may be configured with), so a silent one is gone within
+``expire_after`` of those; when the table is full, a newcomer takes the place
+of the peer silent longest among those silent for ``EVICT_SILENT_S`` that
+never completed a link handshake with this node (``mark_linked``); and one
+source address may hold at most ``MAX_UNLINKED_PER_SOURCE`` such peers. A
+peer this node has linked with keeps its place until it times out.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from vesta.proto import Beacon, NodeStatus
 
 Clock = Callable[[], float]
 MAX_SEEN = 4096   # (boot, seq) memory across removals
+MAX_INTERVAL_S = 60.0          # the longest beacon interval a peer may claim (vestad's own bound)
+EVICT_SILENT_S = 5.0           # a never-linked peer silent this long may make room for a newcomer
+MAX_UNLINKED_PER_SOURCE = 32   # never-linked peers whose beacons come from one address
 
 
 class Freshness(Enum):
@@ -40,6 +52,7 @@ class Peer:
     beacons: int = 0
     restarts: int = 0
     suspect: bool = False
+    linked: bool = False           # it completed a link handshake with this node (either way)
 
     @property
     def fingerprint(self) -> str:
@@ -67,6 +80,7 @@ class PeerTable:
     clock: Clock = time.monotonic
     _peers: dict[str, Peer] = field(default_factory=dict)
     _seen: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
+    _linked: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def freshness(self, beacon: Beacon) -> Freshness:
         """Compare a beacon's (boot, seq) with the newest seen from that node, and remember it."""
@@ -87,14 +101,25 @@ class PeerTable:
         status = beacon.status
         addr = (status.host or source[0], status.port)
         disco = (source[0], status.dport)
-        interval = beacon.interval_ms / 1000.0
+        interval = min(beacon.interval_ms / 1000.0, MAX_INTERVAL_S)
         peer = self._peers.get(status.fingerprint)
         if peer is None:
-            if len(self._peers) >= self.max_peers:
+            made_room: list[Change] = []
+            unlinked_here = [p for p in self._peers.values() if not p.linked and p.disco[0] == source[0]]
+            if len(unlinked_here) >= MAX_UNLINKED_PER_SOURCE and status.fingerprint not in self._linked:
                 return []
-            peer = Peer(status, addr, disco, interval, now, now, beacon.boot, beacons=1)
+            if len(self._peers) >= self.max_peers:
+                silent = [p for p in self._peers.values() if not p.linked and now - p.last_seen > EVICT_SILENT_S]
+                if not silent:
+                    return []
+                victim = min(silent, key=lambda p: p.last_seen)
+                del self._peers[victim.fingerprint]
+                made_room.append(Change("left", victim, f"made room for a new peer (never linked, no beacon "
+                                                        f"for {now - victim.last_seen:.1f}s)"))
+            peer = Peer(status, addr, disco, interval, now, now, beacon.boot, beacons=1,
+                        linked=status.fingerprint in self._linked)
             self._peers[status.fingerprint] = peer
-            return [Change("joined", peer)]
+            return [*made_room, Change("joined", peer)]
         changes: list[Change] = []
         if beacon.boot != peer.boot:
             peer.restarts += 1
@@ -121,6 +146,17 @@ class PeerTable:
                 peer.suspect = True
                 changes.append(Change("suspect", peer, f"no beacon for {now - peer.last_seen:.1f}s"))
         return changes
+
+    def mark_linked(self, fingerprint: str) -> None:
+        """``fingerprint`` completed a link handshake with this node: it keeps its place (module doc), also
+        when it comes back after leaving the table (remembered, bounded)."""
+        self._linked[fingerprint] = None
+        self._linked.move_to_end(fingerprint)
+        while len(self._linked) > MAX_SEEN:
+            self._linked.popitem(last=False)
+        peer = self._peers.get(fingerprint)
+        if peer is not None:
+            peer.linked = True
 
     def get(self, fingerprint: str) -> Peer | None:
         return self._peers.get(fingerprint)

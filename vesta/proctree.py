@@ -44,7 +44,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ PROC = Path("/proc")
 STOP_ROUNDS = 20        # scans spent stopping a run that keeps forking; what still runs after them is not counted
 SETTLE_ROUNDS = 3       # extra scans waiting for stopped members to show as stopped (a vfork parent never does)
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _IDLE_STATES = frozenset("TtZXx")   # stopped, traced, zombie, dead: they use no more CPU
 _PR_SET_CHILD_SUBREAPER = 36
 _GONE = (errno.ENOENT, errno.ESRCH)
@@ -75,6 +76,7 @@ class ProcStat:
     state: str
     cpu_s: float        # utime + stime + cutime + cstime: its own CPU and that of the children it reaped
     start: int          # clock ticks after boot: with the pid, names one process for good
+    rss_pages: int = field(default=0, compare=False)   # resident memory now, in pages (shared ones too)
 
 
 def parse_stat(pid: int, raw: bytes) -> ProcStat | None:
@@ -83,7 +85,7 @@ def parse_stat(pid: int, raw: bytes) -> ProcStat | None:
         fields = raw[raw.rindex(b")") + 2:].split()
         return ProcStat(pid=pid, ppid=int(fields[1]), pgrp=int(fields[2]), session=int(fields[3]),
                         state=fields[0].decode("ascii"), cpu_s=sum(int(f) for f in fields[11:15]) * _TICK_S,
-                        start=int(fields[19]))
+                        start=int(fields[19]), rss_pages=int(fields[21]) if len(fields) > 21 else 0)
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
 
@@ -168,6 +170,18 @@ class RunProcs:
     def find(self) -> dict[int, ProcStat]:
         """The members now; ``OSError`` if /proc cannot be read."""
         return members(scan(self.proc_root), self.leader, self.roots)
+
+    def resident_bytes(self) -> int:
+        """The resident memory of the whole run now, the leader's included: the sum over its processes, so a
+        page shared by several (a fork's copy-on-write pages, libraries) counts in each. 0 if /proc cannot
+        be read."""
+        found = self._find()
+        try:
+            leader = read_stat(self.leader, self.proc_root)
+        except OSError:
+            leader = None
+        pages = sum(st.rss_pages for st in found.values()) + (leader.rss_pages if leader is not None else 0)
+        return pages * _PAGE
 
     def signal(self, sig: int, *, leader: bool = True) -> None:
         """Send ``sig`` to every member found now, and to the leader unless told not to."""

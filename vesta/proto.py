@@ -9,6 +9,7 @@ node can add fields without breaking an older one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar, cast
@@ -399,6 +400,108 @@ class RecordsRequest:
         _bool("records_request.hosted", self.hosted)
 
 
+RECORD_STATES = ("queued", "running", "succeeded", "failed", "cancelled")   # jobs and hosted runs alike
+MAX_RECORD_TEXT = 4096      # a string anywhere in a record row
+MAX_RECORD_ITEMS = 2048     # values in a row's args or result, nested ones included
+_WHEN = (0.0, 1e11)         # a timestamp: seconds since 1970, before the year 5138
+
+
+def _opt(check: Callable[[str, object], object]) -> Callable[[str, object], object]:
+    return lambda where, value: None if value is None else check(where, value)
+
+
+def _plain(where: str, value: object, left: list[int], depth: int = 0) -> None:
+    """JSON-like data of bounded size: strings, finite numbers, booleans, null, lists and string-keyed maps."""
+    left[0] -= 1
+    if left[0] < 0 or depth > 6:
+        raise ProtocolError(f"{where} is too large or too deep")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        _num(where, value, -1e18, 1e18)
+    elif isinstance(value, str):
+        _str(where, value, MAX_RECORD_TEXT)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _plain(where, item, left, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _str(f"{where} key", key, 32, empty=False)
+            _plain(f"{where}.{key}", item, left, depth + 1)
+    else:
+        raise ProtocolError(f"{where} has a value of type {type(value).__name__}")
+
+
+def _record_map(where: str, value: object) -> object:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where} must be a map")
+    _plain(where, value, [MAX_RECORD_ITEMS])
+    argv = value.get("argv")
+    if argv is not None:   # what `vesta jobs` prints for an exec job
+        for j, arg in enumerate(_list(f"{where}.argv", argv, MAX_ARGV)):
+            _str(f"{where}.argv[{j}]", arg, MAX_ARG)
+    for key in ("iterations", "start", "count", "mib", "ms"):
+        if key in value and value[key] is not None:
+            _num(f"{where}.{key}", value[key], 0, 1e18)
+    return value
+
+
+def _state(where: str, value: object) -> object:
+    if value not in RECORD_STATES:
+        raise ProtocolError(f"{where} is not a job state: {value!r}")
+    return value
+
+
+def _text(where: str, value: object) -> object:
+    return _str(where, value, MAX_RECORD_TEXT)
+
+
+def _kind(where: str, value: object) -> object:
+    if value not in JOB_KINDS:
+        raise ProtocolError(f"{where} is not a job kind: {value!r}")
+    return value
+
+
+# Every field a row of ``Records`` may have (a job this node submitted, or a run it hosted), and its check.
+_RECORD_FIELDS: dict[str, Callable[[str, object], object]] = {
+    "id": lambda w, v: _int(w, v, 0, 1 << 63) if isinstance(v, int) else check_job_id(w, v),
+    "job_id": check_job_id,
+    "kind": _kind,
+    "args": _record_map,
+    "result": _opt(_record_map),
+    "submitter": check_name,
+    "submitter_fp": check_fingerprint,
+    "peer": check_name,
+    "peer_fp": check_fingerprint,
+    "chunk": lambda w, v: _int(w, v, 0, 1 << 32),
+    "created": lambda w, v: _num(w, v, *_WHEN),
+    "started": _opt(lambda w, v: _num(w, v, *_WHEN)),
+    "finished": _opt(lambda w, v: _num(w, v, *_WHEN)),
+    "state": _state,
+    "exit_code": _opt(lambda w, v: _int(w, v, -(1 << 31), 1 << 31)),
+    "reason": _text,
+    "log_bytes": lambda w, v: _int(w, v, 0, 1 << 62),
+    "log_dropped": lambda w, v: _int(w, v, 0, 1 << 62),
+    "log_truncated": _bool,
+    "cpu_s": lambda w, v: _num(w, v, 0, 1e15),
+    "mem_mib_s": lambda w, v: _num(w, v, 0, 1e18),
+}
+
+
+def check_record_row(where: str, row: object) -> dict[str, Any]:
+    """One row of a peer's ``Records``: every known field of its type and range (a peer's records are shown
+    to the user and sorted by time: a forged type must reach neither), a kind and a state. Returns the row
+    with only the known fields (one a newer version adds is left out, not refused)."""
+    if not isinstance(row, dict) or not all(isinstance(k, str) and len(k) <= 32 for k in row):
+        raise ProtocolError(f"{where} must be a map with short string keys")
+    known = {key: value for key, value in row.items() if key in _RECORD_FIELDS}
+    for key, value in known.items():
+        _RECORD_FIELDS[key](f"{where}.{key}", value)
+    if "state" not in known or "kind" not in known:
+        raise ProtocolError(f"{where} has no state or kind")
+    return known
+
+
 @dataclass(frozen=True, slots=True)
 class Records:
     """A member's job records (answer to RecordsRequest): a list of maps as ``vesta jobs --json`` shows them."""
@@ -411,14 +514,14 @@ class Records:
     def validate(self) -> None:
         _int("records.rid", self.rid, 0, 1 << 63)
         check_name("records.node", self.node)
-        for row in _list("records.rows", self.rows, MAX_RECORDS):
-            if not isinstance(row, dict) or not all(isinstance(k, str) and len(k) <= 32 for k in row):
-                raise ProtocolError("records.rows must be maps with short string keys")
+        for i, row in enumerate(_list("records.rows", self.rows, MAX_RECORDS)):
+            check_record_row(f"records.rows[{i}]", row)
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> Records:
         body = dict(body)
-        body["rows"] = tuple(_list("records.rows", body.get("rows", []), MAX_RECORDS))
+        body["rows"] = tuple(check_record_row(f"records.rows[{i}]", row)
+                             for i, row in enumerate(_list("records.rows", body.get("rows", []), MAX_RECORDS)))
         return cast(Records, _build(cls, body, "records"))
 
     def to_wire(self) -> dict[str, Any]:

@@ -69,6 +69,7 @@ from typing import Any
 
 import msgpack
 
+from vesta import outcome
 from vesta.errors import RecordsError, RecordsVersionError, TransitionError, UnknownRecord
 
 __all__ = ["Records", "RecordsError", "RecordsVersionError", "TransitionError", "UnknownRecord"]
@@ -125,6 +126,9 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX jobs_queued ON jobs(created) WHERE state='queued';",
     # The number of the last write-log entry a commit included (see Durability in the module doc).
     "CREATE TABLE written (seq INTEGER NOT NULL); INSERT INTO written VALUES (0);",
+    # vesta rerun: which job runs which again (both ways: `vesta show` names either from the other).
+    "CREATE TABLE reruns (job_id TEXT PRIMARY KEY, rerun_of TEXT NOT NULL); "
+    "CREATE INDEX reruns_of ON reruns(rerun_of);",
     # Where a job was placed and why not elsewhere: for each node, chosen or not and why (JSON).
     "ALTER TABLE jobs ADD COLUMN placement TEXT;",
 )
@@ -278,7 +282,10 @@ class Records:
             except BaseException:
                 db.rollback()
                 raise
-            log.info("records database %s migrated to schema version %d", self.path, target)
+        if version == 0:
+            log.info("records database %s created (schema version %d)", self.path, len(MIGRATIONS))
+        elif version < len(MIGRATIONS):
+            log.info("records database %s migrated from schema version %d to %d", self.path, version, len(MIGRATIONS))
 
     def _recover(self, db: sqlite3.Connection) -> int:
         """Close what a previous daemon left open: nothing can still be running after a restart."""
@@ -430,6 +437,15 @@ class Records:
         except sqlite3.IntegrityError:
             raise RecordsError(f"job {job_id!r} is already in the records") from None
 
+    def link_rerun(self, job_id: str, rerun_of: str) -> None:
+        """Record that ``job_id`` runs ``rerun_of`` again (vesta rerun)."""
+        _check(job_id != rerun_of, f"job {job_id!r} cannot be a rerun of itself")
+        try:
+            with self._tx():
+                self._exec("INSERT INTO reruns (job_id, rerun_of) VALUES (?, ?)", (job_id, rerun_of))
+        except sqlite3.IntegrityError:
+            raise RecordsError(f"job {job_id!r} is already linked as a rerun") from None
+
     def transition(self, job_id: str, to: str, *, reason: str = "", exit_code: int | None = None,
                    result: dict[str, Any] | None = None, placement: list[dict[str, Any]] | None = None) -> None:
         """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result/placement (its placement
@@ -540,6 +556,21 @@ class Records:
     def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         out = _row(row)
         out["log_truncated"] = out["log_dropped"] > 0
+        out["outcome"] = outcome.of_job(out)
+        return out
+
+    def _ran_on(self, job_ids: list[str]) -> dict[str, list[str]]:
+        """The nodes where each job's attempts ran (not those that refused), in order of first attempt."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self.db.execute(f"SELECT job_id, node FROM parts WHERE job_id IN ({marks}) AND state != 'refused' "
+                               "ORDER BY id", job_ids)
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            nodes = out.setdefault(r["job_id"], [])
+            if r["node"] not in nodes:
+                nodes.append(r["node"])
         return out
 
     def job(self, job_id: str) -> dict[str, Any] | None:
@@ -552,6 +583,13 @@ class Records:
                                 "mem_mib_s, exit_code, reason, result FROM parts WHERE job_id=? "
                                 "ORDER BY chunk, attempt, id", (job_id,))
         out["parts"] = [_row(p) for p in parts]
+        for p in out["parts"]:
+            p["outcome"] = outcome.of_job(p)
+        out["ran_on"] = self._ran_on([job_id]).get(job_id, [])
+        link = self.db.execute("SELECT rerun_of FROM reruns WHERE job_id=?", (job_id,)).fetchone()
+        out["rerun_of"] = link["rerun_of"] if link is not None else None
+        out["reruns"] = [r["job_id"] for r in self.db.execute("SELECT job_id FROM reruns WHERE rerun_of=? "
+                                                              "ORDER BY rowid", (job_id,))]
         out["artifacts"] = self.artifacts(job_id)
         placed = self.db.execute("SELECT placement FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
         out["placement"] = json.loads(placed) if placed else []
@@ -563,7 +601,11 @@ class Records:
         _check(limit > 0, f"limit must be > 0 (got {limit})")
         rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE (? IS NULL OR state=?) "
                                "ORDER BY created DESC, rowid DESC LIMIT ?", (state, state, limit))
-        return [self._job_dict(r) for r in rows]
+        out = [self._job_dict(r) for r in rows]
+        ran_on = self._ran_on([j["id"] for j in out])
+        for j in out:
+            j["ran_on"] = ran_on.get(j["id"], [])
+        return out
 
     # -- runs hosted for peers ------------------------------------------------------------------------------------
 

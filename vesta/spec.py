@@ -182,8 +182,9 @@ class ExecSpec:
             raise InvalidJob("exec needs a command: vesta exec -- CMD ARGS...")
         if not isinstance(inputs, (list, tuple)) or len(inputs) > MAX_INPUTS:
             raise InvalidJob(f"--put takes at most {MAX_INPUTS} files")
-        timeout = body.get("timeout_s", body.get("timeout"))   # "timeout": records of vesta 0.x
-        spec = cls(tuple(argv), 0.0 if timeout is None else timeout, body.get("mem_mib") or 0,
+        # "timeout" and "mem": the control requests and records of vesta before the typed job path
+        timeout = body.get("timeout_s", body.get("timeout"))
+        spec = cls(tuple(argv), 0.0 if timeout is None else timeout, body.get("mem_mib", body.get("mem")) or 0,
                    tuple(FileInfo.from_wire(i) for i in inputs))
         spec.validate()
         return spec
@@ -230,7 +231,8 @@ class JobRequest:
         check_bool("queue", self.queue, exc=InvalidJob)
         if not _whole(self.retries) or not 0 <= self.retries <= MAX_RETRIES:
             raise InvalidJob(f"--retries must be from 0 to {MAX_RETRIES}")
-        if not isinstance(self.puts, tuple) or not all(isinstance(p, str) and p for p in self.puts):
+        if not isinstance(self.puts, tuple) or not all(isinstance(p, str) and p and "\x00" not in p
+                                                          for p in self.puts):
             raise InvalidJob("puts must be a list of file paths")
         if self.kind != "exec" and (self.puts or self.queue or self.retries):
             raise InvalidJob("--put, --queue and --retries are for exec jobs")
@@ -239,6 +241,16 @@ class JobRequest:
         """The request once its --put files are staged: their manifest in the spec, no local paths."""
         assert isinstance(self.spec, ExecSpec)
         return replace(self, spec=replace(self.spec, inputs=inputs), puts=())
+
+    def to_control(self) -> dict[str, Any]:
+        """The request as the control socket takes it: ``to_wire()``, plus the keys a vestad from before the typed
+        job path reads (a daemon not restarted after an upgrade still gets the same job)."""
+        body = self.to_wire()
+        if isinstance(self.spec, CpuSpec):
+            body["millions"] = self.spec.iterations / 1e6
+        elif isinstance(self.spec, ExecSpec):
+            body |= {"timeout": self.spec.timeout_s or None, "mem": self.spec.mem_mib or None}
+        return body
 
     def to_wire(self) -> dict[str, Any]:
         """The request as a map (control socket, a job's args in the records); the kind goes beside it."""

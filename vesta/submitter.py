@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vesta import artifacts, autopilot, proto, workloads
+from vesta import artifacts, autopilot, outcome, proto, workloads
 from vesta.autopilot import NodeView
 from vesta.chunks import ChunkOutcome, ChunkRun, Job, OnBorrowed, RunLocal, new_job_id
 from vesta.errors import JobCancelled, JobFailed, NotNow, VestaError
@@ -148,8 +148,8 @@ class Submitter:
         if self.records is None or o.part_id is None:
             return
         r = o.result
-        state = ("succeeded" if o.ok else "refused" if o.refused else "cancelled" if cancelled
-                 else "failed" if r is not None else "lost")
+        state = outcome.attempt_state(ok=o.ok, refused=bool(o.refused), cancelled=cancelled, has_result=r is not None,
+                                      error=o.error or (r.error if r else ""))
         try:
             self.records.finish_part(o.part_id, state=state, finished=time.time(), cpu_s=r.cpu_s if r else 0.0,
                                      exit_code=r.exit_code if r else None, reason=(o.refused or o.error)[:500],

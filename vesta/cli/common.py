@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from vesta import errors
+from vesta.cli.base import usage_message
 from vesta.errors import VestaError
 
 EXIT_OK = 0
@@ -74,32 +75,14 @@ def exit_code(exc: VestaError) -> int:
     return EXIT_ERROR
 
 
-def unknown_flag(cmd: click.Command, argv: Sequence[str]) -> str | None:
-    """The first argument that looks like a flag this command does not have."""
-    known: set[str] = set()
-    for param in cmd.params:
-        known.update(getattr(param, "opts", []))
-        known.update(getattr(param, "secondary_opts", []))
-    for arg in argv:
-        if arg == "--":
-            return None
-        if arg.startswith("-") and len(arg) > 1 and not arg[1:].replace(".", "").isdigit():
-            if arg.split("=", 1)[0] not in known:
-                return arg
-    return None
-
-
 def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None) -> NoReturn:
     """Run a click command so that every user error is one line and a known exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Without standalone mode click returns ctx.exit(N)'s code instead of exiting.
         rc = cmd.main(args=args, prog_name=prog, standalone_mode=False)
-    except click.exceptions.NoSuchOption as exc:
-        bad = unknown_flag(cmd, args) if not isinstance(cmd, click.Group) else None
-        fail(prog, f"unknown flag {bad or exc.option_name!r}: see `{prog} -h`", EXIT_USAGE)
     except click.UsageError as exc:
-        fail(prog, f"{exc.format_message()} (see `{prog} -h`)", EXIT_USAGE)
+        fail(prog, usage_message(prog, exc), EXIT_USAGE)
     except click.exceptions.Abort:
         fail(prog, "aborted", 130)
     except click.exceptions.Exit as exc:
@@ -114,8 +97,10 @@ def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None
 
 
 def stdout_console() -> Console:
-    # Piped output: no colour, and wide enough that tables do not wrap.
-    return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    """Rich output for a terminal (colour unless NO_COLOR); in a pipe no colour and no padding to a width."""
+    from vesta.cli.output import no_color
+
+    return Console(highlight=False, no_color=no_color(), soft_wrap=not sys.stdout.isatty())
 
 
 def print_json(data: Any) -> None:

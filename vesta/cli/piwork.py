@@ -46,6 +46,7 @@ import click
 import numpy as np
 from numpy.typing import NDArray
 
+from vesta.cli.base import version_option
 from vesta.cli.common import EXIT_USAGE, fail, option_json, print_json, run_command, stdout_console
 
 PROG = "piwork"
@@ -275,6 +276,7 @@ def _run_with_progress(samples: int, seed: int | None, threads: int) -> PiResult
 
 
 @click.command(context_settings={"help_option_names": ["-h", "-help", "--help"]})
+@version_option("piwork", hidden_verbose=True)
 @click.argument("millions", metavar="N", type=str)
 @click.option("-seed", "--seed", type=click.IntRange(0, 2**64 - 1), default=None,
               help="Seed for a reproducible run (the same hits for any thread count). Default: a random one, printed.")

@@ -7,22 +7,37 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich import box
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from vesta.cli.common import option_json, print_json, run_command, stdout_console
+from vesta import outcome
+from vesta.cli import output
+from vesta.cli.base import Group, shared, shared_options, version_option
+from vesta.cli.common import print_json, run_command, stdout_console
+from vesta.config import default_key_file
 from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 def _client(ctx: click.Context) -> ControlClient:
-    return ControlClient.connect(ctx.obj.get("name"))
+    return ControlClient.connect(shared(ctx).name)
+
+
+def _json(ctx: click.Context) -> bool:
+    return shared(ctx).json
+
+
+def _header(ctx: click.Context) -> bool:
+    return shared(ctx).header
 
 
 def _mb(mb: float) -> str:
@@ -44,32 +59,40 @@ def _power(row: dict[str, Any]) -> str:
     return text
 
 
-def peers_table(rows: list[dict[str, Any]]) -> Table:
-    """The `vesta peers` table (pure: rows in, table out)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "balance", "gpu",
-                "last seen"):
-        table.add_column(col, justify="right" if col in ("cores", "cpu%", "spare", "balance") else "left")
+PEER_COLUMNS = ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "balance", "gpu",
+                "last seen")
+PEER_RIGHT = ("cores", "cpu%", "spare", "balance")
+
+
+def peers_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The `vesta peers` rows as cells (pure)."""
+    cells = []
     for r in rows:
         name = r["name"] + (" (self)" if r["state"] == "self" else " (suspect)" if r["state"] == "suspect" else "")
         gpu = ", ".join(g["name"] for g in r.get("gpus", [])) or "-"
-        table.add_row(
+        cells.append([
             name, r["address"], str(r["cores"]), f"{r['cpu_pct']:.0f}", _mb(r["mem_avail_mb"]),
             f"{r['offered_cores']:.1f} cores / {_mb(r['offered_mem_mb'])}", f"{r['spare_cores']:.1f}",
             _power(r) + (" (closed)" if r.get("lending") == "closed" else ""),
             "-" if r.get("balance") is None else f"{r['balance']:+.0f}", gpu,
             "-" if r["state"] == "self" else _ago(r["last_seen_s"]),
-            style="dim" if r["state"] == "suspect" else None,
-        )
+        ])
+    return cells
+
+
+def peers_table(rows: list[dict[str, Any]]) -> Table:
+    """The `vesta peers` table as a terminal shows it (pure: rows in, table out)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in PEER_COLUMNS:
+        table.add_column(col, justify="right" if col in PEER_RIGHT else "left")
+    for r, cells in zip(rows, peers_cells(rows), strict=True):
+        table.add_row(*cells, style="dim" if r["state"] == "suspect" else None)
     return table
 
 
-def status_table(s: dict[str, Any]) -> Table:
-    """The `vesta status` key/value table."""
+def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The `vesta status` key/value lines (pure)."""
     node, power, budget = s["node"], s["power"], s["budget"]
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
     battery = f", battery {power['battery_pct']:.0f}% {power['battery_status'] or ''}".rstrip() \
         if power["battery_pct"] is not None else ""
     counters = s["counters"]
@@ -95,6 +118,8 @@ def status_table(s: dict[str, Any]) -> Table:
         ("spare now", f"{budget['spare_cores']:.1f} cores"),
         ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
          if s["allow_exec"] else "off"),
+        *([("exec WARNING", f"{', '.join(s['exec_code_runners'])} run code from their arguments or input files: "
+                            "every key holder may run any program here")] if s.get("exec_code_runners") else []),
         ("isolation", s["isolation"]),
         ("lending hours", s["lending"]["describe"]),
         ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
@@ -105,9 +130,7 @@ def status_table(s: dict[str, Any]) -> Table:
     ]
     if node.get("gpus"):
         rows.append(("gpu", ", ".join(f"{g['name']} ({_mb(g['mem_total_mb'])})" for g in node["gpus"])))
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+    return rows
 
 
 def _duration(seconds: float) -> str:
@@ -118,38 +141,71 @@ def _duration(seconds: float) -> str:
     return f"{d}d {h}h {m}m" if d else f"{h}h {m}m {s}s" if h else f"{m}m {s}s"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "-help", "--help"]})
-@click.option("-name", "--name", help="Which local vestad to talk to (default: $VESTA_NAME, or the only one).")
+@click.group(cls=Group)
+@version_option("vesta", hidden_verbose=True)
+@shared_options
 @click.pass_context
-def cli(ctx: click.Context, name: str | None) -> None:
-    """Talk to the local vestad: list peers, show status, submit work."""
-    ctx.obj = {"name": name}
+def cli(ctx: click.Context) -> None:
+    """Talk to the local vestad: list peers, show status, submit work.
+
+    --name, --json and --no-header may come before or after the command.
+    """
+    shared(ctx)
+
+
+def _complete_nodes(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Node names from the running daemon, for shell completion (nothing when none answers)."""
+    try:
+        with ControlClient.connect(shared(ctx).name, timeout=2.0) as c:
+            return [r["name"] for r in c.call("peers") if str(r["name"]).startswith(incomplete)]
+    except (VestaError, OSError):
+        return []
+
+
+def _complete_jobs(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Job ids from the running daemon's records, newest first, for shell completion."""
+    try:
+        with ControlClient.connect(shared(ctx).name, timeout=2.0) as c:
+            return [r["id"] for r in c.call("jobs", limit=200) if str(r["id"]).startswith(incomplete)]
+    except (VestaError, OSError):
+        return []
+
+
+def _job_argument(nargs: int = 1) -> Callable[[F], F]:
+    return click.argument("job_ids" if nargs != 1 else "job_id", metavar="JOB..." if nargs != 1 else "JOB",
+                          nargs=nargs, required=True, shell_complete=_complete_jobs)
+
+
+def _on_option() -> Callable[[F], F]:
+    return click.option("--on", "-on", "on", metavar="NODE", shell_complete=_complete_nodes,
+                        help="Run on this node only (name or fingerprint prefix).")
 
 
 @cli.command()
-@option_json()
+@shared_options
 @click.pass_context
-def peers(ctx: click.Context, as_json: bool) -> None:
+def peers(ctx: click.Context) -> None:
     """List this node and every peer it knows, with live load."""
     with _client(ctx) as c:
         rows = c.call("peers")
-    if as_json:
+    if _json(ctx):
         print_json(rows)
         return
-    stdout_console().print(peers_table(rows))
+    output.table(PEER_COLUMNS, peers_cells(rows), header=_header(ctx), right=PEER_RIGHT,
+                 dim_rows=[i for i, r in enumerate(rows) if r["state"] == "suspect"])
 
 
 @cli.command()
-@option_json()
+@shared_options
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context) -> None:
     """Show this node: identity, ports, budget, power, counters."""
     with _client(ctx) as c:
         s = c.call("status")
-    if as_json:
+    if _json(ctx):
         print_json(s)
         return
-    stdout_console().print(status_table(s))
+    output.pairs(status_rows(s))
 
 
 def _when(ts: float | None) -> str:
@@ -171,190 +227,241 @@ def _what(kind: str, args: dict[str, Any]) -> str:
     return "exec " + " ".join(args.get("argv", []))[:60]
 
 
-def jobs_table(rows: list[dict[str, Any]], hosted: bool) -> Table:
-    """`vesta jobs` (pure)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+def _reason(row: dict[str, Any], said: str) -> str:
+    reason = str(row.get("reason") or "")
+    return "" if reason == said or (said == outcome.TIMED_OUT and reason.startswith("timed out")) else reason
+
+
+JOB_COLUMNS = ("job", "what", "ran on", "created", "took", "outcome", "reason")
+HOSTED_COLUMNS = ("run", "job", "for", "what", "started", "took", "outcome", "cpu s", "reason")
+
+
+def jobs_cells(rows: list[dict[str, Any]], hosted: bool) -> tuple[tuple[str, ...], list[list[str]]]:
+    """`vesta jobs` as columns and cells (pure); a gathered listing (--all) starts with the keeping node."""
     gathered = any("node" in r for r in rows)
-    cols = ("run", "job", "for", "what", "started", "took", "state", "cpu s", "exit", "reason") if hosted else \
-        ("job", "what", "created", "took", "state", "exit", "reason")
-    for col in (("node",) if gathered else ()) + cols:
-        table.add_column(col)
+    cols = HOSTED_COLUMNS if hosted else JOB_COLUMNS
+    cells = []
     for r in rows:
-        node = (str(r.get("node", "")),) if gathered else ()
+        node = [f"{r.get('node', '')} {str(r.get('node_id', ''))[:8]}".strip()] if gathered else []
         if r.get("state") == "unreachable":
-            cells = {c: "-" for c in cols} | {"state": "unreachable", "reason": str(r.get("reason", ""))}
-            table.add_row(*node, *(cells[c] for c in cols))
+            row = {c: "-" for c in cols} | {"outcome": "unreachable", "reason": str(r.get("reason", ""))}
+            cells.append(node + [row[c] for c in cols])
             continue
         what = _what(str(r.get("kind")), r.get("args") or {})
-        code = "-" if r.get("exit_code") is None else str(r["exit_code"])
+        said = outcome.of_job(r)
         if hosted:
-            table.add_row(*node, str(r["id"]), str(r["job_id"]), str(r["peer"]), what, _when(r["started"]), _took(r),
-                          str(r["state"]), f"{r.get('cpu_s') or 0:.2f}", code, str(r.get("reason") or ""))
+            cells.append(node + [str(r["id"]), str(r["job_id"]), str(r["peer"]), what, _when(r["started"]), _took(r),
+                                 said, f"{r.get('cpu_s') or 0:.2f}", _reason(r, said)])
         else:
-            table.add_row(*node, str(r["id"]), what, _when(r["created"]), _took(r), str(r["state"]), code,
-                          str(r.get("reason") or ""))
-    return table
+            cells.append(node + [str(r["id"]), what, ", ".join(r.get("ran_on") or []) or "-", _when(r["created"]),
+                                 _took(r), said, _reason(r, said)])
+    return (("node",) if gathered else ()) + cols, cells
+
+
+@cli.command()
+@click.option("--state", "-state", "state",
+              type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+              help="Only jobs in this state.")
+@click.option("--limit", "-limit", default=20, show_default=True, help="How many, newest first.")
+@click.option("--hosted", "-hosted", is_flag=True, help="What this node ran for others instead.")
+@click.option("--all", "-all", "everyone", is_flag=True, help="Gather the records of every reachable member.")
+@shared_options
+@click.pass_context
+def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, everyone: bool) -> None:
+    """Jobs submitted on this node (or, with --hosted, runs it did for peers), newest first."""
+    with _client(ctx) as c:
+        rows = c.call("jobs", state=state, limit=limit, hosted=hosted, all=everyone)
+    if _json(ctx):
+        print_json([r | {"outcome": outcome.of_job(r)} if r.get("state") != "unreachable" else r for r in rows])
+        return
+    if not rows and output.on_terminal():
+        click.echo("no runs hosted for peers yet" if hosted else "no jobs yet", err=True)
+        return
+    cols, cells = jobs_cells(rows, hosted)
+    output.table(cols, cells, header=_header(ctx))
 
 
 def ledger_table(data: dict[str, Any]) -> Table:
     """The `vesta ledger` table (pure)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("peer", "lent", "borrowed", "balance", "cap", "state"):
+    for col in LEDGER_COLUMNS:
         table.add_column(col, justify="left" if col in ("peer", "state") else "right")
-    for r in data["peers"]:
-        table.add_row(f"{r['name']} ({r['fingerprint'][:8]})", f"{r['lent']:.1f}", f"{r['borrowed']:.1f}",
-                      f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"])
+    for cells in ledger_cells(data):
+        table.add_row(*cells)
     return table
 
 
-@cli.command()
-@click.option("--state", "-state", "state",
-              help="Only jobs in this state: queued, running, succeeded, failed, cancelled.")
-@click.option("--limit", "-limit", default=20, show_default=True, help="How many, newest first.")
-@click.option("--hosted", "-hosted", is_flag=True, help="What this node ran for others instead.")
-@click.option("--all", "-all", "everyone", is_flag=True, help="Gather the records of every reachable member.")
-@option_json()
-@click.pass_context
-def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, everyone: bool, as_json: bool) -> None:
-    """Jobs submitted on this node (or, with --hosted, runs it did for peers), newest first."""
-    with _client(ctx) as c:
-        rows = c.call("jobs", state=state, limit=limit, hosted=hosted, all=everyone)
-    if as_json:
-        print_json(rows)
-        return
-    if not rows:
-        click.echo("no runs hosted for peers yet" if hosted else "no jobs yet")
-        return
-    stdout_console().print(jobs_table(rows, hosted))
+LEDGER_COLUMNS = ("peer", "lent", "borrowed", "balance", "cap", "state")
 
 
-def placement_table(rows: list[dict[str, Any]]) -> Table | None:
-    """A job's placement decision, "why not there?": each node, chosen or not and why (None: not on record)."""
-    if not rows:
-        return None
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="why not there?", title_justify="left")
-    for col in ("node", "chosen", "slots", "why not"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["node"], "yes" if r["chosen"] else "no", f"{r['used']}/{r['slots']}", r["why"] or "-")
-    return table
+def ledger_cells(data: dict[str, Any]) -> list[list[str]]:
+    return [[f"{r['name']} ({r['fingerprint'][:8]})", f"{r['lent']:.1f}", f"{r['borrowed']:.1f}",
+             f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"]] for r in data["peers"]]
+
+
+PLACEMENT_COLUMNS = ("node", "chosen", "slots", "why not")
+
+
+def placement_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """A job's placement decision, "why not there?" (pure): each node, chosen or not, its slots in use
+    and in all when the job was placed, and why not."""
+    return [[r["node"], "yes" if r["chosen"] else "no", f"{r['used']}/{r['slots']}", r["why"] or "-"]
+            for r in rows]
 
 
 @cli.command()
-@click.argument("job_id")
-@option_json()
+@_job_argument()
+@shared_options
 @click.pass_context
-def show(ctx: click.Context, job_id: str, as_json: bool) -> None:
+def show(ctx: click.Context, job_id: str) -> None:
     """The whole record of one job: who, what, when, where each part ran, how it ended."""
     with _client(ctx) as c:
         job = c.call("show", job_id=job_id)
-    if as_json:
-        print_json(job)
+    if _json(ctx):
+        print_json(job | {"outcome": outcome.of_job(job)})
         return
-    con = stdout_console()
-    con.print(f"[bold]{job['id']}[/]  {_what(job['kind'], job.get('args') or {})}  [bold]{job['state']}[/]"
-              + (f"  exit {job['exit_code']}" if job.get("exit_code") is not None else ""))
-    con.print(f"submitted by {job['submitter']} ({job['submitter_fp'][:8]}) at {_when(job['created'])}; "
-              f"started {_when(job.get('started'))}, finished {_when(job.get('finished'))}")
-    if job.get("reason"):
-        con.print(f"reason: {job['reason']}")
+    said = outcome.of_job(job)
+    output.line(f"[bold]{job['id']}[/]  {_what(job['kind'], job.get('args') or {})}  [bold]{said}[/]")
+    output.line(f"submitted by {job['submitter']} ({job['submitter_fp'][:8]}) at {_when(job['created'])}; "
+                f"started {_when(job.get('started'))}, finished {_when(job.get('finished'))}")
+    if _reason(job, said):
+        output.line(f"reason: {job['reason']}")
+    if job.get("rerun_of"):
+        output.line(f"rerun of {job['rerun_of']}")
+    if job.get("reruns"):
+        output.line("rerun as " + ", ".join(job["reruns"]))
     inputs = (job.get("args") or {}).get("inputs") or []
     if inputs:
-        con.print("inputs: " + ", ".join(f"{i[0]} ({i[1]:,} bytes)" for i in inputs))
-    parts = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("chunk", "attempt", "node", "started", "took", "state", "cpu s", "reason"):
-        parts.add_column(col)
-    for p in job.get("parts", []):
-        parts.add_row(str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), p["state"],
-                      f"{p.get('cpu_s') or 0:.2f}", p.get("reason") or "")
-    con.print(parts)
-    placed = placement_table(job.get("placement") or [])
-    if placed is not None:
-        con.print(placed)
+        output.line("inputs: " + ", ".join(f"{i[0]} ({i[1]:,} bytes)" for i in inputs))
+    parts = [[str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), outcome.of_job(p),
+              f"{p.get('cpu_s') or 0:.2f}", _reason(p, outcome.of_job(p))] for p in job.get("parts", [])]
+    output.table(("chunk", "attempt", "node", "started", "took", "outcome", "cpu s", "reason"), parts,
+                 header=_header(ctx))
+    placed = placement_cells(job.get("placement") or [])
+    if placed:
+        output.line("why not there?")
+        output.table(PLACEMENT_COLUMNS, placed, header=_header(ctx))
     for f in job.get("artifacts", []):
-        con.print(f"artifact {f['path']}: {f['size']:,} bytes, {f['state']}"
-                  + (f" ({f['reason']})" if f.get("reason") else f", sha256 {f['sha256'][:16]}"))
+        output.line(f"artifact {f['path']}: {f['size']:,} bytes, {f['state']}"
+                    + (f" ({f['reason']})" if f.get("reason") else f", sha256 {f['sha256'][:16]}"))
     if job.get("log_bytes"):
-        con.print(f"output: {job['log_bytes']} bytes" + (" (truncated)" if job.get("log_truncated") else "")
-                  + f"; see vesta logs {job['id']}")
+        output.line(f"output: {job['log_bytes']} bytes" + (" (truncated)" if job.get("log_truncated") else "")
+                    + f"; see vesta logs {job['id']}")
+
+
+def job_exit_code(job: dict[str, Any]) -> int:
+    """What `vesta wait` exits with for one job: its exit code, 128+N for signal N, 1 if it failed without
+    one, 0 if it succeeded."""
+    code = job.get("exit_code")
+    if isinstance(code, int) and code != 0:
+        return code
+    signal = (job.get("result") or {}).get("signal") if isinstance(job.get("result"), dict) else None
+    if signal:
+        return 128 + int(signal)
+    return 0 if job["state"] == "succeeded" else 1
 
 
 @cli.command()
-@click.argument("job_id")
+@_job_argument(nargs=-1)
 @click.option("--timeout", "-timeout", type=float, help="Give up after this many seconds (exit 124).")
-@option_json()
+@shared_options
 @click.pass_context
-def wait(ctx: click.Context, job_id: str, timeout: float | None, as_json: bool) -> None:
-    """Wait until a job ends; exit with its exit code (1 if it failed without one, 0 if it succeeded)."""
+def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) -> None:
+    """Wait until every JOB ends; exit with the worst of their exit codes (124 if --timeout passes first)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    ended: dict[str, dict[str, Any]] = {}
     with _client(ctx) as c:
         while True:
-            job = c.call("show", job_id=job_id)
-            if job["state"] not in ("queued", "running"):
+            for job_id in job_ids:
+                if job_id in ended:
+                    continue
+                job = c.call("show", job_id=job_id)
+                if job["state"] not in ("queued", "running"):
+                    ended[job_id] = job
+                    if not _json(ctx):
+                        said = outcome.of_job(job)
+                        reason = _reason(job, said)
+                        click.echo(f"{job_id} {said}" + (f": {reason}" if reason else ""))
+            if len(ended) == len(set(job_ids)):
                 break
             if deadline is not None and time.monotonic() > deadline:
-                click.echo(f"vesta: {job_id} is still {job['state']} after {timeout:g}s", err=True)
+                waiting = [j for j in job_ids if j not in ended]
+                if _json(ctx):
+                    print_json([ended[j] | {"outcome": outcome.of_job(ended[j])} for j in job_ids if j in ended])
+                click.echo(f"vesta: {', '.join(waiting)} still not finished after {timeout:g}s "
+                           f"(still running or queued)", err=True)
                 ctx.exit(124)
             time.sleep(0.2)
-    if as_json:
-        print_json(job)
-    else:
-        click.echo(f"{job_id} {job['state']}" + (f", exit {job['exit_code']}" if job.get("exit_code") is not None
-                                                else "") + (f": {job['reason']}" if job.get("reason") else ""))
-    code = job.get("exit_code")
-    ctx.exit(code if isinstance(code, int) else 0 if job["state"] == "succeeded" else 1)
+    if _json(ctx):
+        done = [ended[j] | {"outcome": outcome.of_job(ended[j])} for j in job_ids]
+        print_json(done[0] if len(job_ids) == 1 else done)
+    ctx.exit(max(job_exit_code(j) for j in ended.values()))
 
 
 @cli.command()
-@click.argument("job_id")
+@_job_argument()
 @click.option("--follow", "-f", "follow", is_flag=True, help="Keep printing new output until the job ends.")
+@shared_options
 @click.pass_context
 def logs(ctx: click.Context, job_id: str, follow: bool) -> None:
     """The stored stdout and stderr of an exec job, in the order they were written."""
     after = 0
+    collected = bytearray()
     with _client(ctx) as c:
+        job = c.call("show", job_id=job_id)
+        if job["kind"] != "exec":
+            raise VestaError(f"{job_id} is a {job['kind']} job: only exec jobs have output; "
+                             f"its result is in `vesta show {job_id}`")
         while True:
             r = c.call("logs", job_id=job_id, after=after)
-            sys.stdout.buffer.write(bytes(r["data"]))
-            sys.stdout.buffer.flush()
+            if _json(ctx):
+                collected += bytes(r["data"])
+            else:
+                sys.stdout.buffer.write(bytes(r["data"]))
+                sys.stdout.buffer.flush()
             after = r["next"]
             if not follow or r["state"] not in ("queued", "running"):
                 if follow and r["data"]:
                     continue   # drain what came in with the final state
-                return
+                break
             time.sleep(0.5)
+    if _json(ctx):
+        print_json({"job_id": job_id, "state": r["state"], "output": collected.decode("utf-8", "replace"),
+                    "bytes": len(collected)})
 
 
 @cli.command()
-@option_json()
+@shared_options
 @click.pass_context
-def ledger(ctx: click.Context, as_json: bool) -> None:
+def ledger(ctx: click.Context) -> None:
     """What this node lent to and borrowed from each peer (core-seconds), and each peer's borrow cap."""
     with _client(ctx) as c:
         data = c.call("ledger")
-    if as_json:
+    if _json(ctx):
         print_json(data)
         return
-    con = stdout_console()
-    if not data["peers"]:
-        con.print("no exchanges yet")
+    if data["peers"] or not output.on_terminal():
+        output.table(LEDGER_COLUMNS, ledger_cells(data), header=_header(ctx),
+                     right=("lent", "borrowed", "balance", "cap"))
     else:
-        con.print(ledger_table(data))
-    con.print(f"core-seconds; balance = lent - borrowed. A peer may borrow up to {data['max_borrow_ratio']:g} x "
-              f"max({data['goodwill_core_s']:g}, what it lent here); "
-              f"amounts halve every {data['half_life_days']:g} days.")
+        click.echo("no exchanges yet")
+    note = (f"core-seconds; balance = lent - borrowed. A peer may borrow up to {data['max_borrow_ratio']:g} x "
+            f"max({data['goodwill_core_s']:g}, what it lent here); "
+            f"amounts halve every {data['half_life_days']:g} days.")
+    click.echo(note, err=not output.on_terminal())   # a pipe gets the table alone
 
 
 @cli.command()
-@click.argument("node")
-@click.option("-c", "--count", default=1, show_default=True, help="How many pings.")
-@option_json()
+@click.argument("node", shell_complete=_complete_nodes)
+@click.option("-c", "--count", "-count", default=1, show_default=True, help="How many pings.")
+@shared_options
 @click.pass_context
-def ping(ctx: click.Context, node: str, count: int, as_json: bool) -> None:
+def ping(ctx: click.Context, node: str, count: int) -> None:
     """Check the encrypted TCP link to NODE and measure its round trip."""
     if not 1 <= count <= 1000:
         raise ConfigError("--count must be from 1 to 1000")
     results = []
+    as_json = _json(ctx)
     with _client(ctx) as c:
         for i in range(count):
             results.append(c.call("ping", node=node))
@@ -367,28 +474,43 @@ def ping(ctx: click.Context, node: str, count: int, as_json: bool) -> None:
         print_json(results if count > 1 else results[0])
 
 
+def write_key_file(output_path: Path, key: str) -> None:
+    """A new key file, mode 0600, never over an existing one; its directory is made (0700) when missing."""
+    parent = output_path.expanduser().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the directory {parent}: {exc.strerror}") from None
+    try:
+        fd = os.open(output_path.expanduser(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{output_path} already exists: choose another file or delete it first") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output_path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+
+
 @cli.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the key to this file (mode 0600) instead of printing it.")
-@option_json()
-def keygen(output: Path | None, as_json: bool) -> None:
+@click.option("-o", "--output", "-output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Write the key to this file (mode 0600; its directory is made, 0700) instead of printing it. "
+                   f"vestad reads {default_key_file()} by default.")
+@shared_options
+@click.pass_context
+def keygen(ctx: click.Context, output_path: Path | None) -> None:
     """Make a new random federation key (share it with your peers, privately)."""
     key = secrets.token_urlsafe(32)
-    if output is not None:
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(f"{output} already exists: choose another file or delete it first") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot write {output}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        if as_json:
-            print_json({"key_file": str(output)})
+    if output_path is not None:
+        write_key_file(output_path, key)
+        if _json(ctx):
+            print_json({"key_file": str(output_path)})
+        elif output_path.expanduser().resolve() == default_key_file().resolve():
+            click.echo(f"wrote a new federation key to {output_path}; vestad reads it from there by default")
         else:
-            click.echo(f"wrote a new federation key to {output}; start vestad with -key-file {output}")
+            click.echo(f"wrote a new federation key to {output_path}; start vestad with --key-file {output_path}")
         return
-    print_json({"key": key}) if as_json else click.echo(key)
+    print_json({"key": key}) if _json(ctx) else click.echo(key)
 
 
 class _Progress:
@@ -428,45 +550,44 @@ def _rate(it_per_s: float) -> str:
     return f"{it_per_s / 1e6:.1f} M it/s ({it_per_s * 64 / 1e9:.2f} GB/s)"
 
 
+
+
 @cli.command()
 @click.argument("millions", type=float)
-@click.option("--on", "-on", "on", help="Run on this node only (name or fingerprint prefix).")
+@_on_option()
 @click.option("--no-split", "-no-split", "no_split", is_flag=True, help="Keep the job on one node.")
-@option_json()
+@shared_options
 @click.pass_context
-def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool, as_json: bool) -> None:
+def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> None:
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
+    as_json = _json(ctx)
     request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
     with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
-        r = c.call("cpu", on_event=bar.event, **request.to_wire())
+        r = c.call("cpu", on_event=bar.event, **request.to_control())
     if as_json:
         print_json(r)
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "host", "chunks", "iterations", "share", "busy", "rate"):
-        table.add_column(col, justify="left" if col in ("node", "host") else "right")
-    for p in r["parts"]:
-        table.add_row(p["node"], p["hostname"], str(p["chunks"]), f"{p['iterations'] / 1e6:.1f}M",
-                      f"{p['share_pct']:.0f}%", f"{p['busy_s']:.2f}s", _rate(p["rate"]))
-    con = stdout_console()
-    con.print(table)
-    con.print(f"job {r['job_id']}: {r['iterations'] / 1e6:g}M iterations in {r['elapsed_s']:.2f}s, "
-              f"{_rate(r['rate'])}, {r['chunks']} chunks")
-    con.print(f"digest {r['digest']}")
+    cells = [[p["node"], p["hostname"], str(p["chunks"]), f"{p['iterations'] / 1e6:.1f}M", f"{p['share_pct']:.0f}%",
+              f"{p['busy_s']:.2f}s", _rate(p["rate"])] for p in r["parts"]]
+    output.table(("node", "host", "chunks", "iterations", "share", "busy", "rate"), cells, header=_header(ctx),
+                 right=("chunks", "iterations", "share", "busy", "rate"))
+    click.echo(f"job {r['job_id']}: {r['iterations'] / 1e6:g}M iterations in {r['elapsed_s']:.2f}s, "
+               f"{_rate(r['rate'])}, {r['chunks']} chunks")
+    click.echo(f"digest {r['digest']}")
 
 
 @cli.command()
 @click.argument("mib", type=int)
 @click.argument("ms", type=int)
-@click.option("--on", "-on", "on", help="Run on this node only.")
-@option_json()
+@_on_option()
+@shared_options
 @click.pass_context
-def mem(ctx: click.Context, mib: int, ms: int, on: str | None, as_json: bool) -> None:
+def mem(ctx: click.Context, mib: int, ms: int, on: str | None) -> None:
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
     request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on})
     with _client(ctx) as c:
-        r = c.call("mem", **request.to_wire())
-    if as_json:
+        r = c.call("mem", **request.to_control())
+    if _json(ctx):
         print_json(r)
         return
     click.echo(f"held {r['mib']} MiB for {r['ms']} ms on {r['node']} ({r['hostname']}); "
@@ -476,34 +597,34 @@ def mem(ctx: click.Context, mib: int, ms: int, on: str | None, as_json: bool) ->
 @cli.command()
 @click.argument("cores", type=int)
 @click.argument("secs", type=float)
-@option_json()
+@shared_options
 @click.pass_context
-def stress(ctx: click.Context, cores: int, secs: float, as_json: bool) -> None:
+def stress(ctx: click.Context, cores: int, secs: float) -> None:
     """Keep CORES cores of this machine busy for SECS seconds (0 = all), so new work spills to peers."""
     with _client(ctx) as c:
         r = c.call("stress", cores=cores, secs=secs)
-    if as_json:
+    if _json(ctx):
         print_json(r)
     else:
         click.echo(f"stressing {r['cores']} cores for {r['secs']:g}s (vesta stop-stress ends it)")
 
 
 @cli.command("stop-stress")
-@option_json()
+@shared_options
 @click.pass_context
-def stop_stress(ctx: click.Context, as_json: bool) -> None:
+def stop_stress(ctx: click.Context) -> None:
     """End a running `vesta stress` early."""
     with _client(ctx) as c:
         r = c.call("stop-stress")
-    if as_json:
+    if _json(ctx):
         print_json(r)
     else:
         click.echo("stress stopped" if r["stopped"] else "no stress was running")
 
 
-@cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
 @click.option("--timeout", "-timeout", type=float, help="Stop the command after this many seconds.")
-@click.option("--on", "-on", "on", help="Run on this node only.")
+@_on_option()
 @click.option("--detach", "-detach", is_flag=True, help="Print the job id at once; see vesta wait, logs, show.")
 @click.option("--mem", "-mem", "mem", type=int, help="Memory limit in MiB (address space; default: the node's offer).")
 @click.option("--put", "-put", "puts", multiple=True, metavar="FILE",
@@ -512,16 +633,20 @@ def stop_stress(ctx: click.Context, as_json: bool) -> None:
               help="If no node can take it now, wait in the queue instead of failing.")
 @click.option("--retries", "-retries", type=int, default=0, show_default=True,
               help="Run it again elsewhere this many times if its node dies or the link drops.")
-@option_json()
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True)
+@shared_options
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_context
 def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
-          puts: tuple[str, ...], queue: bool, retries: int, as_json: bool, argv: tuple[str, ...]) -> None:
-    """Run a command on the best node that allows exec: vesta exec [--timeout S] -- CMD ARGS...
+          puts: tuple[str, ...], queue: bool, retries: int, argv: tuple[str, ...]) -> None:
+    """Run a command on the best node that allows exec: vesta exec [OPTIONS] -- CMD ARGS...
+
+    `--` ends vesta's options: everything after it is the command. A flag vesta does not know before
+    `--` is an error, never the command.
 
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
     Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
+    as_json = _json(ctx)
     if timeout is not None and timeout <= 0:   # 0 in a spec is the node's default, not a time
         raise InvalidJob(f"--timeout must be from 1 to {MAX_TIMEOUT_S} seconds")
     if mem is not None and mem <= 0:
@@ -555,12 +680,12 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     request.validate()
     if detach:
         with _client(ctx) as c:
-            r = c.call("exec", detach=True, **request.to_wire())
+            r = c.call("exec", detach=True, **request.to_control())
         print_json(r) if as_json else click.echo(r["job_id"])
         return
     with _client(ctx) as c:
         try:
-            r = c.call("exec", on_event=event, **request.to_wire())
+            r = c.call("exec", on_event=event, **request.to_control())
         except KeyboardInterrupt:
             if queue and said:
                 click.echo("vesta: the job stays queued; see vesta jobs, or vesta cancel JOB", err=True)
@@ -583,13 +708,14 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     ctx.exit(code)
 
 
+
 @cli.command()
-@click.argument("job_id")
-@click.option("-o", "--output", "out", type=click.Path(file_okay=False, path_type=Path),
+@_job_argument()
+@click.option("-o", "--output", "-output", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Copy the stored files into this directory, checking each one's SHA-256.")
-@option_json()
+@shared_options
 @click.pass_context
-def artifacts(ctx: click.Context, job_id: str, out: Path | None, as_json: bool) -> None:
+def artifacts(ctx: click.Context, job_id: str, out: Path | None) -> None:
     """The files an exec job left in $VESTA_OUTPUT: list them, or copy them out with -o DIR."""
     with _client(ctx) as c:
         r = c.call("artifacts", job_id=job_id)
@@ -597,22 +723,20 @@ def artifacts(ctx: click.Context, job_id: str, out: Path | None, as_json: bool) 
     copied: list[str] = []
     if out is not None:
         copied = copy_artifacts(Path(r["dir"]), [f for f in files if f["state"] == "stored"], out)
-    if as_json:
+    if _json(ctx):
         print_json(r | ({"copied_to": str(out), "copied": copied} if out is not None else {}))
         return
     if not files:
-        click.echo(f"{job_id} has no artifacts (state {r['state']})")
+        click.echo(f"{job_id} has no artifacts (state {r['state']})", err=not output.on_terminal())
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("path", "size", "sha256", "state", "from", "reason"):
-        table.add_column(col, justify="right" if col == "size" else "left")
-    for f in files:
-        table.add_row(f["path"], f"{f['size']:,}", f["sha256"][:16], f["state"], f.get("node") or "", f["reason"])
-    stdout_console().print(table)
+    cells = [[f["path"], f"{f['size']:,}", f["sha256"][:16], f["state"], f.get("node") or "", f["reason"]]
+             for f in files]
+    output.table(("path", "size", "sha256", "state", "from", "reason"), cells, header=_header(ctx), right=("size",))
     if out is not None:
         click.echo(f"copied {len(copied)} file(s) to {out}, SHA-256 checked")
     elif any(f["state"] == "stored" for f in files):
-        click.echo(f"stored in {r['dir']}; copy them out with: vesta artifacts {job_id} -o DIR")
+        click.echo(f"stored in {r['dir']}; copy them out with: vesta artifacts {job_id} -o DIR",
+                   err=not output.on_terminal())
 
 
 def copy_artifacts(src: Path, files: list[dict[str, Any]], out: Path) -> list[str]:
@@ -644,17 +768,83 @@ def copy_artifacts(src: Path, files: list[dict[str, Any]], out: Path) -> list[st
 
 
 @cli.command()
-@click.argument("job_id")
-@option_json()
+@_job_argument()
+@shared_options
 @click.pass_context
-def cancel(ctx: click.Context, job_id: str, as_json: bool) -> None:
+def cancel(ctx: click.Context, job_id: str) -> None:
     """Stop a running job everywhere it runs."""
     with _client(ctx) as c:
         r = c.call("cancel", job_id=job_id)
-    if as_json:
+    if _json(ctx):
         print_json(r)
     else:
         click.echo(f"cancelled {r['cancelled']}")
+
+
+def rerun_request(job: dict[str, Any]) -> JobRequest:
+    """The request that submits a recorded job again, as it was submitted (pure): a job's args in the records
+    are its request (JobRequest.to_wire)."""
+    request = JobRequest.from_wire(job["kind"], job.get("args") or {})
+    inputs = getattr(request.spec, "inputs", ())
+    if inputs:
+        names = " ".join(f"--put {i.path}" for i in inputs)
+        argv = " ".join(getattr(request.spec, "argv", ()))
+        raise ConfigError(f"{job['id']} shipped files ({', '.join(i.path for i in inputs)}), and a node keeps them "
+                          f"only while the job runs: submit it again from the files with "
+                          f"vesta exec {names} -- {argv}")
+    return request
+
+
+@cli.command()
+@_job_argument()
+@click.option("--detach", "-detach", is_flag=True, help="Print the new job's id at once (exec jobs only).")
+@shared_options
+@click.pass_context
+def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
+    """Submit JOB again: the same command, options and size; the two records name each other.
+
+    The output streams as with the original command, and vesta exits as it would.
+    """
+    as_json = _json(ctx)
+    with _client(ctx) as c:
+        old = c.call("show", job_id=job_id)
+    request = rerun_request(old)
+    op = request.kind
+    if detach and op != "exec":
+        raise ConfigError(f"--detach works for exec jobs; {job_id} is a {op} job")
+    linked: list[str] = []
+
+    def link(new_id: str) -> None:
+        if linked:
+            return
+        linked.append(new_id)
+        with _client(ctx) as side:   # the first connection is busy with the job itself
+            side.call("link-rerun", job_id=new_id, rerun_of=job_id)
+        if not as_json:
+            click.echo(f"vesta: {new_id} reruns {job_id}", err=True)
+
+    def event(ev: dict[str, Any]) -> None:
+        if ev.get("job_id"):
+            link(str(ev["job_id"]))
+        if ev.get("type") == "output" and not as_json:
+            out = sys.stdout.buffer if ev["stream"] == "stdout" else sys.stderr.buffer
+            out.write(bytes(ev["data"]))
+            out.flush()
+
+    with _client(ctx) as c:
+        r = c.call(op, on_event=event, **request.to_control(), **({"detach": True} if detach else {}))
+    link(str(r["job_id"]))
+    if as_json:
+        print_json(r | {"rerun_of": job_id})
+    elif detach:
+        click.echo(r["job_id"])
+    elif op == "exec":
+        if r.get("reason"):
+            click.echo(f"vesta: {request.spec.describe()} on {r['node']}: {r['reason']}", err=True)
+    else:
+        click.echo(f"{r['job_id']} {outcome.of_result(r)}" + (f"; digest {r['digest']}" if r.get("digest") else ""))
+    if op == "exec" and not detach:
+        ctx.exit(r["exit_code"] if r["exit_code"] is not None else 128 + (r["signal"] or 0))
 
 
 def main() -> NoReturn:

@@ -29,6 +29,7 @@ from rich.styled import Styled
 from rich.table import Table
 from rich.text import Text
 
+from vesta.cli.base import Command, version_option
 from vesta.cli.common import option_json, print_json, run_command
 from vesta.control import ControlClient
 from vesta.errors import ConfigError, VestaError
@@ -221,8 +222,9 @@ def flow_lines(snap: Mapping[str, Any]) -> list[Text]:
 
 def _event_line(ev: Mapping[str, Any]) -> Text:
     kind = str(ev.get("kind", ""))
-    style = "red" if "fail" in kind or "refus" in kind else "green" if kind in ("job_done", "peer_joined", "start") \
-        else "yellow" if kind in ("peer_left", "peer_suspect", "stress", "hours") else ""
+    style = "red" if "fail" in kind or "refus" in kind or kind == "job_timed_out" else "green" \
+        if kind in ("job_done", "job_succeeded", "peer_joined", "start") \
+        else "yellow" if kind in ("peer_left", "peer_suspect", "stress", "hours", "job_cancelled") else ""
     return Text.assemble((_clock(_num(ev, "ts")) + " ", "grey50"), (f"{kind:<14} ", style), str(ev.get("text", "")),
                          no_wrap=True, overflow="ellipsis")
 
@@ -398,7 +400,8 @@ def run(name: str | None, interval: float, once: bool, as_json: bool) -> int:
     return 0
 
 
-@click.command(context_settings={"help_option_names": ["-h", "-help", "--help"]})
+@click.command(cls=Command)
+@version_option("vestatop", hidden_verbose=True)
 @click.option("-name", "--name", help="Which local vestad to watch (default: $VESTA_NAME, or the only one).")
 @click.option("-interval", "--interval", type=float, default=1.0, show_default=True,
               help="Seconds between refreshes.")
