@@ -116,9 +116,10 @@ def test_vesta_show_says_why_not_there(cluster: Cluster, tmp_path: Path) -> None
     text = a.vesta("show", job)
     assert text.returncode == 0
     assert "why not there?" in text.stdout
-    lines = {line.split()[0]: line for line in text.stdout.splitlines()
-             if line.split() and line.split()[0] in ("a", "b", "c")}
-    assert "exec off" in lines["a"] and "exec off" in lines["c"] and " yes " in lines["b"], text.stdout
+    after = text.stdout.split("why not there?", 1)[1]   # piped: one row a line, tab-separated
+    rows = {cells[0]: cells for cells in (line.split("\t") for line in after.splitlines()) if len(cells) == 4}
+    assert rows["a"][1:] == ["no", "0/1", "exec off"] and rows["c"][3] == "exec off", text.stdout
+    assert rows["b"][1] == "yes" and rows["b"][3] == "-", text.stdout
     record = json.loads(a.vesta("show", job, "--json").stdout)
     rows = {r["node"]: r for r in record["placement"]}
     assert rows["b"]["chosen"] and rows["b"]["why"] == "" and rows["b"]["slots"] == 1
