@@ -100,6 +100,7 @@ class ExecQueue:
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._parked: dict[str, float] = {}   # jobs every node just turned away: until capacity appears
         self._queued = True                   # the records held queued jobs at the last look (or one was added)
+        self._rows: dict[str, dict[str, Any]] | None = None   # the queued jobs, oldest first (None: not read yet)
 
     async def close(self) -> None:
         """Stop the jobs being placed from the queue (the daemon is stopping)."""
@@ -121,6 +122,8 @@ class ExecQueue:
             shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
             raise
         self._queued = True
+        if self._rows is not None:
+            self._rows[job_id] = {"id": job_id, "kind": request.kind, "args": request.to_wire(), "reason": ""}
         self.wake.set()
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
@@ -162,6 +165,8 @@ class ExecQueue:
 
     def _ended(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
         self._parked.pop(job_id, None)
+        if self._rows is not None:
+            self._rows.pop(job_id, None)
         shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
         for end in self._ends.pop(job_id, []):
             if not end.done():
@@ -189,29 +194,36 @@ class ExecQueue:
             await self.place_due()
 
     async def place_due(self) -> None:
-        """Start offering every queued job that may be tried now and has a node that may take it."""
+        """Start offering the oldest queued jobs that may be tried now, as many as there are free slots. The
+        queue is read from the records once and kept here (add and end keep it), so a pass costs the jobs it
+        looks at, not the whole queue: it stops when the free slots are gone."""
         try:
-            rows = self.records.queued()
+            if self._rows is None:
+                self._rows = {row["id"]: row for row in self.records.queued()}
         except VestaError as exc:
             log.warning("cannot read the queue: %s", exc)
             return
-        self._queued = bool(rows)
+        self._queued = bool(self._rows)
         now = time.monotonic()
         free: dict[str | None, int] = {}   # slots left to offer, per --on
-        for row in rows:
+        whys: dict[str | None, str] = {}
+        for row in list(self._rows.values()):
             args = row["args"]
             if row["id"] in self._placing or row["kind"] != "exec" or self._parked.get(row["id"], 0) > now:
                 continue
             on = args.get("on")
-            why = self.can_place(on)
+            why = whys[on] if on in whys else whys.setdefault(on, self.can_place(on))
             if why:
                 if why != row["reason"]:
                     self.records.wait_reason(row["id"], why)
+                    row["reason"] = why
                     await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
                 continue
             if on not in free:   # as many as there are free slots (one at least: the nodes decide)
                 free[on] = max(1, self.submitter.free_exec_slots(on))
-            if free[on] <= 0 or free.get(None, 1) <= 0:
+            if free.get(None, 1) <= 0:
+                break            # no slot left anywhere: none after this one can start either
+            if free[on] <= 0:
                 continue
             free[on] -= 1
             if on is not None and None in free:
@@ -239,6 +251,8 @@ class ExecQueue:
                     self._ended(job_id, None, error)
                 return
             self._parked[job_id] = time.monotonic() + RECHECK_S
+            if self._rows is not None and job_id in self._rows:
+                self._rows[job_id]["reason"] = str(exc)[:500]   # as the submitter put it on record
             del self._placing[job_id]
             await self._emit(job_id, {"type": "queued", "job_id": job_id, "why": str(exc)})
             return
