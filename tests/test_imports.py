@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
      "vesta.artifacts", "vesta.workloads"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver"},
     {"vesta.autopilot"},
+    {"vesta.placement"},
     {"vesta.hostexec", "vesta.capacity"},
     {"vesta.host", "vesta.chunks"},
     {"vesta.submitter"},

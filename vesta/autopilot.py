@@ -1,11 +1,11 @@
 """Routing decisions: which nodes get a job, in how many chunks, in what order. Pure: no I/O.
 
-* **Slots.** A chunk runs on one core. A peer holds at most ``round(spare)``
-  chunks, where spare is what its freshest beacon offered (its cores x
-  ``cpu_offer_pct``, less ``reserve_pct``, scaled by power willingness, less
-  its owner's load) minus the chunks we placed there since that beacon
-  (``Debits``), so a burst of submissions spreads out. This node may use every
-  core its owner's load leaves free for its own jobs.
+* **Slots.** A chunk runs on one core. What the submitter and the exec queue place by is
+  ``placement.Placer``: every node's slots, this one's included, held by each chunk from its placement to
+  its end. ``slots``, ``Debits`` and ``choose`` here are the older beacon-only rule (a peer holds
+  ``round(spare)`` chunks less those placed since its beacon; this node always has one): the daemon no
+  longer uses them (their unit tests still pin them; removing them is a change of its own). ``score``,
+  ``cut``, ``cut_size_slots`` and ``fits_memory`` are what placement uses from here.
 * **Spill.** When this node's CPU is above ``spill_cpu_pct`` it takes no
   chunk of a new job while any peer can; it is still the last resort.
 * **Speed.** Nodes are ordered by slots x measured per-core hash rate, so a
@@ -43,6 +43,10 @@ class NodeView:
     offered_mem_mb: int
     exec_allowed: bool
     last_seen: float = 0.0    # monotonic time of its beacon (peers)
+    running: int = 0          # chunks it was running for peers at that beacon (peers)
+    offered_cores: float = 0.0
+    lending: bool = True      # inside its lending hours
+    labels: tuple[str, ...] = ()
 
 
 @dataclass

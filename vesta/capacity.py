@@ -35,6 +35,7 @@ class Capacity:
     hash_rate: float = 0.0                         # measured at start
     gpus: tuple[sysstat.Gpu, ...] = ()
     started: float = field(default_factory=time.monotonic)
+    own: Callable[[], int] = lambda: 0             # chunks of this node's own jobs running here now
 
     def __post_init__(self) -> None:
         total = sysstat.cpu_count(self.cfg.proc_root)
@@ -45,11 +46,13 @@ class Capacity:
         self.cpu = self.sampler.sample()
         self.status: proto.NodeStatus | None = None   # refreshed every beacon round
         self.lent_in_sample = 0                        # chunks lent during the last CPU sample window
+        self.own_in_sample = 0                         # chunks of our own jobs run here in that window
 
-    def sample(self, lent_peak: int) -> proto.NodeStatus:
+    def sample(self, lent_peak: int, own_peak: int = 0) -> proto.NodeStatus:
         """A new CPU sample (one per beacon round) and the status it gives."""
         self.cpu = self.sampler.sample()
         self.lent_in_sample = lent_peak
+        self.own_in_sample = own_peak
         self.status = None
         self.status = self.node_status()
         return self.status
@@ -120,10 +123,20 @@ class Capacity:
         # hours limit what peers get, not the owner's own jobs.
         own_mem = int(max(0.0, min(float(self.cfg.mem_offer_mb),
                                    own.mem_avail_mb - own.mem_total_mb * self.cfg.reserve_pct / 100.0)))
-        out = [NodeView(self.fingerprint, self.cfg.name, True, own.cores, own.cpu_pct, own.spare_cores,
-                        own.hash_rate, own_mem, own.exec_allowed)]
+        # The owner's own jobs may use every core the owner's load leaves free: the measured load less
+        # the chunks this node runs (its peers' and its own, which the sample shows too), or what
+        # `vesta stress` asked for before any sample shows it.
+        owner = max(0.0, own.cores * own.cpu_pct / 100.0 - max(self.lent(), self.lent_in_sample)
+                    - max(self.own(), self.own_in_sample))
+        if self.stress.active:
+            owner = max(owner, float(min(self.stress.cores, self.cores)))
+        owner_pct = 100.0 * owner / own.cores if own.cores else 0.0
+        out = [NodeView(self.fingerprint, self.cfg.name, True, own.cores, round(owner_pct, 1),
+                        max(0.0, own.cores - owner), own.hash_rate, own_mem, own.exec_allowed,
+                        offered_cores=own.offered_cores, labels=tuple(own.labels))]
         for p in table.alive():
             s = p.status
             out.append(NodeView(p.fingerprint, p.name, False, s.cores, s.cpu_pct, s.spare_cores, s.hash_rate,
-                                s.offered_mem_mb, s.exec_allowed, p.last_seen))
+                                s.offered_mem_mb, s.exec_allowed, p.last_seen, running=s.running,
+                                offered_cores=s.offered_cores, lending=s.lending, labels=tuple(s.labels)))
         return out

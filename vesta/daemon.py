@@ -30,10 +30,10 @@ from vesta import (
     __version__,
     allowlist,
     artifacts,
-    autopilot,
     confine,
     controlserver,
     outcome,
+    placement,
     proctree,
     proto,
     rundir,
@@ -205,11 +205,12 @@ class Daemon:
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
                          on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
+        self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
         # peers we linked with keep their place in the table
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s,
                              on_linked=self.table.mark_linked)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters, self.capacity.current,
-                                   self._on_change)
+                                   self._on_change, on_beacon=lambda: self.submitter.refresh())
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=lambda: self.capacity.views(self.table),
                                    spill_cpu_pct=cfg.spill_cpu_pct, counters=self.counters,
@@ -218,6 +219,7 @@ class Daemon:
                                    artifact_cap=cfg.artifact_max_mb << 20, max_attempts=cfg.max_attempts)
         self.queue = ExecQueue(self.submitter, self.records, cfg.state_dir / "inputs" / cfg.name,
                                self._can_place, self._queued_done)
+        self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
 
     def _bind(self) -> socket.socket:
@@ -294,7 +296,9 @@ class Daemon:
     async def _beacon_loop(self) -> None:
         interval = self.cfg.beacon_interval
         while True:
-            self.capacity.sample(self.host.take_peak())
+            self.capacity.sample(self.host.take_peak(), self.host.take_own_peak())
+            self.submitter.refresh()   # this node's own slots follow its load
+            self.submitter.place_waiting()   # and every beacon interval the waiting jobs look at the slots again
             self._check_hours()
             try:
                 await self.discovery.send_once()
@@ -388,23 +392,24 @@ class Daemon:
         level = logging.INFO if change.event in ("joined", "left", "restarted", "renamed") else logging.DEBUG
         log.log(level, "peer %s %s: %s%s", p.name, change.event, tag, detail)
         self._event(f"peer_{change.event}", f"{p.name} {change.event}{detail}")
-        if change.event in ("joined", "restarted"):
-            self.queue.wake.set()   # a node that may take queued work
+        if change.event in ("joined", "restarted", "left"):
+            self.submitter.refresh()
+            self.queue.capacity()   # a node that may take queued work
 
     def _can_place(self, on: str | None) -> str:
-        """Why no node that allows exec may take a queued job now (by what they advertise), or ""."""
-        views = [v for v in self.capacity.views(self.table)
-                 if on is None or v.name == on or (len(on) >= 8 and v.fingerprint.startswith(on))]
+        """Why no node that allows exec may take a queued job now (its slots counted with the work in
+        flight), or ""."""
+        placer = self.submitter.placer
+        views = [v for v in placer.views.values() if on is None or placement.matches(v, on)]
         if not views:
             return f"waiting for node {on} to come back"
         allowed = [v for v in views if v.exec_allowed]
         if not allowed:
             return "waiting: no node allows exec (" + ", ".join(f"{v.name}: exec off" for v in views) + ")"
-        for v in allowed:
-            if v.local or autopilot.slots(v, self.submitter.debits) >= 1:
-                return ""
+        if any(placer.free(v.fingerprint) > 0 for v in allowed):
+            return ""
         return "waiting: every node that allows exec is busy (" + ", ".join(
-            f"{v.name}: no free core" for v in allowed) + ")"
+            f"{v.name}: {placer.busy(v.fingerprint)}" for v in allowed) + ")"
 
     def _queued_done(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
         if error is not None:

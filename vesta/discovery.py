@@ -98,6 +98,7 @@ class Discovery(asyncio.DatagramProtocol):
         status: Callable[[], proto.NodeStatus],
         on_change: Callable[[Change], None],
         wall: Callable[[], float] = time.time,
+        on_beacon: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg = cfg
         self.keys = keys
@@ -106,6 +107,7 @@ class Discovery(asyncio.DatagramProtocol):
         self.counters = counters
         self.status = status
         self.on_change = on_change
+        self.on_beacon = on_beacon   # a beacon was accepted: capacity may have appeared
         self.wall = wall
         self.boot = time.time_ns()
         self.seq = 0
@@ -289,6 +291,7 @@ class Discovery(asyncio.DatagramProtocol):
         self.counters["beacons_accepted"] += 1
         for change in changes:
             self.on_change(change)
+        self.on_beacon()
         self._learn_gossip(msg)
 
     def _learn_gossip(self, msg: proto.Beacon) -> None:

@@ -56,6 +56,8 @@ class Host:
         self.events = events
         self.running: dict[tuple[str, int], HostedRun] = {}
         self._peak = 0   # most chunks running at once since take_peak(): they are in the CPU sample too
+        self.own_running = 0   # chunks of this node's own jobs running here (run_local)
+        self._own_peak = 0
 
     @property
     def lent_running(self) -> int:
@@ -64,6 +66,11 @@ class Host:
     def take_peak(self) -> int:
         """Most chunks lent at once since the last call (one call per CPU sample window)."""
         peak, self._peak = max(self._peak, len(self.running)), len(self.running)
+        return peak
+
+    def take_own_peak(self) -> int:
+        """Most chunks of this node's own jobs run here at once since the last call."""
+        peak, self._own_peak = max(self._own_peak, self.own_running), self.own_running
         return peak
 
     def admit(self, offer: proto.Offer, peer: str | None = None) -> Refused | None:
@@ -120,6 +127,14 @@ class Host:
 
     async def run_local(self, offer: proto.Offer, run: LocalRun) -> proto.Result:
         """A chunk of this node's own job, run here without a link (same admission rules for exec)."""
+        self.own_running += 1
+        self._own_peak = max(self._own_peak, self.own_running)
+        try:
+            return await self._run_own(offer, run)
+        finally:
+            self.own_running -= 1
+
+    async def _run_own(self, offer: proto.Offer, run: LocalRun) -> proto.Result:
         if not isinstance(offer.spec, ExecSpec):
             run.started()
             return await run_builtin(offer, run.cancel, self.name, run.progress)

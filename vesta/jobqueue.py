@@ -5,12 +5,15 @@ needed to run it: its command, limits, retries and the manifest of its input fil
 copies stay under ``state_dir/inputs/JOB/`` until the job ends. So a queued job survives a restart
 of the daemon: the records keep it queued (see ``records``) and this queue picks it up again.
 
-Placement is pull-style, from the submitting node: after every beacon round, and whenever a job
-ends, the queue looks at what the peers advertise; when some node that allows exec shows a free
-core (or the job names a node that is back), it offers the oldest queued job. When every node says
-"not now" (busy, outside its lending hours, over its ledger cap, not around, exec off) the job stays
-queued with the reasons on record (``vesta show``); when no node could ever run it (not in any
-allowlist, too big) it fails like any job. A client that submitted with ``--queue`` and waits is a
+Placement is pull-style, from the submitting node, and driven by capacity events: a chunk ending
+anywhere, a beacon that shows spare (``Submitter.freed``), a node joining. Then the queue counts
+the free slots of the nodes that allow exec (``placement.Placer``, which counts work in flight) and
+offers that many of the oldest queued jobs, so a job is placed within one beacon interval of
+capacity appearing, never after a back-off. When every node says "not now" (busy, outside its
+lending hours, over its ledger cap, not around, exec off) the job stays queued with the reasons on
+record (``vesta show``) and waits for the next capacity event (or ``RECHECK_S``, for a "no" no
+beacon shows, such as a ledger cap); when no node could ever run it (not in any allowlist, too big)
+it fails like any job. A client that submitted with ``--queue`` and waits is a
 watcher: it sees the job start and its output, and its going away does not cancel the job.
 """
 
@@ -36,7 +39,7 @@ from vesta.tasks import StopFlag, cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 60.0   # a queued job every node keeps turning away is still offered at least this often
+RECHECK_S = 10.0   # a job turned away waits for capacity to appear, or at most this long (a ledger cap)
 
 
 def stage_inputs(paths: list[str] | tuple[str, ...], dest: Path) -> tuple[FileInfo, ...]:
@@ -95,9 +98,9 @@ class ExecQueue:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: dict[str, list[Emit]] = {}
         self._ends: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
-        self._not_before: dict[str, float] = {}   # a job every node just turned away waits before the next try
-        self._tries: dict[str, int] = {}
-        self.retry_s = 1.0
+        self._parked: dict[str, float] = {}   # jobs every node just turned away: until capacity appears
+        self._queued = True                   # the records held queued jobs at the last look (or one was added)
+        self._rows: dict[str, dict[str, Any]] | None = None   # the queued jobs, oldest first (None: not read yet)
 
     async def close(self) -> None:
         """Stop the jobs being placed from the queue (the daemon is stopping)."""
@@ -118,6 +121,9 @@ class ExecQueue:
         except BaseException:
             shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
             raise
+        self._queued = True
+        if self._rows is not None:
+            self._rows[job_id] = {"id": job_id, "kind": request.kind, "args": request.to_wire(), "reason": ""}
         self.wake.set()
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
@@ -158,8 +164,9 @@ class ExecQueue:
         self._ended(job_id, None, JobFailed(f"job {job_id} cancelled while queued"))
 
     def _ended(self, job_id: str, result: dict[str, Any] | None, error: BaseException | None) -> None:
-        self._not_before.pop(job_id, None)
-        self._tries.pop(job_id, None)
+        self._parked.pop(job_id, None)
+        if self._rows is not None:
+            self._rows.pop(job_id, None)
         shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
         for end in self._ends.pop(job_id, []):
             if not end.done():
@@ -171,9 +178,14 @@ class ExecQueue:
         self._watchers.pop(job_id, None)
         self.on_done(job_id, result, error)
 
+    def capacity(self) -> None:
+        """Capacity may have appeared (a chunk ended, a beacon shows spare): every queued job may be tried."""
+        if self._queued:   # (nothing to do for an empty queue: this comes with every chunk's end)
+            self._parked.clear()
+            self.wake.set()
+
     async def run(self, interval: float) -> None:
         """Offer queued jobs whenever a node may take them: forever (cancel to stop)."""
-        self.retry_s = interval
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
@@ -182,23 +194,40 @@ class ExecQueue:
             await self.place_due()
 
     async def place_due(self) -> None:
-        """Start offering every queued job that may be tried now and has a node that may take it."""
+        """Start offering the oldest queued jobs that may be tried now, as many as there are free slots. The
+        queue is read from the records once and kept here (add and end keep it), so a pass costs the jobs it
+        looks at, not the whole queue: it stops when the free slots are gone."""
         try:
-            rows = self.records.queued()
+            if self._rows is None:
+                self._rows = {row["id"]: row for row in self.records.queued()}
         except VestaError as exc:
             log.warning("cannot read the queue: %s", exc)
             return
+        self._queued = bool(self._rows)
         now = time.monotonic()
-        for row in rows:
+        free: dict[str | None, int] = {}   # slots left to offer, per --on
+        whys: dict[str | None, str] = {}
+        for row in list(self._rows.values()):
             args = row["args"]
-            if row["id"] in self._placing or row["kind"] != "exec" or self._not_before.get(row["id"], 0) > now:
+            if row["id"] in self._placing or row["kind"] != "exec" or self._parked.get(row["id"], 0) > now:
                 continue
-            why = self.can_place(args.get("on"))
+            on = args.get("on")
+            why = whys[on] if on in whys else whys.setdefault(on, self.can_place(on))
             if why:
                 if why != row["reason"]:
                     self.records.wait_reason(row["id"], why)
+                    row["reason"] = why
                     await self._emit(row["id"], {"type": "queued", "job_id": row["id"], "why": why})
                 continue
+            if on not in free:   # as many as there are free slots (one at least: the nodes decide)
+                free[on] = max(1, self.submitter.free_exec_slots(on))
+            if free.get(None, 1) <= 0:
+                break            # no slot left anywhere: none after this one can start either
+            if free[on] <= 0:
+                continue
+            free[on] -= 1
+            if on is not None and None in free:
+                free[None] -= 1
             flag = self._placing[row["id"]] = StopFlag()
             spawn(self._place(row["id"], args, flag), f"queued-{row['id']}", self._tasks)
 
@@ -214,16 +243,16 @@ class ExecQueue:
                 raise
             result = await self.submitter.submit(request, lambda event: self._emit(job_id, event), job_id=job_id,
                                                  queued=True, cancel=cancel, inputs_dir=self.inputs_root / job_id)
-        except NotNow as exc:   # still queued (the reasons are on record): try again later, less and less often
+        except NotNow as exc:   # still queued (the reasons are on record): tried again when capacity appears
             if cancel.is_set():   # cancelled while no node could take it: it ends here
                 try:
                     self._cancelled(job_id)
                 except VestaError as error:   # its followers still hear how it ended
                     self._ended(job_id, None, error)
                 return
-            tries = self._tries.get(job_id, 0) + 1
-            self._tries[job_id] = tries
-            self._not_before[job_id] = time.monotonic() + min(self.retry_s * 2 ** min(tries, 10), MAX_BACKOFF_S)
+            self._parked[job_id] = time.monotonic() + RECHECK_S
+            if self._rows is not None and job_id in self._rows:
+                self._rows[job_id]["reason"] = str(exc)[:500]   # as the submitter put it on record
             del self._placing[job_id]
             await self._emit(job_id, {"type": "queued", "job_id": job_id, "why": str(exc)})
             return
@@ -235,5 +264,5 @@ class ExecQueue:
         else:
             self._ended(job_id, result, None)
         finally:
-            self._placing.pop(job_id, None)
-            self.wake.set()   # a job ended: capacity may have freed for the next one
+            if self._placing.pop(job_id, None) is not None:
+                self.wake.set()   # a job ended: capacity may have freed for the next one

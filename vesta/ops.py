@@ -316,6 +316,8 @@ class ControlOps:
 
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         request = JobRequest.from_wire("exec", args)
+        if request.queue:   # a name no node ever had is refused at once (unqueued, the job fails at once)
+            self.submitter.check_on(request.on)
         job_id = new_job_id()
         inputs_dir = self.queue.inputs_root / job_id
         if request.puts:

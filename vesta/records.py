@@ -5,39 +5,30 @@ the node that ran it, times, CPU and memory used), the stdout/stderr of its
 exec jobs, and the runs it hosted for peers, so an owner can see exactly what
 ran on their machine.
 
-**Durability.** A write is durable when its method returns, unless the
-caller passes ``defer=True``: then it waits for the next write without
-``defer``, which makes both durable at once. The rule callers keep: a deferred
-write is followed by a durable one *before the event loop runs anything else*
-(no ``await`` between them), and before the work it describes is offered or
-answered. So a job's row and its first part are durable before its first
-chunk is offered; a hosted run that is answered at once (a tiny cpu chunk, run
-inline) is made durable, start and end together, right after its Accept and
-Result are sent (so the write is not on the submitter's wait: a crash in that
-instant loses the host's record of a chunk with no effects, which the
+**Durability.** A write is durable when its method returns, unless the caller passes ``defer=True``: then it
+waits for the next write without ``defer``, which makes both durable at once. The rule callers keep: a
+deferred write is followed by a durable one *before the event loop runs anything else* (no ``await`` between
+them), and before the work it describes is offered or answered. So a job's row and its first part are durable
+before its first chunk is offered; a hosted run that is answered at once (a tiny cpu chunk, run inline) is
+made durable, start and end together, right after its Accept and Result are sent (so the write is not on the
+submitter's wait: a crash in that instant loses the host's record of a chunk with no effects, which the
 submitter's record still shows); a part's end is durable with the job's end.
 
-"Durable" means in the write log (``NAME-writes`` beside the database), not
-yet committed: every write runs on the connection at once, inside one open
-transaction (so every read sees it), and the statement and its parameters are
-appended to the write log with one ``write()`` (a few microseconds, where a
-SQLite commit is ~0.1 ms on the event loop, twice per job, which a 1 ms job
-notices). ``commit()`` commits the transaction with the number of the last
-logged write (table ``written``) and empties the log; the daemon calls it
-about once a second, and ``close()`` does. Opening the database replays the
-logged writes the last commit did not include, in order, on the state they
-were first run on: a write that returned survives SIGKILL of the daemon at any
-moment. Each log entry carries its length and CRC-32, so a torn tail (a power
-cut in the middle of an append) is dropped with a warning, never replayed
-half. Neither the log nor the WAL (``synchronous=NORMAL``) is fsynced: a power
-cut can lose the last second or so of writes, and the database stays
-consistent. FULL would fsync several times per job, which on a Pi's SD card
-costs milliseconds on the event loop. The connection belongs to one thread
-(the daemon's event loop). With ``background_checkpoint`` SQLite's own
-checkpoints (every ~1000 WAL pages, two fsyncs, several ms on a slow disk)
-leave the commit path: the owner calls ``checkpoint()`` from a worker thread
-instead (the daemon does, after its commits); that changes when pages reach
-the main file, not what survives a crash.
+"Durable" means in the write log (``NAME-writes`` beside the database), not yet committed: every write runs on
+the connection at once, inside one open transaction (so every read sees it), and the statement and its
+parameters are appended to the write log with one ``write()`` (a few microseconds, where a SQLite commit is
+~0.1 ms on the event loop, twice per job, which a 1 ms job notices). ``commit()`` commits the transaction with
+the number of the last logged write (table ``written``) and empties the log; the daemon calls it about once a
+second, and ``close()`` does. Opening the database replays the logged writes the last commit did not include,
+in order, on the state they were first run on: a write that returned survives SIGKILL of the daemon at any
+moment. Each log entry carries its length and CRC-32, so a torn tail (a power cut in the middle of an append)
+is dropped with a warning, never replayed half. Neither the log nor the WAL (``synchronous=NORMAL``) is
+fsynced: a power cut can lose the last second or so of writes, and the database stays consistent. FULL would
+fsync several times per job, which on a Pi's SD card costs milliseconds on the event loop. The connection
+belongs to one thread (the daemon's event loop). With ``background_checkpoint`` SQLite's own checkpoints
+(every ~1000 WAL pages, two fsyncs, several ms on a slow disk) leave the commit path: the owner calls
+``checkpoint()`` from a worker thread instead (the daemon does, after its commits); that changes when pages
+reach the main file, not what survives a crash.
 
 **Schema.** ``PRAGMA user_version`` is the schema version; ``MIGRATIONS[i]``
 takes a database from version ``i`` to ``i + 1`` in one transaction. A
@@ -138,6 +129,8 @@ MIGRATIONS: tuple[str, ...] = (
     # vesta rerun: which job runs which again (both ways: `vesta show` names either from the other).
     "CREATE TABLE reruns (job_id TEXT PRIMARY KEY, rerun_of TEXT NOT NULL); "
     "CREATE INDEX reruns_of ON reruns(rerun_of);",
+    # Where a job was placed and why not elsewhere: for each node, chosen or not and why (JSON).
+    "ALTER TABLE jobs ADD COLUMN placement TEXT;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -454,8 +447,9 @@ class Records:
             raise RecordsError(f"job {job_id!r} is already linked as a rerun") from None
 
     def transition(self, job_id: str, to: str, *, reason: str = "", exit_code: int | None = None,
-                   result: dict[str, Any] | None = None) -> None:
-        """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result are kept when not given."""
+                   result: dict[str, Any] | None = None, placement: list[dict[str, Any]] | None = None) -> None:
+        """Move a job to state ``to``, checked against ALLOWED; reason/exit_code/result/placement (its placement
+        decision: for each node, chosen or not and why) are kept when not given."""
         _check(to in STATES, f"unknown job state {to!r} (one of {', '.join(STATES)})")
         froms = [frm for frm, tos in ALLOWED.items() if to in tos]
         now = self.clock()
@@ -463,10 +457,11 @@ class Records:
             cur = self._exec(
                 "UPDATE jobs SET state=?, started=CASE WHEN ? THEN ? ELSE started END, finished=?, "
                 "reason=CASE WHEN ?='' THEN (CASE WHEN state='queued' THEN '' ELSE reason END) ELSE ? END, "
-                " exit_code=COALESCE(?, exit_code), "
-                f"result=COALESCE(?, result) WHERE id=? AND state IN ({', '.join('?' * len(froms))})",
+                " exit_code=COALESCE(?, exit_code), result=COALESCE(?, result), placement=COALESCE(?, placement) "
+                f"WHERE id=? AND state IN ({', '.join('?' * len(froms))})",
                 (to, to == "running", now, now if to in TERMINAL else None, reason, reason, exit_code,
-                 None if result is None else _dumps(result, "job result"), job_id, *froms))
+                 None if result is None else _dumps(result, "job result"),
+                 None if placement is None else _dumps(placement, "placement"), job_id, *froms))
         if cur.rowcount != 1:
             raise TransitionError(f"job {job_id!r} cannot go from {self._job_state(job_id)['state']} to {to}")
 
@@ -531,10 +526,12 @@ class Records:
                                "ORDER BY seq", (job_id, after, stream, stream)).fetchall()
         return b"".join(r["data"] for r in rows), (rows[-1]["seq"] if rows else after)
 
-    def wait_reason(self, job_id: str, reason: str) -> None:
-        """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``)."""
+    def wait_reason(self, job_id: str, reason: str, placement: list[dict[str, Any]] | None = None) -> None:
+        """Why a queued job is still waiting (shown by ``vesta show`` and ``vesta jobs``), and the placement
+        decision that left it waiting."""
         with self._tx():
-            self._exec("UPDATE jobs SET reason=? WHERE id=? AND state='queued'", (reason, job_id))
+            self._exec("UPDATE jobs SET reason=?, placement=COALESCE(?, placement) WHERE id=? AND state='queued'",
+                       (reason, None if placement is None else _dumps(placement, "placement"), job_id))
 
     def queued(self) -> list[dict[str, Any]]:
         """Queued jobs, oldest first: the order they are placed in."""
@@ -594,6 +591,8 @@ class Records:
         out["reruns"] = [r["job_id"] for r in self.db.execute("SELECT job_id FROM reruns WHERE rerun_of=? "
                                                               "ORDER BY rowid", (job_id,))]
         out["artifacts"] = self.artifacts(job_id)
+        placed = self.db.execute("SELECT placement FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+        out["placement"] = json.loads(placed) if placed else []
         return out
 
     def jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

@@ -14,31 +14,31 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vesta import artifacts, autopilot, outcome, proto, workloads
-from vesta.autopilot import Choice, NodeView
+from vesta.autopilot import NodeView
 from vesta.chunks import ChunkOutcome, ChunkRun, Job, OnBorrowed, RunLocal, new_job_id
 from vesta.errors import JobCancelled, JobFailed, NotNow, VestaError
 from vesta.hostexec import OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
+from vesta.placement import JobPlan, Placer, Start, Want
 from vesta.records import Records
 from vesta.spec import STORED, CpuSpec, ExecSpec, JobRequest, MemSpec
 from vesta.tasks import StopFlag
 
 log = logging.getLogger(__name__)
 
-REFRESH_EVERY = 0.5      # seconds between looks for peers that became free during a split job
-
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 MakeOffer = Callable[[int, int, int], Callable[[int], proto.Offer]]   # (chunk, start, count) -> (rid -> Offer)
-# Refusals that may not last: a queued job waits them out instead of failing.
-PASSING = frozenset({"capacity", "hours", "ledger", "busy"})
+VIEWS_FRESH_S = 0.05   # a job takes the views as they are when they are this recent (beacons refresh them)
+PROGRESS_EVERY = 0.25  # seconds between a running job's progress events
+WAIT_POLL_S = 5.0      # a job waiting for a slot is placed by the event that frees one; it looks anyway this often
 
 __all__ = ["Emit", "Job", "Submitter", "new_job_id"]
 
@@ -66,8 +66,53 @@ class Submitter:
         self.spill_cpu_pct = spill_cpu_pct
         self.counters = counters
         self.run_local = run_local
-        self.debits = autopilot.Debits()
+        self.placer = Placer(spill_cpu_pct=spill_cpu_pct)   # every node's slots and our chunks in flight
+        self.on_free: Callable[[], None] = lambda: None   # capacity may have appeared (the exec queue listens)
+        self._waiting: dict[int, tuple[JobPlan, asyncio.Future[list[Start]]]] = {}   # jobs waiting for slots, FIFO
+        self._refreshed = -1e9
+        self.plans: dict[str, JobPlan] = {}
         self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------ capacity events
+
+    def refresh(self, *, now: bool = True) -> None:
+        """Take in the latest views (a beacon came, a node left); wakes whoever waits if a slot appeared.
+        ``now=False``: not if they were taken in the last ``VIEWS_FRESH_S`` (every beacon brings them in)."""
+        t = time.monotonic()
+        if not now and t - self._refreshed < VIEWS_FRESH_S:
+            return
+        self._refreshed = t
+        if self.placer.update(self.views()):
+            self.freed()
+
+    def freed(self) -> None:
+        """A slot may be free now (a chunk ended anywhere, a beacon shows spare): place the waiting jobs, and
+        tell the exec queue."""
+        self.place_waiting()
+        self.on_free()
+
+    def place_waiting(self) -> None:
+        """The jobs waiting for a slot are placed, oldest first, until the free slots are gone (each gets its
+        starts; none is woken for nothing). Usually the first waiter takes the slot: one plan, not one per
+        waiting job."""
+        placer = self.placer
+        served = []
+        for key, (plan, waiter) in self._waiting.items():
+            if not any(placer.free(fp) > 0 for fp in placer.views):
+                break
+            starts = [] if waiter.done() else plan.next()
+            if starts or waiter.done():
+                served.append(key)
+            if starts:
+                waiter.set_result(starts)   # its callbacks run later: the dict is not changed under this loop
+        for key in served:
+            del self._waiting[key]
+
+    def free_exec_slots(self, on: str | None) -> int:
+        """Free slots on the nodes that may take an exec job now (the exec queue offers that many)."""
+        self.refresh()
+        want = Want("exec", on)
+        return sum(self.placer.free(fp) for fp, v in self.placer.views.items() if not self.placer.why_not(v, want))
 
     # ------------------------------------------------------------ the job's record
 
@@ -114,13 +159,20 @@ class Submitter:
             log.warning("could not record part %s: %s", o.part_id, exc)
         o.part_id = None
 
+    def _placement(self, job: Job) -> list[dict[str, Any]] | None:
+        """The job's placement decision, to put on record with its end (or its wait)."""
+        plan = self.plans.pop(job.job_id, None)
+        return None if plan is None else [r.to_json() for r in plan.decision()]
+
     def _finish(self, job: Job, state: str, *, reason: str = "", exit_code: int | None = None,
                 result: dict[str, Any] | None = None) -> None:
-        """Record how a job ended (once) and forget it."""
+        """Record how a job ended (once), with its placement decision, and forget it."""
         self.jobs.pop(job.job_id, None)
+        placement = self._placement(job)
         if self.records is not None:
             try:
-                self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result)
+                self.records.transition(job.job_id, state, reason=reason[:500], exit_code=exit_code, result=result,
+                                        placement=placement)
             except VestaError as exc:
                 log.warning("could not record the end of job %s: %s", job.job_id, exc)
 
@@ -129,8 +181,9 @@ class Submitter:
             return
         if job.queued and isinstance(exc, (NotNow, asyncio.CancelledError)):   # never started: still queued
             self.jobs.pop(job.job_id, None)
+            placement = self._placement(job)
             if self.records is not None and isinstance(exc, NotNow):
-                self.records.wait_reason(job.job_id, str(exc)[:500])
+                self.records.wait_reason(job.job_id, str(exc)[:500], placement)
             return
         reason = (str(exc) if isinstance(exc, VestaError)
                   else "daemon stopped" if isinstance(exc, asyncio.CancelledError)
@@ -162,7 +215,8 @@ class Submitter:
         return True
 
     def _pick(self, on: str | None) -> list[NodeView]:
-        views = self.views()
+        self.refresh(now=False)
+        views = list(self.placer.views.values())
         if on is None:
             return views
         match = [v for v in views if v.name == on or (len(on) >= 8 and v.fingerprint.startswith(on))]
@@ -170,6 +224,17 @@ class Submitter:
             known = ", ".join(sorted(v.name for v in views))
             raise JobFailed(f"no node named {on!r} (known: {known})")
         return match
+
+    def check_on(self, on: str | None) -> None:
+        """Refuse at once a ``--on`` name no node has ever had (a node seen before may come back)."""
+        self.refresh()
+        if on is not None and not self.placer.known(on):
+            known = ", ".join(sorted(v.name for v in self.placer.views.values()))
+            raise JobFailed(f"no node named {on!r} (known: {known})")
+
+    def _plan(self, job: Job, plan: JobPlan) -> JobPlan:
+        self.plans[job.job_id] = plan
+        return plan
 
     async def submit(self, request: JobRequest, emit: Emit, *, job_id: str | None = None, queued: bool = False,
                      cancel: StopFlag | None = None, inputs_dir: Path | None = None) -> dict[str, Any]:
@@ -187,29 +252,23 @@ class Submitter:
         return await self._exec(job, spec, emit)
 
     async def _cpu(self, job: Job, spec: CpuSpec, emit: Emit) -> dict[str, Any]:
+        """A cpu job waits for slots: it never runs more chunks at once than the nodes have slots."""
         on, split = job.request.on, job.request.split
         units = workloads.units_for(spec.iterations)
         nodes = self._pick(on)
-        if on is not None:
-            choices = [Choice(n, max(1, autopilot.slots(n, self.debits))) for n in nodes]
-        else:
-            choices = autopilot.choose(nodes, spill_cpu_pct=self.spill_cpu_pct, units=units, split=split,
-                                       debits=self.debits)
-        total = sum(c.slots for c in choices)
-        splittable = on is None and split and units >= autopilot.SPLIT_MIN_UNITS
-        chunks = autopilot.cut(units, autopilot.cut_size_slots(nodes, total) if splittable else total)
-
-        def refresh() -> list[Choice]:  # peers that became free after the job started may join it
-            return autopilot.choose(self.views(), spill_cpu_pct=self.spill_cpu_pct, units=units, split=True,
-                                    debits=self.debits, fallback=False)
-
+        want = Want("cpu", on)
+        if on is None and split and units >= autopilot.SPLIT_MIN_UNITS:
+            free = sum(self.placer.free(v.fingerprint) for v in nodes)
+            plan = JobPlan(self.placer, want, autopilot.cut(units, autopilot.cut_size_slots(nodes, free)),
+                           max_attempts=self.max_attempts)
+        else:   # on the single best node, one chunk per slot it has free when placed
+            plan = JobPlan(self.placer, want, [(0, units)], pinned=True, max_attempts=self.max_attempts,
+                           cut=lambda slots: autopilot.cut(units, max(1, slots)))
         self._register(job)
         try:
             t0 = time.perf_counter()
-            start = {"type": "start", "job_id": job.job_id, "iterations": spec.iterations, "units": units,
-                     "chunks": len(chunks), "nodes": [c.node.name for c in choices]}
-            outcomes = await _Schedule(self, job, choices, chunks, emit, start, allow_local_fallback=on is None,
-                                       refresh=refresh if splittable else None).run()
+            start = {"type": "start", "job_id": job.job_id, "iterations": spec.iterations, "units": units}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start).run()
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -248,17 +307,16 @@ class Submitter:
 
     async def _mem(self, job: Job, spec: MemSpec, emit: Emit) -> dict[str, Any]:
         nodes = self._pick(job.request.on)
-        fits = autopilot.fits_memory(nodes, spec.mib)
-        if not fits:
+        if not autopilot.fits_memory(nodes, spec.mib):
             offers = ", ".join(f"{n.name} offers {n.offered_mem_mb} MiB" for n in nodes)
             raise JobFailed(f"no node can hold {spec.mib} MiB ({offers}); try less, or raise mem_offer_mb")
+        plan = JobPlan(self.placer, Want("mem", job.request.on, mem_mib=spec.mib), [(0, 1)], patient=False,
+                       one_at_a_time=True, max_attempts=self.max_attempts)
         self._register(job)
         t0 = time.perf_counter()
         try:
-            start = {"type": "start", "job_id": job.job_id, "mib": spec.mib, "ms": spec.ms,
-                     "nodes": [n.name for n in fits]}
-            outcomes = await _Schedule(self, job, [Choice(n, 1) for n in fits], [(0, 1)], emit, start,
-                                       allow_local_fallback=False, one_at_a_time=True).run()
+            start = {"type": "start", "job_id": job.job_id, "mib": spec.mib, "ms": spec.ms}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start).run()
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -268,26 +326,21 @@ class Submitter:
         return {"job_id": job.job_id, "kind": "mem", "mib": spec.mib, "ms": spec.ms, "node": o.node.name,
                 "hostname": o.result.hostname, "elapsed_s": time.perf_counter() - t0, "replaced": job.replaced}
 
-    def _exec_candidates(self, job: Job) -> list[NodeView]:
-        """The nodes an exec job may go to, best first; a queued job that finds none stays queued (NotNow)."""
+    def _exec_check(self, job: Job) -> None:
+        """Some node may take an exec job; a queued job that finds none stays queued (NotNow)."""
         on = job.request.on
         try:
             nodes = self._pick(on)
-            allowed = [n for n in nodes if n.exec_allowed]
-            if on is None and not allowed:
+            if on is None and not any(n.exec_allowed for n in nodes):
                 states = ", ".join(f"{n.name}: exec off" for n in nodes)
                 raise JobFailed(f"no node allows exec ({states}): start a node with -allow-exec")
         except JobFailed as exc:   # a node may yet come, or allow exec after a restart
             raise NotNow(str(exc)) if job.queued else exc from None
-        candidates = nodes if on is not None else [
-            c.node for c in autopilot.choose(allowed, spill_cpu_pct=self.spill_cpu_pct, split=False,
-                                             debits=self.debits, exec_job=True)]
-        return candidates + [n for n in allowed if n not in candidates]
 
     async def _exec(self, job: Job, spec: ExecSpec, emit: Emit) -> dict[str, Any]:
         self._register(job)   # first: a job that cannot start is on record too
         try:
-            candidates = self._exec_candidates(job)
+            self._exec_check(job)
         except BaseException as exc:
             self._failed(job, exc)
             raise
@@ -300,12 +353,12 @@ class Submitter:
                 self.records.append_log(job.job_id, stream, data)
             await emit({"type": "output", "stream": stream, "data": data})
 
+        # A queued job waits for a free slot (in the queue); any other is offered to the nodes in turn.
+        plan = JobPlan(self.placer, Want("exec", job.request.on), [(0, 1)], patient=job.queued, one_at_a_time=True,
+                       max_attempts=1 + job.request.retries)
         try:
-            start = {"type": "start", "job_id": job.job_id, "argv": list(spec.argv),
-                     "nodes": [n.name for n in candidates]}
-            outcomes = await _Schedule(self, job, [Choice(n, 1) for n in candidates], [(0, 1)], emit, start,
-                                       allow_local_fallback=False, one_at_a_time=True,
-                                       max_attempts=1 + job.request.retries, on_output=output).run()
+            start = {"type": "start", "job_id": job.job_id, "argv": list(spec.argv)}
+            outcomes = await _Schedule(self, job, self._plan(job, plan), emit, start, on_output=output).run()
         except BaseException as exc:
             self._store_artifacts(job)
             self._failed(job, exc)
@@ -334,60 +387,42 @@ class Submitter:
 
 @dataclass
 class _Schedule:
-    """Hands a job's chunks to its nodes, at most each node's slots at once, and re-places what fails."""
+    """Drives one job's ``JobPlan``: starts the chunks it says where it says, feeds it how each ended,
+    and waits for a slot when it has none (a chunk ending anywhere, a beacon that shows spare)."""
 
     sub: Submitter
     job: Job
-    choices: list[Choice]
-    chunks: list[tuple[int, int]]
+    plan: JobPlan
     emit: Emit
     start_event: dict[str, Any] | None
-    allow_local_fallback: bool
-    one_at_a_time: bool = False
-    max_attempts: int = 0
     on_output: OnOutput | None = None
-    refresh: Callable[[], list[Choice]] | None = None
-    queue: deque[tuple[int, int, int]] = field(default_factory=deque)
-    free: dict[str, int] = field(default_factory=dict)          # slots left per node (fingerprint)
-    order: list[NodeView] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)      # node name -> why it left the job
-    running: dict[asyncio.Task[ChunkOutcome], ChunkOutcome] = field(default_factory=dict)
+    running: dict[asyncio.Task[ChunkOutcome], tuple[int, ChunkOutcome]] = field(default_factory=dict)
     done: list[ChunkOutcome] = field(default_factory=list)
     progress: int = 0
-    attempts: Counter[int] = field(default_factory=Counter)
-    lost: Counter[int] = field(default_factory=Counter)         # runs of each chunk that started and did not finish
-    passing: set[str] = field(default_factory=set)              # nodes whose "no" may not last
 
     def __post_init__(self) -> None:
-        self.queue.extend((i, start, count) for i, (start, count) in enumerate(self.chunks))
-        self.free = {c.node.fingerprint: c.slots for c in self.choices}
-        self.order = [c.node for c in self.choices]
-        self.max_attempts = self.max_attempts or self.sub.max_attempts
         self.offer = self.sub.offer_maker(self.job)
 
     async def run(self) -> list[ChunkOutcome]:
-        job = self.job
-        last_emit = last_refresh = time.monotonic()
+        job, plan = self.job, self.plan
+        last_emit = time.monotonic()
         cancel_wait = job.cancel.future()
         try:
-            while self.queue or self.running:
+            while not plan.complete():
                 if job.cancel.is_set():
                     raise JobCancelled(f"job {job.job_id} cancelled")
-                if self.refresh is not None and self.queue and time.monotonic() - last_refresh >= REFRESH_EVERY:
-                    last_refresh = time.monotonic()
-                    await self._add_free_nodes()
-                self._place()
+                for s in plan.next():
+                    self._start(s)
                 if not self.running:
-                    self._no_node()   # raises, or brings in this node as the last resort
-                    continue
-                if self.sub.records is not None:
-                    self.sub.records.flush()   # the job and its parts are on disk before anything else runs
-                if self.start_event is not None:   # after the records are on disk: it never names a job they lack
-                    await self.emit(self.start_event)
-                    self.start_event = None
-                waiting: list[asyncio.Future[Any]] = [*self.running, cancel_wait]
-                await asyncio.wait(waiting, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                if time.monotonic() - last_emit >= 0.25:
+                    self._stuck()   # raises, unless the job may wait for a slot
+                else:
+                    if self.sub.records is not None:
+                        self.sub.records.flush()   # the job and its parts are on disk before anything else runs
+                    if self.start_event is not None:   # after the records are on disk: never names a job they lack
+                        await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
+                        self.start_event = None
+                await self._wait(cancel_wait)
+                if self.running and time.monotonic() - last_emit >= 0.25:
                     last_emit = time.monotonic()
                     await self.emit({"type": "progress", "done": self.progress, "running": len(self.running),
                                      "finished": len(self.done)})
@@ -398,38 +433,56 @@ class _Schedule:
             if self.running:
                 job.cancel.set()
                 await asyncio.gather(*self.running, return_exceptions=True)
-                for o in self.running.values():
+                for token, o in self.running.values():
                     o.error = o.error or "cancelled"
                     self.sub._record_part(o, cancelled=True)
+                    plan.ended(token, ok=False, error=o.error)
+                self.sub.freed()
         return self.done
 
-    async def _add_free_nodes(self) -> None:
-        """Peers that became free after the job started join it."""
-        assert self.refresh is not None
-        for c in self.refresh():
-            if c.node.fingerprint not in self.free and c.node.name not in self.failures:
-                self.order.append(c.node)
-                self.free[c.node.fingerprint] = c.slots
-                await self.emit({"type": "joined", "node": c.node.name})
+    async def _wait(self, cancel_wait: asyncio.Future[None]) -> None:
+        """Until a chunk ends, the job is cancelled, or (with chunks still to place) a slot is found for it
+        (``Submitter.freed``), or a while has passed (``WAIT_POLL_S``: the views are looked at again)."""
+        waiting: list[asyncio.Future[Any]] = [*self.running, cancel_wait]
+        slot: asyncio.Future[list[Start]] | None = None
+        if self.plan.queue:
+            slot = asyncio.get_running_loop().create_future()
+            self.sub._waiting[id(self)] = (self.plan, slot)
+            waiting.append(slot)
+        try:
+            await asyncio.wait(waiting, timeout=PROGRESS_EVERY if self.running else WAIT_POLL_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if slot is not None:
+                self.sub._waiting.pop(id(self), None)
+                for s in slot.result() if slot.done() else ():   # its slots are held: start them, even now
+                    self._start(s)
+        if not self.running:
+            self.sub.refresh(now=False)
 
-    def _place(self) -> None:
-        """Start a chunk on every free slot."""
-        for node in self.order:
-            while self.queue and self.free.get(node.fingerprint, 0) > 0:
-                self._start(node, *self.queue.popleft())
-            if self.one_at_a_time and self.running:
-                break
+    def _stuck(self) -> None:
+        """Nothing runs and nothing could start: fail, or (queued) stay queued, unless a node of the job
+        may yet free a slot."""
+        plan = self.plan
+        names = {fp: v.name for fp, v in plan.chosen.items()}
+        why = "; ".join(f"{names.get(fp, fp[:8])}: {reason}" for fp, reason in plan.left.items())
+        if plan.stuck() == "fail":
+            if self.job.queued and (plan.passing or not plan.left):
+                raise NotNow(f"waiting: {why or self._why_not()}")
+            raise JobFailed(f"no node could run job {self.job.job_id} ({why or self._why_not()})")
+        if self.job.queued:
+            raise NotNow(f"waiting: {self._why_not()}")
 
-    def _start(self, node: NodeView, i: int, start: int, count: int) -> None:
-        job, sub = self.job, self.sub
-        self.free[node.fingerprint] -= 1
-        o = ChunkOutcome(node, i, start, count)
-        if not node.local:
-            sub.debits.place(node.fingerprint)
+    def _why_not(self) -> str:
+        return "; ".join(f"{r.node}: {r.why}" for r in self.plan.rows() if not r.chosen) or "no node available"
+
+    def _start(self, s: Start) -> None:
+        job, sub, node = self.job, self.sub, s.node
+        start, count = self.plan.chunks[s.chunk]
+        o = ChunkOutcome(node, s.chunk, start, count)
         job.running_by_node[node.name] += 1
         job.first_by_node.setdefault(node.name, time.monotonic())
-        self.attempts[i] += 1
-        o.attempt, o.placed = self.attempts[i], time.time()
+        o.attempt, o.placed = s.attempt, time.time()
         if not job.queued:   # a queued job's tries are on record only once one is accepted
             sub._add_part(job, o)
 
@@ -437,54 +490,33 @@ class _Schedule:
             self.progress += n
             job.done_by_node[node.name] += n
 
-        chunk = ChunkRun(job, o, self.offer(i, start, count), progress, self.on_output,
+        chunk = ChunkRun(job, o, self.offer(s.chunk, start, count), progress, self.on_output,
                          lambda: sub._mark_running(job, o))
         work = chunk.here(sub.run_local) if node.local else chunk.there(sub.pool, sub.table, sub.on_borrowed)
-        self.running[asyncio.ensure_future(work)] = o
-
-    def _no_node(self) -> None:
-        """Nothing runs and nothing could be placed: this node as the last resort, else the job fails (or,
-        queued, waits)."""
-        local = next((v for v in self.sub.views() if v.local), None)
-        if (self.allow_local_fallback and local is not None and local.fingerprint not in self.free
-                and local.fingerprint not in {n.fingerprint for n in self.order}):
-            self.order.append(local)
-            self.free[local.fingerprint] = 1
-            return
-        why = "; ".join(f"{name}: {reason}" for name, reason in self.failures.items()) or "no node available"
-        if self.job.queued and (self.passing or not self.failures):
-            raise NotNow(f"waiting: {why}")
-        raise JobFailed(f"no node could run job {self.job.job_id} ({why})")
+        self.running[asyncio.ensure_future(work)] = (s.token, o)
 
     async def _settle(self, task: asyncio.Task[ChunkOutcome]) -> None:
         """A chunk ended: keep its result, or put it back for another node."""
         job, sub = self.job, self.sub
         o = task.result()
-        del self.running[task]
+        token, _ = self.running.pop(task)
         job.running_by_node[o.node.name] -= 1
         # The job's last part ends in the same commit as the job (_finish follows, nothing awaited).
-        sub._record_part(o, defer=o.ok and not self.queue and not self.running)
-        fp = o.node.fingerprint
-        if o.ok:
+        sub._record_part(o, defer=o.ok and not self.plan.queue and not self.running)
+        verdict = self.plan.ended(token, ok=o.ok, refused=o.refused, error=o.error, started=o.started)
+        sub.freed()   # its slot is free: a job waiting for one may take it
+        if verdict == "done":
             self.done.append(o)
-            self.free[fp] = self.free.get(fp, 0) + 1
             return
-        if not o.node.local:
-            sub.debits.release(fp)
-        why = self.failures[o.node.name] = o.refused and f"refused ({o.refused}: {o.error})" or o.error
-        if o.refused in PASSING or not (o.started or o.refused):
-            self.passing.add(o.node.name)
-        if o.started:   # a run that began counts as an attempt; a refusal does not
-            self.lost[o.chunk] += 1
-            if self.lost[o.chunk] >= self.max_attempts:
-                ended = JobCancelled if job.cancel.is_set() else JobFailed   # its run was stopped by the cancel
-                if job.kind == "exec" and self.max_attempts == 1:   # it may have had effects: not twice
-                    raise ended(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may "
-                                    "have had effects; vesta exec --retries N allows re-runs)")
-                raise ended(f"job {job.job_id}: chunk {o.chunk} failed {self.lost[o.chunk]} times "
-                                f"(max_attempts {self.max_attempts}); last on {o.node.name}: {o.error}")
-        self.free[fp] = -len(self.chunks)          # this node is out of this job
-        self.queue.appendleft((o.chunk, o.start, o.count))
+        if verdict == "failed":
+            lost, limit = self.plan.lost[o.chunk], self.plan.max_attempts
+            ended = JobCancelled if job.cancel.is_set() else JobFailed   # its run was stopped by the cancel
+            if job.kind == "exec" and limit == 1:   # it may have had effects: not twice
+                raise ended(f"job {job.job_id} on {o.node.name}: {o.error} (not re-run: it may "
+                            "have had effects; vesta exec --retries N allows re-runs)")
+            raise ended(f"job {job.job_id}: chunk {o.chunk} failed {lost} times "
+                        f"(max_attempts {limit}); last on {o.node.name}: {o.error}")
+        why = self.plan.left[o.node.fingerprint]
         sub.counters["chunks_replaced"] += 1
         moved = {"node": o.node.name, "chunk": o.chunk, "why": why}
         job.replaced.append(moved)

@@ -299,6 +299,16 @@ def ledger_cells(data: dict[str, Any]) -> list[list[str]]:
              f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"]] for r in data["peers"]]
 
 
+PLACEMENT_COLUMNS = ("node", "chosen", "slots", "why not")
+
+
+def placement_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """A job's placement decision, "why not there?" (pure): each node, chosen or not, its slots in use
+    and in all when the job was placed, and why not."""
+    return [[r["node"], "yes" if r["chosen"] else "no", f"{r['used']}/{r['slots']}", r["why"] or "-"]
+            for r in rows]
+
+
 @cli.command()
 @_job_argument()
 @shared_options
@@ -327,6 +337,10 @@ def show(ctx: click.Context, job_id: str) -> None:
               f"{p.get('cpu_s') or 0:.2f}", _reason(p, outcome.of_job(p))] for p in job.get("parts", [])]
     output.table(("chunk", "attempt", "node", "started", "took", "outcome", "cpu s", "reason"), parts,
                  header=_header(ctx))
+    placed = placement_cells(job.get("placement") or [])
+    if placed:
+        output.line("why not there?")
+        output.table(PLACEMENT_COLUMNS, placed, header=_header(ctx))
     for f in job.get("artifacts", []):
         output.line(f"artifact {f['path']}: {f['size']:,} bytes, {f['state']}"
                     + (f" ({f['reason']})" if f.get("reason") else f", sha256 {f['sha256'][:16]}"))
