@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(vesta.__file__).parent
 LAYERS: list[set[str]] = [
     {"vesta", "vesta.errors"},
     {"vesta.checks"},
-    {"vesta.spec", "vesta.status", "vesta.paths"},
+    {"vesta.spec", "vesta.status", "vesta.paths", "vesta.schema"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
      "vesta.hours", "vesta.proctree", "vesta.outcome"},
     {"vesta.allowlist"},

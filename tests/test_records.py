@@ -18,7 +18,8 @@ import pytest
 from tests.helpers import FakeClock
 from vesta import records
 from vesta.errors import ConfigError, VestaError
-from vesta.records import SCHEMA_VERSION, Records, RecordsError, TransitionError, UnknownRecord
+from vesta.records import Records, RecordsError, TransitionError, UnknownRecord
+from vesta.schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
