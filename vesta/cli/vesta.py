@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import sys
@@ -12,14 +11,31 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich import box
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from vesta import outcome
 from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
-from vesta.cli.common import print_json, run_command, stdout_console
+from vesta.cli.common import print_json, run_command
+from vesta.cli.files import copy_artifacts, write_key_file
+from vesta.cli.tables import (
+    LEDGER_COLUMNS,
+    PEER_COLUMNS,
+    PEER_RIGHT,
+    PLACEMENT_COLUMNS,
+    ProgressLine,
+    job_exit_code,
+    jobs_cells,
+    ledger_cells,
+    peers_cells,
+    placement_cells,
+    rate_text,
+    reason_cell,
+    rerun_request,
+    status_rows,
+    took,
+    what,
+    when,
+)
 from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.paths import default_key_file
@@ -38,107 +54,6 @@ def _json(ctx: click.Context) -> bool:
 
 def _header(ctx: click.Context) -> bool:
     return shared(ctx).header
-
-
-def _mb(mb: float) -> str:
-    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 1:
-        return "now"
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    return f"{seconds / 60:.0f}m ago"
-
-
-def _power(row: dict[str, Any]) -> str:
-    text = str(row["power"])
-    if row.get("battery_pct") is not None:
-        text += f" {row['battery_pct']:.0f}%"
-    return text
-
-
-PEER_COLUMNS = ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "balance", "gpu",
-                "last seen")
-PEER_RIGHT = ("cores", "cpu%", "spare", "balance")
-
-
-def peers_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """The `vesta peers` rows as cells (pure)."""
-    cells = []
-    for r in rows:
-        name = r["name"] + (" (self)" if r["state"] == "self" else " (suspect)" if r["state"] == "suspect" else "")
-        gpu = ", ".join(g["name"] for g in r.get("gpus", [])) or "-"
-        cells.append([
-            name, r["address"], str(r["cores"]), f"{r['cpu_pct']:.0f}", _mb(r["mem_avail_mb"]),
-            f"{r['offered_cores']:.1f} cores / {_mb(r['offered_mem_mb'])}", f"{r['spare_cores']:.1f}",
-            _power(r) + (" (closed)" if r.get("lending") == "closed" else ""),
-            "-" if r.get("balance") is None else f"{r['balance']:+.0f}", gpu,
-            "-" if r["state"] == "self" else _ago(r["last_seen_s"]),
-        ])
-    return cells
-
-
-def peers_table(rows: list[dict[str, Any]]) -> Table:
-    """The `vesta peers` table as a terminal shows it (pure: rows in, table out)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in PEER_COLUMNS:
-        table.add_column(col, justify="right" if col in PEER_RIGHT else "left")
-    for r, cells in zip(rows, peers_cells(rows), strict=True):
-        table.add_row(*cells, style="dim" if r["state"] == "suspect" else None)
-    return table
-
-
-def status_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
-    """The `vesta status` key/value lines (pure)."""
-    node, power, budget = s["node"], s["power"], s["budget"]
-    battery = f", battery {power['battery_pct']:.0f}% {power['battery_status'] or ''}".rstrip() \
-        if power["battery_pct"] is not None else ""
-    counters = s["counters"]
-    dropped = {k.removeprefix("dropped_"): v for k, v in counters.items() if k.startswith("dropped_")}
-    rows = [
-        ("name", s["name"]),
-        ("fingerprint", s["fingerprint"]),
-        ("federation key id", f"{s['key_id']}  (must match on every node)"),
-        ("version", f"{s['version']}  pid {s['pid']}"),
-        ("peer port (TCP)", f"{s['bind']}:{s['port']}"),
-        ("discovery (UDP)", f"{s['dport']}, beacon every {s['beacon_interval_ms']} ms"
-         + (f", seeds {', '.join(s['seeds'])}" if s["seeds"] else "")),
-        ("control socket", s["socket"]),
-        ("state dir", s["state_dir"]),
-        ("uptime", _duration(s["uptime_s"])),
-        ("load", f"cpu {node['cpu_pct']:.0f}% of {node['cores']} cores, "
-                 f"{_mb(node['mem_avail_mb'])} free of {_mb(node['mem_total_mb'])}"),
-        ("power", f"{power['mode']} ({'forced' if power['forced'] else 'auto'}), "
-                  f"willingness {power['willingness'] * 100:.0f}%{battery}"),
-        ("offered", f"{budget['offered_cores']:.1f} cores, {_mb(budget['offered_mem_mb'])} "
-                    f"(cpu_offer_pct {budget['cpu_offer_pct']}, reserve {budget['reserve_pct']}%, "
-                    f"mem cap {budget['mem_offer_mb']} MiB)"),
-        ("spare now", f"{budget['spare_cores']:.1f} cores"),
-        ("exec", ("allowed" + (f" for {', '.join(s['exec_allowlist'])}" if s["exec_allowlist"] else " (any command)"))
-         if s["allow_exec"] else "off"),
-        *([("exec WARNING", f"{', '.join(s['exec_code_runners'])} run code from their arguments or input files: "
-                            "every key holder may run any program here")] if s.get("exec_code_runners") else []),
-        ("isolation", s["isolation"]),
-        ("lending hours", s["lending"]["describe"]),
-        ("ledger", f"lent {s['ledger']['lent']:.0f} core-s, borrowed {s['ledger']['borrowed']:.0f} core-s "
-                   f"with {s['ledger']['peers']} peers (vesta ledger)"),
-        ("peers", f"{s['peers']['alive']} alive, {s['peers']['suspect']} suspect"),
-        ("beacons", f"{counters.get('beacons_sent', 0)} sent, {counters.get('beacons_accepted', 0)} accepted"),
-        ("dropped packets", ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"),
-    ]
-    if node.get("gpus"):
-        rows.append(("gpu", ", ".join(f"{g['name']} ({_mb(g['mem_total_mb'])})" for g in node["gpus"])))
-    return rows
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return f"{d}d {h}h {m}m" if d else f"{h}h {m}m {s}s" if h else f"{m}m {s}s"
 
 
 @click.group(cls=Group)
@@ -208,56 +123,6 @@ def status(ctx: click.Context) -> None:
     output.pairs(status_rows(s))
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _took(job: dict[str, Any]) -> str:
-    if job.get("started") and job.get("finished"):
-        return f"{job['finished'] - job['started']:.2f}s"
-    return "-"
-
-
-def _what(kind: str, args: dict[str, Any]) -> str:
-    if kind == "cpu":
-        return f"cpu {args.get('iterations', 0) / 1e6:g}M" if "iterations" in args and "count" not in args \
-            else f"cpu units {args.get('start', 0)}+{args.get('count', 0)}"
-    if kind == "mem":
-        return f"mem {args.get('mib')} MiB {args.get('ms')} ms"
-    return "exec " + " ".join(args.get("argv", []))[:60]
-
-
-def _reason(row: dict[str, Any], said: str) -> str:
-    reason = str(row.get("reason") or "")
-    return "" if reason == said or (said == outcome.TIMED_OUT and reason.startswith("timed out")) else reason
-
-
-JOB_COLUMNS = ("job", "what", "ran on", "created", "took", "outcome", "reason")
-HOSTED_COLUMNS = ("run", "job", "for", "what", "started", "took", "outcome", "cpu s", "reason")
-
-
-def jobs_cells(rows: list[dict[str, Any]], hosted: bool) -> tuple[tuple[str, ...], list[list[str]]]:
-    """`vesta jobs` as columns and cells (pure); a gathered listing (--all) starts with the keeping node."""
-    gathered = any("node" in r for r in rows)
-    cols = HOSTED_COLUMNS if hosted else JOB_COLUMNS
-    cells = []
-    for r in rows:
-        node = [f"{r.get('node', '')} {str(r.get('node_id', ''))[:8]}".strip()] if gathered else []
-        if r.get("state") == "unreachable":
-            row = {c: "-" for c in cols} | {"outcome": "unreachable", "reason": str(r.get("reason", ""))}
-            cells.append(node + [row[c] for c in cols])
-            continue
-        what = _what(str(r.get("kind")), r.get("args") or {})
-        said = outcome.of_job(r)
-        if hosted:
-            cells.append(node + [str(r["id"]), str(r["job_id"]), str(r["peer"]), what, _when(r["started"]), _took(r),
-                                 said, f"{r.get('cpu_s') or 0:.2f}", _reason(r, said)])
-        else:
-            cells.append(node + [str(r["id"]), what, ", ".join(r.get("ran_on") or []) or "-", _when(r["created"]),
-                                 _took(r), said, _reason(r, said)])
-    return (("node",) if gathered else ()) + cols, cells
-
-
 @cli.command()
 @click.option("--state", "-state", "state",
               type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
@@ -281,34 +146,6 @@ def jobs(ctx: click.Context, state: str | None, limit: int, hosted: bool, everyo
     output.table(cols, cells, header=_header(ctx))
 
 
-def ledger_table(data: dict[str, Any]) -> Table:
-    """The `vesta ledger` table (pure)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in LEDGER_COLUMNS:
-        table.add_column(col, justify="left" if col in ("peer", "state") else "right")
-    for cells in ledger_cells(data):
-        table.add_row(*cells)
-    return table
-
-
-LEDGER_COLUMNS = ("peer", "lent", "borrowed", "balance", "cap", "state")
-
-
-def ledger_cells(data: dict[str, Any]) -> list[list[str]]:
-    return [[f"{r['name']} ({r['fingerprint'][:8]})", f"{r['lent']:.1f}", f"{r['borrowed']:.1f}",
-             f"{r['balance']:+.1f}", f"{r['cap']:.0f}", r["state"]] for r in data["peers"]]
-
-
-PLACEMENT_COLUMNS = ("node", "chosen", "slots", "why not")
-
-
-def placement_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """A job's placement decision, "why not there?" (pure): each node, chosen or not, its slots in use
-    and in all when the job was placed, and why not."""
-    return [[r["node"], "yes" if r["chosen"] else "no", f"{r['used']}/{r['slots']}", r["why"] or "-"]
-            for r in rows]
-
-
 @cli.command()
 @_job_argument()
 @shared_options
@@ -321,10 +158,10 @@ def show(ctx: click.Context, job_id: str) -> None:
         print_json(job | {"outcome": outcome.of_job(job)})
         return
     said = outcome.of_job(job)
-    output.line(f"[bold]{job['id']}[/]  {_what(job['kind'], job.get('args') or {})}  [bold]{said}[/]")
-    output.line(f"submitted by {job['submitter']} ({job['submitter_fp'][:8]}) at {_when(job['created'])}; "
-                f"started {_when(job.get('started'))}, finished {_when(job.get('finished'))}")
-    if _reason(job, said):
+    output.line(f"[bold]{job['id']}[/]  {what(job['kind'], job.get('args') or {})}  [bold]{said}[/]")
+    output.line(f"submitted by {job['submitter']} ({job['submitter_fp'][:8]}) at {when(job['created'])}; "
+                f"started {when(job.get('started'))}, finished {when(job.get('finished'))}")
+    if reason_cell(job, said):
         output.line(f"reason: {job['reason']}")
     if job.get("rerun_of"):
         output.line(f"rerun of {job['rerun_of']}")
@@ -333,8 +170,8 @@ def show(ctx: click.Context, job_id: str) -> None:
     inputs = (job.get("args") or {}).get("inputs") or []
     if inputs:
         output.line("inputs: " + ", ".join(f"{i[0]} ({i[1]:,} bytes)" for i in inputs))
-    parts = [[str(p["chunk"]), str(p["attempt"]), p["node"], _when(p["started"]), _took(p), outcome.of_job(p),
-              f"{p.get('cpu_s') or 0:.2f}", _reason(p, outcome.of_job(p))] for p in job.get("parts", [])]
+    parts = [[str(p["chunk"]), str(p["attempt"]), p["node"], when(p["started"]), took(p), outcome.of_job(p),
+              f"{p.get('cpu_s') or 0:.2f}", reason_cell(p, outcome.of_job(p))] for p in job.get("parts", [])]
     output.table(("chunk", "attempt", "node", "started", "took", "outcome", "cpu s", "reason"), parts,
                  header=_header(ctx))
     placed = placement_cells(job.get("placement") or [])
@@ -347,18 +184,6 @@ def show(ctx: click.Context, job_id: str) -> None:
     if job.get("log_bytes"):
         output.line(f"output: {job['log_bytes']} bytes" + (" (truncated)" if job.get("log_truncated") else "")
                     + f"; see vesta logs {job['id']}")
-
-
-def job_exit_code(job: dict[str, Any]) -> int:
-    """What `vesta wait` exits with for one job: its exit code, 128+N for signal N, 1 if it failed without
-    one, 0 if it succeeded."""
-    code = job.get("exit_code")
-    if isinstance(code, int) and code != 0:
-        return code
-    signal = (job.get("result") or {}).get("signal") if isinstance(job.get("result"), dict) else None
-    if signal:
-        return 128 + int(signal)
-    return 0 if job["state"] == "succeeded" else 1
 
 
 @cli.command()
@@ -380,7 +205,7 @@ def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) ->
                     ended[job_id] = job
                     if not _json(ctx):
                         said = outcome.of_job(job)
-                        reason = _reason(job, said)
+                        reason = reason_cell(job, said)
                         click.echo(f"{job_id} {said}" + (f": {reason}" if reason else ""))
             if len(ended) == len(set(job_ids)):
                 break
@@ -474,24 +299,6 @@ def ping(ctx: click.Context, node: str, count: int) -> None:
         print_json(results if count > 1 else results[0])
 
 
-def write_key_file(output_path: Path, key: str) -> None:
-    """A new key file, mode 0600, never over an existing one; its directory is made (0700) when missing."""
-    parent = output_path.expanduser().parent
-    if not parent.exists():
-        try:
-            parent.mkdir(mode=0o700, parents=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot make the directory {parent}: {exc.strerror}") from None
-    try:
-        fd = os.open(output_path.expanduser(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{output_path} already exists: choose another file or delete it first") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot write {output_path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-
-
 @cli.command()
 @click.option("-o", "--output", "-output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"Write the key to this file (mode 0600; its directory is made, 0700) instead of printing it. "
@@ -513,45 +320,6 @@ def keygen(ctx: click.Context, output_path: Path | None) -> None:
     print_json({"key": key}) if _json(ctx) else click.echo(key)
 
 
-class _Progress:
-    """A transient rich progress line, only on a terminal and never with --json."""
-
-    def __init__(self, total: float, label: str, show: bool) -> None:
-        self.show = show and sys.stdout.isatty()
-        self.total = total
-        self.label = label
-        self.bar: Progress | None = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.show:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                                TimeElapsedColumn(), transient=True, console=stdout_console())
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
-        return self
-
-    def event(self, ev: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        if ev.get("type") == "start" and ev.get("nodes"):
-            self.bar.update(self.task, description=f"{self.label} on {', '.join(ev['nodes'])}")
-        elif ev.get("type") == "progress":
-            self.bar.update(self.task, completed=ev.get("done", 0))
-        elif ev.get("type") == "replaced":
-            self.bar.console.print(f"[yellow]chunk {ev['chunk']} moved off {ev['node']}: {ev['why']}[/]")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _rate(it_per_s: float) -> str:
-    return f"{it_per_s / 1e6:.1f} M it/s ({it_per_s * 64 / 1e9:.2f} GB/s)"
-
-
-
-
 @cli.command()
 @click.argument("millions", type=float)
 @_on_option()
@@ -562,17 +330,17 @@ def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> 
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
     as_json = _json(ctx)
     request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
-    with _client(ctx) as c, _Progress(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
+    with _client(ctx) as c, ProgressLine(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
         r = c.call("cpu", on_event=bar.event, **request.to_control())
     if as_json:
         print_json(r)
         return
     cells = [[p["node"], p["hostname"], str(p["chunks"]), f"{p['iterations'] / 1e6:.1f}M", f"{p['share_pct']:.0f}%",
-              f"{p['busy_s']:.2f}s", _rate(p["rate"])] for p in r["parts"]]
+              f"{p['busy_s']:.2f}s", rate_text(p["rate"])] for p in r["parts"]]
     output.table(("node", "host", "chunks", "iterations", "share", "busy", "rate"), cells, header=_header(ctx),
                  right=("chunks", "iterations", "share", "busy", "rate"))
     click.echo(f"job {r['job_id']}: {r['iterations'] / 1e6:g}M iterations in {r['elapsed_s']:.2f}s, "
-               f"{_rate(r['rate'])}, {r['chunks']} chunks")
+               f"{rate_text(r['rate'])}, {r['chunks']} chunks")
     click.echo(f"digest {r['digest']}")
 
 
@@ -739,34 +507,6 @@ def artifacts(ctx: click.Context, job_id: str, out: Path | None) -> None:
                    err=not output.on_terminal())
 
 
-def copy_artifacts(src: Path, files: list[dict[str, Any]], out: Path) -> list[str]:
-    """Copy stored artifacts to ``out``, refusing to overwrite, each checked against its recorded SHA-256."""
-    for f in files:
-        if os.path.lexists(out / f["path"]):
-            raise ConfigError(f"{out / f['path']} exists: choose another -o directory or remove it")
-    done = []
-    for f in files:
-        dest = out / f["path"]
-        h = hashlib.sha256()
-        tmp = dest.with_name(dest.name + ".vesta-partial")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(src / f["path"], "rb") as fin, open(tmp, "xb") as fout:
-                while piece := fin.read(1 << 20):
-                    h.update(piece)
-                    fout.write(piece)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise VestaError(f"cannot copy {f['path']}: {exc.strerror or exc}") from None
-        if h.hexdigest() != f["sha256"]:
-            tmp.unlink(missing_ok=True)
-            raise VestaError(f"stored artifact {f['path']} no longer matches its SHA-256 (changed or damaged on "
-                             f"disk in {src}): not copied")
-        tmp.replace(dest)
-        done.append(f["path"])
-    return done
-
-
 @cli.command()
 @_job_argument()
 @shared_options
@@ -779,20 +519,6 @@ def cancel(ctx: click.Context, job_id: str) -> None:
         print_json(r)
     else:
         click.echo(f"cancelled {r['cancelled']}")
-
-
-def rerun_request(job: dict[str, Any]) -> JobRequest:
-    """The request that submits a recorded job again, as it was submitted (pure): a job's args in the records
-    are its request (JobRequest.to_wire)."""
-    request = JobRequest.from_wire(job["kind"], job.get("args") or {})
-    inputs = getattr(request.spec, "inputs", ())
-    if inputs:
-        names = " ".join(f"--put {i.path}" for i in inputs)
-        argv = " ".join(getattr(request.spec, "argv", ()))
-        raise ConfigError(f"{job['id']} shipped files ({', '.join(i.path for i in inputs)}), and a node keeps them "
-                          f"only while the job runs: submit it again from the files with "
-                          f"vesta exec {names} -- {argv}")
-    return request
 
 
 @cli.command()
