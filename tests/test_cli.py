@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.helpers import Cluster, eventually, free_udp_port, short_tmpdir, tool
-from vesta.cli.vesta import cli as vesta_cli
 from vesta.cli.tables import peers_table
+from vesta.cli.vesta import cli as vesta_cli
 from vesta.control import find_socket
 from vesta.errors import ConfigError, DaemonNotRunning
 
