@@ -173,10 +173,11 @@ class Vestad:
         except OSError:
             return ""
 
-    def vesta(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run the real `vesta` CLI against this daemon."""
+    def vesta(self, *args: str, timeout: float = 30.0, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real `vesta` CLI against this daemon (``stdin``: what it reads on its standard input)."""
         cmd = tool("vesta") + ["-name", self.name, *args]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL if stdin is None else None, input=stdin)
 
     @property
     def pid(self) -> int:

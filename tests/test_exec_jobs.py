@@ -410,3 +410,23 @@ def test_the_memory_limit_holds_for_the_whole_run(cluster: Cluster, tmp_path: Pa
     assert r["signal"] == 9 and r["reason"].startswith("memory limit hit (") and "limit 150 MiB" in r["reason"], r
     shown = a.vesta("show", r["job_id"])
     assert shown.returncode == 0 and "memory limit hit" in shown.stdout, shown.stdout
+
+
+def test_exec_forwards_standard_input_when_it_is_not_a_terminal(cluster: Cluster, tmp_path: Path) -> None:
+    """`echo hi | vesta exec -- cat` printed nothing: stdin was silently /dev/null."""
+    cfg = tmp_path / "b.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "exec_max_input_mb": 1}))
+    a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    out = a.vesta("exec", "--on", "b", "--", "cat", stdin="hi\nthere\n")
+    assert out.returncode == 0 and out.stdout == "hi\nthere\n", out.stderr
+    out = a.vesta("exec", "--on", "b", "--", "sh", "-c", "wc -c; ls -A", stdin="x" * 1000)
+    assert out.stdout.split()[:2] == ["1000", ".vesta-stdin"], out   # read whole, shipped as one input
+    refused = a.vesta("exec", "--no-stdin", "--on", "b", "--", "cat", stdin="not sent")
+    assert refused.returncode == 0 and refused.stdout == ""
+    empty = a.vesta("exec", "--on", "b", "--", "cat", stdin="")        # nothing to send: /dev/null as before
+    assert empty.returncode == 0 and empty.stdout == ""
+    big = a.vesta("exec", "--on", "b", "--", "cat", stdin="y" * (2 << 20))   # over b's exec_max_input_mb
+    assert big.returncode == 1 and "exec_max_input_mb" in one_line(big.stderr)
+    record = a.call("jobs", limit=1)[0]
+    assert record["state"] == "failed" and "exec_max_input_mb" in record["reason"]   # on record, not lost
+

@@ -6,7 +6,7 @@ The program to run comes resolved from ``allowlist``; its working directory and 
 The runner
 ==========
 
-``run()`` starts the program without a shell, stdin from ``/dev/null``, in
+``run()`` starts the program without a shell, stdin from ``/dev/null`` (or a file it is given), in
 its own session (so its own process group, pgid == pid), with the
 environment it is given (build it with ``scrubbed_env``: nothing of the
 daemon's own environment, which may hold ``VESTA_KEY``). On timeout or cancel
@@ -157,11 +157,13 @@ class SandboxInfo:
 
 
 def _start(argv: Sequence[str], program: str, cwd: Path, env: Mapping[str, str],
-           preexec: Callable[[], None] | None, sandbox: SandboxInfo | None) -> subprocess.Popen[bytes]:
+           preexec: Callable[[], None] | None, sandbox: SandboxInfo | None,
+           stdin: int | None = None) -> subprocess.Popen[bytes]:
     try:
         return subprocess.Popen(
             list(argv), executable=program, cwd=cwd, env=dict(env),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+            stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            close_fds=True,
             pass_fds=() if sandbox is None else (sandbox.write_fd,), start_new_session=True, preexec_fn=preexec,
         )
     except OSError as exc:
@@ -486,7 +488,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
               timeout: float | None, on_output: OutputCallback | None = None,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
               preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None,
-              mem_limit_mib: int | None = None) -> ExecResult:
+              mem_limit_mib: int | None = None, stdin: Path | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
@@ -499,6 +501,8 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     ``mem_limit_mib``: the resident memory of the whole run (every process of it, ``proctree``) is summed
     every ``MEM_CHECK_S``; over the limit, the run is killed at once (no SIGTERM grace) and the result
     says ``over_memory``. Per-process limits (RLIMIT_AS) let four processes of 900 MiB each through.
+    ``stdin``: a file the program reads as its standard input (opened here, without following a symlink);
+    otherwise ``/dev/null``.
     """
     try:
         if not argv:
@@ -506,7 +510,12 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, not {timeout!r}")
         started = time.monotonic()
-        proc = _start(argv, program, cwd, env, preexec, sandbox)
+        stdin_fd = None if stdin is None else os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            proc = _start(argv, program, cwd, env, preexec, sandbox, stdin_fd)
+        finally:
+            if stdin_fd is not None:
+                os.close(stdin_fd)   # the child has its copy
     except BaseException:
         if sandbox is not None:
             sandbox.close()

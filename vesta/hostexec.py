@@ -255,7 +255,8 @@ class ExecRunner:
                 return self._failed(offer, "cancelled before it started")
             r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
                                   timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
-                                  preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib)
+                                  preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib,
+                                  stdin=workdir / spec.stdin if spec.stdin else None)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)

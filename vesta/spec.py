@@ -146,6 +146,7 @@ class ExecSpec:
     timeout_s: float = 0.0
     mem_mib: int = 0
     inputs: tuple[FileInfo, ...] = ()
+    stdin: str = ""               # the input the program reads as its standard input ("": /dev/null)
 
     def validate(self) -> None:
         argv = self.argv
@@ -167,13 +168,17 @@ class ExecSpec:
             if info.path in seen:
                 raise InvalidJob(f"inputs name {info.path!r} twice")
             seen.add(info.path)
+        if not isinstance(self.stdin, str):
+            raise InvalidJob("stdin must name one of the job's input files")
+        if self.stdin:
+            check_rel_path("stdin", self.stdin, exc=InvalidJob)
 
     def describe(self) -> str:
         return " ".join(self.argv)[:60]
 
     def to_wire(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "timeout_s": self.timeout_s, "mem_mib": self.mem_mib,
-                "inputs": [i.to_wire() for i in self.inputs]}
+                "inputs": [i.to_wire() for i in self.inputs]} | ({"stdin": self.stdin} if self.stdin else {})
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> ExecSpec:
@@ -185,7 +190,7 @@ class ExecSpec:
         # "timeout" and "mem": the control requests and records of vesta before the typed job path
         timeout = body.get("timeout_s", body.get("timeout"))
         spec = cls(tuple(argv), 0.0 if timeout is None else timeout, body.get("mem_mib", body.get("mem")) or 0,
-                   tuple(FileInfo.from_wire(i) for i in inputs))
+                   tuple(FileInfo.from_wire(i) for i in inputs), body.get("stdin", ""))
         spec.validate()
         return spec
 
@@ -236,6 +241,10 @@ class JobRequest:
             raise InvalidJob("puts must be a list of file paths")
         if self.kind != "exec" and (self.puts or self.queue or self.retries):
             raise InvalidJob("--put, --queue and --retries are for exec jobs")
+        if isinstance(self.spec, ExecSpec) and self.spec.stdin:
+            shipped = {i.path for i in self.spec.inputs} | {p.rstrip("/").rpartition("/")[2] for p in self.puts}
+            if self.spec.stdin not in shipped:
+                raise InvalidJob(f"stdin names {self.spec.stdin!r}, which is not one of the job's input files")
 
     def with_inputs(self, inputs: tuple[FileInfo, ...]) -> JobRequest:
         """The request once its --put files are staged: their manifest in the spec, no local paths."""

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vesta.errors import ConfigError, VestaError
+
+STDIN_NAME = ".vesta-stdin"   # the input a job's standard input travels as (in its working directory)
+STDIN_CAP = 256 << 20         # bytes of standard input vesta exec reads (the node's exec_max_input_mb bounds it too)
+
+
+@contextlib.contextmanager
+def stdin_file(wanted: bool) -> Iterator[str | None]:
+    """This process's standard input, read to its end into a private temporary file (removed afterwards) to
+    ship with an exec job; None when not ``wanted`` or empty. More than STDIN_CAP bytes is an error."""
+    if not wanted:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="vesta-stdin-"))
+    try:
+        path = tmp / STDIN_NAME
+        size = 0
+        with open(path, "wb") as out:
+            while piece := sys.stdin.buffer.read(1 << 20):
+                size += len(piece)
+                if size > STDIN_CAP:
+                    raise ConfigError(f"standard input is larger than {STDIN_CAP >> 20} MiB: ship it as a file with "
+                                      "--put, or pass --no-stdin")
+                out.write(piece)
+        yield str(path) if size else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_key_file(output_path: Path, key: str) -> None:

@@ -16,7 +16,7 @@ from vesta import outcome
 from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command
-from vesta.cli.files import copy_artifacts, write_key_file
+from vesta.cli.files import STDIN_NAME, copy_artifacts, stdin_file, write_key_file
 from vesta.cli.tables import (
     LEDGER_COLUMNS,
     PEER_COLUMNS,
@@ -401,20 +401,22 @@ def stop_stress(ctx: click.Context) -> None:
               help="If no node can take it now, wait in the queue instead of failing.")
 @click.option("--retries", "-retries", type=int, default=0, show_default=True,
               help="Run it again elsewhere this many times if its node dies or the link drops.")
+@click.option("--no-stdin", "no_stdin", is_flag=True,
+              help="Do not send standard input (it is sent, up to 256 MiB, when it is not a terminal).")
 @shared_options
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_context
 def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
-          puts: tuple[str, ...], queue: bool, retries: int, argv: tuple[str, ...]) -> None:
+          puts: tuple[str, ...], queue: bool, retries: int, no_stdin: bool, argv: tuple[str, ...]) -> None:
     """Run a command on the best node that allows exec: vesta exec [OPTIONS] -- CMD ARGS...
 
     `--` ends vesta's options: everything after it is the command. A flag vesta does not know before
     `--` is an error, never the command.
 
     Its output streams back live and vesta exits with its exit code (128+N if killed by signal N).
+    Standard input, when it is not a terminal, is read to its end and shipped with the job (--no-stdin: not).
     Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
-    as_json = _json(ctx)
     if timeout is not None and timeout <= 0:   # 0 in a spec is the node's default, not a time
         raise InvalidJob(f"--timeout must be from 1 to {MAX_TIMEOUT_S} seconds")
     if mem is not None and mem <= 0:
@@ -426,6 +428,16 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
             raise ConfigError(f"--put {put}: " + ("not a regular file (ship a directory as an archive: tar czf)"
                                                   if os.path.exists(path) else "no such file"))
         files.append(path)
+    with stdin_file(not no_stdin and not sys.stdin.isatty()) as piped:
+        request = JobRequest(ExecSpec(argv, timeout_s=timeout or 0.0, mem_mib=mem or 0,
+                                      stdin=STDIN_NAME if piped else ""),
+                             on=on, retries=retries, queue=queue, puts=tuple(files) + ((piped,) if piped else ()))
+        request.validate()
+        _exec(ctx, request, detach, queue, argv)
+
+
+def _exec(ctx: click.Context, request: JobRequest, detach: bool, queue: bool, argv: tuple[str, ...]) -> None:
+    as_json = _json(ctx)
     captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
     said: set[str] = set()
 
@@ -443,9 +455,6 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
         out.write(data)
         out.flush()
 
-    request = JobRequest(ExecSpec(argv, timeout_s=timeout or 0.0, mem_mib=mem or 0), on=on, retries=retries,
-                         queue=queue, puts=tuple(files))
-    request.validate()
     if detach:
         with _client(ctx) as c:
             r = c.call("exec", detach=True, **request.to_control())
