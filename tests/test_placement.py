@@ -106,7 +106,7 @@ def test_every_reason_a_node_was_not_chosen() -> None:
     p = placer(*views)
     why = {r.node: r.why for r in one_chunk(p, Want("exec", need=("gpu",))).rows()}
     assert why == {"a": "exec off", "b": "ranked lower", "c": "outside lending hours", "d": "exec off",
-                   "e": "unknown label gpu"}
+                   "e": "unknown label gpu (has no labels)"}
     p.take("fp-b")
     plan = one_chunk(p, Want("mem", mem_mib=600))
     assert {r.node: r.why for r in plan.rows()}["b"] == "memory: offers 512 MiB, 600 MiB asked"

@@ -9,6 +9,8 @@ places work on.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Capacity:
         self.cores = len(self.allowed)
         self.sampler = sysstat.CpuSampler(self.cfg.proc_root)
         self.cpu = self.sampler.sample()
+        self.labels = node_labels(self.cfg.labels, self.cores, bool(self.gpus))
         self.status: proto.NodeStatus | None = None   # refreshed every beacon round
         self.lent_in_sample = 0                        # chunks lent during the last CPU sample window
         self.own_in_sample = 0                         # chunks of our own jobs run here in that window
@@ -100,7 +103,7 @@ class Capacity:
             temp_c=max(temps) if temps else None,
             gpus=tuple(proto.GpuInfo(g.name[:64], g.mem_total_mb, g.mem_used_mb, g.util_pct)
                        for g in self.gpus[: proto.MAX_GPUS]),
-            labels=cfg.labels, uptime_s=round(time.monotonic() - self.started, 1),
+            labels=self.labels, uptime_s=round(time.monotonic() - self.started, 1),
             hash_rate=round(self.hash_rate, 1), exec_allowed=cfg.allow_exec, running=self.lent(), lending=lending,
         )
 
@@ -140,3 +143,12 @@ class Capacity:
                                 s.offered_mem_mb, s.exec_allowed, p.last_seen, running=s.running,
                                 offered_cores=s.offered_cores, lending=s.lending, labels=tuple(s.labels)))
         return out
+
+
+def node_labels(owner: tuple[str, ...], cores: int, gpu: bool) -> tuple[str, ...]:
+    """What a node advertises for jobs to ``--need``: its owner's ``-label`` tags, then the automatic ones
+    (``arch:x86_64``, ``os:linux``, ``cores:8``, ``python:3.11``, ``gpu`` where one is found)."""
+    auto = [f"arch:{platform.machine() or 'unknown'}", f"os:{platform.system().lower() or 'unknown'}",
+            f"cores:{cores}", f"python:{sys.version_info.major}.{sys.version_info.minor}", *(["gpu"] if gpu else [])]
+    labels = list(dict.fromkeys([*owner, *(a[: proto.MAX_LABEL] for a in auto)]))
+    return tuple(labels[: proto.MAX_LABELS])

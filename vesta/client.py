@@ -306,23 +306,27 @@ class AsyncClient:
     # ------------------------------------------------------------ jobs
 
     def submit(self, argv: str | Sequence[str], *, put: Iterable[str | os.PathLike[str]] = (), on: str | None = None,
-               timeout: float | None = None, mem: int | None = None, retries: int = 0,
+               need: Iterable[str] = (), timeout: float | None = None, mem: int | None = None, retries: int = 0,
                queue: bool = True) -> AsyncJob:
         """Run a command on the best node that allows exec. It waits for a free node (``queue``) rather than
-        failing when none can take it now. ``put``: files shipped into its working directory."""
+        failing when none can take it now. ``put``: files shipped into its working directory; ``need``: labels
+        a node must have (``vesta peers`` lists them)."""
         args = [argv] if isinstance(argv, str) else list(argv)
         request = JobRequest(ExecSpec(tuple(args), timeout_s=_positive("timeout", timeout),
                                       mem_mib=int(_positive("mem", mem))),
-                             on=on, retries=retries, queue=queue, puts=tuple(_put_path(p) for p in put))
+                             on=on, need=tuple(need), retries=retries, queue=queue,
+                             puts=tuple(_put_path(p) for p in put))
         return self._start(request)
 
-    def cpu(self, millions: float, *, on: str | None = None, split: bool = True) -> AsyncJob:
+    def cpu(self, millions: float, *, on: str | None = None, need: Iterable[str] = (),
+            split: bool = True) -> AsyncJob:
         """Hash ``millions`` million SHA-256 blocks on the nodes with spare capacity."""
-        return self._start(JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": split}))
+        return self._start(JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": split,
+                                                        "need": list(need)}))
 
-    def mem(self, mib: int, ms: int, *, on: str | None = None) -> AsyncJob:
+    def mem(self, mib: int, ms: int, *, on: str | None = None, need: Iterable[str] = ()) -> AsyncJob:
         """Hold ``mib`` MiB for ``ms`` milliseconds on a node with room for it."""
-        return self._start(JobRequest(MemSpec(mib, ms), on=on))
+        return self._start(JobRequest(MemSpec(mib, ms), on=on, need=tuple(need)))
 
     def map(self, template: str | Sequence[str] | Callable[[Any], Sequence[str]], items: Iterable[Any],
             **options: Any) -> list[AsyncJob]:

@@ -38,7 +38,7 @@ def find_socket(name: str | None = None, directory: Path | None = None) -> Path:
 class ControlClient:
     """One connection to a local vestad."""
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, timeout: float | None = 30.0) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -52,7 +52,8 @@ class ControlClient:
             raise DaemonNotRunning(f"not allowed to use {path}: run vesta as the user that runs vestad") from exc
 
     @classmethod
-    def connect(cls, name: str | None = None, directory: Path | None = None, timeout: float = 30.0) -> ControlClient:
+    def connect(cls, name: str | None = None, directory: Path | None = None,
+                timeout: float | None = 30.0) -> ControlClient:
         return cls(find_socket(name, directory), timeout)
 
     def call(self, op: str, on_event: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> Any:

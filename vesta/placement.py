@@ -148,7 +148,7 @@ class Placer:
             return "exec off"
         missing = [label for label in want.need if label not in v.labels]
         if missing:
-            return "unknown label " + ", ".join(missing)
+            return f"unknown label {', '.join(missing)} (has {', '.join(v.labels) or 'no labels'})"
         if want.kind == "mem" and v.offered_mem_mb < want.mem_mib:
             return f"memory: offers {v.offered_mem_mb} MiB, {want.mem_mib} MiB asked"
         if not v.local and not v.lending:

@@ -36,6 +36,8 @@ MAX_RETRIES = 10
 MAX_FILE_BYTES = 1 << 40          # one input or artifact, whole (each node has its own, smaller cap)
 MAX_INPUTS = 64                   # files shipped with one exec job (vesta exec --put)
 MAX_NODE_ARG = 64                 # length of an --on name or fingerprint prefix
+MAX_NEED = 16                     # labels a job may need (--need), as many as a node may advertise
+MAX_LABEL = 32                    # characters of one label
 
 STORED = "stored"                 # a FileInfo's state once a Sink kept it
 
@@ -214,10 +216,12 @@ class JobRequest:
     ``on``: only this node (name, or fingerprint prefix of 8+ characters). ``split``: a cpu job may be cut
     over several nodes. ``retries``: an exec job may run again elsewhere this many times when its node dies
     or the link drops. ``queue``: wait for a node instead of failing when none can take it now. ``puts``:
-    absolute paths of files to ship with an exec job; the daemon stages them into ``spec.inputs``."""
+    absolute paths of files to ship with an exec job; the daemon stages them into ``spec.inputs``. ``need``:
+    labels a node must advertise to be chosen (``arch:aarch64``, ``gpu``, an owner's ``-label``)."""
 
     spec: Spec
     on: str | None = None
+    need: tuple[str, ...] = ()
     split: bool = True
     retries: int = 0
     queue: bool = False
@@ -232,6 +236,9 @@ class JobRequest:
         if self.on is not None and (not isinstance(self.on, str) or not 0 < len(self.on) <= MAX_NODE_ARG):
             raise InvalidJob(f"--on must be a node name or a fingerprint prefix of at most {MAX_NODE_ARG} "
                              "characters")
+        if (not isinstance(self.need, tuple) or len(self.need) > MAX_NEED
+                or not all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL and n.strip() == n for n in self.need)):
+            raise InvalidJob(f"--need takes at most {MAX_NEED} labels of at most {MAX_LABEL} characters each")
         check_bool("split", self.split, exc=InvalidJob)
         check_bool("queue", self.queue, exc=InvalidJob)
         if not _whole(self.retries) or not 0 <= self.retries <= MAX_RETRIES:
@@ -263,7 +270,7 @@ class JobRequest:
 
     def to_wire(self) -> dict[str, Any]:
         """The request as a map (control socket, a job's args in the records); the kind goes beside it."""
-        body = self.spec.to_wire() | {"on": self.on}
+        body = self.spec.to_wire() | {"on": self.on} | ({"need": list(self.need)} if self.need else {})
         if self.kind == "cpu":
             body["split"] = self.split
         if self.kind == "exec":
@@ -279,7 +286,10 @@ class JobRequest:
         puts = body.get("puts") or []
         if not isinstance(puts, (list, tuple)) or len(puts) > MAX_INPUTS:
             raise InvalidJob(f"--put takes at most {MAX_INPUTS} files")
-        request = cls(spec_from_wire(kind, body), on=body.get("on"), split=body.get("split", True),
+        need = body.get("need") or ()
+        if not isinstance(need, (list, tuple)):
+            raise InvalidJob(f"--need takes at most {MAX_NEED} labels of at most {MAX_LABEL} characters each")
+        request = cls(spec_from_wire(kind, body), on=body.get("on"), need=tuple(need), split=body.get("split", True),
                       retries=body.get("retries") or 0, queue=bool(body.get("queue")), puts=tuple(puts))
         request.validate()
         return request

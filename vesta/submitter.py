@@ -256,7 +256,7 @@ class Submitter:
         on, split = job.request.on, job.request.split
         units = workloads.units_for(spec.iterations)
         nodes = self._pick(on)
-        want = Want("cpu", on)
+        want = Want("cpu", on, need=job.request.need)
         if on is None and split and units >= autopilot.SPLIT_MIN_UNITS:
             free = sum(self.placer.free(v.fingerprint) for v in nodes)
             plan = JobPlan(self.placer, want, autopilot.cut(units, autopilot.cut_size_slots(nodes, free)),
@@ -310,8 +310,9 @@ class Submitter:
         if not autopilot.fits_memory(nodes, spec.mib):
             offers = ", ".join(f"{n.name} offers {n.offered_mem_mb} MiB" for n in nodes)
             raise JobFailed(f"no node can hold {spec.mib} MiB ({offers}); try less, or raise mem_offer_mb")
-        plan = JobPlan(self.placer, Want("mem", job.request.on, mem_mib=spec.mib), [(0, 1)], patient=False,
-                       one_at_a_time=True, max_attempts=self.max_attempts)
+        want = Want("mem", job.request.on, mem_mib=spec.mib, need=job.request.need)
+        plan = JobPlan(self.placer, want, [(0, 1)], patient=False, one_at_a_time=True,
+                       max_attempts=self.max_attempts)
         self._register(job)
         t0 = time.perf_counter()
         try:
@@ -354,7 +355,8 @@ class Submitter:
             await emit({"type": "output", "stream": stream, "data": data})
 
         # A queued job waits for a free slot (in the queue); any other is offered to the nodes in turn.
-        plan = JobPlan(self.placer, Want("exec", job.request.on), [(0, 1)], patient=job.queued, one_at_a_time=True,
+        want = Want("exec", job.request.on, need=job.request.need)
+        plan = JobPlan(self.placer, want, [(0, 1)], patient=job.queued, one_at_a_time=True,
                        max_attempts=1 + job.request.retries)
         try:
             start = {"type": "start", "job_id": job.job_id, "argv": list(spec.argv)}

@@ -39,7 +39,7 @@ def power_text(row: dict[str, Any]) -> str:
 
 
 PEER_COLUMNS = ("name", "address", "cores", "cpu%", "mem free", "offered", "spare", "power", "balance", "gpu",
-                "last seen")
+                "last seen", "labels")
 PEER_RIGHT = ("cores", "cpu%", "spare", "balance")
 
 
@@ -54,7 +54,7 @@ def peers_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             f"{r['offered_cores']:.1f} cores / {mib_text(r['offered_mem_mb'])}", f"{r['spare_cores']:.1f}",
             power_text(r) + (" (closed)" if r.get("lending") == "closed" else ""),
             "-" if r.get("balance") is None else f"{r['balance']:+.0f}", gpu,
-            "-" if r["state"] == "self" else ago(r["last_seen_s"]),
+            "-" if r["state"] == "self" else ago(r["last_seen_s"]), ",".join(r.get("labels") or []) or "-",
         ])
     return cells
 

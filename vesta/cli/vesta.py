@@ -44,8 +44,10 @@ from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _client(ctx: click.Context) -> ControlClient:
-    return ControlClient.connect(shared(ctx).name)
+def _client(ctx: click.Context, *, job: bool = False) -> ControlClient:
+    """The connection to this user's vestad. A job's request is answered when the job ends (a queued one may
+    wait for hours, silent): it has no time limit; a daemon that dies closes the connection anyway."""
+    return ControlClient.connect(shared(ctx).name, timeout=None if job else 30.0)
 
 
 def _json(ctx: click.Context) -> bool:
@@ -92,8 +94,19 @@ def _job_argument(nargs: int = 1) -> Callable[[F], F]:
 
 
 def _on_option() -> Callable[[F], F]:
-    return click.option("--on", "-on", "on", metavar="NODE", shell_complete=_complete_nodes,
-                        help="Run on this node only (name or fingerprint prefix).")
+    on = click.option("--on", "-on", "on", metavar="NODE", shell_complete=_complete_nodes,
+                      help="Run on this node only (name or fingerprint prefix).")
+    need = click.option("--need", "-need", "need", multiple=True, metavar="LABEL[,LABEL...]",
+                        help="Only nodes with every one of these labels (see vesta peers), e.g. arch:aarch64,gpu.")
+
+    def both(f: F) -> F:
+        return on(need(f))
+    return both
+
+
+def _labels(need: tuple[str, ...]) -> list[str]:
+    """--need a,b --need c: the labels, in order, once each."""
+    return list(dict.fromkeys(label.strip() for given in need for label in given.split(",") if label.strip()))
 
 
 @cli.command()
@@ -326,11 +339,12 @@ def keygen(ctx: click.Context, output_path: Path | None) -> None:
 @click.option("--no-split", "-no-split", "no_split", is_flag=True, help="Keep the job on one node.")
 @shared_options
 @click.pass_context
-def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> None:
+def cpu(ctx: click.Context, millions: float, on: str | None, need: tuple[str, ...], no_split: bool) -> None:
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
     as_json = _json(ctx)
-    request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split})
-    with _client(ctx) as c, ProgressLine(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
+    request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split,
+                                           "need": _labels(need)})
+    with _client(ctx, job=True) as c, ProgressLine(millions * 1e6, f"cpu {millions:g}M", not as_json) as bar:
         r = c.call("cpu", on_event=bar.event, **request.to_control())
     if as_json:
         print_json(r)
@@ -350,10 +364,10 @@ def cpu(ctx: click.Context, millions: float, on: str | None, no_split: bool) -> 
 @_on_option()
 @shared_options
 @click.pass_context
-def mem(ctx: click.Context, mib: int, ms: int, on: str | None) -> None:
+def mem(ctx: click.Context, mib: int, ms: int, on: str | None, need: tuple[str, ...]) -> None:
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
-    request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on})
-    with _client(ctx) as c:
+    request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on, "need": _labels(need)})
+    with _client(ctx, job=True) as c:
         r = c.call("mem", **request.to_control())
     if _json(ctx):
         print_json(r)
@@ -406,7 +420,8 @@ def stop_stress(ctx: click.Context) -> None:
 @shared_options
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, required=True, metavar="-- CMD [ARGS]...")
 @click.pass_context
-def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: bool, mem: int | None,
+def exec_(ctx: click.Context, timeout: float | None, on: str | None, need: tuple[str, ...], detach: bool,
+          mem: int | None,
           puts: tuple[str, ...], queue: bool, retries: int, no_stdin: bool, argv: tuple[str, ...]) -> None:
     """Run a command on the best node that allows exec: vesta exec [OPTIONS] -- CMD ARGS...
 
@@ -431,7 +446,8 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, detach: boo
     with stdin_file(not no_stdin and not sys.stdin.isatty()) as piped:
         request = JobRequest(ExecSpec(argv, timeout_s=timeout or 0.0, mem_mib=mem or 0,
                                       stdin=STDIN_NAME if piped else ""),
-                             on=on, retries=retries, queue=queue, puts=tuple(files) + ((piped,) if piped else ()))
+                             on=on, need=tuple(_labels(need)), retries=retries, queue=queue,
+                             puts=tuple(files) + ((piped,) if piped else ()))
         request.validate()
         _exec(ctx, request, detach, queue, argv)
 
@@ -460,7 +476,7 @@ def _exec(ctx: click.Context, request: JobRequest, detach: bool, queue: bool, ar
             r = c.call("exec", detach=True, **request.to_control())
         print_json(r) if as_json else click.echo(r["job_id"])
         return
-    with _client(ctx) as c:
+    with _client(ctx, job=True) as c:
         try:
             r = c.call("exec", on_event=event, **request.to_control())
         except KeyboardInterrupt:
@@ -566,7 +582,7 @@ def rerun(ctx: click.Context, job_id: str, detach: bool) -> None:
             out.write(bytes(ev["data"]))
             out.flush()
 
-    with _client(ctx) as c:
+    with _client(ctx, job=True) as c:
         r = c.call(op, on_event=event, **request.to_control(), **({"detach": True} if detach else {}))
     link(str(r["job_id"]))
     if as_json:
