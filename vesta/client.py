@@ -511,14 +511,20 @@ def _cancel(future: concurrent.futures.Future[Any], cancel: Callable[[], bool]) 
 _CANCELLING = threading.RLock()   # cancelling one future may cancel another from its callbacks
 
 
-def _settle(job: Job, inner: asyncio.Future[JobResult]) -> None:
+def _settle(job: Job, done: asyncio.Future[JobResult] | concurrent.futures.Future[JobResult],
+            check: bool = False) -> None:
+    """Give ``job`` the outcome of ``done``: its cancel, its error or its result (with ``check``, a program that
+    did not exit 0 is a JobFailed)."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):   # the user cancelled it meanwhile
-        if inner.cancelled():
+        if done.cancelled():
             _cancel(job, lambda: concurrent.futures.Future.cancel(job))
-        elif inner.exception() is not None:
-            job.set_exception(inner.exception())
+        elif done.exception() is not None:
+            job.set_exception(done.exception())
         else:
-            job.set_result(inner.result())
+            try:
+                job.set_result(done.result().check() if check else done.result())
+            except JobFailed as exc:
+                job.set_exception(exc)
 
 
 class Executor(concurrent.futures.Executor):
@@ -550,19 +556,7 @@ class Executor(concurrent.futures.Executor):
         checked = Job(self._client)
         checked.inner = job.inner
 
-        def relay(done: concurrent.futures.Future[JobResult]) -> None:
-            with contextlib.suppress(concurrent.futures.InvalidStateError):   # cancelled by the user meanwhile
-                if done.cancelled():
-                    _cancel(checked, lambda: concurrent.futures.Future.cancel(checked))
-                elif done.exception() is not None:
-                    checked.set_exception(done.exception())
-                else:
-                    try:
-                        checked.set_result(done.result().check())
-                    except JobFailed as exc:
-                        checked.set_exception(exc)
-
-        job.add_done_callback(relay)
+        job.add_done_callback(lambda done: _settle(checked, done, check=True))
         return checked
 
     def map(self, cmd: str | Sequence[str], *iterables: Iterable[Any],  # type: ignore[override]
