@@ -19,7 +19,7 @@ from vesta.errors import PeerUnavailable, VestaError
 from vesta.link import LinkPool, Stream, _Link
 from vesta.peertable import PeerTable
 from vesta.records import Records, RecordsError
-from vesta.spec import ExecSpec, JobRequest
+from vesta.spec import CpuSpec, ExecSpec, JobRequest
 from vesta.submitter import Submitter
 
 FP = "cd" * 32
@@ -114,3 +114,21 @@ async def test_a_cancelled_request_the_link_dropped_ends_without_stalling_the_lo
     with pytest.raises(VestaError, match="cancel"):
         job.result()
     assert longest < 1.0, f"the event loop stalled {longest:.2f}s"
+
+
+async def test_a_peer_is_credited_and_recorded_for_no_more_than_it_could_have_used(tmp_path: Path) -> None:
+    """A member claimed 16,483 core-seconds for 4 s of one chunk's work, raising its borrowing cap 16,000-fold: a
+    cpu chunk runs on one thread, so its claim is bounded by one core for as long as the run took."""
+    digest = b"\x01" * 32
+    node = ScriptedNode(after_accept=(proto.Result(rid=1, ok=True, node="peer", digests=(digest,), iterations=1,
+                                                   elapsed_s=4.0, cpu_s=16_483.0),))
+    claimed: list[float] = []
+    with Records(tmp_path / "records.db") as records:
+        sub = submitter(node, records)
+        sub.on_borrowed = lambda fp, name, offer, result: claimed.append(result.cpu_s)
+        t0 = time.monotonic()
+        result = await asyncio.wait_for(sub.submit(JobRequest(CpuSpec(1), on="peer"), emit), 10)
+        wall = time.monotonic() - t0
+        assert result["parts"][0]["node"] == "peer"
+        [part] = records.job(result["job_id"])["parts"]   # type: ignore[index]
+    assert claimed and claimed[0] <= wall and part["cpu_s"] == claimed[0]

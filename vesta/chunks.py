@@ -161,12 +161,14 @@ class ChunkRun:
                 return o
             result = await self._follow(stream)
             if result is not None:
-                # What the peer lent us counts toward its cap here: never more than we saw it take, all its
-                # cores busy for as long as the run took.
+                # What the peer lent us counts toward its cap, and goes on record, bounded by what we saw: a
+                # cpu or mem chunk runs on one thread, so one core for as long as the run took; an exec run
+                # may use every core the peer has (what it advertises).
                 wall = time.monotonic() - accepted
-                on_borrowed(peer.fingerprint, peer.name, self.make(0),
-                            dataclasses.replace(result, cpu_s=min(result.cpu_s, wall * peer.status.cores),
-                                                elapsed_s=min(result.elapsed_s, wall)))
+                cores = peer.status.cores if self.job.kind == "exec" else 1
+                o.result = dataclasses.replace(result, cpu_s=min(result.cpu_s, wall * cores),
+                                               elapsed_s=min(result.elapsed_s, wall))
+                on_borrowed(peer.fingerprint, peer.name, self.make(0), o.result)
             return o
         except PeerUnavailable as exc:
             o.error = f"lost: {exc}" if o.started else f"unreachable: {exc}"
