@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from vesta import proto
+from vesta import chunks, proto
 from vesta.autopilot import NodeView
 from vesta.errors import PeerUnavailable, VestaError
 from vesta.link import LinkPool, Stream, _Link
@@ -132,3 +132,34 @@ async def test_a_peer_is_credited_and_recorded_for_no_more_than_it_could_have_us
         assert result["parts"][0]["node"] == "peer"
         [part] = records.job(result["job_id"])["parts"]   # type: ignore[index]
     assert claimed and claimed[0] <= wall and part["cpu_s"] == claimed[0]
+
+
+async def test_a_node_that_keeps_a_run_going_past_its_timeout_does_not_hold_the_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that keeps sending Progress held a job with --timeout 3 `running` for ever: the submitter enforces
+    the time it asked for (plus a grace), stops the run and records the job as timed out."""
+    monkeypatch.setattr(chunks, "TIMEOUT_GRACE_S", 0.3)
+    monkeypatch.setattr(chunks, "CANCEL_WAIT", 0.3)
+    node = ScriptedNode()
+    with Records(tmp_path / "records.db") as records:
+        sub = submitter(node, records)
+        job = asyncio.ensure_future(sub.submit(JobRequest(ExecSpec(("sleep", "3600"), timeout_s=0.5), on="peer"),
+                                               emit))
+
+        async def keep_busy() -> None:   # the node says it is working, and never stops
+            while not job.done():
+                for stream in node.streams:
+                    stream.queue.put_nowait(proto.Progress(rid=stream.rid, done=0))
+                    node.link.pending[stream.rid] = stream        # as a real link keeps its open requests
+                node.link.last_heard = time.monotonic()   # ... and notes every frame
+                await asyncio.sleep(0.1)
+
+        feeder = asyncio.ensure_future(keep_busy())
+        t0 = time.monotonic()
+        with pytest.raises(VestaError, match="timed out: still running"):
+            await asyncio.wait_for(job, 10)
+        took = time.monotonic() - t0
+        await feeder
+        record = records.job(next(iter(records.jobs(limit=1)))["id"])
+    assert took < 5 and "Cancel" in node.sent()
+    assert record is not None and record["state"] == "failed" and "timed out" in record["reason"]

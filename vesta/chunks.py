@@ -33,6 +33,8 @@ ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
 SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
 CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
 CANCEL_SEND_S = 1.0      # a Cancel to a node this side gave up on: at most this long to send it
+TIMEOUT_GRACE_S = 30.0   # an exec run still going this long past its --timeout is stopped by the submitter ...
+ARTIFACT_RATE = 1 << 20  # ... plus a second per MiB of artifacts it may send back
 
 RunLocal = Callable[[proto.Offer, LocalRun], Awaitable[proto.Result]]
 OnBorrowed = Callable[[str, str, proto.Offer, proto.Result], None]
@@ -204,18 +206,22 @@ class ChunkRun:
         job, o = self.job, self.outcome
         done = 0
         cancel_deadline: float | None = None
+        overdue = self._overdue_at()
+        timed_out = False   # this side stopped the run: past its --timeout, the node still had it going
+        late_why = f"timed out: still running {TIMEOUT_GRACE_S:g}s past its --timeout on {o.node.name}"
         while True:
-            if job.cancel.is_set() and cancel_deadline is None:
+            if (job.cancel.is_set() or self._late(overdue)) and cancel_deadline is None:
+                timed_out = not job.cancel.is_set()
                 await stream.send(proto.Cancel(rid=stream.rid))
                 cancel_deadline = time.monotonic() + CANCEL_WAIT
             if cancel_deadline is not None:
                 wait = cancel_deadline - time.monotonic()
                 if wait <= 0:
-                    o.error = "cancelled (the node did not confirm in time)"
+                    o.error = late_why if timed_out else "cancelled (the node did not confirm in time)"
                     return None
                 # not a heartbeat: a Progress a little late must not look like a dead link
-            else:
-                wait = SILENCE_TIMEOUT   # job.cancel is not set here: a Cancel would have set the deadline
+            else:   # a live node sends Progress every HEARTBEAT: the next message shows whether the run is late
+                wait = SILENCE_TIMEOUT
             try:
                 msg = await stream.next(wait)
             except PeerUnavailable:
@@ -232,11 +238,26 @@ class ChunkRun:
                     self.progress(msg.done - done)
                     done = msg.done
             elif isinstance(msg, proto.Result):
+                if timed_out:
+                    msg = dataclasses.replace(msg, error=late_why)
                 if msg.ok and job.kind == "cpu" and len(msg.digests) != o.count:
                     o.error = f"returned {len(msg.digests)} digests for {o.count} units"
                     return None
                 o.result, o.ok, o.error = msg, msg.ok, msg.error
                 return msg
+
+    @staticmethod
+    def _late(overdue: float | None) -> bool:
+        return overdue is not None and time.monotonic() >= overdue
+
+    def _overdue_at(self) -> float | None:
+        """When an exec run that asked for a time limit is overdue on its node (the node enforces the limit; this
+        side does too, so a node that keeps sending progress cannot hold the job for ever)."""
+        spec = self.job.request.spec
+        if not isinstance(spec, ExecSpec) or not spec.timeout_s:
+            return None
+        cap = self.job.sink.cap if self.job.sink is not None else 0
+        return time.monotonic() + spec.timeout_s + TIMEOUT_GRACE_S + cap / ARTIFACT_RATE
 
     async def _stop_remote(self, stream: Stream) -> None:
         """Tell the node to stop a chunk this node gave up on (best effort: it may be gone already)."""

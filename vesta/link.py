@@ -48,6 +48,9 @@ from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel, handshake
 
 log = logging.getLogger(__name__)
+
+SILENT_AFTER_S = 0.25  # a wait of at least this long with not a frame on the whole link: the link is
+                       # dead (a request timing out); the last moments of a longer wait prove nothing
 _handshake_warn = WarnOnce(log, logging.INFO)
 
 Handler = Callable[[proto.Message, Channel], Awaitable[proto.Message | None]]
@@ -126,7 +129,8 @@ class Stream:
                 async with asyncio.timeout(timeout):
                     item = await self.queue.get()
             except TimeoutError as exc:
-                if self.link.last_heard < began and not self.link.closed:
+                if (timeout is not None and timeout >= SILENT_AFTER_S and self.link.last_heard < began
+                        and not self.link.closed):
                     # Not a word on the whole link all that time: a frozen or vanished peer behind a connection
                     # that still looks open. Close it, so the next request reconnects instead of waiting again.
                     log.info("closing the link to %s: silent for %gs", self.peer, timeout)
