@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from vesta.paths import locate_socket, socket_dirs
 __all__ = ["ControlClient", "RemoteError", "find_socket"]
 
 _HEADER = struct.Struct(">I")
+CONNECT_RETRY_S = 5.0   # how long a client waits out a daemon's full listen queue
 START_HINT = "start it with: vestad -name NAME -key-file PATH"
 
 
@@ -43,13 +45,29 @@ class ControlClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(str(path))
+            self._connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise DaemonNotRunning(f"vestad is not running (socket {path} does not answer): {START_HINT}") from exc
         except PermissionError as exc:
             self.sock.close()
             raise DaemonNotRunning(f"not allowed to use {path}: run vesta as the user that runs vestad") from exc
+
+    def _connect(self, path: Path) -> None:
+        """Connect, waiting out a full listen queue (EAGAIN: a burst of clients) for up to CONNECT_RETRY_S."""
+        deadline = time.monotonic() + CONNECT_RETRY_S
+        pause = 0.005
+        while True:
+            try:
+                self.sock.connect(str(path))
+                return
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise DaemonNotRunning(f"vestad is too busy to take a connection on {path} "
+                                           f"(tried for {CONNECT_RETRY_S:g}s): try again") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
 
     @classmethod
     def connect(cls, name: str | None = None, directory: Path | None = None,

@@ -35,6 +35,7 @@ MAX_CONTROL_FRAME = 1 << 20   # control requests are small
 MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 EVENT_HOLD_S = 0.02           # seconds a job's events wait for company: a job done sooner sends them with its answer
 EVENT_HOLD_BYTES = 64 * 1024  # ... unless this much is waiting already
+LISTEN_BACKLOG = 1024        # clients connecting at once before the daemon accepts them (a burst of scripts)
 MAX_IN_FLIGHT = 4096          # requests one connection may have in flight; the next waits (is not read) till one ends
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -88,7 +89,7 @@ class ControlServer:
             path.unlink()
         old = os.umask(0o177)   # the socket is created 0600: no window where others can connect
         try:
-            server = await asyncio.start_unix_server(self._serve_control, path=str(path))
+            server = await asyncio.start_unix_server(self._serve_control, path=str(path), backlog=LISTEN_BACKLOG)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
