@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import FakeClock
-from vesta.ledger import MIB_S_PER_CORE_S, Ledger, cost
+from vesta.ledger import MIB_S_PER_CORE_S, MIN_CHUNK_COST, Ledger, cost
 
 DAY = 86400.0
 
@@ -118,3 +118,18 @@ def test_corrupt_file_is_moved_aside_and_a_fresh_ledger_starts(tmp_path: Path, c
     led.record_lent("p", "x", cpu_s=1)
     led.save()
     assert json.loads(path.read_text())["peers"]["p"]["lent"] == 1
+
+
+def test_a_flood_of_tiny_chunks_reaches_the_borrow_cap() -> None:
+    """20,000 tiny offers cost their sender 0.17 core-seconds in all: every chunk now costs at least
+    MIN_CHUNK_COST, on both sides of the ledger alike."""
+    lender = Ledger(None, goodwill=720.0, ratio=5.0, half_life_days=7.0)
+    borrower = Ledger(None, goodwill=720.0, ratio=5.0, half_life_days=7.0)
+    ran = 0
+    while lender.admits("p")[0] and ran < 200_000:
+        lender.record_lent("p", "flooder", cpu_s=0.0000085)
+        borrower.record_borrowed("q", "host", cpu_s=0.0000085)
+        ran += 1
+    assert abs(ran - 5.0 * 720.0 / MIN_CHUNK_COST) <= 1          # about 72,000 chunks, not unbounded
+    assert lender.rows()[0]["lent"] == pytest.approx(borrower.rows()[0]["borrowed"])
+

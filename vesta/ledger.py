@@ -59,6 +59,10 @@ class Account:
     updated: float = 0.0
 
 
+MIN_CHUNK_COST = 0.05   # core-s: what one chunk costs its borrower at least (its records, its link messages,
+                        # its scheduling), so a flood of tiny jobs reaches the borrow cap instead of costing ~0
+
+
 def cost(cpu_s: float, mib_s: float = 0.0) -> float:
     """One number for a piece of work: core-seconds plus memory held."""
     return max(0.0, cpu_s) + max(0.0, mib_s) / MIB_S_PER_CORE_S
@@ -106,14 +110,14 @@ class Ledger:
     def record_lent(self, fp: str, name: str, cpu_s: float, mib_s: float = 0.0) -> None:
         """We ran work for peer ``fp``."""
         acct = self._account(fp, name)
-        acct.lent += cost(cpu_s, mib_s)
+        acct.lent += max(MIN_CHUNK_COST, cost(cpu_s, mib_s))
         acct.lent_chunks += 1
         self.dirty = True
 
     def record_borrowed(self, fp: str, name: str, cpu_s: float, mib_s: float = 0.0) -> None:
         """Peer ``fp`` ran work for us."""
         acct = self._account(fp, name)
-        acct.borrowed += cost(cpu_s, mib_s)
+        acct.borrowed += max(MIN_CHUNK_COST, cost(cpu_s, mib_s))
         acct.borrowed_chunks += 1
         self.dirty = True
 
