@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from vesta import chunks, proto
+from vesta import chunks, proto, workloads
 from vesta.autopilot import NodeView
 from vesta.errors import PeerUnavailable, VestaError
 from vesta.link import LinkPool, Stream, _Link
@@ -119,7 +119,7 @@ async def test_a_cancelled_request_the_link_dropped_ends_without_stalling_the_lo
 async def test_a_peer_is_credited_and_recorded_for_no_more_than_it_could_have_used(tmp_path: Path) -> None:
     """A member claimed 16,483 core-seconds for 4 s of one chunk's work, raising its borrowing cap 16,000-fold: a
     cpu chunk runs on one thread, so its claim is bounded by one core for as long as the run took."""
-    digest = b"\x01" * 32
+    digest = workloads.unit_digest("jcredit", 0, 1)   # the work was really done: only the claim is inflated
     node = ScriptedNode(after_accept=(proto.Result(rid=1, ok=True, node="peer", digests=(digest,), iterations=1,
                                                    elapsed_s=4.0, cpu_s=16_483.0),))
     claimed: list[float] = []
@@ -127,7 +127,7 @@ async def test_a_peer_is_credited_and_recorded_for_no_more_than_it_could_have_us
         sub = submitter(node, records)
         sub.on_borrowed = lambda fp, name, offer, result: claimed.append(result.cpu_s)
         t0 = time.monotonic()
-        result = await asyncio.wait_for(sub.submit(JobRequest(CpuSpec(1), on="peer"), emit), 10)
+        result = await asyncio.wait_for(sub.submit(JobRequest(CpuSpec(1), on="peer"), emit, job_id="jcredit"), 10)
         wall = time.monotonic() - t0
         assert result["parts"][0]["node"] == "peer"
         [part] = records.job(result["job_id"])["parts"]   # type: ignore[index]
@@ -163,3 +163,20 @@ async def test_a_node_that_keeps_a_run_going_past_its_timeout_does_not_hold_the_
         record = records.job(next(iter(records.jobs(limit=1)))["id"])
     assert took < 5 and "Cancel" in node.sent()
     assert record is not None and record["state"] == "failed" and "timed out" in record["reason"]
+
+
+async def test_a_made_up_cpu_result_is_rejected_and_earns_no_credit(tmp_path: Path) -> None:
+    """A member returned a made-up digest and the job "succeeded": the submitter recomputes a sample of every
+    chunk's units, and a mismatch rejects the chunk (re-placed; here no node is left, so the job fails)."""
+    node = ScriptedNode(after_accept=(proto.Result(rid=1, ok=True, node="peer", digests=(b"\x01" * 32,),
+                                                   iterations=1, elapsed_s=0.01, cpu_s=0.01),))
+    credited: list[float] = []
+    with Records(tmp_path / "records.db") as records:
+        sub = submitter(node, records)
+        sub.on_borrowed = lambda fp, name, offer, result: credited.append(result.cpu_s)
+        with pytest.raises(VestaError, match="wrong digest for unit 0"):
+            await asyncio.wait_for(sub.submit(JobRequest(CpuSpec(1), on="peer"), emit), 10)
+        [job] = records.jobs(limit=1)
+        [part] = records.job(job["id"])["parts"]   # type: ignore[index]
+    assert credited == [] and job["state"] == "failed"
+    assert "wrong digest" in part["reason"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import secrets
 import time
 from collections import Counter
@@ -20,19 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vesta import artifacts, proto
+from vesta import artifacts, proto, workloads
 from vesta.autopilot import NodeView
 from vesta.errors import PeerUnavailable, Refused
 from vesta.hostexec import ExecFiles, LocalRun, OnOutput
 from vesta.link import LinkPool, Stream
 from vesta.peertable import PeerTable
-from vesta.spec import ExecSpec, JobRequest
+from vesta.spec import CpuSpec, ExecSpec, JobRequest
 from vesta.tasks import StopFlag
 
 ACCEPT_TIMEOUT = 10.0    # an offer must be answered within this
 SILENCE_TIMEOUT = 15.0   # a running chunk whose host says nothing this long is lost
 CANCEL_WAIT = 3.0        # after Cancel, how long to wait for the host's last Result
 CANCEL_SEND_S = 1.0      # a Cancel to a node this side gave up on: at most this long to send it
+CHECKED_UNITS = 1        # units of each cpu chunk from a peer recomputed here before its result is accepted
 TIMEOUT_GRACE_S = 30.0   # an exec run still going this long past its --timeout is stopped by the submitter ...
 ARTIFACT_RATE = 1 << 20  # ... plus a second per MiB of artifacts it may send back
 
@@ -162,6 +164,8 @@ class ChunkRun:
             if not await self._send_inputs(stream):
                 return o
             result = await self._follow(stream)
+            if result is not None and not await self._checked(result):
+                return o   # a made-up result: no credit, and the chunk goes elsewhere
             if result is not None:
                 # What the peer lent us counts toward its cap, and goes on record, bounded by what we saw: a
                 # cpu or mem chunk runs on one thread, so one core for as long as the run took; an exec run
@@ -245,6 +249,26 @@ class ChunkRun:
                     return None
                 o.result, o.ok, o.error = msg, msg.ok, msg.error
                 return msg
+
+    async def _checked(self, result: proto.Result) -> bool:
+        """Recompute a random sample of a cpu chunk's units here (at least one; every unit's digest depends only
+        on the job id, its index and size) and compare: False, and the outcome says so, if the peer lied."""
+        spec, o = self.job.request.spec, self.outcome
+        if not isinstance(spec, CpuSpec) or not result.ok or not result.digests:
+            return True
+        picks = random.sample(range(o.count), min(o.count, CHECKED_UNITS))
+        for i in picks:
+            index = o.start + i
+            size = workloads.unit_size(spec.iterations, index)
+            if size <= workloads.INLINE_ITERATIONS:   # microseconds: a thread hop would cost more than the hash
+                ours = workloads.unit_digest(self.job.job_id, index, size)
+            else:
+                ours = await asyncio.to_thread(workloads.unit_digest, self.job.job_id, index, size)
+            if ours != result.digests[i]:
+                o.ok, o.result = False, None
+                o.error = f"returned a wrong digest for unit {index} (recomputed here): result rejected"
+                return False
+        return True
 
     @staticmethod
     def _late(overdue: float | None) -> bool:
