@@ -414,10 +414,8 @@ SHIPPED_HOOKS = {
 async def test_files_shipped_into_the_workdir_are_never_a_program_s_own_configuration(sandbox: bool) -> None:
     # A peer's inputs land in the working directory (nested names included). With HOME there, an allowlisted
     # Python script (py3compile) loaded a shipped usercustomize.py and git ran a shipped .gitconfig's alias.
-    py3compile = shutil.which("py3compile", path=SAFE_PATH)
-    git = shutil.which("git", path=SAFE_PATH)
-    if py3compile is None or git is None:
-        pytest.skip("needs py3compile (python3-minimal) and git")
+    py3compile = need_tool("py3compile", "py3compile (python3-minimal)")
+    git = need_tool("git", "git")
     bwrap = need_tool("bwrap", "bubblewrap") if sandbox else None
     work = make_workdir(None, "hooks")
     try:
