@@ -1,11 +1,8 @@
 """Routing decisions: which nodes get a job, in how many chunks, in what order. Pure: no I/O.
 
-* **Slots.** A chunk runs on one core. What the submitter and the exec queue place by is
-  ``placement.Placer``: every node's slots, this one's included, held by each chunk from its placement to
-  its end. ``slots``, ``Debits`` and ``choose`` here are the older beacon-only rule (a peer holds
-  ``round(spare)`` chunks less those placed since its beacon; this node always has one): the daemon no
-  longer uses them (their unit tests still pin them; removing them is a change of its own). ``score``,
-  ``cut``, ``cut_size_slots`` and ``fits_memory`` are what placement uses from here.
+* **Slots.** A chunk runs on one core. How many a node has, and which are in use, is
+  ``placement.Placer``'s (every node's slots, this one's included, held by each chunk from its placement to
+  its end); the rules below are what it uses from here.
 * **Spill.** When this node's CPU is above ``spill_cpu_pct`` it takes no
   chunk of a new job while any peer can; it is still the last resort.
 * **Speed.** Nodes are ordered by slots x measured per-core hash rate, so a
@@ -19,14 +16,12 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 MAX_UNITS_PER_CHUNK = 1 << 16   # the protocol's limit per offer (proto.MAX_UNITS_PER_CHUNK)
 SPLIT_MIN_UNITS = 16          # 16 x 2^20 iterations = 16.8M (about 0.7 s of one 1.5 GB/s core)
 CHUNKS_PER_SLOT = 3
-DEBIT_TTL = 30.0              # seconds; a debit outlives a missing beacon only this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,63 +44,9 @@ class NodeView:
     labels: tuple[str, ...] = ()
 
 
-@dataclass
-class Debits:
-    """Chunks placed on peers since their last beacon."""
-
-    clock: Callable[[], float] = time.monotonic
-    _placed: dict[str, list[float]] = field(default_factory=dict)
-
-    def place(self, fingerprint: str) -> None:
-        self._placed.setdefault(fingerprint, []).append(self.clock())
-
-    def release(self, fingerprint: str) -> None:
-        """A placed chunk was refused or never started: give its slot back."""
-        times = self._placed.get(fingerprint)
-        if times:
-            times.pop()
-
-    def count(self, fingerprint: str, since: float) -> int:
-        now = self.clock()
-        times = [t for t in self._placed.get(fingerprint, []) if t > since and now - t < DEBIT_TTL]
-        self._placed[fingerprint] = times
-        return len(times)
-
-
-def slots(node: NodeView, debits: Debits | None = None, spill_cpu_pct: float = 100.0) -> int:
-    """How many one-core chunks this node can take now."""
-    if node.local:
-        if node.cpu_pct > spill_cpu_pct:
-            return 0
-        free = node.cores * (1 - node.cpu_pct / 100.0)
-        return max(1, int(free + 0.5))
-    spare = node.spare_cores - (debits.count(node.fingerprint, node.last_seen) if debits else 0)
-    return max(0, int(spare + 0.5))
-
-
 def score(node: NodeView, n_slots: int) -> float:
+    """Work a node gets done with ``n_slots`` free: its slots x its measured per-core speed."""
     return n_slots * (node.hash_rate or 1.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    node: NodeView
-    slots: int
-
-
-def choose(nodes: Sequence[NodeView], *, spill_cpu_pct: float, units: int = 1, split: bool = True,
-           debits: Debits | None = None, exec_job: bool = False, fallback: bool = True) -> list[Choice]:
-    """The nodes a job should use, best first; the local node is the last resort when spilling
-    (unless ``fallback`` is false: then only nodes with a free slot now)."""
-    usable = [n for n in nodes if n.exec_allowed or not exec_job]
-    choices = [Choice(n, slots(n, debits, spill_cpu_pct)) for n in usable]
-    ranked = sorted((c for c in choices if c.slots > 0), key=lambda c: -score(c.node, c.slots))
-    if not ranked and fallback:
-        local = [Choice(n, 1) for n in usable if n.local]
-        return local  # everyone is busy: run it at home rather than not at all
-    if not split or units < SPLIT_MIN_UNITS:
-        return ranked[:1]
-    return ranked
 
 
 def cut_size_slots(nodes: Sequence[NodeView], chosen_slots: int) -> int:
