@@ -73,6 +73,7 @@ class Config:
     lend_grace_s: float = 300.0      # running work may finish this long after a window closes
     power: str = "auto"              # auto follows /sys/class/power_supply; or force grid|solar|battery
     labels: tuple[str, ...] = ()     # free-form tags shown to peers (e.g. "gpu", "arm64")
+    metrics: str = ""                # ADDR:PORT of a Prometheus endpoint (e.g. 127.0.0.1:9464); "" = off
     # Places
     state_dir: Path = field(default_factory=default_state_dir)
     socket_dir: Path | None = None   # None = $XDG_RUNTIME_DIR or /tmp
@@ -251,6 +252,7 @@ _CHECKS: dict[str, Check] = {
     "lend_grace_s": _float(0.0, 86400.0),
     "power": _choice(*POWER_CHOICES),
     "labels": _str_list,
+    "metrics": _str,
     "state_dir": _path,
     "socket_dir": _path,
     "sys_root": _str,

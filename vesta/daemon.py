@@ -37,6 +37,7 @@ from vesta import (
     proctree,
     proto,
     rundir,
+    schema,
     sysstat,
     workloads,
 )
@@ -53,6 +54,7 @@ from vesta.identity import Identity, load_or_create
 from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
 from vesta.link import InboundGate, LinkPool, accept, listen
+from vesta.metrics import Metrics, Sources, age, disk_use, parse_address
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
@@ -160,11 +162,14 @@ class Daemon:
             raise ConfigError(f"cannot open UDP discovery port {cfg.dport}: {exc.strerror}: "
                               "choose another with -dport (every node must use the same)") from exc
         self._exits.callback(self.discovery.close)
+        if cfg.metrics:
+            await self.metrics.serve(*parse_address(cfg.metrics))
+            self._exits.callback(self.metrics.close)
         self.ops = ControlOps(cfg=cfg, identity=self.identity, keys=self.keys, counters=self.counters,
                               events=self.events, table=self.table, pool=self.pool, capacity=self.capacity,
                               host=self.host, ledger=self.ledger, records=self.records, submitter=self.submitter,
                               queue=self.queue, isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
-                              started_wall=self.started_wall)
+                              started_wall=self.started_wall, metrics=lambda: self.metrics.address)
         self._exits.push_async_callback(cancel_all, self.ops.tasks)
         self.control = ControlServer(cfg.control_socket, cfg.name, self.ops.dispatch, self.counters)
         await self.control.open()   # last: a daemon that answers there already hears beacons
@@ -211,16 +216,38 @@ class Daemon:
                              on_linked=self.table.mark_linked)
         self.discovery = Discovery(cfg, self.keys, self.identity, self.table, self.counters, self.capacity.current,
                                    self._on_change, on_beacon=lambda: self.submitter.refresh())
+        self.metrics = Metrics(self._metric_sources())
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=lambda: self.capacity.views(self.table),
                                    spill_cpu_pct=cfg.spill_cpu_pct, counters=self.counters,
                                    run_local=self.host.run_local, on_borrowed=self._borrowed, on_event=self._event,
                                    records=self.records, artifacts_dir=cfg.state_dir / "artifacts",
-                                   artifact_cap=cfg.artifact_max_mb << 20, max_attempts=cfg.max_attempts)
+                                   artifact_cap=cfg.artifact_max_mb << 20, max_attempts=cfg.max_attempts,
+                                   on_chunk=self.metrics.observe_chunk)
         self.queue = ExecQueue(self.submitter, self.records, cfg.state_dir / "inputs" / cfg.name,
                                self._can_place, self._queued_done)
         self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
+
+    def _metric_sources(self) -> Sources:
+        """What the metrics endpoint reports, read from the parts when a scrape comes (see ``metrics``)."""
+        def capacity() -> dict[str, float]:
+            s = self.capacity.current()
+            return {"offered_cores": s.offered_cores, "spare_cores": s.spare_cores,
+                    "busy_cores": s.cores * s.cpu_pct / 100.0, "offered_mem_b": float(s.offered_mem_mb << 20)}
+
+        def queue() -> tuple[int, float]:
+            rows = self.records.queued()
+            return len(rows), age(min((r["created"] for r in rows), default=None))
+
+        state = self.cfg.state_dir
+        return Sources(
+            counters=self.counters, peers=lambda: (len(self.table.alive()), len(self.table) - len(self.table.alive())),
+            capacity=capacity, jobs=lambda: schema.counts(self.records.db), exec_running=lambda: sum(
+                1 for h in self.host.running.values() if h.offer.kind == "exec"),
+            queue=queue, ledger=self.ledger.rows,
+            disk=lambda: disk_use({"records": list(state.glob(f"vestad-records-{self.cfg.name}.db*")),
+                                   "artifacts": [state / "artifacts"]}))
 
     def _bind(self) -> socket.socket:
         """The TCP peer port, bound and listening (served once the parts that answer peers exist)."""

@@ -54,7 +54,7 @@ class ControlOps:
     def __init__(self, *, cfg: Config, identity: Identity, keys: FederationKeys, counters: Counter[str],
                  events: deque[Event], table: PeerTable, pool: LinkPool, capacity: Capacity, host: Host,
                  ledger: Ledger, records: Records, submitter: Submitter, queue: ExecQueue,
-                 isolation: Callable[[], str], started_wall: float) -> None:
+                 isolation: Callable[[], str], started_wall: float, metrics: Callable[[], str] = lambda: "") -> None:
         self.cfg = cfg
         self.identity = identity
         self.keys = keys
@@ -70,6 +70,7 @@ class ControlOps:
         self.queue = queue
         self.isolation = isolation
         self.started_wall = started_wall
+        self.metrics = metrics   # () -> the address the metrics endpoint serves on, "" when off
         self.tasks: set[asyncio.Task[Any]] = set()   # detached jobs: cancelled when the daemon stops
         self._ops = self.ops()
 
@@ -136,6 +137,7 @@ class ControlOps:
             "advertise": status.host,
             "seeds": list(cfg.seeds),
             "socket": str(cfg.control_socket),
+            "metrics": self.metrics(),
             "state_dir": str(cfg.state_dir),
             "identity_file": str(self.identity.path),
             "started": self.started_wall,

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ALLOWED: dict[str, set[str]] = {"queued": {"running", "failed", "cancelled"},
@@ -63,3 +65,10 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE jobs ADD COLUMN placement TEXT;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def counts(db: sqlite3.Connection) -> list[tuple[str, str, str, int]]:
+    """(side, kind, state, how many): the jobs submitted here and the runs hosted for peers (for the metrics)."""
+    rows = [("submitted", *r) for r in db.execute("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state")]
+    rows += [("hosted", *r) for r in db.execute("SELECT kind, state, count(*) FROM hosted GROUP BY kind, state")]
+    return [(side, str(kind), str(state), int(n)) for side, kind, state, n in rows]

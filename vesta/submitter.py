@@ -50,6 +50,7 @@ class Submitter:
                  views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
                  run_local: RunLocal, on_borrowed: OnBorrowed = lambda fp, name, offer, result: None,
                  on_event: Callable[[str, str], None] = lambda kind, text: None,
+                 on_chunk: Callable[[float], None] = lambda seconds: None,
                  records: Records | None = None, artifacts_dir: Path | None = None, artifact_cap: int = 0,
                  max_attempts: int = 3) -> None:
         self.artifacts_dir = artifacts_dir   # where each exec job's $VESTA_OUTPUT files are stored (JOB/...)
@@ -57,6 +58,7 @@ class Submitter:
         self.max_attempts = max_attempts     # runs of a cpu/mem chunk lost to failures before its job fails
         self.on_borrowed = on_borrowed
         self.on_event = on_event
+        self.on_chunk = on_chunk             # (seconds from a chunk's offer to its end): the metrics histogram
         self.records = records
         self.name = name
         self.fingerprint = fingerprint
@@ -502,6 +504,7 @@ class _Schedule:
         job, sub = self.job, self.sub
         o = task.result()
         token, _ = self.running.pop(task)
+        sub.on_chunk(time.time() - o.placed)
         job.running_by_node[o.node.name] -= 1
         # The job's last part ends in the same commit as the job (_finish follows, nothing awaited).
         sub._record_part(o, defer=o.ok and not self.plan.queue and not self.running)

@@ -92,6 +92,8 @@ def _print_data(name: str) -> Callable[[click.Context, click.Parameter, bool], N
                    "see --print-config-example).")
 @click.option("-state-dir", "--state-dir", "state_dir", help="Where identity, ledger and records live.")
 @click.option("-label", "--label", "labels", multiple=True, help="A tag shown to peers (repeatable).")
+@click.option("-metrics", "--metrics", "metrics", metavar="ADDR:PORT",
+              help="Serve Prometheus metrics here (e.g. 127.0.0.1:9464; unauthenticated). Off by default.")
 @click.option("-sys-root", "--sys-root", "sys_root", hidden=True)
 @click.option("-proc-root", "--proc-root", "proc_root", hidden=True)
 @click.option("-v", "--verbose", count=True, help="Log every packet decision (debug).")
