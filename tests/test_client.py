@@ -162,12 +162,16 @@ def test_the_executor_keeps_the_futures_promises(cluster: Cluster, tmp_path: Pat
         eventually(lambda: slow.job_id is not None and a.call("show", job_id=slow.job_id)["state"] == "running", 15)
         assert slow.cancel() and slow.cancelled()
         eventually(lambda: a.call("show", job_id=slow.job_id)["state"] == "cancelled", 15)
-        at_once = pool.submit("sleep", "30")   # cancelled before the daemon has even named it
+        stall = threading.Event()   # the client's loop is busy: the next job is not sent before its cancel
+        pool._client._loop.call_soon_threadsafe(stall.wait, 10)
+        at_once = pool.submit("sleep", "30")
         assert at_once.cancel()
+        stall.set()
         done, _ = concurrent.futures.wait([at_once], timeout=5)   # a cancelled job is done for those waiting
         assert at_once in done
-        eventually(lambda: at_once.job_id is not None, 15)
-        eventually(lambda: a.call("show", job_id=at_once.job_id)["state"] == "cancelled", 15)
+        time.sleep(0.5)
+        assert at_once.job_id is None   # never sent: the daemon has no such job
+        assert not [j for j in a.call("jobs", limit=50) if j["args"].get("argv") == ["sleep", "30"]]
         last = pool.submit("sh", "-c", "sleep 0.5; echo late")
         pool.shutdown(wait=True)
         assert last.done() and last.result().stdout == b"late\n"
@@ -214,6 +218,25 @@ def test_cancel_from_a_done_callback_does_not_stall_the_client(cluster: Cluster,
             client.submit(["true"]).add_done_callback(blocking)
             assert done.wait(30)
             raise fails[0]
+
+
+def test_a_job_cancelled_before_the_daemon_names_it_is_cancelled_there(cluster: Cluster, tmp_path: Path) -> None:
+    """The request is on its way when the cancel comes: the daemon is told as soon as it names the job."""
+    a, _ = exec_pair(cluster, tmp_path)
+
+    async def run() -> str | None:
+        async with await AsyncClient.connect(a.name, a.runtime_dir) as client:
+            job = client.submit(["sleep", "30"])
+            assert await job.cancel()   # before any answer could have come
+            for _ in range(150):
+                if job.job_id is not None:
+                    break
+                await asyncio.sleep(0.1)
+            return job.job_id
+
+    job_id = asyncio.run(run())
+    assert job_id is not None
+    eventually(lambda: a.call("show", job_id=job_id)["state"] == "cancelled", 15)
 
 
 def test_async_client_and_map_templates(cluster: Cluster, tmp_path: Path) -> None:

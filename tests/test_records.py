@@ -159,6 +159,26 @@ def test_every_attempt_of_a_chunk_is_kept_in_order(rec: Records) -> None:
     assert j["parts"][1]["result"] is None
 
 
+def test_a_part_that_ran_on_the_spot_is_recorded_once_with_its_end(rec: Records, tmp_path: Path) -> None:
+    """A tiny chunk done on the submitter's own loop: one write (deferred, durable with the job's end)."""
+    job(rec)
+    end = records.PartEnd("succeeded", 10.5, cpu_s=0.001, exit_code=None, result={"iterations": 1})
+    pid = rec.add_part("j1", chunk=0, attempt=1, node="desk", node_fp="fp-desk", started=10.0, end=end, defer=True)
+    rec.transition("j1", "succeeded")   # durable: the deferred part goes with it
+    j = rec.job("j1")
+    assert j is not None
+    assert [(p["id"], p["node"], p["started"], p["finished"], p["state"], p["cpu_s"], p["result"])
+            for p in j["parts"]] == [(pid, "desk", 10.0, 10.5, "succeeded", 0.001, {"iterations": 1})]
+    rec.abandon()   # as kill -9 would: what was acknowledged is in the write log
+    again = Records(rec.path)
+    j = again.job("j1")
+    assert j is not None and j["state"] == "succeeded" and [p["state"] for p in j["parts"]] == ["succeeded"]
+    again.close()
+    with Records(tmp_path / "other.db") as other, pytest.raises(RecordsError, match="a part ends"):
+        other.add_part("j1", chunk=0, attempt=0, node="n", node_fp="f", started=1.0,
+                       end=records.PartEnd("running", 2.0))
+
+
 # -- logs --------------------------------------------------------------------------------------------------------
 
 def test_interleaved_streams_round_trip_in_order(rec: Records) -> None:

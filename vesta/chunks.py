@@ -39,6 +39,7 @@ TIMEOUT_GRACE_S = 30.0   # an exec run still going this long past its --timeout 
 ARTIFACT_RATE = 1 << 20  # ... plus a second per MiB of artifacts it may send back
 
 RunLocal = Callable[[proto.Offer, LocalRun], Awaitable[proto.Result]]
+RunNow = Callable[[proto.Offer, LocalRun], "proto.Result | None"]   # a chunk done on the spot, or None (see Host)
 OnBorrowed = Callable[[str, str, proto.Offer, proto.Result], None]
 
 
@@ -95,6 +96,7 @@ class ChunkOutcome:
     part_id: int | None = None  # its row in the records
     attempt: int = 0         # which attempt at this chunk
     placed: float = 0.0      # when it was offered (wall clock)
+    spot: bool = False       # it ran on the spot (``ChunkRun.now``): on record once, with its end
 
 
 @dataclass
@@ -115,6 +117,16 @@ class ChunkRun:
             await self.on_output(stream, data)
         except (PeerUnavailable, OSError):
             self.job.cancel.set()   # the submitter's client went away: stop the work everywhere
+
+    def now(self, run_now: RunNow) -> ChunkOutcome | None:
+        """On this node, on the spot, when the chunk is small enough (a tiny cpu chunk): its outcome, or None.
+        No task, no thread: a batch of one-iteration jobs is mostly this."""
+        result = run_now(self.make(0), LocalRun(self.job.cancel, self.progress, self.output, self.mark_running))
+        if result is None:
+            return None
+        o = self.outcome
+        o.result, o.ok, o.error, o.spot = result, result.ok, result.error, True
+        return o
 
     async def here(self, run_local: RunLocal) -> ChunkOutcome:
         """On this node itself, through its own Host, without a link."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
@@ -311,22 +312,17 @@ class AsyncClient:
         """Run a command on the best node that allows exec. It waits for a free node (``queue``) rather than
         failing when none can take it now. ``put``: files shipped into its working directory; ``need``: labels
         a node must have (``vesta peers`` lists them)."""
-        args = [argv] if isinstance(argv, str) else list(argv)
-        request = JobRequest(ExecSpec(tuple(args), timeout_s=_positive("timeout", timeout),
-                                      mem_mib=int(_positive("mem", mem))),
-                             on=on, need=tuple(need), retries=retries, queue=queue,
-                             puts=tuple(_put_path(p) for p in put))
-        return self._start(request)
+        return self._start(exec_request(argv, put=put, on=on, need=need, timeout=timeout, mem=mem, retries=retries,
+                                        queue=queue))
 
     def cpu(self, millions: float, *, on: str | None = None, need: Iterable[str] = (),
             split: bool = True) -> AsyncJob:
         """Hash ``millions`` million SHA-256 blocks on the nodes with spare capacity."""
-        return self._start(JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": split,
-                                                        "need": list(need)}))
+        return self._start(cpu_request(millions, on=on, need=need, split=split))
 
     def mem(self, mib: int, ms: int, *, on: str | None = None, need: Iterable[str] = ()) -> AsyncJob:
         """Hold ``mib`` MiB for ``ms`` milliseconds on a node with room for it."""
-        return self._start(JobRequest(MemSpec(mib, ms), on=on, need=tuple(need)))
+        return self._start(mem_request(mib, ms, on=on, need=need))
 
     def map(self, template: str | Sequence[str] | Callable[[Any], Sequence[str]], items: Iterable[Any],
             **options: Any) -> list[AsyncJob]:
@@ -335,7 +331,7 @@ class AsyncClient:
         return [self.submit(command_for(template, item), **options) for item in items]
 
     def _start(self, request: JobRequest) -> AsyncJob:
-        request.validate()
+        """Send a checked request (see ``exec_request``)."""
         loop = asyncio.get_running_loop()
         job = AsyncJob(self, loop.create_future())
         output = _Output()
@@ -374,6 +370,29 @@ class AsyncClient:
                 yield pending.pop(future)
 
 
+def exec_request(argv: str | Sequence[str], *, put: Iterable[str | os.PathLike[str]] = (), on: str | None = None,
+                 need: Iterable[str] = (), timeout: float | None = None, mem: int | None = None, retries: int = 0,
+                 queue: bool = True) -> JobRequest:
+    """The request ``submit`` sends, checked (a bad argument raises InvalidJob here, before anything is sent)."""
+    args = [argv] if isinstance(argv, str) else list(argv)
+    request = JobRequest(ExecSpec(tuple(args), timeout_s=_positive("timeout", timeout),
+                                  mem_mib=int(_positive("mem", mem))),
+                         on=on, need=tuple(need), retries=retries, queue=queue,
+                         puts=tuple(_put_path(p) for p in put))
+    request.validate()
+    return request
+
+
+def cpu_request(millions: float, *, on: str | None = None, need: Iterable[str] = (), split: bool = True) -> JobRequest:
+    return JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": split, "need": list(need)})
+
+
+def mem_request(mib: int, ms: int, *, on: str | None = None, need: Iterable[str] = ()) -> JobRequest:
+    request = JobRequest(MemSpec(mib, ms), on=on, need=tuple(need))
+    request.validate()
+    return request
+
+
 def command_for(template: str | Sequence[str] | Callable[[Any], Sequence[str]], item: Any) -> list[str]:
     """The argv of one job of a ``map``: see ``AsyncClient.map``."""
     if callable(template):
@@ -404,24 +423,41 @@ class Job(concurrent.futures.Future[JobResult]):
     """A job submitted through a ``Client``: a ``concurrent.futures.Future`` of its ``JobResult``. ``cancel()``
     stops it wherever it runs."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, source: Job | None = None) -> None:
         super().__init__()
         self.client = client
-        self.inner: AsyncJob | None = None
+        self.source = source               # the job this one mirrors (Executor's checked results)
+        self._inner: AsyncJob | None = None   # set on the client's loop once the request is on its way
+
+    @property
+    def inner(self) -> AsyncJob | None:
+        return self.source.inner if self.source is not None else self._inner
 
     @property
     def job_id(self) -> str | None:
-        return self.inner.job_id if self.inner is not None else None
+        inner = self.inner
+        return inner.job_id if inner is not None else None
 
     def cancel(self) -> bool:
         """Cancel this future and, without waiting (so it may be called from a done callback), the job on the
-        daemon: it is told as soon as it has named the job."""
-        inner = self.inner
+        daemon: it is told as soon as it has named the job; a job not sent yet is never sent."""
         if self.done():
             return False
-        if inner is not None:
-            self.client._loop.call_soon_threadsafe(inner.request_cancel)
-        return _cancel(self, super().cancel)
+        if self.source is not None:
+            self.source.cancel()
+        with _CANCELLING:   # against _begin on the loop: the job is either not started, or its inner is seen
+            inner = self._inner
+            if inner is not None:
+                self.client._loop.call_soon_threadsafe(inner.request_cancel)
+            return _cancel(self, super().cancel)
+
+    def _begin(self, start: Callable[[], AsyncJob]) -> None:
+        """On the client's loop: send the job, unless it was cancelled first."""
+        with _CANCELLING:
+            if self.done():
+                return
+            self._inner = start()
+        self._inner.future.add_done_callback(lambda f: _settle(self, f))
 
 
 class Client:
@@ -430,6 +466,8 @@ class Client:
     def __init__(self, name: str | None = None, directory: Path | None = None) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vesta-client", daemon=True)
+        self._starts: list[Callable[[], None]] = []   # jobs to send, handed to the loop in one wake-up
+        self._starts_lock = threading.Lock()
         self._thread.start()
         try:
             self._async = self._run(AsyncClient.connect(name, directory)).result()
@@ -468,13 +506,13 @@ class Client:
 
     def submit(self, argv: str | Sequence[str], **options: Any) -> Job:
         """Run a command on the federation; see ``AsyncClient.submit``."""
-        return self._wrap(lambda client: client.submit(argv, **options))
+        return self._send(exec_request(argv, **options))
 
     def cpu(self, millions: float, **options: Any) -> Job:
-        return self._wrap(lambda client: client.cpu(millions, **options))
+        return self._send(cpu_request(millions, **options))
 
     def mem(self, mib: int, ms: int, **options: Any) -> Job:
-        return self._wrap(lambda client: client.mem(mib, ms, **options))
+        return self._send(mem_request(mib, ms, **options))
 
     def map(self, template: str | Sequence[str] | Callable[[Any], Sequence[str]], items: Iterable[Any],
             **options: Any) -> list[Job]:
@@ -484,16 +522,28 @@ class Client:
     def cancel(self, job: Job) -> bool:
         return job.cancel()
 
-    def _wrap(self, start: Callable[[AsyncClient], AsyncJob]) -> Job:
+    def _send(self, request: JobRequest) -> Job:
+        """A checked request goes to the loop without waiting for it: a batch submitted from this thread
+        reaches the loop in a few wake-ups, and the jobs are sent in the order they were submitted."""
+        if self._loop.is_closed():
+            raise DaemonNotRunning("this vesta.Client is closed")
         job = Job(self)
-
-        async def begin() -> AsyncJob:
-            inner = start(self._async)
-            inner.future.add_done_callback(lambda f: _settle(job, f))   # on the loop: add_done_callback is not
-            return inner                                                # safe from another thread
-
-        job.inner = self._run(begin()).result()   # a bad argument raises here, before anything is sent
+        start = functools.partial(self._async._start, request)
+        with self._starts_lock:
+            first = not self._starts
+            self._starts.append(functools.partial(job._begin, start))
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._run_starts)
+            except RuntimeError:   # closed meanwhile
+                raise DaemonNotRunning("this vesta.Client is closed") from None
         return job
+
+    def _run_starts(self) -> None:
+        with self._starts_lock:
+            starts, self._starts = self._starts, []
+        for begin in starts:
+            begin()
 
 
 def _cancel(future: concurrent.futures.Future[Any], cancel: Callable[[], bool]) -> bool:
@@ -553,9 +603,7 @@ class Executor(concurrent.futures.Executor):
         job.add_done_callback(self._jobs.discard)
         if not self._check:
             return job
-        checked = Job(self._client)
-        checked.inner = job.inner
-
+        checked = Job(self._client, source=job)
         job.add_done_callback(lambda done: _settle(checked, done, check=True))
         return checked
 

@@ -220,7 +220,8 @@ class Daemon:
         self.submitter = Submitter(name=cfg.name, fingerprint=self.identity.fingerprint, pool=self.pool,
                                    table=self.table, views=lambda: self.capacity.views(self.table),
                                    spill_cpu_pct=cfg.spill_cpu_pct, counters=self.counters,
-                                   run_local=self.host.run_local, on_borrowed=self._borrowed, on_event=self._event,
+                                   run_local=self.host.run_local, run_now=self.host.run_now,
+                                   on_borrowed=self._borrowed, on_event=self._event,
                                    records=self.records, artifacts_dir=cfg.state_dir / "artifacts",
                                    artifact_cap=cfg.artifact_max_mb << 20, max_attempts=cfg.max_attempts,
                                    on_chunk=self.metrics.observe_chunk)

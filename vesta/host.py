@@ -134,6 +134,15 @@ class Host:
         finally:
             self.own_running -= 1
 
+    def run_now(self, offer: proto.Offer, run: LocalRun) -> proto.Result | None:
+        """A chunk of this node's own job that is done on the spot, on the event loop (a tiny cpu chunk, see
+        ``workloads.is_inline``); None for any other, which goes through ``run_local``."""
+        if not is_inline(offer):
+            return None
+        self._own_peak = max(self._own_peak, self.own_running + 1)
+        run.started()
+        return run_inline(offer, run.cancel, self.name, run.progress)
+
     async def _run_own(self, offer: proto.Offer, run: LocalRun) -> proto.Result:
         if not isinstance(offer.spec, ExecSpec):
             run.started()

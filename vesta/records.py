@@ -64,6 +64,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,19 @@ def _row(row: sqlite3.Row, json_cols: tuple[str, ...] = ("args", "result")) -> d
         if col in out:
             out[col] = None if out[col] is None else json.loads(out[col])
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PartEnd:
+    """How an attempt at a chunk ended (``Records.add_part`` of one that is over already)."""
+
+    state: str
+    finished: float
+    cpu_s: float = 0.0
+    mem_mib_s: float = 0.0
+    exit_code: int | None = None
+    reason: str = ""
+    result: dict[str, Any] | None = None
 
 
 class Records:
@@ -422,14 +436,26 @@ class Records:
         if cur.rowcount != 1:
             raise TransitionError(f"job {job_id!r} cannot go from {self._job_state(job_id)['state']} to {to}")
 
-    def add_part(self, job_id: str, *, chunk: int, attempt: int, node: str, node_fp: str, started: float) -> int:
-        """Record one attempt at one chunk, now running on ``node``; returns the part id."""
+    def add_part(self, job_id: str, *, chunk: int, attempt: int, node: str, node_fp: str, started: float,
+                 end: PartEnd | None = None, defer: bool = False) -> int:
+        """Record one attempt at one chunk, now running on ``node``, or (``end``) one that ran on the spot and is
+        over already: one write instead of two. Returns the part id."""
         _check(chunk >= 0 and attempt >= 0, f"chunk and attempt must be >= 0 (got {chunk}, {attempt})")
-        with self._tx():
+        if end is not None:
+            _check(end.state in PART_ENDS, f"a part ends {', '.join(sorted(PART_ENDS))} (got {end.state!r})")
+        with self._tx(defer):
             try:   # the foreign key checks the job; caught in here so earlier deferred writes still commit
-                cur: sqlite3.Cursor | None = self._exec(
-                    "INSERT INTO parts (job_id, chunk, attempt, node, node_fp, started) VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, chunk, attempt, node, node_fp, started))
+                if end is None:
+                    cur: sqlite3.Cursor | None = self._exec(
+                        "INSERT INTO parts (job_id, chunk, attempt, node, node_fp, started) VALUES (?, ?, ?, ?, ?, ?)",
+                        (job_id, chunk, attempt, node, node_fp, started))
+                else:
+                    cur = self._exec(
+                        "INSERT INTO parts (job_id, chunk, attempt, node, node_fp, started, state, finished, cpu_s, "
+                        "mem_mib_s, exit_code, reason, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, chunk, attempt, node, node_fp, started, end.state, end.finished, end.cpu_s,
+                         end.mem_mib_s, end.exit_code, end.reason,
+                         None if end.result is None else _dumps(end.result, "part result")))
             except sqlite3.IntegrityError:
                 cur = None
         if cur is None:

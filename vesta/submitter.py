@@ -22,13 +22,13 @@ from typing import Any
 
 from vesta import artifacts, autopilot, outcome, proto, workloads
 from vesta.autopilot import NodeView
-from vesta.chunks import ChunkOutcome, ChunkRun, Job, OnBorrowed, RunLocal, new_job_id
+from vesta.chunks import ChunkOutcome, ChunkRun, Job, OnBorrowed, RunLocal, RunNow, new_job_id
 from vesta.errors import JobCancelled, JobFailed, NotNow, VestaError
 from vesta.hostexec import OnOutput
 from vesta.link import LinkPool
 from vesta.peertable import PeerTable
 from vesta.placement import JobPlan, Placer, Start, Want
-from vesta.records import Records
+from vesta.records import PartEnd, Records
 from vesta.spec import STORED, CpuSpec, ExecSpec, JobRequest, MemSpec
 from vesta.tasks import StopFlag
 
@@ -48,7 +48,8 @@ class Submitter:
 
     def __init__(self, *, name: str, fingerprint: str, pool: LinkPool, table: PeerTable,
                  views: Callable[[], list[NodeView]], spill_cpu_pct: float, counters: Counter[str],
-                 run_local: RunLocal, on_borrowed: OnBorrowed = lambda fp, name, offer, result: None,
+                 run_local: RunLocal, run_now: RunNow | None = None,
+                 on_borrowed: OnBorrowed = lambda fp, name, offer, result: None,
                  on_event: Callable[[str, str], None] = lambda kind, text: None,
                  on_chunk: Callable[[float], None] = lambda seconds: None,
                  records: Records | None = None, artifacts_dir: Path | None = None, artifact_cap: int = 0,
@@ -68,6 +69,7 @@ class Submitter:
         self.spill_cpu_pct = spill_cpu_pct
         self.counters = counters
         self.run_local = run_local
+        self.run_now = run_now   # a chunk done on the spot (a tiny cpu chunk), else None: through run_local
         self.placer = Placer(spill_cpu_pct=spill_cpu_pct)   # every node's slots and our chunks in flight
         self.on_free: Callable[[], None] = lambda: None   # capacity may have appeared (the exec queue listens)
         self._waiting: dict[int, tuple[JobPlan, asyncio.Future[list[Start]]]] = {}   # jobs waiting for slots, FIFO
@@ -145,21 +147,26 @@ class Submitter:
                     log.warning("could not record the start of job %s: %s", job.job_id, exc)
             self._add_part(job, o)
 
-    def _record_part(self, o: ChunkOutcome, cancelled: bool = False, defer: bool = False) -> None:
-        """One attempt at one chunk, as it ended."""
-        if self.records is None or o.part_id is None:
+    def _record_part(self, job: Job, o: ChunkOutcome, cancelled: bool = False, defer: bool = False) -> None:
+        """One attempt at one chunk, as it ended (one that ran on the spot goes on record only now)."""
+        if self.records is None or (o.part_id is None and not o.spot):
             return
         r = o.result
         state = outcome.attempt_state(ok=o.ok, refused=bool(o.refused), cancelled=cancelled, has_result=r is not None,
                                       error=o.error or (r.error if r else ""))
+        end = PartEnd(state, time.time(), cpu_s=r.cpu_s if r else 0.0, exit_code=r.exit_code if r else None,
+                      reason=(o.refused or o.error)[:500],
+                      result={"hostname": r.hostname, "iterations": r.iterations} if r else None)
         try:
-            self.records.finish_part(o.part_id, state=state, finished=time.time(), cpu_s=r.cpu_s if r else 0.0,
-                                     exit_code=r.exit_code if r else None, reason=(o.refused or o.error)[:500],
-                                     result={"hostname": r.hostname, "iterations": r.iterations} if r else None,
-                                     defer=defer)
+            if o.part_id is None:
+                self.records.add_part(job.job_id, chunk=o.chunk, attempt=o.attempt, node=o.node.name,
+                                      node_fp=o.node.fingerprint, started=o.placed, end=end, defer=defer)
+            else:
+                self.records.finish_part(o.part_id, state=end.state, finished=end.finished, cpu_s=end.cpu_s,
+                                         exit_code=end.exit_code, reason=end.reason, result=end.result, defer=defer)
         except VestaError as exc:
-            log.warning("could not record part %s: %s", o.part_id, exc)
-        o.part_id = None
+            log.warning("could not record part %s of job %s: %s", o.part_id or "", job.job_id, exc)
+        o.part_id, o.spot = None, False
 
     def _placement(self, job: Job) -> list[dict[str, Any]] | None:
         """The job's placement decision, to put on record with its end (or its wait)."""
@@ -400,7 +407,7 @@ class _Schedule:
     emit: Emit
     start_event: dict[str, Any] | None
     on_output: OnOutput | None = None
-    running: dict[asyncio.Task[ChunkOutcome], tuple[int, ChunkOutcome]] = field(default_factory=dict)
+    running: dict[asyncio.Future[ChunkOutcome], tuple[int, ChunkOutcome]] = field(default_factory=dict)
     done: list[ChunkOutcome] = field(default_factory=list)
     progress: int = 0
 
@@ -410,13 +417,18 @@ class _Schedule:
     async def run(self) -> list[ChunkOutcome]:
         job, plan = self.job, self.plan
         last_emit = time.monotonic()
-        cancel_wait = job.cancel.future()
+        cancel_wait: asyncio.Future[None] | None = None   # made when the job first has to wait
         try:
             while not plan.complete():
                 if job.cancel.is_set():
                     raise JobCancelled(f"job {job.job_id} cancelled")
                 for s in plan.next():
                     self._start(s)
+                spot = [t for t in self.running if t.done()]   # chunks done on the spot (tiny cpu work)
+                for task in spot:
+                    await self._settle(task)
+                if spot:
+                    continue   # place what they left, or the job is complete
                 if not self.running:
                     self._stuck()   # raises, unless the job may wait for a slot
                 else:
@@ -425,6 +437,8 @@ class _Schedule:
                     if self.start_event is not None:   # after the records are on disk: never names a job they lack
                         await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
                         self.start_event = None
+                if cancel_wait is None:
+                    cancel_wait = job.cancel.future()
                 await self._wait(cancel_wait)
                 if self.running and time.monotonic() - last_emit >= 0.25:
                     last_emit = time.monotonic()
@@ -432,14 +446,18 @@ class _Schedule:
                                      "finished": len(self.done)})
                 for task in [t for t in self.running if t.done()]:
                     await self._settle(task)
+            if self.start_event is not None:   # a job done on the spot: its start, then (the caller) its end
+                await self.emit(self.start_event | {"nodes": [v.name for v in plan.chosen.values()]})
+                self.start_event = None
         finally:
-            cancel_wait.cancel()
+            if cancel_wait is not None:
+                cancel_wait.cancel()
             if self.running:
                 job.cancel.set()
                 await asyncio.gather(*self.running, return_exceptions=True)
                 for token, o in self.running.values():
                     o.error = o.error or "cancelled"
-                    self.sub._record_part(o, cancelled=True)
+                    self.sub._record_part(job, o, cancelled=True)
                     plan.ended(token, ok=False, error=o.error)
                 self.sub.freed()
         return self.done
@@ -487,8 +505,6 @@ class _Schedule:
         job.running_by_node[node.name] += 1
         job.first_by_node.setdefault(node.name, time.monotonic())
         o.attempt, o.placed = s.attempt, time.time()
-        if not job.queued:   # a queued job's tries are on record only once one is accepted
-            sub._add_part(job, o)
 
         def progress(n: int) -> None:
             self.progress += n
@@ -496,10 +512,18 @@ class _Schedule:
 
         chunk = ChunkRun(job, o, self.offer(s.chunk, start, count), progress, self.on_output,
                          lambda: sub._mark_running(job, o))
+        ended = chunk.now(sub.run_now) if node.local and sub.run_now is not None else None
+        if ended is not None:   # nothing ran anywhere before it was over: its part goes on record with its end
+            done: asyncio.Future[ChunkOutcome] = asyncio.get_running_loop().create_future()
+            done.set_result(ended)
+            self.running[done] = (s.token, o)
+            return
+        if not job.queued:   # a queued job's tries are on record only once one is accepted
+            sub._add_part(job, o)
         work = chunk.here(sub.run_local) if node.local else chunk.there(sub.pool, sub.table, sub.on_borrowed)
         self.running[asyncio.ensure_future(work)] = (s.token, o)
 
-    async def _settle(self, task: asyncio.Task[ChunkOutcome]) -> None:
+    async def _settle(self, task: asyncio.Future[ChunkOutcome]) -> None:
         """A chunk ended: keep its result, or put it back for another node."""
         job, sub = self.job, self.sub
         o = task.result()
@@ -507,7 +531,7 @@ class _Schedule:
         sub.on_chunk(time.time() - o.placed)
         job.running_by_node[o.node.name] -= 1
         # The job's last part ends in the same commit as the job (_finish follows, nothing awaited).
-        sub._record_part(o, defer=o.ok and not self.plan.queue and not self.running)
+        sub._record_part(job, o, defer=o.ok and not self.plan.queue and not self.running)
         verdict = self.plan.ended(token, ok=o.ok, refused=o.refused, error=o.error, started=o.started)
         sub.freed()   # its slot is free: a job waiting for one may take it
         if verdict == "done":

@@ -12,7 +12,7 @@ for large buffers, so one thread per granted core uses every core.
 
 **mem.** Allocate, touch every page (so it is really resident), hold, free.
 
-Work runs in threads; every loop checks a ``threading.Event`` so cancel
+Work runs in threads; every loop checks its stop switch (``Cancel``) so cancel
 takes effect within one segment (about a millisecond).
 """
 
@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from vesta import proto
 from vesta.errors import Cancelled, Refused
@@ -33,6 +34,14 @@ from vesta.proto import CPU_UNIT
 from vesta.spec import CpuSpec, MemSpec
 
 __all__ = ["Cancelled"]
+
+
+class Cancel(Protocol):
+    """A run's stop switch as the work sees it (``tasks.StopFlag``, or a ``threading.Event``)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 HOSTNAME = socket.gethostname()
 INLINE_ITERATIONS = 4096  # a cpu chunk this small (256 KiB, ~0.2 ms) is hashed on the event loop, not in a thread
@@ -55,7 +64,7 @@ def _unit_seed(job_id: str, index: int, size: int) -> bytes:
     return hashlib.sha256(f"vesta-cpu-v1|{job_id}|{index}|{size}".encode()).digest()
 
 
-def unit_digest(job_id: str, index: int, size: int, *, cancel: threading.Event | None = None,
+def unit_digest(job_id: str, index: int, size: int, *, cancel: Cancel | None = None,
                 progress: Callable[[int], None] | None = None) -> bytes:
     """Hash one unit of ``size`` iterations; the result depends only on the arguments."""
     seed = _unit_seed(job_id, index, size)
@@ -93,7 +102,7 @@ class CpuResult:
 
 
 def hash_units(job_id: str, iterations: int, start: int, count: int, *, threads: int = 1,
-               cancel: threading.Event | None = None,
+               cancel: Cancel | None = None,
                progress: Callable[[int], None] | None = None) -> CpuResult:
     """Hash units [start, start+count) of a job of ``iterations`` with ``threads`` threads (blocking)."""
     indexes = list(range(start, start + count))
@@ -159,7 +168,7 @@ class MemResult:
     resident_mib: float
 
 
-def hold_memory(mib: int, ms: int, cancel: threading.Event | None = None) -> MemResult:
+def hold_memory(mib: int, ms: int, cancel: Cancel | None = None) -> MemResult:
     """Allocate ``mib`` MiB, write every page, hold it ``ms`` ms (or until cancelled), free it."""
     size = mib * 1024 * 1024
     t0 = time.perf_counter()
@@ -223,7 +232,7 @@ def is_inline(offer: proto.Offer) -> bool:
             and unit_size(offer.spec.iterations, offer.start) <= INLINE_ITERATIONS)
 
 
-def run_inline(offer: proto.Offer, cancel: threading.Event, node: str,
+def run_inline(offer: proto.Offer, cancel: Cancel, node: str,
                progress: Callable[[int], None]) -> proto.Result | None:
     """Run a tiny cpu chunk right here (None if it is not one, see ``is_inline``).
 
@@ -244,7 +253,7 @@ def run_inline(offer: proto.Offer, cancel: threading.Event, node: str,
                         iterations=size, elapsed_s=time.perf_counter() - t0, cpu_s=time.thread_time() - c0)
 
 
-async def run_builtin(offer: proto.Offer, cancel: threading.Event, node: str,
+async def run_builtin(offer: proto.Offer, cancel: Cancel, node: str,
                       progress: Callable[[int], None]) -> proto.Result:
     """Run a cpu or mem chunk in a worker thread and describe how it ended."""
     quick = run_inline(offer, cancel, node, progress)
