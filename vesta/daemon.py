@@ -55,6 +55,7 @@ from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
 from vesta.link import InboundGate, LinkPool, accept, listen
 from vesta.metrics import Metrics, Sources, age, disk_use, parse_address
+from vesta.names import Names
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
@@ -132,6 +133,7 @@ class Daemon:
         self._exits.callback(rundir.remove_if_empty, self.runner.runs)   # every run's directory is gone by then
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
+        self.names = Names(cfg.state_dir / f"vestad-names-{cfg.name}.json", cfg.name, self.identity.fingerprint)
         self.ledger = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                                   ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
         self._exits.callback(self._save_ledger)
@@ -206,11 +208,13 @@ class Daemon:
         cfg = self.cfg
         hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
         self.capacity = capacity
+        capacity.shown = self.names.shown   # a name shows the identity it is bound to (names.py)
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
                          on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
         self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
+        self.host.shown = self.names.shown
         # peers we linked with keep their place in the table
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s,
                              on_linked=self.table.mark_linked)
@@ -383,7 +387,7 @@ class Daemon:
 
     def _borrowed(self, fp: str, name: str, offer: proto.Offer, result: proto.Result) -> None:
         spec = offer.spec
-        self.ledger.record_borrowed(fp, name, result.cpu_s,
+        self.ledger.record_borrowed(fp, self.names.shown(name, fp), result.cpu_s,
                                     spec.mib * result.elapsed_s if isinstance(spec, proto.MemSpec) else 0)
         self._ledger_dirty.set()
 
@@ -414,11 +418,12 @@ class Daemon:
 
     def _on_change(self, change: Change) -> None:
         p = change.peer
+        shown = self.names.shown(p.name, p.fingerprint)   # the first identity seen with a name is bound to it
         tag = f"peer={p.fingerprint[:8]} addr={p.addr[0]}:{p.addr[1]}"
         detail = f" ({change.detail})" if change.detail else ""
         level = logging.INFO if change.event in ("joined", "left", "restarted", "renamed") else logging.DEBUG
-        log.log(level, "peer %s %s: %s%s", p.name, change.event, tag, detail)
-        self._event(f"peer_{change.event}", f"{p.name} {change.event}{detail}")
+        log.log(level, "peer %s %s: %s%s", shown, change.event, tag, detail)
+        self._event(f"peer_{change.event}", f"{shown} {change.event}{detail}")
         if change.event in ("joined", "restarted", "left"):
             self.submitter.refresh()
             self.queue.capacity()   # a node that may take queued work
