@@ -355,6 +355,9 @@ class Daemon:
         done = self.records.commits
         while True:
             await asyncio.sleep(RECORDS_CHECKPOINT_S)
+            if self.records.read_only:   # a full disk at start: writable again once there is room
+                self.records.reopen()
+                continue
             try:
                 self.records.commit()
             except sqlite3.Error as exc:   # the writes stay in the write log: retried next time, replayed at start

@@ -90,6 +90,8 @@ class Host:
             if spec.mem_mib > self.runner.mem_mib:
                 return Refused(f"{self.name} gives exec jobs at most {self.runner.mem_mib} MiB "
                                f"({spec.mem_mib} MiB asked)", "memory")
+        if peer is not None and self.records is not None and self.records.read_only:   # a run must be on record
+            return Refused(f"{self.name} has no room in its state directory", "busy")
         if peer is not None and self.ledger is not None:
             ok, why = self.ledger.admits(peer)
             if not ok:

@@ -23,7 +23,7 @@ from vesta import __version__, outcome, proto
 from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.crypto import FederationKeys
-from vesta.errors import ConfigError, JobFailed, NotFound, PeerUnavailable, VestaError
+from vesta.errors import ConfigError, JobFailed, NotFound, PeerUnavailable, StateFull, VestaError
 from vesta.host import Host
 from vesta.identity import Identity
 from vesta.jobqueue import ExecQueue, stage_inputs
@@ -97,6 +97,11 @@ class ControlOps:
                           else request)
             return {"ok": False, "error": f"internal error in vestad: {type(exc).__name__}: {exc}"[:500],
                     "type": "VestaError"}
+
+    def room(self) -> None:
+        """A job needs room in the state directory for its records (and files): refused at once without."""
+        if self.records.read_only:
+            raise StateFull(f"no room for this job's records: {self.records.room_hint()}")
 
     def shown(self, peer: Peer) -> str:
         """The peer's name as this node shows it: ``NAME``, or ``NAME~fp8`` when the name is bound to another
@@ -300,10 +305,12 @@ class ControlOps:
         }
 
     async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        self.room()
         request = JobRequest.from_wire("cpu", args)
         return await self._job(request, self.submitter.submit(request, emit))
 
     async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        self.room()
         request = JobRequest.from_wire("mem", args)
         return await self._job(request, self.submitter.submit(request, emit))
 
@@ -323,6 +330,7 @@ class ControlOps:
 
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         request = JobRequest.from_wire("exec", args)
+        self.room()
         if request.queue:   # a name no node ever had is refused at once (unqueued, the job fails at once)
             self.submitter.check_on(request.on)
         job_id = new_job_id()
