@@ -199,6 +199,7 @@ class Daemon:
             name=cfg.name, node_id=self.identity.fingerprint,
             allowlist=allowlist.Allowlist(cfg.exec_allowlist, exec_search_path()), timeout_s=cfg.exec_timeout_s,
             mem_mib=cfg.mem_offer_mb, file_mib=cfg.exec_max_file_mb, max_procs=cfg.exec_max_procs, runs=runs,
+            disk_mib=cfg.exec_max_disk_mb, max_files=cfg.exec_max_files,
             bwrap=bwrap, allow_network=cfg.allow_network,
             hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()),
             job_user=job_user, setpriv=setpriv, prlimit=prlimit, keep_runs=cfg.keep_runs)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vesta import allowlist, artifacts, confine, execrun, proctree, proto, rundir
+from vesta import allowlist, artifacts, confine, execrun, proctree, proto, rundir, runfiles
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.spec import ExecSpec, FileInfo
 from vesta.tasks import StopFlag
@@ -170,6 +170,8 @@ class ExecRunner:
     timeout_s: float = 3600.0                   # exec_timeout_s: a run's default and longest time
     mem_mib: int = 1024                         # mem_offer_mb: a run's default and largest address space
     file_mib: int = 1024                        # exec_max_file_mb
+    disk_mib: int = 2048                        # exec_max_disk_mb: a run's files in all (runfiles)
+    max_files: int = 20000                      # exec_max_files
     max_procs: int = 0
     runs: Path | None = None                    # where run directories are made (None: the system temp dir)
     bwrap: str | None = None                    # bubblewrap, when exec runs sandboxed
@@ -256,7 +258,8 @@ class ExecRunner:
             r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
                                   timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
                                   preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib,
-                                  stdin=workdir / spec.stdin if spec.stdin else None)
+                                  stdin=workdir / spec.stdin if spec.stdin else None, disk=runfiles.DiskLimit(
+                                      self.disk_mib << 20, self.max_files, (workdir, rundir.home_of(workdir))))
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
@@ -305,7 +308,8 @@ class ExecRunner:
                 runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
-                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper())
+                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper(),
+                    tmp_bytes=self.disk_mib << 20)
             if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
                 runner, argv = limits.command(self.prlimit, runner, argv, setpriv=self.setpriv,
                                               switch_user=self.bwrap is None)
