@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"vesta.checks"},
     {"vesta.spec", "vesta.status", "vesta.paths", "vesta.schema"},
     {"vesta.proto", "vesta.crypto", "vesta.wire", "vesta.identity", "vesta.config", "vesta.tasks", "vesta.logs",
-     "vesta.hours", "vesta.proctree", "vesta.runfiles", "vesta.outcome"},
+     "vesta.hours", "vesta.proctree", "vesta.runfiles", "vesta.cgroup", "vesta.outcome"},
     {"vesta.allowlist"},
     {"vesta.rundir"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.names", "vesta.records",

@@ -30,6 +30,7 @@ from vesta import (
     __version__,
     allowlist,
     artifacts,
+    cgroup,
     confine,
     controlserver,
     outcome,
@@ -194,8 +195,10 @@ class Daemon:
         prlimit = shutil.which("prlimit", path=allowlist.SAFE_PATH)
         setpriv = (confine.find_setpriv() if job_user is not None and (bwrap is not None or prlimit is not None)
                    else None)
+        cgroups, why = confine_memory(cfg.allow_exec)
         # Programs are found where the system keeps them and beside vesta itself (so `piwork` works).
         return ExecRunner(
+            cgroups=cgroups, cgroups_why=why,
             name=cfg.name, node_id=self.identity.fingerprint,
             allowlist=allowlist.Allowlist(cfg.exec_allowlist, exec_search_path()), timeout_s=cfg.exec_timeout_s,
             mem_mib=cfg.mem_offer_mb, file_mib=cfg.exec_max_file_mb, max_procs=cfg.exec_max_procs, runs=runs,
@@ -514,3 +517,15 @@ def exec_search_path() -> str:
     here = str(Path(sys.executable).parent)
     parts = allowlist.SAFE_PATH.split(":")
     return ":".join(parts + ([here] if here not in parts else []))
+
+
+def confine_memory(allow_exec: bool) -> tuple[cgroup.MemoryCgroups | None, str]:
+    """Exec runs' memory limits in cgroup v2 where this daemon has a usable one (``cgroup``), said at start."""
+    if not allow_exec:
+        return None, ""
+    found, why = cgroup.MemoryCgroups.find()
+    if found is not None:
+        log.info("exec runs' memory is limited by cgroup v2 memory.max under %s", found.base)
+    else:
+        log.info("exec runs' memory is watched from /proc: no usable cgroup v2 (%s)", why)
+    return found, why

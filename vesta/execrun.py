@@ -51,6 +51,7 @@ from typing import IO, Any
 
 from vesta import proctree, runfiles
 from vesta.allowlist import NOT_FOUND_ERRNOS
+from vesta.cgroup import RunCgroup
 from vesta.errors import Refused
 from vesta.tasks import spawn
 
@@ -502,7 +503,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
               preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None,
               mem_limit_mib: int | None = None, stdin: Path | None = None,
-              disk: runfiles.DiskLimit | None = None) -> ExecResult:
+              disk: runfiles.DiskLimit | None = None, cgroup: RunCgroup | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
@@ -517,6 +518,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     says ``over_memory``. Per-process limits (RLIMIT_AS) let four processes of 900 MiB each through.
     ``disk``: the run's files are counted every ``runfiles.DISK_CHECK_S`` (its directories, and a sandbox's
     private /tmp); over either bound the run is killed at once and the result says ``over_disk``.
+    ``cgroup``: the run's cgroup (``cgroup.RunCgroup``), its first process moved in as soon as it is started.
     ``stdin``: a file the program reads as its standard input (opened here, without following a symlink);
     otherwise ``/dev/null``.
     """
@@ -529,6 +531,8 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
         stdin_fd = None if stdin is None else os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             proc = _start(argv, program, cwd, env, preexec, sandbox, stdin_fd)
+            if cgroup is not None:
+                cgroup.add(proc.pid)
         finally:
             if stdin_fd is not None:
                 os.close(stdin_fd)   # the child has its copy
