@@ -24,6 +24,7 @@ def test_first_identity_keeps_the_name_and_another_is_tagged(tmp_path: Path) -> 
     assert book.shown("laptop", C) == "laptop~cccccccc"
     assert book.shown("laptop", B) == "laptop"
     assert book.shown("desk", C) == "desk~cccccccc"      # this node's own name is never another's
+    book.save()
     again = Names(tmp_path / "names.json", "desk", A)     # kept across restarts
     assert again.shown("laptop", C) == "laptop~cccccccc"
     assert again.owner("laptop") == B
@@ -33,6 +34,7 @@ def test_a_flood_of_names_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(names, "MAX_NAMES", 3)
     book = Names(tmp_path / "names.json", "desk", A)
     assert [book.shown(f"n{i}", B) for i in range(4)] == ["n0", "n1", "n2~bbbbbbbb", "n3~bbbbbbbb"]
+    book.save()
     assert len(json.loads((tmp_path / "names.json").read_text())["names"]) == 3
 
 
@@ -41,6 +43,7 @@ def test_an_unreadable_file_starts_empty_and_is_rewritten(tmp_path: Path, caplog
     book = Names(tmp_path / "names.json", "desk", A)
     assert book.shown("laptop", B) == "laptop"
     assert "unreadable" in caplog.text
+    book.save()
     assert json.loads((tmp_path / "names.json").read_text())["names"] == {"desk": A, "laptop": B}
 
 

@@ -135,6 +135,7 @@ class Daemon:
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
         self.names = Names(cfg.state_dir / f"vestad-names-{cfg.name}.json", cfg.name, self.identity.fingerprint)
+        self._exits.callback(self.names.save)
         self.ledger = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                                   ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
         self._exits.callback(self._save_ledger)
@@ -359,6 +360,8 @@ class Daemon:
         done = self.records.commits
         while True:
             await asyncio.sleep(RECORDS_CHECKPOINT_S)
+            if self.names.dirty:   # new name bindings: one write a second at most, whatever a flood binds
+                await asyncio.to_thread(self.names.write, self.names.snapshot())
             if self.records.read_only:   # a full disk at start: writable again once there is room
                 self.records.reopen()
                 continue

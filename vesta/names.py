@@ -2,7 +2,8 @@
 
 A name is what a node *says* it is called; any key holder may say any name. So a name is bound to the
 first identity (fingerprint) this node saw using it, this node's own name to itself, and the binding is
-kept in ``STATE_DIR/vestad-names-NAME.json`` across restarts. Another identity using a bound name is shown
+kept in ``STATE_DIR/vestad-names-NAME.json`` across restarts (written within a second of a new binding, off
+the event loop, so a flood of new names costs one write a second). Another identity using a bound name is shown
 as ``NAME~fp8`` (its fingerprint's first 8 characters): ``--on NAME`` reaches only the bound identity,
 ``--on NAME~fp8`` the other one, so two honest machines called ``laptop`` both stay usable and an
 impostor is never chosen by name alone. Records and the ledger show these names, which follow the
@@ -40,10 +41,12 @@ class Names:
     def __init__(self, path: Path | None, own_name: str, own_fp: str) -> None:
         self.path = path
         self.bound: dict[str, str] = {}
-        self.unsaved = False
+        self.dirty = False      # bindings not yet written (``save``, about once a second, off the event loop)
+        self.unsaved = False    # the last write failed (a full disk): said once
         if path is not None:
             self._load(path)
         self.shown(own_name, own_fp, own=True)
+        self.save()
 
     def _load(self, path: Path) -> None:
         try:
@@ -72,23 +75,32 @@ class Names:
             return name
         if (owner is None and len(self.bound) < MAX_NAMES) or own:
             self.bound[name] = fingerprint
-            self.save()
+            self.dirty = True
             return name
         return tagged(name, fingerprint)
 
     def owner(self, name: str) -> str | None:
         return self.bound.get(name)
 
-    def save(self) -> None:
-        """Write the bindings (atomic replace); a full disk keeps them in memory and tries again later."""
+    def snapshot(self) -> bytes:
+        """The file's next contents (taken where bindings change: the event loop), written by ``write``."""
+        self.dirty = False
+        return json.dumps({"version": 1, "names": self.bound}, indent=1, sort_keys=True).encode() + b"\n"
+
+    def write(self, data: bytes) -> None:
+        """Atomically replace the file; a full disk keeps the bindings in memory, written again later."""
         if self.path is None:
             return
-        data = json.dumps({"version": 1, "names": self.bound}, indent=1, sort_keys=True).encode() + b"\n"
         try:
             atomic_write(self.path, data)
             self.unsaved = False
         except OSError as exc:
+            self.dirty = True
             if not self.unsaved:
                 log.warning("cannot save name bindings to %s (%s): kept in memory, saved when there is room",
                             self.path, exc.strerror or exc)
             self.unsaved = True
+
+    def save(self) -> None:
+        if self.dirty:
+            self.write(self.snapshot())
