@@ -357,9 +357,9 @@ def describe(runner: ExecRunner, exec_user: str, sandbox: str) -> str:
         base += f"; runs as {exec_user} (uid {runner.job_user[0]})"
     elif os.geteuid() == 0:
         base += "; runs as root (exec_user is empty)"
-    if runner.bwrap is None:
-        return f"{base}; no sandbox (" + ("sandbox none" if sandbox == "none" else "bubblewrap not installed") + ")"
     if runner.cgroups_why:
         base += f"; memory: {'memory.max in ' if runner.cgroups else 'watched from /proc: '}{runner.cgroups_why}"
+    if runner.bwrap is None:
+        return f"{base}; no sandbox (" + ("sandbox none" if sandbox == "none" else "bubblewrap not installed") + ")"
     net = "network allowed" if runner.allow_network else "no network"
     return f"{base}; bubblewrap: system read-only, private /tmp and home, {net}"
