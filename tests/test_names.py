@@ -31,11 +31,13 @@ def test_first_identity_keeps_the_name_and_another_is_tagged(tmp_path: Path) -> 
 
 
 def test_a_flood_of_names_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(names, "MAX_NAMES", 3)
+    monkeypatch.setattr(names, "MAX_NAMES", 5)
     book = Names(tmp_path / "names.json", "desk", A)
-    assert [book.shown(f"n{i}", B) for i in range(4)] == ["n0", "n1", "n2~bbbbbbbb", "n3~bbbbbbbb"]
+    # one identity renaming itself binds at most MAX_PER_IDENTITY names
+    assert [book.shown(f"n{i}", B) for i in range(6)] == ["n0", "n1", "n2", "n3", "n4~bbbbbbbb", "n5~bbbbbbbb"]
+    assert book.shown("m", C) == "m~cccccccc"   # the book is full
     book.save()
-    assert len(json.loads((tmp_path / "names.json").read_text())["names"]) == 3
+    assert len(json.loads((tmp_path / "names.json").read_text())["names"]) == 5
 
 
 def test_an_unreadable_file_starts_empty_and_is_rewritten(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

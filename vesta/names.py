@@ -9,8 +9,9 @@ as ``NAME~fp8`` (its fingerprint's first 8 characters): ``--on NAME`` reaches on
 impostor is never chosen by name alone. Records and the ledger show these names, which follow the
 identity a link authenticated, never a name a message claims.
 
-The book is bounded (``MAX_NAMES``): beyond it a new name is shown with its fingerprint too, so a flood
-of made-up identities cannot grow the file without end. Renaming a node binds its new name (when free)
+The book is bounded (``MAX_NAMES``, and ``MAX_PER_IDENTITY`` names for one identity): beyond either a new
+name is shown with its fingerprint too, so a flood of made-up identities or renames cannot grow the file
+without end, and one identity cannot take every name. Renaming a node binds its new name (when free)
 and leaves the old one bound to it. To give a name to another machine, stop vestad and delete the name's
 entry from the file.
 """
@@ -26,6 +27,7 @@ from vesta.identity import atomic_write
 log = logging.getLogger(__name__)
 
 MAX_NAMES = 4096
+MAX_PER_IDENTITY = 4   # names one identity may have bound (renames): one identity cannot fill the book
 SEP = "~"
 FP_SHOWN = 8
 
@@ -73,7 +75,8 @@ class Names:
         owner = self.bound.get(name)
         if owner == fingerprint:
             return name
-        if (owner is None and len(self.bound) < MAX_NAMES) or own:
+        if own or (owner is None and len(self.bound) < MAX_NAMES
+                   and sum(1 for fp in self.bound.values() if fp == fingerprint) < MAX_PER_IDENTITY):
             self.bound[name] = fingerprint
             self.dirty = True
             return name
