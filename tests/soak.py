@@ -21,7 +21,8 @@ Meanwhile the honest nodes ping the target every half second; after the attack 2
 the target in the middle of jobs split with its peer, and after each restart its records database and
 ledger are checked and every job it had answered must be on record. What it prints, each with PASS or FAIL:
 crashes (daemon deaths and tracebacks in the logs, 0), RSS growth of the target over the attack
-(<= 5 MiB), CPU per 1,000 hostile inputs (reported), honest pings refused during the attack (0), and
+(<= 5 MiB), CPU per 1,000 hostile inputs (reported), made-up identities listed with more capacity than
+plausible or under the target's name (0), honest pings refused during the attack (0), and
 records and ledger integrity after the kill cycles (intact).
 """
 
@@ -49,6 +50,7 @@ from nacl.signing import SigningKey
 from tests.helpers import Cluster, Vestad, eventually, idle_proc, short_tmpdir
 from vesta import proto
 from vesta.crypto import FederationKeys, derive_keys, fingerprint, seal_beacon
+from vesta.status import PLAUSIBLE_CORES
 from vesta.wire import Channel, handshake, pack_frame
 
 RSS_BUDGET = 5 << 20
@@ -294,6 +296,14 @@ class Soak:
             except Exception as exc:  # noqa: BLE001 - counted
                 self.refused.append(f"late node not admitted: {exc}")
         time.sleep(1.0)
+        # what members said about themselves: capacity clamped, the target's name still the target's
+        target_fp = target.status()["fingerprint"]
+        members = [r for n in (target, honest) for r in n.peers() if r["version"] == "soak"]
+        lies = [f"{r['name']}: {r['cores']} cores" for r in members
+                if r["cores"] > PLAUSIBLE_CORES or r["offered_cores"] > r["cores"]
+                or r["spare_cores"] > r["offered_cores"]]
+        lies += [f"an impostor is shown as 'target' ({r['fingerprint'][:8]})" for r in honest.peers()
+                 if r["name"] == "target" and r["fingerprint"] != target_fp]
         growth = max(p.memory_info().rss - r for p, r in zip(procs, rss0, strict=True))
         cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
         received = sum(n.status()["counters"].get("datagrams_received", 0) for n in (target, honest, late))
@@ -313,6 +323,8 @@ class Soak:
              "<= 5 MiB"),
             ("CPU per 1,000 inputs", f"{cpu / total * 1000 * 1000:.1f} ms (target and honest together)", True,
              "reported"),
+            ("member lies believed", f"{len(lies)} (of {len(members)} made-up identities listed)"
+             + (f": {lies[0]}" if lies else ""), not lies, "0"),
             ("honest refused", f"{len(self.refused)} of {self.pings + 1}"
                                + (f" ({self.refused[0]})" if self.refused else ""), not self.refused, "0"),
             (f"kill -9 x {self.kill_cycles}", integrity or "intact", not integrity, "intact"),
