@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
@@ -564,3 +565,25 @@ def test_records_messages_round_trip_and_reject_bad_rows() -> None:
                 proto.Records(rid=1, node="bad name", rows=())):
         with pytest.raises(ProtocolError):
             proto.decode(proto.encode(bad))
+
+
+def test_advertised_capacity_is_clamped_on_receipt_to_what_a_node_can_plausibly_have() -> None:
+    """A member advertising 4,096 spare cores, a petabyte and an impossible hash rate is believed only as
+    far as a real machine could go, and never beyond its own figures (spare <= offered <= cores)."""
+    from vesta import status as st
+    liar = make_status(cores=4096, cpu_per_core=(0,) * 4096, offered_cores=4096.0, spare_cores=4096.0,
+                       mem_total_mb=1 << 30, mem_avail_mb=1 << 30, offered_mem_mb=1 << 30, hash_rate=1e13)
+    got = proto.decode(proto.encode(make_beacon(status=liar)))
+    assert isinstance(got, Beacon)
+    s = got.status
+    assert (s.cores, len(s.cpu_per_core), s.offered_cores, s.spare_cores) == (st.PLAUSIBLE_CORES,) * 2 + (
+        float(st.PLAUSIBLE_CORES),) * 2
+    assert s.mem_total_mb == s.mem_avail_mb == s.offered_mem_mb == st.PLAUSIBLE_MEM_MB
+    assert s.hash_rate == st.PLAUSIBLE_HASH_RATE
+    inconsistent = make_status(cores=2, cpu_per_core=(0, 0), offered_cores=2.0, spare_cores=2.0,
+                               mem_total_mb=1000, mem_avail_mb=5000, offered_mem_mb=4000)
+    got = proto.decode(proto.encode(make_beacon(status=dataclasses.replace(inconsistent, offered_cores=1.5))))
+    assert isinstance(got, Beacon)
+    assert (got.status.spare_cores, got.status.mem_avail_mb, got.status.offered_mem_mb) == (1.5, 1000, 1000)
+    honest = make_status()
+    assert honest.plausible() is honest

@@ -38,6 +38,7 @@ class Capacity:
     gpus: tuple[sysstat.Gpu, ...] = ()
     started: float = field(default_factory=time.monotonic)
     own: Callable[[], int] = lambda: 0             # chunks of this node's own jobs running here now
+    shown: Callable[[str, str], str] = lambda name, fp: name   # (claimed name, fingerprint) -> shown name
 
     def __post_init__(self) -> None:
         total = sysstat.cpu_count(self.cfg.proc_root)
@@ -139,7 +140,8 @@ class Capacity:
                         offered_cores=own.offered_cores, labels=tuple(own.labels))]
         for p in table.alive():
             s = p.status
-            out.append(NodeView(p.fingerprint, p.name, False, s.cores, s.cpu_pct, s.spare_cores, s.hash_rate,
+            out.append(NodeView(p.fingerprint, self.shown(p.name, p.fingerprint), False, s.cores, s.cpu_pct,
+                                s.spare_cores, s.hash_rate,
                                 s.offered_mem_mb, s.exec_allowed, p.last_seen, running=s.running,
                                 offered_cores=s.offered_cores, lending=s.lending, labels=tuple(s.labels)))
         return out

@@ -57,6 +57,8 @@ class Config:
     exec_timeout_s: float = 3600.0   # an exec job without --timeout is stopped after this
     log_cap_bytes: int = 1 << 20     # stdout+stderr kept per job in the records; the rest is cut, marked
     exec_max_file_mb: int = 1024     # largest file an exec job may write (RLIMIT_FSIZE)
+    exec_max_disk_mb: int = 2048     # all the files of one exec run (work dir, HOME, sandbox /tmp), MiB
+    exec_max_files: int = 20000      # files + directories one exec run may make (a bigger bound costs a longer count)
     sandbox: str = "auto"            # exec isolation: auto (bubblewrap when installed), bwrap (required), none
     allow_network: bool = False      # let sandboxed exec jobs use the network
     exec_user: str = "nobody"        # who exec jobs run as when vestad runs as root ("" = root itself: unsafe)
@@ -236,6 +238,8 @@ _CHECKS: dict[str, Check] = {
     "exec_timeout_s": _float(1.0, float(MAX_TIMEOUT_S)),
     "log_cap_bytes": _int(0, 1 << 30),
     "exec_max_file_mb": _int(1, 1 << 24),
+    "exec_max_disk_mb": _int(1, 1 << 24),
+    "exec_max_files": _int(1, 10_000_000),
     "sandbox": _choice("auto", "bwrap", "none"),
     "allow_network": _bool,
     "exec_user": _str,

@@ -236,7 +236,7 @@ class Limits:
 
     def explain(self, result: ExecResult, output_tail: bytes) -> str:
         """Which limit a failed run most likely hit, or "" when none."""
-        if result.over_memory:   # the run's own watch killed it: it says how much
+        if result.over_memory or result.over_disk:   # the run's own watch killed it: it says how much
             return result.reason
         # A sandboxed run reports its program's death by signal N as exit status 128+N.
         died_of = result.signal or ((result.exit_code or 0) - 128 if (result.exit_code or 0) > 128 else None)
@@ -287,7 +287,8 @@ def find_setpriv(search_path: str = SAFE_PATH) -> str:
 def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Path, allow_network: bool,
                   hide: Sequence[Path] = (), expose: Sequence[Path] = (),
                   run_as: tuple[int, int] | None = None, setpriv: str | None = None,
-                  info_fd: int | None = None, die_with_parent: bool = True) -> tuple[str, list[str]]:
+                  info_fd: int | None = None, die_with_parent: bool = True,
+                  tmp_bytes: int | None = None) -> tuple[str, list[str]]:
     """Wrap a run in bubblewrap: the system read-only, the working directory and its HOME read-write, a private
     /tmp, /home and /root, the ``hide`` paths (the daemon's own state, its control socket) replaced
     by empty directories, then the ``expose`` paths (vesta's own Python, the program's directory)
@@ -309,6 +310,8 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     can be counted. ``die_with_parent=False`` lets the namespace outlive bubblewrap, which exits as soon
     as the job's main process does: only for a subreaper runner (``proctree``), which adopts the init,
     counts what is left in it and kills it (the kernel's own teardown would reap it uncounted).
+
+    ``tmp_bytes``: the private /tmp is a tmpfs of at most this size (exec_max_disk_mb).
     """
     home = home_of(workdir)   # the run's HOME beside it (rundir.scrubbed_env), when it has one
     homes = [str(home)] if home.is_dir() and not home.is_symlink() else []
@@ -319,7 +322,7 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     opened: set[str] = set()
     for mount in mounts:
-        cmd += ["--tmpfs", mount]
+        cmd += ["--size", str(tmp_bytes), "--tmpfs", mount] if mount == "/tmp" and tmp_bytes else ["--tmpfs", mount]
         cmd += _open_parents(mount, mounts, reach, shown, opened)
     for path in shown:
         cmd += ["--ro-bind", path, path]

@@ -30,6 +30,7 @@ from vesta import (
     __version__,
     allowlist,
     artifacts,
+    cgroup,
     confine,
     controlserver,
     outcome,
@@ -55,6 +56,7 @@ from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
 from vesta.link import InboundGate, LinkPool, accept, listen
 from vesta.metrics import Metrics, Sources, age, disk_use, parse_address
+from vesta.names import Names
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
@@ -132,6 +134,8 @@ class Daemon:
         self._exits.callback(rundir.remove_if_empty, self.runner.runs)   # every run's directory is gone by then
         for stale in (cfg.state_dir / "artifacts").glob(".vesta-incoming-*"):   # a transfer cut by a crash
             await asyncio.to_thread(shutil.rmtree, stale, True)
+        self.names = Names(cfg.state_dir / f"vestad-names-{cfg.name}.json", cfg.name, self.identity.fingerprint)
+        self._exits.callback(self.names.save)
         self.ledger = Ledger.load(cfg.state_dir / f"vestad-ledger-{cfg.name}.json", goodwill=cfg.goodwill_core_s,
                                   ratio=cfg.max_borrow_ratio, half_life_days=cfg.ledger_half_life_days)
         self._exits.callback(self._save_ledger)
@@ -192,11 +196,14 @@ class Daemon:
         prlimit = shutil.which("prlimit", path=allowlist.SAFE_PATH)
         setpriv = (confine.find_setpriv() if job_user is not None and (bwrap is not None or prlimit is not None)
                    else None)
+        cgroups, why = confine_memory(cfg.allow_exec)
         # Programs are found where the system keeps them and beside vesta itself (so `piwork` works).
         return ExecRunner(
+            cgroups=cgroups, cgroups_why=why,
             name=cfg.name, node_id=self.identity.fingerprint,
             allowlist=allowlist.Allowlist(cfg.exec_allowlist, exec_search_path()), timeout_s=cfg.exec_timeout_s,
             mem_mib=cfg.mem_offer_mb, file_mib=cfg.exec_max_file_mb, max_procs=cfg.exec_max_procs, runs=runs,
+            disk_mib=cfg.exec_max_disk_mb, max_files=cfg.exec_max_files,
             bwrap=bwrap, allow_network=cfg.allow_network,
             hide=(cfg.state_dir.expanduser().resolve(), cfg.control_socket.parent.resolve()),
             job_user=job_user, setpriv=setpriv, prlimit=prlimit, keep_runs=cfg.keep_runs)
@@ -206,11 +213,13 @@ class Daemon:
         cfg = self.cfg
         hours = LendingHours(parse_hours(cfg.lend_hours)) if cfg.lend_hours else None
         self.capacity = capacity
+        capacity.shown = self.names.shown   # a name shows the identity it is bound to (names.py)
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
                          on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
         self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
+        self.host.shown = self.names.shown
         # peers we linked with keep their place in the table
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s,
                              on_linked=self.table.mark_linked)
@@ -352,6 +361,11 @@ class Daemon:
         done = self.records.commits
         while True:
             await asyncio.sleep(RECORDS_CHECKPOINT_S)
+            if self.names.dirty:   # new name bindings: one write a second at most, whatever a flood binds
+                await asyncio.to_thread(self.names.write, self.names.snapshot())
+            if self.records.read_only:   # a full disk at start: writable again once there is room
+                self.records.reopen()
+                continue
             try:
                 self.records.commit()
             except sqlite3.Error as exc:   # the writes stay in the write log: retried next time, replayed at start
@@ -384,7 +398,7 @@ class Daemon:
 
     def _borrowed(self, fp: str, name: str, offer: proto.Offer, result: proto.Result) -> None:
         spec = offer.spec
-        self.ledger.record_borrowed(fp, name, result.cpu_s,
+        self.ledger.record_borrowed(fp, self.names.shown(name, fp), result.cpu_s,
                                     spec.mib * result.elapsed_s if isinstance(spec, proto.MemSpec) else 0)
         self._ledger_dirty.set()
 
@@ -415,11 +429,12 @@ class Daemon:
 
     def _on_change(self, change: Change) -> None:
         p = change.peer
+        shown = self.names.shown(p.name, p.fingerprint)   # the first identity seen with a name is bound to it
         tag = f"peer={p.fingerprint[:8]} addr={p.addr[0]}:{p.addr[1]}"
         detail = f" ({change.detail})" if change.detail else ""
         level = logging.INFO if change.event in ("joined", "left", "restarted", "renamed") else logging.DEBUG
-        log.log(level, "peer %s %s: %s%s", p.name, change.event, tag, detail)
-        self._event(f"peer_{change.event}", f"{p.name} {change.event}{detail}")
+        log.log(level, "peer %s %s: %s%s", shown, change.event, tag, detail)
+        self._event(f"peer_{change.event}", f"{shown} {change.event}{detail}")
         if change.event in ("joined", "restarted", "left"):
             self.submitter.refresh()
             self.queue.capacity()   # a node that may take queued work
@@ -506,3 +521,15 @@ def exec_search_path() -> str:
     here = str(Path(sys.executable).parent)
     parts = allowlist.SAFE_PATH.split(":")
     return ":".join(parts + ([here] if here not in parts else []))
+
+
+def confine_memory(allow_exec: bool) -> tuple[cgroup.MemoryCgroups | None, str]:
+    """Exec runs' memory limits in cgroup v2 where this daemon has a usable one (``cgroup``), said at start."""
+    if not allow_exec:
+        return None, ""
+    found, why = cgroup.MemoryCgroups.find()
+    if found is not None:
+        log.info("exec runs' memory is limited by cgroup v2 memory.max under %s", found.base)
+    else:
+        log.info("exec runs' memory is watched from /proc: no usable cgroup v2 (%s)", why)
+    return found, why

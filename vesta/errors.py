@@ -18,6 +18,7 @@ VestaError
 │   ├── NotNow           a queued job no node can take right now (it stays queued)
 │   └── JobCancelled     the job was cancelled
 ├── RecordsError         the records database failed (disk full, I/O error); CLI exits 1
+│   ├── StateFull        the state directory has no room: what needs space is refused until it has
 │   ├── TransitionError  a job state change that the state machine does not allow
 │   └── UnknownRecord    no such job or part in the records
 ├── Cancelled            a built-in workload saw its stop switch (caught inside the host)
@@ -115,6 +116,10 @@ class JobCancelled(JobFailed):
 
 class RecordsError(VestaError):
     """The records database could not be read or written."""
+
+
+class StateFull(RecordsError):
+    """The state directory's filesystem is full: what needs space is refused; the message names the fix."""
 
 
 class TransitionError(RecordsError):

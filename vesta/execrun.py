@@ -49,8 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from vesta import proctree
+from vesta import proctree, runfiles
 from vesta.allowlist import NOT_FOUND_ERRNOS
+from vesta.cgroup import RunCgroup
 from vesta.errors import Refused
 from vesta.tasks import spawn
 
@@ -78,6 +79,7 @@ class ExecResult:
     max_rss_kb: int
     reason: str                # "" on a normal exit, else a one-line why
     over_memory: bool = False  # killed for the resident memory of the whole run (``run``'s ``mem_limit_mib``)
+    over_disk: bool = False    # killed for the files it wrote (``run``'s ``disk``)
 
 
 class SandboxInfo:
@@ -343,10 +345,13 @@ class _Running:
             self.proc.returncode = os.waitstatus_to_exitcode(self.status)   # Popen must not wait for it
 
     async def supervise(self, started: float, timeout: float | None, cancel: asyncio.Event | None,
-                        term_grace: float, mem_limit_mib: int | None = None) -> ExecResult:
+                        term_grace: float, mem_limit_mib: int | None = None,
+                        disk: runfiles.DiskLimit | None = None) -> ExecResult:
         deadline = None if timeout is None else started + timeout
         next_check = None if mem_limit_mib is None else started + MEM_CHECK_S
         over_memory = 0   # what the run had resident when it was found over its limit
+        next_disk = None if disk is None else started + runfiles.DISK_CHECK_S
+        over_disk = ""    # why it was found over its disk limit
         cancel_wait = None if cancel is None else asyncio.ensure_future(cancel.wait())
         watching: set[asyncio.Future[Any]] = {self.watch.exited, *self.readers}
         if cancel_wait is not None:
@@ -366,10 +371,17 @@ class _Running:
                         over_memory = resident
                         break
                     next_check = time.monotonic() + MEM_CHECK_S
+                if next_disk is not None and disk is not None and now >= next_disk:
+                    init = self.sandbox.init[0] if self.sandbox is not None and self.sandbox.init else None
+                    over_disk = await asyncio.to_thread(runfiles.over, disk, init)
+                    if over_disk:
+                        break
+                    next_disk = time.monotonic() + runfiles.DISK_CHECK_S
                 wait = left
-                if next_check is not None:
-                    until_check = max(0.0, next_check - now)
-                    wait = until_check if wait is None else min(wait, until_check)
+                for check in (next_check, next_disk):
+                    if check is not None:
+                        until_check = max(0.0, check - now)
+                        wait = until_check if wait is None else min(wait, until_check)
                 done, _ = await asyncio.wait(watching, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if self.watch.exited.done():
                     break
@@ -385,7 +397,7 @@ class _Running:
         finally:
             if cancel_wait is not None:
                 cancel_wait.cancel()
-        if not self.watch.exited.done() and failure is None and not over_memory:
+        if not self.watch.exited.done() and failure is None and not over_memory and not over_disk:
             # bubblewrap taking SIGTERM could tear its namespace down at once (--die-with-parent), reaped where
             # nothing counts it; the job's processes get it instead, and the sandbox ends when they do.
             await asyncio.to_thread(self.signal, signal.SIGTERM, leader=self.sandbox is None)
@@ -405,6 +417,8 @@ class _Running:
             result = dataclasses.replace(result, over_memory=True, reason=(
                 f"memory limit hit ({over_memory / (1 << 20):.0f} MiB resident in all its processes, "
                 f"limit {mem_limit_mib} MiB)"))
+        elif over_disk:
+            result = dataclasses.replace(result, over_disk=True, reason=over_disk)
         return result
 
     async def drain(self) -> BaseException | None:
@@ -488,7 +502,8 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
               timeout: float | None, on_output: OutputCallback | None = None,
               cancel: asyncio.Event | None = None, term_grace: float = 2.0,
               preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None,
-              mem_limit_mib: int | None = None, stdin: Path | None = None) -> ExecResult:
+              mem_limit_mib: int | None = None, stdin: Path | None = None,
+              disk: runfiles.DiskLimit | None = None, cgroup: RunCgroup | None = None) -> ExecResult:
     """Run ``program`` (the path ``Allowlist.resolve`` returned) with ``argv``; see the module doc.
 
     ``argv[0]`` is what the child sees as its name. Output goes to ``on_output("stdout"|"stderr", data)``
@@ -501,6 +516,9 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     ``mem_limit_mib``: the resident memory of the whole run (every process of it, ``proctree``) is summed
     every ``MEM_CHECK_S``; over the limit, the run is killed at once (no SIGTERM grace) and the result
     says ``over_memory``. Per-process limits (RLIMIT_AS) let four processes of 900 MiB each through.
+    ``disk``: the run's files are counted every ``runfiles.DISK_CHECK_S`` (its directories, and a sandbox's
+    private /tmp); over either bound the run is killed at once and the result says ``over_disk``.
+    ``cgroup``: the run's cgroup (``cgroup.RunCgroup``), its first process moved in as soon as it is started.
     ``stdin``: a file the program reads as its standard input (opened here, without following a symlink);
     otherwise ``/dev/null``.
     """
@@ -513,6 +531,8 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
         stdin_fd = None if stdin is None else os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             proc = _start(argv, program, cwd, env, preexec, sandbox, stdin_fd)
+            if cgroup is not None:
+                cgroup.add(proc.pid)
         finally:
             if stdin_fd is not None:
                 os.close(stdin_fd)   # the child has its copy
@@ -531,7 +551,7 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
             sandbox.close()
         raise
     try:
-        return await job.supervise(started, timeout, cancel, term_grace, mem_limit_mib)
+        return await job.supervise(started, timeout, cancel, term_grace, mem_limit_mib, disk)
     except BaseException:
         job.abandon()
         raise

@@ -58,6 +58,8 @@ class Host:
         self._peak = 0   # most chunks running at once since take_peak(): they are in the CPU sample too
         self.own_running = 0   # chunks of this node's own jobs running here (run_local)
         self._own_peak = 0
+        # (name a submitter claims, its authenticated fingerprint) -> how records and the ledger show it
+        self.shown: Callable[[str, str], str] = lambda name, fp: name or fp[:8]
 
     @property
     def lent_running(self) -> int:
@@ -88,6 +90,8 @@ class Host:
             if spec.mem_mib > self.runner.mem_mib:
                 return Refused(f"{self.name} gives exec jobs at most {self.runner.mem_mib} MiB "
                                f"({spec.mem_mib} MiB asked)", "memory")
+        if peer is not None and self.records is not None and self.records.read_only:   # a run must be on record
+            return Refused(f"{self.name} has no room in its state directory", "busy")
         if peer is not None and self.ledger is not None:
             ok, why = self.ledger.admits(peer)
             if not ok:
@@ -162,8 +166,8 @@ class Host:
         except Refused as exc:   # the one place a refusal becomes a wire message
             self.counters["offers_refused"] += 1
             if exc.reason != "invalid":
-                self.events("refused", f"refused {offer.kind} from {offer.submitter or channel.peer_fingerprint[:8]}"
-                                       f": {exc.reason} ({exc})")
+                who = self.shown(offer.submitter, channel.peer_fingerprint)
+                self.events("refused", f"refused {offer.kind} from {who}: {exc.reason} ({exc})")
             await channel.send(proto.Refuse(rid=offer.rid, reason=exc.reason, message=str(exc)[: proto.MAX_REASON]))
             return
         hosted = HostedRun(self, offer, channel, prepared)
@@ -239,7 +243,7 @@ class HostedRun:
 
     @property
     def peer(self) -> str:
-        return self.offer.submitter or self.channel.peer_fingerprint[:8]
+        return self.host.shown(self.offer.submitter, self.channel.peer_fingerprint)
 
     def stop(self, reason: str = "") -> None:
         """Stop the run, wherever it is: waiting for its inputs (woken at once), running, or in a thread."""
@@ -342,7 +346,7 @@ class HostedRun:
     def _charge(self, r: proto.Result) -> None:
         host, spec = self.host, self.offer.spec
         if host.ledger is not None:
-            host.ledger.record_lent(self.channel.peer_fingerprint, self.offer.submitter, r.cpu_s,
+            host.ledger.record_lent(self.channel.peer_fingerprint, self.peer, r.cpu_s,
                                     spec.mib * r.elapsed_s if isinstance(spec, MemSpec) else 0.0)
             host.on_ledger()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vesta import allowlist, artifacts, confine, execrun, proctree, proto, rundir
+from vesta import allowlist, artifacts, cgroup, confine, execrun, proctree, proto, rundir, runfiles
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.spec import ExecSpec, FileInfo
 from vesta.tasks import StopFlag
@@ -170,6 +171,8 @@ class ExecRunner:
     timeout_s: float = 3600.0                   # exec_timeout_s: a run's default and longest time
     mem_mib: int = 1024                         # mem_offer_mb: a run's default and largest address space
     file_mib: int = 1024                        # exec_max_file_mb
+    disk_mib: int = 2048                        # exec_max_disk_mb: a run's files in all (runfiles)
+    max_files: int = 20000                      # exec_max_files
     max_procs: int = 0
     runs: Path | None = None                    # where run directories are made (None: the system temp dir)
     bwrap: str | None = None                    # bubblewrap, when exec runs sandboxed
@@ -179,6 +182,8 @@ class ExecRunner:
     setpriv: str | None = None                  # drops to job_user (inside the sandbox, where bwrap stays root)
     prlimit: str | None = None                  # sets a run's limits as a command prefix (else a preexec function)
     keep_runs: bool = False
+    cgroups: cgroup.MemoryCgroups | None = None   # runs' memory limits in cgroup v2, where usable
+    cgroups_why: str = ""                        # where they are, or why there are none
 
     def __post_init__(self) -> None:
         self.allowlist = self.allowlist or allowlist.Allowlist([])
@@ -253,10 +258,19 @@ class ExecRunner:
                 if command.sandbox is not None:
                     command.sandbox.close()
                 return self._failed(offer, "cancelled before it started")
-            r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
-                                  timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
-                                  preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib,
-                                  stdin=workdir / spec.stdin if spec.stdin else None)
+            cg = self.cgroups.make(limits.mem_mib) if self.cgroups is not None else None
+            try:
+                r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
+                                      timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
+                                      preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib,
+                                      stdin=workdir / spec.stdin if spec.stdin else None, disk=runfiles.DiskLimit(
+                                          self.disk_mib << 20, self.max_files, (workdir, rundir.home_of(workdir))),
+                                      cgroup=cg)
+                if cg is not None and cg.oom_kills() and not r.over_memory:   # the kernel held the limit
+                    r = dataclasses.replace(r, over_memory=True, reason=cg.reason())
+            finally:
+                if cg is not None:
+                    await asyncio.to_thread(cg.remove)
             if not cancel.is_set():
                 try:
                     await files.ship(offer, workdir)
@@ -305,7 +319,8 @@ class ExecRunner:
                 runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
                     hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
-                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper())
+                    setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper(),
+                    tmp_bytes=self.disk_mib << 20)
             if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
                 runner, argv = limits.command(self.prlimit, runner, argv, setpriv=self.setpriv,
                                               switch_user=self.bwrap is None)
@@ -342,6 +357,8 @@ def describe(runner: ExecRunner, exec_user: str, sandbox: str) -> str:
         base += f"; runs as {exec_user} (uid {runner.job_user[0]})"
     elif os.geteuid() == 0:
         base += "; runs as root (exec_user is empty)"
+    if runner.cgroups_why:
+        base += f"; memory: {'memory.max in ' if runner.cgroups else 'watched from /proc: '}{runner.cgroups_why}"
     if runner.bwrap is None:
         return f"{base}; no sandbox (" + ("sandbox none" if sandbox == "none" else "bubblewrap not installed") + ")"
     net = "network allowed" if runner.allow_network else "no network"

@@ -23,7 +23,7 @@ from vesta import __version__, outcome, proto
 from vesta.capacity import Capacity
 from vesta.config import Config
 from vesta.crypto import FederationKeys
-from vesta.errors import ConfigError, JobFailed, NotFound, PeerUnavailable, VestaError
+from vesta.errors import ConfigError, JobFailed, NotFound, PeerUnavailable, StateFull, VestaError
 from vesta.host import Host
 from vesta.identity import Identity
 from vesta.jobqueue import ExecQueue, stage_inputs
@@ -98,16 +98,26 @@ class ControlOps:
             return {"ok": False, "error": f"internal error in vestad: {type(exc).__name__}: {exc}"[:500],
                     "type": "VestaError"}
 
+    def room(self) -> None:
+        """A job needs room in the state directory for its records (and files): refused at once without."""
+        if self.records.read_only:
+            raise StateFull(f"no room for this job's records: {self.records.room_hint()}")
+
+    def shown(self, peer: Peer) -> str:
+        """The peer's name as this node shows it: ``NAME``, or ``NAME~fp8`` when the name is bound to another
+        identity (names.py)."""
+        return self.capacity.shown(peer.name, peer.fingerprint)
+
     def find_peer(self, node: str) -> Peer:
-        """A peer by name or fingerprint (prefix of at least 8 hex characters)."""
-        peer = self.table.by_name(node)
-        if peer is None and len(node) >= 8:
+        """A peer by its shown name (``NAME`` or ``NAME~fp8``) or fingerprint (prefix of 8 or more hex
+        characters). A name alone never picks an identity it is not bound to."""
+        matches = [p for p in self.table.all() if self.shown(p) == node]
+        if not matches and len(node) >= 8:
             matches = [p for p in self.table.all() if p.fingerprint.startswith(node.lower())]
-            peer = matches[0] if len(matches) == 1 else None
-        if peer is None:
-            known = ", ".join(sorted(p.name for p in self.table.all())) or "none yet"
+        if len(matches) != 1:
+            known = ", ".join(sorted(self.shown(p) for p in self.table.all())) or "none yet"
             raise NotFound(f"no peer named {node!r} (known: {known}); see `vesta peers`")
-        return peer
+        return matches[0]
 
     def ops(self) -> dict[str, Callable[[dict[str, Any], Emit], Awaitable[Any]]]:
         """Request name -> operation."""
@@ -178,9 +188,9 @@ class ControlOps:
         now = time.monotonic()
         own = self.capacity.node_status()
         rows = [_peer_row(own, (own.host or "*", self.capacity.port), 0.0, "self")]
-        for p in sorted(self.table.all(), key=lambda p: p.name):
+        for p in sorted(self.table.all(), key=self.shown):
             rows.append(_peer_row(p.status, p.addr, now - p.last_seen, "suspect" if p.suspect else "alive")
-                        | {"restarts": p.restarts, "beacons": p.beacons,
+                        | {"name": self.shown(p), "claimed_name": p.name, "restarts": p.restarts, "beacons": p.beacons,
                            "balance": round(self.ledger.balance(p.fingerprint), 3),
                            "ledger_state": self.ledger.state(p.fingerprint)})
         return rows
@@ -195,8 +205,8 @@ class ControlOps:
                                         lambda rid: proto.Ping(rid=rid, ts=time.time()), PING_TIMEOUT)
         rtt = (time.perf_counter() - t0) * 1000
         if not isinstance(reply, proto.Pong):
-            raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__} to a ping")
-        return {"node": reply.name, "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
+            raise PeerUnavailable(f"{self.shown(peer)} answered {type(reply).__name__} to a ping")
+        return {"node": self.shown(peer), "fingerprint": peer.fingerprint, "address": f"{peer.addr[0]}:{peer.addr[1]}",
                 "rtt_ms": round(rtt, 3)}
 
     async def _op_events(self, args: dict[str, Any], emit: Emit) -> list[dict[str, Any]]:
@@ -225,14 +235,14 @@ class ControlOps:
             reply = await self.pool.request(peer.fingerprint, peer.addr, lambda rid: proto.RecordsRequest(
                 rid=rid, limit=min(limit, proto.MAX_RECORDS), hosted=hosted), RECORDS_TIMEOUT)
             if not isinstance(reply, proto.Records):
-                raise PeerUnavailable(f"{peer.name} answered {type(reply).__name__}")
+                raise PeerUnavailable(f"{self.shown(peer)} answered {type(reply).__name__}")
             # marked with the identity the link authenticated, never the name the answer claims
-            return [dict(r) | {"node": peer.name, "node_id": peer.fingerprint} for r in reply.rows]
+            return [dict(r) | {"node": self.shown(peer), "node_id": peer.fingerprint} for r in reply.rows]
 
         answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
         for peer, answer in zip(peers, answers, strict=True):
             if isinstance(answer, BaseException):
-                rows.append({"node": peer.name, "node_id": peer.fingerprint, "id": "-", "kind": "-",
+                rows.append({"node": self.shown(peer), "node_id": peer.fingerprint, "id": "-", "kind": "-",
                              "state": "unreachable", "reason": str(answer)[:200], "created": 0.0, "args": {}})
             else:
                 rows.extend(r for r in answer if state is None or r.get("state") == state)
@@ -295,10 +305,12 @@ class ControlOps:
         }
 
     async def _op_cpu(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        self.room()
         request = JobRequest.from_wire("cpu", args)
         return await self._job(request, self.submitter.submit(request, emit))
 
     async def _op_mem(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        self.room()
         request = JobRequest.from_wire("mem", args)
         return await self._job(request, self.submitter.submit(request, emit))
 
@@ -318,6 +330,7 @@ class ControlOps:
 
     async def _op_exec(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         request = JobRequest.from_wire("exec", args)
+        self.room()
         if request.queue:   # a name no node ever had is refused at once (unqueued, the job fails at once)
             self.submitter.check_on(request.on)
         job_id = new_job_id()

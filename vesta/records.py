@@ -42,6 +42,13 @@ that may have had effects is never re-run behind its owner's back). Jobs still
 ``queued`` stay queued: they never started, and ``vesta exec --queue`` promised
 to place them when capacity appears.
 
+**A full disk.** When the database cannot be opened for writing because its filesystem is full (or failing),
+it is opened read-only (``read_only``): history is served, every write raises ``StateFull`` naming the
+directory and the fix, and nothing on disk is touched, so the write log keeps every acknowledged write
+for the start that has room (writes logged but not committed before the disk filled are not shown until then).
+``reopen()`` tries to open it for writing again, once ``MIN_FREE_BYTES`` are free (the daemon tries every
+few seconds).
+
 **Artifacts.** One row per file a job sent back (``$VESTA_OUTPUT``): its path,
 size and SHA-256, and whether it was ``stored`` (under ``artifacts/JOB/`` in the
 state directory) or ``refused``/``corrupt``/``incomplete`` with the reason.
@@ -62,6 +69,7 @@ import os
 import sqlite3
 import struct
 import time
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,7 +79,7 @@ from typing import Any
 import msgpack
 
 from vesta import outcome
-from vesta.errors import RecordsError, RecordsVersionError, TransitionError, UnknownRecord
+from vesta.errors import RecordsError, RecordsVersionError, StateFull, TransitionError, UnknownRecord
 from vesta.schema import (  # the tables and the states they hold
     ALLOWED,
     ARTIFACT_STATES,
@@ -92,10 +100,21 @@ log = logging.getLogger(__name__)
 
 
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_NO_ROOM_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}   # a full disk's faces
+MIN_FREE_BYTES = 1 << 20   # a read-only database is opened for writing again once this much is free
 WRITES_SUFFIX = "-writes"   # the write log, beside the database
 _FRAME = struct.Struct("<II")   # an entry's length and CRC-32, then msgpack [seq, sql, params]
 _JOB_COLS = ("id, kind, args, submitter, submitter_fp, created, started, finished, state, exit_code, reason, "
              "result, log_bytes, log_dropped")
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on ``path``'s filesystem (0 when it cannot be asked)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _check(ok: bool, message: str) -> None:
@@ -148,10 +167,16 @@ class Records:
         self._seq = 0                      # number of the last write run (logged or still pending)
         self._pending: list[bytes] = []    # entries of deferred writes, logged with the next durable write
         self._uncommitted = False          # writes since the last commit
+        self.read_only = ""                # why the database is open read-only ("" when it is writable)
+        self._log = -1
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
-            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT_CODES:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code in _NO_ROOM_CODES and self.path.exists():
+                self.db = self._open_read_only(exc)
+                return
+            if code not in _CORRUPT_CODES:
                 raise RecordsError(f"records database {self.path} cannot be opened: {exc}") from exc
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
             for suffix in ("", "-wal", "-shm", "-journal", WRITES_SUFFIX):
@@ -167,6 +192,49 @@ class Records:
             self.db.close()
             raise RecordsError(f"cannot open the records write log {self.writes_path}: "
                                f"{exc.strerror or exc}") from None
+
+    def _open_read_only(self, why: sqlite3.Error) -> sqlite3.Connection:
+        """The database for reading only, its files untouched (see "A full disk" above)."""
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        for mode in ("mode=ro", "immutable=1"):   # immutable: when not even the WAL index can be made
+            try:
+                db = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
+            except sqlite3.Error:
+                continue
+            try:
+                db.row_factory = sqlite3.Row
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                db.execute("SELECT count(*) FROM jobs").fetchone()
+            except sqlite3.Error:
+                db.close()
+                continue
+            if version != len(MIGRATIONS):
+                db.close()
+                break
+            self.read_only = f"{why}; {free_bytes(self.path.parent) >> 10} KiB free"
+            log.error("records database %s cannot be written (%s): serving history read-only; %s", self.path,
+                      self.read_only, self.room_hint())
+            return db
+        raise RecordsError(f"records database {self.path} cannot be opened: {why}; {self.room_hint()}") from why
+
+    def room_hint(self) -> str:
+        return (f"free some space in {self.path.parent} (its filesystem has {free_bytes(self.path.parent) >> 10} "
+                f"KiB free); vestad takes jobs again once {MIN_FREE_BYTES >> 10} KiB are free")
+
+    def reopen(self) -> bool:
+        """A read-only database (a full disk) opened for writing again, when there is room now."""
+        if not self.read_only or free_bytes(self.path.parent) < MIN_FREE_BYTES:
+            return False
+        try:
+            db = self._open()
+            fd = os.open(self.writes_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except (sqlite3.Error, OSError, RecordsError) as exc:
+            log.warning("records database %s still cannot be written: %s", self.path, exc)
+            return False
+        self.db.close()
+        self.db, self._log, self.read_only = db, fd, ""
+        log.warning("records database %s is writable again", self.path)
+        return True
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +352,9 @@ class Records:
     def abandon(self) -> None:
         """Close without committing, as a crash would: the logged writes wait in the write log."""
         self.db.close()
-        with contextlib.suppress(OSError):
-            os.close(self._log)
+        if self._log >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._log)
 
     def __enter__(self) -> Records:
         return self
@@ -296,6 +365,8 @@ class Records:
     def checkpoint(self) -> None:
         """Copy committed WAL pages into the database file. PASSIVE: it neither waits for nor blocks the
         event loop's writes, and it uses its own connection, so it may run in a worker thread."""
+        if self.read_only:
+            return
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -360,6 +431,9 @@ class Records:
         """One write, durable (in the write log) on success with any deferred before it; with ``defer`` its
         entries wait for the next durable write (see the module doc). A write of several statements passes
         ``atomic``: on error its own statements are undone, never the writes before it."""
+        if self.read_only:
+            raise StateFull(f"cannot record anything: the records database {self.path} is read-only "
+                            f"({self.read_only}); {self.room_hint()}")
         mark = len(self._pending)
         if atomic:
             if not self.db.in_transaction:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 from vesta.checks import build as _build
@@ -21,6 +21,11 @@ MAX_GPUS = 16
 MAX_LABELS = 16
 MAX_LABEL = 32
 POWER_MODES = ("grid", "solar", "battery")
+# What a node may plausibly have, whatever it says (a key holder can say anything): a status received is
+# clamped to these, and to itself (offered <= cores, spare <= offered, memory offered <= memory).
+PLAUSIBLE_CORES = 1024              # the largest machines today have 512 hardware threads
+PLAUSIBLE_MEM_MB = 16 << 20         # 16 TiB
+PLAUSIBLE_HASH_RATE = 1e8           # SHA-256 blocks a second on one core; SHA-NI does about 3e7
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,20 @@ class NodeStatus:
         _int("status.running", self.running, 0, 1 << 20)
         _bool("status.lending", self.lending)
 
+    def plausible(self) -> NodeStatus:
+        """This status with its capacity bounded by what a node can plausibly have (the constants above),
+        and each figure by the one it is part of; unchanged (the same object) for an honest node."""
+        cores = min(self.cores, PLAUSIBLE_CORES)
+        offered = min(self.offered_cores, float(cores))
+        total = min(self.mem_total_mb, PLAUSIBLE_MEM_MB)
+        clamped: dict[str, Any] = {"cores": cores, "cpu_per_core": self.cpu_per_core[:cores], "offered_cores": offered,
+                   "spare_cores": min(self.spare_cores, offered), "mem_total_mb": total,
+                   "mem_avail_mb": min(self.mem_avail_mb, total), "offered_mem_mb": min(self.offered_mem_mb, total),
+                   "hash_rate": min(self.hash_rate, PLAUSIBLE_HASH_RATE)}
+        if all(getattr(self, k) == v for k, v in clamped.items()):
+            return self
+        return replace(self, **clamped)
+
     def to_wire(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         body["gpus"] = [[g.name, g.mem_total_mb, g.mem_used_mb, g.util_pct] for g in self.gpus]
@@ -123,7 +142,9 @@ class NodeStatus:
             raise ProtocolError(f"status.gpus malformed: {exc}") from exc
         body["cpu_per_core"] = tuple(_list("status.cpu_per_core", body.get("cpu_per_core", []), MAX_CORES))
         body["labels"] = tuple(_list("status.labels", body.get("labels", []), MAX_LABELS))
-        return cast(NodeStatus, _build(cls, body, "status"))
+        status = cast(NodeStatus, _build(cls, body, "status"))
+        status.validate()
+        return status.plausible()   # clamped on receipt: what a peer claims is bounded (plausible)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ EXIT_CODES: dict[type[VestaError], int] = {
     errors.NotNow: EXIT_ERROR,
     errors.JobCancelled: EXIT_ERROR,
     errors.RecordsError: EXIT_ERROR,
+    errors.StateFull: EXIT_ERROR,
     errors.TransitionError: EXIT_ERROR,
     errors.UnknownRecord: EXIT_ERROR,
     errors.Cancelled: EXIT_ERROR,
