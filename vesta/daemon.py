@@ -59,6 +59,7 @@ from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
 from vesta.submitter import Submitter
+from vesta.sweep import Sweeps
 from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel
 
@@ -87,6 +88,7 @@ class Daemon:
     discovery: Discovery
     submitter: Submitter
     queue: ExecQueue
+    sweeps: Sweeps
     ops: ControlOps
     control: ControlServer
 
@@ -168,7 +170,8 @@ class Daemon:
         self.ops = ControlOps(cfg=cfg, identity=self.identity, keys=self.keys, counters=self.counters,
                               events=self.events, table=self.table, pool=self.pool, capacity=self.capacity,
                               host=self.host, ledger=self.ledger, records=self.records, submitter=self.submitter,
-                              queue=self.queue, isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
+                              queue=self.queue, sweeps=self.sweeps,
+                              isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
                               started_wall=self.started_wall, metrics=lambda: self.metrics.address)
         self._exits.push_async_callback(cancel_all, self.ops.tasks)
         self.control = ControlServer(cfg.control_socket, cfg.name, self.ops.dispatch, self.counters)
@@ -228,6 +231,9 @@ class Daemon:
                                self._can_place, self._queued_done)
         self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
+        self.sweeps = Sweeps(name=cfg.name, fingerprint=self.identity.fingerprint, records=self.records,
+                             queue=self.queue, submitter=self.submitter, root=cfg.state_dir / "sweeps" / cfg.name,
+                             on_event=self._event)
 
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reports, read from the parts when a scrape comes (see ``metrics``)."""
@@ -266,6 +272,9 @@ class Daemon:
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)
+        if self.sweeps.resume():   # before the queue runs: a sweep follows its queued jobs from their start
+            log.info("resumed the sweeps that were running when this node's vestad last stopped")
+        self._exits.push_async_callback(self.sweeps.close)   # first at stop: its jobs' ends are not theirs
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
         if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead
