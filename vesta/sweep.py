@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED = {RESTARTED, "daemon stopped"}   # a job ended so never ran to its end: it runs again
 PROGRESS_EVERY = 0.25                          # seconds between progress events while jobs start
 MAX_REPORTED_OUTPUT = 1 << 20                  # bytes of each stream a follower gets with a job's end
+FORGET_AFTER_S = 60.0                          # a sweep that ended is kept in memory this long
 
 
 def new_sweep_id() -> str:
@@ -341,7 +342,7 @@ class SweepRun:
                           "ok": ok, "exit_code": code, "signal": signal or None, "outcome": row.get("outcome"),
                           "reason": row.get("reason") or "", "command": spec.command(seq), "start": started,
                           "runtime": runtime, "stdout": stdout[:MAX_REPORTED_OUTPUT],
-                          "stderr": stderr[:MAX_REPORTED_OUTPUT], **self.summary()})
+                          "stderr": stderr[:MAX_REPORTED_OUTPUT], "sweep": self.summary()})
 
     def _count(self, row: dict[str, Any]) -> None:
         self.done += 1
@@ -380,11 +381,13 @@ class SweepRun:
         except VestaError as exc:
             log.warning("could not record the end of sweep %s: %s", self.sweep_id, exc)
         shutil.rmtree(self.owner.root / self.sweep_id, ignore_errors=True)
-        summary = self.summary() | {"state": state, "reason": reason}
+        summary = self.summary() | {"state": state, "reason": reason, "exit_code": exit_code(self.failed, left)}
         self.owner.on_event("sweep", f"{self.sweep_id} {state}: {self.succeeded} succeeded, {self.failed} failed"
                                      + (f", {left} not run" if left else ""))
         if not self.finished.done():
             self.finished.set_result(summary)
+        # followed from memory a while longer (a `vesta wait` that comes now), then from the records
+        asyncio.get_running_loop().call_later(FORGET_AFTER_S, self.owner.runs.pop, self.sweep_id, None)
 
     # ------------------------------------------------------------ followers
 

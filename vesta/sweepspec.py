@@ -157,8 +157,13 @@ class SweepSpec:
                 raise InvalidJob(f"input source {i} has {len(source):,} arguments; at most {MAX_VALUES:,}")
         if self.total > MAX_JOBS:
             raise InvalidJob(f"the inputs make {self.total:,} jobs; a sweep runs at most {MAX_JOBS:,}")
-        for part in (*t, *self.put_each):
+        for part in t:
             check_template(part, len(self.sources))
+        for part in self.put_each:
+            try:
+                check_template(part, len(self.sources))
+            except InvalidJob as exc:
+                raise InvalidJob(f"--put-each {part}: {exc}") from None
         if not isinstance(self.seqs, tuple) or not all(_whole(s) and 1 <= s <= self.total for s in self.seqs):
             raise InvalidJob(f"seqs must be job numbers from 1 to {self.total}")
         if not _whole(self.jobs) or not 0 <= self.jobs <= MAX_JOBS_IN_FLIGHT:

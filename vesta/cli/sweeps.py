@@ -69,8 +69,9 @@ def _lines(name: str) -> list[str]:
 
 def build_spec(words: tuple[str, ...], *, jobs: int, on: str | None, need: list[str], timeout: float | None,
                mem: int | None, retries: int, halt: str | None, puts: tuple[str, ...], put_each: tuple[str, ...],
-               results: str | None, joblog: str | None, resume: bool, resume_failed: bool) -> SweepSpec:
-    """The sweep ``vesta map`` asks for, checked (InvalidJob names the problem)."""
+               results: str | None, joblog: str | None, resume: bool, resume_failed: bool) -> SweepSpec | None:
+    """The sweep ``vesta map`` asks for, checked (InvalidJob names the problem); None when a ``--resume``
+    finds every job done already."""
     template, sources = split_inputs(words)
     if timeout is not None and timeout <= 0:
         raise InvalidJob("--timeout must be a positive number of seconds")
@@ -96,9 +97,9 @@ def build_spec(words: tuple[str, ...], *, jobs: int, on: str | None, need: list[
         with open(joblog, encoding="utf-8", errors="replace") as f:
             logged = read_joblog(f)
         seqs = resume_seqs(spec.total, logged, failed_too=resume_failed)
-        spec = spec.with_(seqs=seqs, joblog_from=os.path.getsize(joblog))
         if not seqs:
-            spec = spec.with_(seqs=(), joblog_from=os.path.getsize(joblog))
+            return None
+        spec = spec.with_(seqs=seqs, joblog_from=os.path.getsize(joblog))
     return spec
 
 
@@ -124,8 +125,10 @@ class SweepView:
 
     def event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("type")
-        if kind in ("sweep-start", "sweep-progress", "sweep-job"):
+        if kind in ("sweep-start", "sweep-progress"):
             self._progress(ev)
+        elif kind == "sweep-job" and isinstance(ev.get("sweep"), dict):
+            self._progress(ev["sweep"])
         if kind != "sweep-job":
             return
         if self.keep_order:

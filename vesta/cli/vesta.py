@@ -332,6 +332,10 @@ def map_(ctx: click.Context, jobs: int, on: str | None, need: tuple[str, ...], t
                       halt=halt, puts=puts, put_each=put_each, results=results, joblog=joblog, resume=resume,
                       resume_failed=resume_failed)
     as_json = _json(ctx)
+    if spec is None:
+        click.echo(f"vesta: nothing to run: {joblog} shows every job " + ("succeeded" if resume_failed else "done"),
+                   err=True)
+        return
     if detach:
         with _client(ctx) as c:
             r = c.call("map", spec=spec.to_wire(), detach=True)
