@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"vesta.allowlist"},
     {"vesta.rundir"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
-     "vesta.artifacts", "vesta.workloads"},
+     "vesta.artifacts", "vesta.workloads", "vesta.inputcache"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver", "vesta.metrics"},
     {"vesta.autopilot"},
     {"vesta.placement"},

@@ -289,3 +289,25 @@ def test_a_daemon_killed_mid_sweep_resumes_it(pair: tuple[Vestad, Vestad], marks
         assert per_seq[int(j["sweep_seq"])] == 2
     assert sum(1 for j in sweep["jobs"] if j["reported"]) == 8
     assert set(map(int, (marks / "runs").read_text().split())) == set(range(1, 9))
+
+
+def test_a_shared_put_crosses_the_network_once_per_node(pair: tuple[Vestad, Vestad], tmp_path: Path) -> None:
+    a, b = pair
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    digest = subprocess.run(["sha256sum", str(big)], capture_output=True, text=True, check=True).stdout.split()[0]
+    out = a.vesta("map", "--json", "--put", str(big), "--", "sh", "-c", "sha256sum big.bin; echo {} >> big.bin",
+                  ":::", *map(str, range(12)), timeout=120)
+    assert out.returncode == 0, out.stderr
+    jobs = [json.loads(line) for line in out.stdout.splitlines() if '"seq"' in line]
+    assert len(jobs) == 12 and {j["stdout"].split()[0] for j in jobs} == {digest}   # a job's writes never leak
+    on_b = sum(1 for j in jobs if j["node"] == "b")
+    assert on_b >= 2, f"only {on_b} jobs ran on b: this test shows nothing"
+    counters = b.status()["counters"]
+    assert counters["input_bytes_received"] == 3 << 20, counters   # once, not once per job
+    assert counters["input_cache_hits"] == on_b - 1
+    # a new sweep is a new share: the file crosses again, once
+    out = a.vesta("map", "--put", str(big), "--on", "b", "--", "sh", "-c", "sha256sum big.bin", ":::", "1", "2", "3",
+                  timeout=60)
+    assert out.returncode == 0 and set(out.stdout.split()) == {digest, "big.bin"}
+    assert b.status()["counters"]["input_bytes_received"] == 2 * (3 << 20)

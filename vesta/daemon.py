@@ -51,6 +51,7 @@ from vesta.host import Host
 from vesta.hostexec import ExecRunner, describe
 from vesta.hours import LendingHours, parse_hours
 from vesta.identity import Identity, load_or_create
+from vesta.inputcache import InputCache
 from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
 from vesta.link import InboundGate, LinkPool, accept, listen
@@ -71,6 +72,7 @@ MAX_EVENTS = 200
 RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed by a WAL checkpoint (in a thread)
 REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads) ...
 REAP_IDLE_S = 1.0             # ... and while no job runs
+INPUT_CACHE_JOBS = 2          # a node keeps sweeps' shared inputs up to this many jobs' worth (exec_max_input_mb)
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
 
@@ -212,7 +214,10 @@ class Daemon:
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
-                         on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
+                         on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb,
+                         cache=InputCache(cfg.state_dir / "input-cache" / cfg.name,
+                                          cap=INPUT_CACHE_JOBS * (cfg.exec_max_input_mb << 20))
+                         if cfg.allow_exec else None)
         self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
         # peers we linked with keep their place in the table
         self.pool = LinkPool(self.keys, self.identity, self.counters, cfg.handshake_timeout_s,

@@ -264,7 +264,9 @@ class SweepRun:
         argv = spec.argv(seq)
         try:
             inputs = await asyncio.to_thread(self._stage, seq, inputs_dir)
-            request = JobRequest(ExecSpec(argv, timeout_s=spec.timeout_s, mem_mib=spec.mem_mib, inputs=inputs),
+            share = self.sweep_id if self.shared else ""   # nodes keep the shared files for the next jobs
+            request = JobRequest(ExecSpec(argv, timeout_s=spec.timeout_s, mem_mib=spec.mem_mib, inputs=inputs,
+                                          share=share, shared=len(self.shared)),
                                  on=on or spec.on, need=spec.need, queue=True)
             request.validate()
         except VestaError as exc:   # its --put-each file is missing, say: this number fails, on record
