@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Cluster, Vestad, eventually, idle_proc, short_tmpdir, tool
+from tests.helpers import BIN, Cluster, Vestad, eventually, idle_proc, short_tmpdir, tool
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +26,12 @@ pytestmark = pytest.mark.integration
 def pair(cluster: Cluster, tmp_path: Path) -> tuple[Vestad, Vestad]:
     """``a`` submits and runs commands; ``b`` (an idle machine, see tests/test_exec_jobs.py) runs them too. No
     sandbox: the jobs leave marks in a shared directory, which is how these tests count the runs."""
+    return make_pair(cluster, tmp_path, "none")
+
+
+def make_pair(cluster: Cluster, tmp_path: Path, sandbox: str) -> tuple[Vestad, Vestad]:
     cfg = tmp_path / "exec.json"
-    cfg.write_text('{"allow_exec": true, "sandbox": "none"}')
+    cfg.write_text(f'{{"allow_exec": true, "sandbox": "{sandbox}"}}')
     a = cluster.add("a", args=["-config", str(cfg)])
     b = cluster.add("b", args=["-config", str(cfg), "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
     eventually(lambda: a.peer_names() == {"b"} and b.peer_names() == {"a"}, 5)
@@ -311,3 +316,32 @@ def test_a_shared_put_crosses_the_network_once_per_node(pair: tuple[Vestad, Vest
                   timeout=60)
     assert out.returncode == 0 and set(out.stdout.split()) == {digest, "big.bin"}
     assert b.status()["counters"]["input_bytes_received"] == 2 * (3 << 20)
+
+
+def readme_sweeps() -> list[list[str]]:
+    """The commands of the README's "Sweeps" examples, block by block."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Sweeps"):text.index("### From Python")]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [[line[2:] for line in block.splitlines() if line.startswith("$ ")] for block in blocks]
+
+
+def test_the_readme_sweep_examples_run_as_written(cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = make_pair(cluster, tmp_path, "auto")   # as a new user's nodes run them (piwork from this venv)
+    blocks = readme_sweeps()
+    assert len(blocks) == 3 and all(blocks)
+    env = a.env | {"PATH": f"{BIN}:{os.environ['PATH']}", "VESTA_NAME": "a"}
+    outputs = []
+    for commands in blocks:
+        out = subprocess.run(["bash", "-e", "-c", "\n".join(commands)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, (commands, out.stdout, out.stderr)
+        outputs.append(out.stdout)
+    assert [line.split()[0] for line in outputs[0].splitlines()[:3]] == ["pi", "pi", "pi"]
+    assert "map piwork 2 --seed {}: 3 jobs (3 succeeded)" in outputs[0]
+    assert outputs[1].splitlines()[:3] == ["1000 part-1.txt", "2000 part-2.txt", "3000 part-3.txt"]
+    assert {"exit", "node", "stderr", "stdout", "2000 part-2.txt"} <= set(outputs[1].splitlines())
+    log = read_parallel_joblog(tmp_path / "sweep.log")
+    last = {int(r["Seq"]): r["Exitval"] for r in log}
+    assert last == dict.fromkeys(range(1, 7), "0"), log   # every job done in the end, after the resume
+    assert any(r["Exitval"] != "0" for r in log), "the cancel stopped nothing: this example shows nothing"
