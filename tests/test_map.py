@@ -33,7 +33,8 @@ def make_pair(cluster: Cluster, tmp_path: Path, sandbox: str) -> tuple[Vestad, V
     cfg = tmp_path / "exec.json"
     cfg.write_text(f'{{"allow_exec": true, "sandbox": "{sandbox}"}}')
     a = cluster.add("a", args=["-config", str(cfg)])
-    b = cluster.add("b", args=["-config", str(cfg), "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    b = cluster.add("b", args=["-config", str(cfg), "-proc-root", str(idle_proc(tmp_path / "proc-b")),
+                               "-label", "fast"])
     eventually(lambda: a.peer_names() == {"b"} and b.peer_names() == {"a"}, 5)
     return a, b
 
@@ -345,3 +346,15 @@ def test_the_readme_sweep_examples_run_as_written(cluster: Cluster, tmp_path: Pa
     last = {int(r["Seq"]): r["Exitval"] for r in log}
     assert last == dict.fromkeys(range(1, 7), "0"), log   # every job done in the end, after the resume
     assert any(r["Exitval"] != "0" for r in log), "the cancel stopped nothing: this example shows nothing"
+
+
+def test_need_places_every_job_where_the_labels_are(pair: tuple[Vestad, Vestad]) -> None:
+    a, _ = pair
+    eventually(lambda: "fast" in next(p for p in a.peers() if p["name"] == "b")["labels"], 5)
+    out = a.vesta("map", "--need", "fast", "--", "sh", "-c", "echo $VESTA_NODE", ":::", "1", "2", "3", "4")
+    assert out.returncode == 0 and out.stdout.split() == ["b"] * 4, out.stderr
+    out = a.vesta("map", "--need", "fast,nosuch", "--", "true", ":::", "1")
+    assert out.returncode == 1
+    assert "no node has fast, nosuch (a: " in one_line(out.stderr)
+    out = a.vesta("map", "--on", "nosuch", "--", "true", ":::", "1")
+    assert out.returncode == 1 and "no node named 'nosuch' (known: a, b)" in one_line(out.stderr)

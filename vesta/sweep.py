@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vesta.errors import InputError, InvalidJob, NotFound, PeerUnavailable, VestaError
+from vesta.errors import InputError, InvalidJob, JobFailed, NotFound, PeerUnavailable, VestaError
 from vesta.jobqueue import ExecQueue, stage_inputs
 from vesta.placement import Want
 from vesta.records import Records
@@ -75,6 +75,8 @@ class Sweeps:
         """Put a new sweep on record and start it."""
         if spec.on is not None:
             self.submitter.check_on(spec.on)
+        if spec.need:
+            self._check_need(spec)
         sweep_id = new_sweep_id()
         shared: tuple[FileInfo, ...] = ()
         if spec.puts:
@@ -94,6 +96,15 @@ class Sweeps:
         self._begin(run)
         self.on_event("sweep", f"{sweep_id} started: {len(run.todo)} jobs of {' '.join(spec.template)[:60]}")
         return run
+
+    def _check_need(self, spec: SweepSpec) -> None:
+        """A --need no node has fails at once, as `vesta exec --need` does (a busy node is waited for)."""
+        placer = self.submitter.placer
+        self.submitter.refresh()
+        views = list(placer.views.values())
+        if not any(all(label in v.labels for label in spec.need) for v in views):
+            raise JobFailed("no node has " + ", ".join(spec.need) + " (" + "; ".join(
+                f"{v.name}: {', '.join(v.labels) or 'no labels'}" for v in views) + "); see vesta peers")
 
     def resume(self) -> int:
         """Pick up the sweeps the records say are running (the daemon stopped or died under them). Call it
