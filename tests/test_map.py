@@ -3,9 +3,11 @@ and a SIGKILL of the daemon), retries elsewhere, --halt, --results, --keep-order
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -105,6 +107,9 @@ def test_bad_input_is_one_line_and_exit_2(pair: tuple[Vestad, Vestad], tmp_path:
         (("--put", str(tmp_path / "nope"), "--", "cat", ":::", "a"), "no such file"),
         (("--tiemout", "3", "--", "echo", ":::", "a"), "unknown flag '--tiemout'"),
     ]
+    huge = tmp_path / "huge.txt"
+    huge.write_text(("x" * 190 + "\n") * 90_000)
+    cases.append((("--", "echo", "::::", str(huge)), "the inputs take 16.5 MiB, more than one request carries"))
     for args, message in cases:
         out = a.vesta("map", *args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
@@ -358,3 +363,28 @@ def test_need_places_every_job_where_the_labels_are(pair: tuple[Vestad, Vestad])
     assert "no node has fast, nosuch (a: " in one_line(out.stderr)
     out = a.vesta("map", "--on", "nosuch", "--", "true", ":::", "1")
     assert out.returncode == 1 and "no node named 'nosuch' (known: a, b)" in one_line(out.stderr)
+
+
+def test_the_progress_bar_is_for_a_terminal_only(pair: tuple[Vestad, Vestad]) -> None:
+    a, _ = pair
+    args = tool("vesta") + ["-name", "a", "map", "-j", "2", "--", "sh", "-c", "sleep 0.3; echo {}", ":::",
+                            *map(str, range(6))]
+    main, side = pty.openpty()
+    try:
+        proc = subprocess.Popen(args, env=a.env | {"COLUMNS": "150"}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=side)
+        os.close(side)
+        seen = b""
+        with contextlib.suppress(OSError):   # EIO once the process has closed its end
+            while chunk := os.read(main, 4096):
+                seen += chunk
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    assert sorted(stdout.decode().split()) == [str(i) for i in range(6)]   # the output itself stays plain
+    text = seen.decode(errors="replace")
+    assert "failed 0" in text and "running" in text and "6/6" in text, text
+    assert "succeeded, 0 failed; ran on" in text   # the last line, for a person
+    piped = a.vesta("map", "--", "echo", ":::", "x")
+    assert piped.stderr == "" and piped.stdout == "x\n"   # nothing of it in a pipe

@@ -33,6 +33,7 @@ MAX_JOBS = 100_000            # jobs in one sweep
 MAX_SOURCES = 9               # ::: lists of one sweep
 MAX_VALUES = 100_000          # arguments of one source
 MAX_JOBS_IN_FLIGHT = 10_000   # -j
+MAX_SWEEP_BYTES = 15 << 20    # a sweep's request to its daemon (its inputs, packed); the control socket takes 16 MiB
 JOBLOG_HEADER = "Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand"
 HALT_WHEN = ("now", "soon")
 

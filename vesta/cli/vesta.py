@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import msgpack
 
 from vesta import outcome
 from vesta.cli import output
@@ -43,7 +44,7 @@ from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.paths import default_key_file
 from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
-from vesta.sweepspec import is_sweep_id
+from vesta.sweepspec import MAX_SWEEP_BYTES, is_sweep_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -332,6 +333,9 @@ def map_(ctx: click.Context, jobs: int, on: str | None, need: tuple[str, ...], t
                       halt=halt, puts=puts, put_each=put_each, results=results, joblog=joblog, resume=resume,
                       resume_failed=resume_failed)
     as_json = _json(ctx)
+    if spec is not None and (size := len(msgpack.packb(spec.to_wire()))) > MAX_SWEEP_BYTES:
+        raise InvalidJob(f"the inputs take {size / (1 << 20):.1f} MiB, more than one request carries "
+                         f"({MAX_SWEEP_BYTES >> 20} MiB): split the sweep, or ship the data with --put")
     if spec is None:
         click.echo(f"vesta: nothing to run: {joblog} shows every job " + ("succeeded" if resume_failed else "done"),
                    err=True)
