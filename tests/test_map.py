@@ -226,6 +226,22 @@ def test_halt_now_stops_the_sweep(pair: tuple[Vestad, Vestad], marks: Path) -> N
     sweep = json.loads(a.vesta("show", sweep_ids(a)[0], "--json").stdout)
     assert sweep["state"] == "failed" and sweep["reason"].startswith("halted")
     assert {j["outcome"] for j in sweep["jobs"]} <= {"failed, exit 7", "cancelled"}
+    # soon: the running jobs end as they would; no new one starts
+    (marks / "runs").write_text("")
+    out = a.vesta("map", "-j", "2", "--halt", "soon,fail=50%", "--", "sh", "-c",
+                  f"echo {{}} >> {marks}/runs; [ {{}} = bad ] && exit 7; sleep 1; echo slept {{}}",
+                  ":::", "bad", "s1", "s2", "s3", timeout=60)
+    assert "halted: 1 job failed (--halt soon,fail=50%)" not in out.stderr   # 1 of 4 is not half
+    assert out.returncode == 1 and out.stdout.count("slept") == 3
+    (marks / "runs").write_text("")
+    out = a.vesta("map", "-j", "2", "--halt", "soon,fail=1", "--", "sh", "-c",
+                  f"echo {{}} >> {marks}/runs; [ {{}} = bad ] && exit 7; sleep 1; echo slept {{}}",
+                  ":::", "bad", "s1", "s2", "s3", timeout=60)
+    assert "halted: 1 job failed (--halt soon,fail=1)" in out.stderr
+    ran = (marks / "runs").read_text().split()
+    assert "bad" in ran and len(ran) < 4
+    assert out.stdout.count("slept") == len(ran) - 1   # what was running when it halted ran to its end
+    assert out.returncode == 4 - out.stdout.count("slept")   # the failed one, and those never run
 
 
 def test_a_retry_lands_on_another_node(pair: tuple[Vestad, Vestad], marks: Path) -> None:

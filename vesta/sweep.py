@@ -46,6 +46,7 @@ INTERRUPTED = {RESTARTED, "daemon stopped"}   # a job ended so never ran to its 
 PROGRESS_EVERY = 0.25                          # seconds between progress events while jobs start
 MAX_REPORTED_OUTPUT = 1 << 20                  # bytes of each stream a follower gets with a job's end
 FORGET_AFTER_S = 60.0                          # a sweep that ended is kept in memory this long
+FOLLOWER_WAIT_S = 10.0                         # a follower that takes no event for this long is dropped
 
 
 def new_sweep_id() -> str:
@@ -203,12 +204,13 @@ class SweepRun:
         for seq, rows in by_seq.items():
             if seq not in wanted:
                 continue
-            for j in rows:
+            last = rows[-1]
+            settled = rows if last["reported"] else rows[:-1]   # an unreported end is counted when it is settled
+            for j in settled:
                 if j["state"] not in ("queued", "running") and j["reason"] not in INTERRUPTED:
                     self.attempts[seq] += 1
                     if j["state"] != "succeeded":
                         self.tried.setdefault(seq, []).append(str((j.get("result") or {}).get("node") or ""))
-            last = rows[-1]
             if last["state"] == "queued":
                 self.todo.remove(seq)
                 self._follow(last["id"], seq)
@@ -432,8 +434,10 @@ class SweepRun:
     async def _emit(self, event: dict[str, Any]) -> None:
         for emit in list(self.followers):
             try:
-                await emit(event)
-            except (PeerUnavailable, OSError):   # that client went away; the sweep goes on
+                async with asyncio.timeout(FOLLOWER_WAIT_S):
+                    await emit(event)
+            except (PeerUnavailable, OSError, TimeoutError):   # that client went away (or stopped reading): the
+                # sweep goes on without it
                 with contextlib.suppress(ValueError):
                     self.followers.remove(emit)
 
