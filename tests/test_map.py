@@ -287,6 +287,10 @@ def test_the_sweep_outlives_its_client_and_vesta_wait_reattaches(pair: tuple[Ves
     out = a.vesta("map", "--detach", "-j", "1", "--", "sleep", "5", ":::", "1", "2", "3")
     sweep_id = out.stdout.strip()
     assert out.returncode == 0 and sweep_id.startswith("s") and sweep_id in sweep_ids(a)
+    t0 = time.monotonic()
+    out = a.vesta("wait", sweep_id, "--timeout", "1")
+    assert out.returncode == 124 and time.monotonic() - t0 < 4.5, out.stderr
+    assert one_line(out.stderr) == f"vesta: sweep {sweep_id} still running after 1s"
     assert a.vesta("cancel", sweep_id).stdout.strip() == f"cancelled {sweep_id}"
     out = a.vesta("wait", sweep_id, timeout=30)
     assert out.returncode == 3, out.stderr   # one cancelled, two never ran

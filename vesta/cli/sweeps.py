@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -191,10 +192,21 @@ class SweepView:
         self.bar.update(self.task, completed=ev.get("done", 0), total=ev.get("total") or 0, counts=counts)
 
 
-def follow(client: ControlClient, op: str, view: SweepView, **args: Any) -> dict[str, Any]:
-    """Send ``op`` (map or sweep) and print the sweep's events until it ends; its summary."""
+class Late(Exception):
+    """The sweep was still running at the follower's deadline (``vesta wait --timeout``)."""
+
+
+def follow(client: ControlClient, op: str, view: SweepView, deadline: float | None = None,
+           **args: Any) -> dict[str, Any]:
+    """Send ``op`` (map or sweep) and print the sweep's events until it ends; its summary. With ``deadline``
+    (monotonic), Late when it passes first (the socket's own timeout covers a sweep that sends nothing)."""
+    def event(ev: dict[str, Any]) -> None:
+        view.event(ev)
+        if deadline is not None and time.monotonic() > deadline:
+            raise Late
+
     with view:
-        summary: dict[str, Any] = client.call(op, on_event=view.event, **args)
+        summary: dict[str, Any] = client.call(op, on_event=event, **args)
         view.flush()
     return summary
 
