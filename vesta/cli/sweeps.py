@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from vesta.cli.output import no_color
 from vesta.control import ControlClient
-from vesta.errors import InvalidJob
+from vesta.errors import InvalidJob, PeerUnavailable
 from vesta.sweepspec import Halt, SweepSpec, read_joblog, resume_seqs
 
 MARKERS = (":::", "::::")
@@ -192,18 +192,15 @@ class SweepView:
         self.bar.update(self.task, completed=ev.get("done", 0), total=ev.get("total") or 0, counts=counts)
 
 
-class Late(Exception):
-    """The sweep was still running at the follower's deadline (``vesta wait --timeout``)."""
-
-
 def follow(client: ControlClient, op: str, view: SweepView, deadline: float | None = None,
            **args: Any) -> dict[str, Any]:
     """Send ``op`` (map or sweep) and print the sweep's events until it ends; its summary. With ``deadline``
-    (monotonic), Late when it passes first (the socket's own timeout covers a sweep that sends nothing)."""
+    (monotonic), PeerUnavailable when it passes first, as when the socket's own timeout runs out (a sweep that
+    sends nothing meanwhile)."""
     def event(ev: dict[str, Any]) -> None:
         view.event(ev)
         if deadline is not None and time.monotonic() > deadline:
-            raise Late
+            raise PeerUnavailable("the sweep was still running at the deadline")
 
     with view:
         summary: dict[str, Any] = client.call(op, on_event=event, **args)

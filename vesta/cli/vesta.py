@@ -19,7 +19,7 @@ from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command
 from vesta.cli.files import STDIN_NAME, copy_artifacts, stdin_file, write_key_file
-from vesta.cli.sweeps import Late, SweepView, build_spec, said
+from vesta.cli.sweeps import SweepView, build_spec, said
 from vesta.cli.sweeps import follow as follow_sweep
 from vesta.cli.tables import (
     LEDGER_COLUMNS,
@@ -274,7 +274,7 @@ def _wait_sweep(ctx: click.Context, sweep_id: str, timeout: float | None) -> Non
                 c.sock.settimeout(max(timeout, 0.1))
             summary = follow_sweep(c, "sweep", SweepView(as_json=as_json, keep_order=False), sweep_id=sweep_id,
                                    deadline=None if timeout is None else time.monotonic() + timeout)
-    except (Late, PeerUnavailable):   # PeerUnavailable: the socket's timeout, nothing heard meanwhile
+    except PeerUnavailable:   # the deadline passed (or the socket's timeout, nothing heard meanwhile)
         click.echo(f"vesta: sweep {sweep_id} still running after {timeout:g}s", err=True)
         ctx.exit(124)
     _sweep_end(ctx, summary)
