@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import BIN, Cluster, Vestad, eventually, idle_proc, short_tmpdir, tool
+from vesta import errors
 
 pytestmark = pytest.mark.integration
 
@@ -408,3 +409,24 @@ def test_the_progress_bar_is_for_a_terminal_only(pair: tuple[Vestad, Vestad]) ->
     assert "succeeded, 0 failed; ran on" in text   # the last line, for a person
     piped = a.vesta("map", "--", "echo", ":::", "x")
     assert piped.stderr == "" and piped.stdout == "x\n"   # nothing of it in a pipe
+
+
+def test_a_bad_sweep_on_the_control_socket_is_refused_by_name(pair: tuple[Vestad, Vestad]) -> None:
+    a, _ = pair
+    bad = [
+        ({"spec": "x"}, errors.InvalidJob, "a sweep must be a map"),
+        ({"spec": {"template": ["echo"], "sources": "abc"}}, errors.InvalidJob, "sources must be a list"),
+        ({"spec": {"template": ["echo"], "sources": [["a"]], "puts": ["relative"]}}, errors.InvalidJob, "absolute"),
+        ({"spec": {"template": ["echo"], "sources": [["a"]], "seqs": [0]}}, errors.InvalidJob, "job numbers"),
+        ({"spec": {"template": ["echo", "{2}"], "sources": [["a"]]}}, errors.InvalidJob, "input source 2"),
+        ({"spec": {"template": ["cat"], "sources": [["a"]], "puts": ["/nonexistent/x"]}}, errors.InputError,
+         "/nonexistent/x"),
+    ]
+    for args, cls, message in bad:
+        with pytest.raises(cls, match=re.escape(message)):
+            a.call("map", **args)
+    with pytest.raises(errors.NotFound, match="no sweep 'snotasweep1'"):
+        a.call("sweep", sweep_id="snotasweep1")
+    with pytest.raises(errors.NotFound):
+        a.call("cancel", job_id="snotasweep1")
+    assert a.status()["name"] == "a" and sweep_ids(a) == []   # still up, nothing submitted
