@@ -117,6 +117,9 @@ def test_bad_input_is_one_line_and_exit_2(pair: tuple[Vestad, Vestad], tmp_path:
         assert message in one_line(out.stderr), (args, out.stderr)
         assert out.stdout == ""
     assert sweep_ids(a) == []   # nothing was submitted
+    out = subprocess.run(tool("vesta") + ["-name", "nosuchnode", "map", "--", "echo", ":::", "a"], env=a.env,
+                         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert out.returncode == 3 and "not running" in one_line(out.stderr)
 
 
 def test_exit_status_counts_failures_and_json(pair: tuple[Vestad, Vestad]) -> None:
@@ -261,6 +264,10 @@ def test_a_retry_lands_on_another_node(pair: tuple[Vestad, Vestad], marks: Path)
     # without --retries a failure is final
     out = a.vesta("map", "--", "false", ":::", "x")
     assert out.returncode == 1
+    # --timeout holds for every job
+    out = a.vesta("map", "--timeout", "1", "--json", "--", "sleep", ":::", "0", "30", timeout=60)
+    jobs = sorted((json.loads(line) for line in out.stdout.splitlines()[:-1]), key=lambda j: j["seq"])
+    assert out.returncode == 1 and [j["outcome"] for j in jobs] == ["succeeded", "timed out"], out.stdout
 
 
 def test_the_sweep_outlives_its_client_and_vesta_wait_reattaches(pair: tuple[Vestad, Vestad], marks: Path) -> None:
