@@ -23,7 +23,7 @@ from vesta import artifacts, proto, rundir
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hostexec import ExecRunner, LocalRun, Prepared, RemoteFiles
 from vesta.hours import LendingHours
-from vesta.inputcache import InputCache, Key
+from vesta.inputcache import NOT_KEPT, InputCache, Key
 from vesta.ledger import Ledger
 from vesta.records import Records
 from vesta.spec import STORED, ExecSpec, FileInfo, MemSpec
@@ -290,7 +290,7 @@ class HostedRun:
         if ok:
             self.sink.adopt(info)
         else:
-            self.sink.fail(info.path, "the run of this sweep that was receiving it stopped first: run it again")
+            self.sink.fail(info.path, NOT_KEPT)
         self.inputs_changed.set()
 
     def received(self, path: str, ok: bool) -> None:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str, str]   # (submitter fingerprint, sweep id, sha256 hex)
 IDLE_S = 600.0               # a sweep's files are dropped after this long without a job of it here
+NOT_KEPT = "the run of this sweep that was receiving it stopped first"   # a promised file never came: the job
+                                                                          # never started, and may run again
 
 
 class InputCache:

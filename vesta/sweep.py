@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vesta.errors import InputError, InvalidJob, JobFailed, NotFound, PeerUnavailable, VestaError
+from vesta.inputcache import NOT_KEPT
 from vesta.jobqueue import ExecQueue, stage_inputs
 from vesta.placement import Want
 from vesta.records import Records
@@ -46,6 +47,7 @@ INTERRUPTED = {RESTARTED, "daemon stopped"}   # a job ended so never ran to its 
 PROGRESS_EVERY = 0.25                          # seconds between progress events while jobs start
 MAX_REPORTED_OUTPUT = 1 << 20                  # bytes of each stream a follower gets with a job's end
 FORGET_AFTER_S = 60.0                          # a sweep that ended is kept in memory this long
+MAX_UNSTARTED = 3                              # times a job whose shared input never came is run again
 FOLLOWER_WAIT_S = 10.0                         # a follower that takes no event for this long is dropped
 
 
@@ -181,6 +183,7 @@ class SweepRun:
         self._settle_first: list[dict[str, Any]] = []        # jobs that ended but were not reported (resume)
         self.attempts: Counter[int] = Counter()              # runs of each number that ended (not interrupted)
         self.tried: dict[int, list[str]] = {}                # nodes each number failed on
+        self.unstarted: Counter[int] = Counter()             # runs of each number that never started (see NOT_KEPT)
         self.done = self.succeeded = self.failed = self.rerun = 0
         self.per_node: Counter[str] = Counter()
         self.logged: set[int] = set()                        # numbers with a joblog line from this sweep
@@ -313,6 +316,11 @@ class SweepRun:
     async def _settle(self, row: dict[str, Any], seq: int) -> None:
         """A job of the sweep ended: run it again (interrupted, or a retry), or report it as its number's result."""
         if row["state"] == "failed" and row["reason"] in INTERRUPTED and not self.stopping:
+            self.rerun += 1
+            self.todo.appendleft(seq)
+            return
+        if NOT_KEPT in (row["reason"] or "") and self.unstarted[seq] < MAX_UNSTARTED and not self.stopping:
+            self.unstarted[seq] += 1   # its shared input never reached it: it never started, so it runs again
             self.rerun += 1
             self.todo.appendleft(seq)
             return
