@@ -12,16 +12,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
+import msgpack
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from vesta.cli import output
 from vesta.cli.output import no_color
+from vesta.cli.tables import reason_cell, took, when
 from vesta.control import ControlClient
 from vesta.errors import InvalidJob, PeerUnavailable
-from vesta.sweepspec import Halt, SweepSpec, read_joblog, resume_seqs
+from vesta.sweepspec import MAX_SWEEP_BYTES, Halt, SweepSpec, read_joblog, resume_seqs
 
 MARKERS = (":::", "::::")
 
@@ -217,3 +221,62 @@ def said(summary: dict[str, Any]) -> str:
             + (f"; ran on {', '.join(f'{n} {c}' for n, c in sorted(summary['per_node'].items()))}"
                if summary.get("per_node") else ""))
 
+
+
+def run_map(connect: Callable[[], ControlClient], spec: SweepSpec | None, *, as_json: bool, detach: bool,
+            keep_order: bool, nothing: str) -> int:
+    """`vesta map`: submit the sweep and follow it (or, with ``detach``, print its id); the exit status."""
+    if spec is not None and (size := len(msgpack.packb(spec.to_wire()))) > MAX_SWEEP_BYTES:
+        raise InvalidJob(f"the inputs take {size / (1 << 20):.1f} MiB, more than one request carries "
+                         f"({MAX_SWEEP_BYTES >> 20} MiB): split the sweep, or ship the data with --put")
+    if spec is None:
+        click.echo(f"vesta: nothing to run: {nothing}", err=True)
+        return 0
+    if detach:
+        with connect() as c:
+            r = c.call("map", spec=spec.to_wire(), detach=True)
+        click.echo(json.dumps({"sweep": r}, sort_keys=True)) if as_json else click.echo(r["sweep_id"])
+        return 0
+    view = SweepView(as_json=as_json, keep_order=keep_order)
+    view.order_is(spec.to_run())
+    with connect() as c:
+        summary = follow(c, "map", view, spec=spec.to_wire())
+    return sweep_end(summary, as_json)
+
+
+def wait_sweep(connect: Callable[[], ControlClient], sweep_id: str, timeout: float | None, *, as_json: bool) -> int:
+    """`vesta wait SWEEP`: follow the sweep again (its progress, and the output of jobs that end from now on); the
+    exit status, 124 when ``timeout`` passes first."""
+    try:
+        with connect() as c:
+            if timeout is not None:
+                c.sock.settimeout(max(timeout, 0.1))
+            summary = follow(c, "sweep", SweepView(as_json=as_json, keep_order=False), sweep_id=sweep_id,
+                             deadline=None if timeout is None else time.monotonic() + timeout)
+    except PeerUnavailable:   # the deadline passed (or the socket's timeout, nothing heard meanwhile)
+        click.echo(f"vesta: sweep {sweep_id} still running after {timeout:g}s", err=True)
+        return 124
+    return sweep_end(summary, as_json)
+
+
+def sweep_end(summary: dict[str, Any], as_json: bool) -> int:
+    """The last word of a followed sweep: JSON, or a line on stderr (a terminal, or when something failed)."""
+    if as_json:
+        click.echo(json.dumps({"sweep": summary}, sort_keys=True))
+    elif sys.stderr.isatty() or summary["failed"] or summary["state"] != "succeeded":
+        click.echo(said(summary), err=True)
+    return int(summary["exit_code"])
+
+
+def show_sweep(sweep: dict[str, Any], *, header: bool) -> None:
+    """`vesta show SWEEP`: the sweep and each of its jobs."""
+    args = sweep.get("args") or {}
+    counts = ", ".join(f"{v} {k}" for k, v in sweep["counts"].items() if v) or "no jobs yet"
+    output.line(f"[bold]{sweep['id']}[/]  map {' '.join(args.get('template') or [])}  [bold]{sweep['state']}[/]")
+    output.line(f"submitted by {sweep['submitter']} at {when(sweep['created'])}; finished {when(sweep.get('finished'))}"
+                f"; jobs: {counts}")
+    if sweep.get("reason"):
+        output.line(f"reason: {sweep['reason']}")
+    cells = [[str(j["sweep_seq"]), j["id"], " ".join(j.get("argv") or [])[:50], j.get("node") or "-",
+              took(j), j["outcome"], reason_cell(j, j["outcome"])] for j in sweep["jobs"]]
+    output.table(("seq", "job", "command", "node", "took", "outcome", "reason"), cells, header=header)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -12,15 +11,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-import msgpack
 
 from vesta import outcome
 from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command
 from vesta.cli.files import STDIN_NAME, copy_artifacts, stdin_file, write_key_file
-from vesta.cli.sweeps import SweepView, build_spec, said
-from vesta.cli.sweeps import follow as follow_sweep
+from vesta.cli.sweeps import build_spec, run_map, show_sweep, wait_sweep
 from vesta.cli.tables import (
     LEDGER_COLUMNS,
     PEER_COLUMNS,
@@ -41,10 +38,10 @@ from vesta.cli.tables import (
     when,
 )
 from vesta.control import ControlClient
-from vesta.errors import ConfigError, InvalidJob, PeerUnavailable, VestaError
+from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.paths import default_key_file
 from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
-from vesta.sweepspec import MAX_SWEEP_BYTES, is_sweep_id
+from vesta.sweepspec import is_sweep_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -173,7 +170,7 @@ def show(ctx: click.Context, job_id: str) -> None:
     with _client(ctx) as c:
         job = c.call("show", job_id=job_id)
     if job.get("kind") == "sweep":
-        _show_sweep(ctx, job)
+        print_json(job) if _json(ctx) else show_sweep(job, header=_header(ctx))
         return
     if _json(ctx):
         print_json(job | {"outcome": outcome.of_job(job)})
@@ -217,7 +214,7 @@ def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) ->
     if any(is_sweep_id(j) for j in job_ids):
         if len(job_ids) != 1:
             raise ConfigError("wait follows one sweep at a time: vesta wait SWEEP")
-        _wait_sweep(ctx, job_ids[0], timeout)
+        ctx.exit(wait_sweep(lambda: _client(ctx, job=True), job_ids[0], timeout, as_json=_json(ctx)))
     deadline = None if timeout is None else time.monotonic() + timeout
     ended: dict[str, dict[str, Any]] = {}
     with _client(ctx) as c:
@@ -246,46 +243,6 @@ def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) ->
         done = [ended[j] | {"outcome": outcome.of_job(ended[j])} for j in job_ids]
         print_json(done[0] if len(job_ids) == 1 else done)
     ctx.exit(max(job_exit_code(j) for j in ended.values()))
-
-
-def _show_sweep(ctx: click.Context, sweep: dict[str, Any]) -> None:
-    """`vesta show SWEEP`: the sweep and each of its jobs."""
-    if _json(ctx):
-        print_json(sweep)
-        return
-    args = sweep.get("args") or {}
-    counts = ", ".join(f"{v} {k}" for k, v in sweep["counts"].items() if v) or "no jobs yet"
-    output.line(f"[bold]{sweep['id']}[/]  map {' '.join(args.get('template') or [])}  [bold]{sweep['state']}[/]")
-    output.line(f"submitted by {sweep['submitter']} at {when(sweep['created'])}; finished {when(sweep.get('finished'))}"
-                f"; jobs: {counts}")
-    if sweep.get("reason"):
-        output.line(f"reason: {sweep['reason']}")
-    cells = [[str(j["sweep_seq"]), j["id"], " ".join(j.get("argv") or [])[:50], j.get("node") or "-",
-              took(j), j["outcome"], reason_cell(j, j["outcome"])] for j in sweep["jobs"]]
-    output.table(("seq", "job", "command", "node", "took", "outcome", "reason"), cells, header=_header(ctx))
-
-
-def _wait_sweep(ctx: click.Context, sweep_id: str, timeout: float | None) -> None:
-    """`vesta wait SWEEP`: follow the sweep again (its progress, and the output of jobs that end from now on)."""
-    as_json = _json(ctx)
-    try:
-        with _client(ctx, job=True) as c:
-            if timeout is not None:
-                c.sock.settimeout(max(timeout, 0.1))
-            summary = follow_sweep(c, "sweep", SweepView(as_json=as_json, keep_order=False), sweep_id=sweep_id,
-                                   deadline=None if timeout is None else time.monotonic() + timeout)
-    except PeerUnavailable:   # the deadline passed (or the socket's timeout, nothing heard meanwhile)
-        click.echo(f"vesta: sweep {sweep_id} still running after {timeout:g}s", err=True)
-        ctx.exit(124)
-    _sweep_end(ctx, summary)
-
-
-def _sweep_end(ctx: click.Context, summary: dict[str, Any]) -> None:
-    if _json(ctx):
-        click.echo(json.dumps({"sweep": summary}, sort_keys=True))
-    elif sys.stderr.isatty() or summary["failed"] or summary["state"] != "succeeded":
-        click.echo(said(summary), err=True)
-    ctx.exit(summary["exit_code"])
 
 
 @cli.command("map", context_settings={"allow_interspersed_args": False})
@@ -333,24 +290,9 @@ def map_(ctx: click.Context, jobs: int, on: str | None, need: tuple[str, ...], t
     spec = build_spec(words, jobs=jobs, on=on, need=_labels(need), timeout=timeout, mem=mem, retries=retries,
                       halt=halt, puts=puts, put_each=put_each, results=results, joblog=joblog, resume=resume,
                       resume_failed=resume_failed)
-    as_json = _json(ctx)
-    if spec is not None and (size := len(msgpack.packb(spec.to_wire()))) > MAX_SWEEP_BYTES:
-        raise InvalidJob(f"the inputs take {size / (1 << 20):.1f} MiB, more than one request carries "
-                         f"({MAX_SWEEP_BYTES >> 20} MiB): split the sweep, or ship the data with --put")
-    if spec is None:
-        click.echo(f"vesta: nothing to run: {joblog} shows every job " + ("succeeded" if resume_failed else "done"),
-                   err=True)
-        return
-    if detach:
-        with _client(ctx) as c:
-            r = c.call("map", spec=spec.to_wire(), detach=True)
-        click.echo(json.dumps({"sweep": r}, sort_keys=True)) if as_json else click.echo(r["sweep_id"])
-        return
-    view = SweepView(as_json=as_json, keep_order=keep_order)
-    view.order_is(spec.to_run())
-    with _client(ctx, job=True) as c:
-        summary = follow_sweep(c, "map", view, spec=spec.to_wire())
-    _sweep_end(ctx, summary)
+    ctx.exit(run_map(lambda: _client(ctx, job=not detach), spec, as_json=_json(ctx), detach=detach,
+                     keep_order=keep_order, nothing=f"{joblog} shows every job "
+                     + ("succeeded" if resume_failed else "done")))
 
 
 @cli.command()
