@@ -340,6 +340,7 @@ def _exercise(a: Vestad, b: Vestad, as_json: bool) -> dict[str, subprocess.Compl
     long = a.vesta("exec", "--detach", "--on", "b", "--", "sleep", "30").stdout.strip()
     out["cancel"] = v(a, "cancel", long)
     out["keygen"] = v(a, "keygen")
+    out["map"] = v(a, "map", "--on", "b", "--", "echo", ":::", "x", "y")
     return out
 
 
@@ -353,7 +354,10 @@ def test_every_command_takes_json_and_pipes_plain_text(cluster: Cluster) -> None
     for command, out in runs.items():
         assert out.returncode == 0, (command, out.stderr)
         assert out.stdout.startswith(("{", "[")), (command, out.stdout)
-        json.loads(out.stdout)
+        if command == "map":   # one JSON object a line: each job as it ends, then the sweep
+            assert [json.loads(line)["seq"] for line in out.stdout.splitlines()[:-1]] in ([1, 2], [2, 1])
+        else:
+            json.loads(out.stdout)
     plain = _exercise(a, b, as_json=False)
     others = {
         "vestatop": run(tool("vestatop") + ["-name", "a", "--once"], a.env),

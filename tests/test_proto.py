@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from vesta import proto
 from vesta.errors import ProtocolError
 from vesta.proto import Beacon, Error, GossipEntry, GpuInfo, Kind, NodeStatus, Ping, Pong
+from vesta.spec import FileInfo
 
 FP = "0123456789abcdef" * 2
 FP2 = "fedcba9876543210" * 2
@@ -503,6 +504,9 @@ def test_job_messages_round_trip() -> None:
         proto.Offer(rid=4, job_id="jabc123", spec=proto.MemSpec(mib=512, ms=5000)),
         proto.Offer(rid=5, job_id="jabc123", spec=proto.ExecSpec(("piwork", "20"), timeout_s=60.0)),
         proto.Accept(rid=3, node="pi4"),
+        proto.Accept(rid=3, node="pi4", have=("ab" * 32,)),   # a sweep's shared input the host kept
+        proto.Offer(rid=6, job_id="jabc123", spec=proto.ExecSpec(
+            ("cat", "big"), inputs=(FileInfo("big", 3, "cd" * 32),), share="s0123456789", shared=1)),
         proto.Refuse(rid=3, reason="capacity", message="busy"),
         proto.Progress(rid=3, done=1000),
         proto.Output(rid=5, stream="stderr", data=b"\x00\xffpartial line"),
@@ -530,6 +534,8 @@ def test_job_messages_round_trip() -> None:
     dict(kind="exec", argv=("x",) * (proto.MAX_ARGV + 1)),
     dict(kind="exec", argv=("x", "y" * (proto.MAX_ARG + 1))),
     dict(kind="exec", argv=("true",), timeout_s=-1.0),
+    dict(kind="exec", argv=("true",), share="../x"),            # a share names a cache directory: no paths
+    dict(kind="exec", argv=("true",), share="s1", shared=1),    # more shared inputs than inputs
 ])
 def test_bad_offers_are_protocol_errors(bad: dict[str, object]) -> None:
     base: dict[str, object] = {"rid": 1, "job_id": "j1", "kind": "cpu", "iterations": 10, "count": 1}
@@ -547,6 +553,8 @@ def test_bad_offers_are_protocol_errors(bad: dict[str, object]) -> None:
     proto.Result(rid=1, ok=True, node="a", digests=(b"short",)),
     proto.Result(rid=1, ok=True, node="a", exit_code=999),
     proto.Accept(rid=1, node="bad name"),
+    proto.Accept(rid=1, node="a", have=("not a digest",)),
+    proto.Accept(rid=1, node="a", have=("ab" * 32,) * (proto.MAX_INPUTS + 1)),
 ])
 def test_bad_job_replies_are_protocol_errors(msg: proto.Message) -> None:
     with pytest.raises(ProtocolError):

@@ -540,9 +540,10 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     path = tmp_path / "records.db"
     Records(path).close()
     db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version=7")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(ConfigError, match=rf"schema version 7, this vesta knows up to {SCHEMA_VERSION}: upgrade vesta"):
+    with pytest.raises(ConfigError, match=rf"schema version {SCHEMA_VERSION + 1}, this vesta knows up to "
+                                          rf"{SCHEMA_VERSION}: upgrade vesta"):
         Records(path)
     assert list(tmp_path.glob("*.corrupt-*")) == []   # not mistaken for corruption
 

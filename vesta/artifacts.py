@@ -253,6 +253,17 @@ class Sink:
                 self._end(piece.path, REFUSED, f"cannot store it: {exc.strerror or exc}")
             self._skip = None if piece.eof else piece.path
 
+    def adopt(self, info: FileInfo) -> None:
+        """An expected input that is in ``dest`` already (a node's kept copy of a sweep's shared file)."""
+        if self.expect is not None and info.path in self.expect and info.path not in self.files:
+            self.stored += info.size
+            self._end(info.path, STORED, "", info.size, info.sha256, info.executable)
+
+    def fail(self, path: str, reason: str) -> None:
+        """An expected input that will not come."""
+        if path not in self.files:
+            self._end(path, INCOMPLETE, reason)
+
     def restart(self) -> None:
         """A new attempt at the job (the last one was lost): forget what the last one sent."""
         self._drop_open(INCOMPLETE, "incomplete: the attempt was lost")

@@ -173,7 +173,7 @@ class ChunkRun:
             o.started = True
             accepted = time.monotonic()
             self.mark_running()
-            if not await self._send_inputs(stream):
+            if not await self._send_inputs(stream, frozenset(reply.have)):
                 return o
             result = await self._follow(stream)
             if result is not None and not await self._checked(result):
@@ -198,11 +198,12 @@ class ChunkRun:
         finally:
             stream.close()
 
-    async def _send_inputs(self, stream: Stream) -> bool:
-        """Ship an exec job's --put files after the Accept; False if they cannot be read (the run is cancelled)."""
+    async def _send_inputs(self, stream: Stream, have: frozenset[str] = frozenset()) -> bool:
+        """Ship an exec job's --put files after the Accept, but those the node said it ``have`` (a sweep's shared
+        file it kept); False if they cannot be read (the run is cancelled)."""
         job = self.job
         spec = job.request.spec
-        inputs = spec.inputs if isinstance(spec, ExecSpec) else ()
+        inputs = tuple(i for i in spec.inputs if i.sha256 not in have) if isinstance(spec, ExecSpec) else ()
         if not inputs or job.inputs_dir is None:
             return True
         try:

@@ -31,7 +31,7 @@ from vesta.wire import pack_frame, read_frame
 
 log = logging.getLogger(__name__)
 
-MAX_CONTROL_FRAME = 1 << 20   # control requests are small
+MAX_CONTROL_FRAME = 16 << 20  # control requests are small, but for a sweep's inputs (sweepspec.MAX_SWEEP_BYTES)
 MAX_SOCKET_PATH = 107         # sun_path is 108 bytes with its terminating NUL
 EVENT_HOLD_S = 0.02           # seconds a job's events wait for company: a job done sooner sends them with its answer
 EVENT_HOLD_BYTES = 64 * 1024  # ... unless this much is waiting already

@@ -52,6 +52,7 @@ from vesta.host import Host
 from vesta.hostexec import ExecRunner, describe
 from vesta.hours import LendingHours, parse_hours
 from vesta.identity import Identity, load_or_create
+from vesta.inputcache import InputCache
 from vesta.jobqueue import ExecQueue
 from vesta.ledger import Ledger
 from vesta.link import InboundGate, LinkPool, accept, listen
@@ -61,6 +62,7 @@ from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
 from vesta.submitter import Submitter
+from vesta.sweep import Sweeps
 from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel
 
@@ -72,6 +74,7 @@ MAX_EVENTS = 200
 RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed by a WAL checkpoint (in a thread)
 REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads) ...
 REAP_IDLE_S = 1.0             # ... and while no job runs
+INPUT_CACHE_JOBS = 2          # a node keeps sweeps' shared inputs up to this many jobs' worth (exec_max_input_mb)
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
 
 
@@ -89,6 +92,7 @@ class Daemon:
     discovery: Discovery
     submitter: Submitter
     queue: ExecQueue
+    sweeps: Sweeps
     ops: ControlOps
     control: ControlServer
 
@@ -172,7 +176,8 @@ class Daemon:
         self.ops = ControlOps(cfg=cfg, identity=self.identity, keys=self.keys, counters=self.counters,
                               events=self.events, table=self.table, pool=self.pool, capacity=self.capacity,
                               host=self.host, ledger=self.ledger, records=self.records, submitter=self.submitter,
-                              queue=self.queue, isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
+                              queue=self.queue, sweeps=self.sweeps,
+                              isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
                               started_wall=self.started_wall, metrics=lambda: self.metrics.address)
         self._exits.push_async_callback(cancel_all, self.ops.tasks)
         self.control = ControlServer(cfg.control_socket, cfg.name, self.ops.dispatch, self.counters)
@@ -217,7 +222,10 @@ class Daemon:
         self._exits.callback(self.capacity.stress.stop)
         self.host = Host(name=cfg.name, counters=self.counters, capacity=self.capacity.slots, events=self._event,
                          runner=self.runner if cfg.allow_exec else None, ledger=self.ledger, hours=hours,
-                         on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb)
+                         on_ledger=self._ledger_dirty.set, records=self.records, input_cap_mib=cfg.exec_max_input_mb,
+                         cache=InputCache(cfg.state_dir / "input-cache" / cfg.name,
+                                          cap=INPUT_CACHE_JOBS * (cfg.exec_max_input_mb << 20))
+                         if cfg.allow_exec else None)
         self.capacity.own = lambda: self.host.own_running   # our own chunks run here are not the owner's load
         self.host.shown = self.names.shown
         # peers we linked with keep their place in the table
@@ -238,6 +246,9 @@ class Daemon:
                                self._can_place, self._queued_done)
         self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
+        self.sweeps = Sweeps(name=cfg.name, fingerprint=self.identity.fingerprint, records=self.records,
+                             queue=self.queue, submitter=self.submitter, root=cfg.state_dir / "sweeps" / cfg.name,
+                             on_event=self._event)
 
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reports, read from the parts when a scrape comes (see ``metrics``)."""
@@ -276,6 +287,9 @@ class Daemon:
         spawn(self._beacon_loop(), "beacons", self._tasks)
         spawn(self._gpu_loop(), "gpu-poll", self._tasks)
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)
+        if self.sweeps.resume():   # before the queue runs: a sweep follows its queued jobs from their start
+            log.info("resumed the sweeps that were running when this node's vestad last stopped")
+        self._exits.push_async_callback(self.sweeps.close)   # first at stop: its jobs' ends are not theirs
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
         if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead

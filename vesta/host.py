@@ -16,16 +16,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vesta import artifacts, proto, rundir
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.hostexec import ExecRunner, LocalRun, Prepared, RemoteFiles
 from vesta.hours import LendingHours
+from vesta.inputcache import NOT_KEPT, InputCache, Key
 from vesta.ledger import Ledger
 from vesta.records import Records
-from vesta.spec import ExecSpec, MemSpec
-from vesta.tasks import StopFlag
+from vesta.spec import STORED, ExecSpec, FileInfo, MemSpec
+from vesta.tasks import StopFlag, cancel_all, spawn
 from vesta.wire import Channel
 from vesta.workloads import is_inline, run_builtin, run_inline
 
@@ -43,8 +45,9 @@ class Host:
                  events: Callable[[str, str], None], runner: ExecRunner | None = None,
                  ledger: Ledger | None = None, hours: LendingHours | None = None,
                  on_ledger: Callable[[], None] = lambda: None, records: Records | None = None,
-                 input_cap_mib: int = 256) -> None:
+                 input_cap_mib: int = 256, cache: InputCache | None = None) -> None:
         self.name = name
+        self.cache = cache                # inputs kept for a sweep's next jobs (a shared --put)
         self.runner = runner              # exec machinery; None: this node does not allow exec
         self.input_cap = input_cap_mib << 20
         self.records = records
@@ -186,8 +189,20 @@ class Host:
         if hosted is None or hosted.sink is None:
             self.counters["file_chunks_unexpected"] += 1
             return
+        self.counters["input_bytes_received"] += len(piece.data)
         hosted.sink.feed(piece)
         hosted.inputs_changed.set()
+        key = hosted.receiving.get(piece.path) if piece.eof else None
+        if key is not None:
+            info = hosted.sink.files.get(piece.path)
+            ok = False
+            if info is not None and info.state == STORED and self.cache is not None:
+                # Now, before the job can start and write to it (it was checked as it arrived): a copy in the
+                # kernel (copy_file_range), once per node and sweep, on the event loop.
+                ok = self.cache.keep(key, hosted.sink_dest / piece.path, info.size)
+                if ok:
+                    self.cache.kept(key, info.size)
+            hosted.received(piece.path, ok)
 
     def flows(self, me: str) -> list[dict[str, Any]]:
         """Chunks this node runs for peers, grouped by peer: the flows where we lend."""
@@ -233,6 +248,8 @@ class HostedRun:
     run_id: int | None = None               # its row in the records
     ended: tuple[str, str, int | None, float] = ("failed", LINK_DROPPED, None, 0.0)   # state, reason, exit, cpu
     work: asyncio.Future[proto.Result] | None = None
+    receiving: dict[str, Key] = field(default_factory=dict)   # inputs this run receives for the sweep's cache
+    promised: set[asyncio.Task[Any]] = field(default_factory=set)   # inputs another run of the sweep receives
 
     def __post_init__(self) -> None:
         spec = self.offer.spec
@@ -240,6 +257,64 @@ class HostedRun:
             # ready before the Accept: the inputs follow it at once
             self.sink = artifacts.Sink(self.prepared.workdir, cap=sum(i.size for i in spec.inputs),
                                        expect=spec.inputs)
+
+    @property
+    def sink_dest(self) -> Path:
+        assert self.prepared is not None
+        return self.prepared.workdir
+
+    async def cached_inputs(self) -> tuple[str, ...]:
+        """The inputs of a sweep's job this node has kept (copied into the run now) or is receiving for another
+        run of the sweep (copied in when they are here): their digests go in the Accept, and are not sent."""
+        spec, host, sink = self.offer.spec, self.host, self.sink
+        if not isinstance(spec, ExecSpec) or not spec.share or sink is None or host.cache is None:
+            return ()
+        cache, peer = host.cache, self.channel.peer_fingerprint
+        cache.touch(peer, spec.share)
+        have = []
+        for info in spec.inputs[: spec.shared]:
+            key: Key = (peer, spec.share, info.sha256)
+            if cache.has(key, info.size):
+                cache.used_now(key)
+                if await asyncio.to_thread(cache.fetch, key, info, self.sink_dest):
+                    sink.adopt(info)
+                    host.counters["input_cache_hits"] += 1
+                    host.counters["input_bytes_not_sent"] += info.size
+                    have.append(info.sha256)
+                    continue
+            pending = cache.pending.get(key)
+            if pending is not None and not pending.done():
+                spawn(self._when_kept(pending, key, info), "promised-input", self.promised)
+                host.counters["input_cache_hits"] += 1
+                host.counters["input_bytes_not_sent"] += info.size
+                have.append(info.sha256)
+            elif info.path not in self.receiving:
+                cache.pending[key] = asyncio.get_running_loop().create_future()
+                self.receiving[info.path] = key
+        return tuple(have)
+
+    async def _when_kept(self, pending: asyncio.Future[bool], key: Key, info: FileInfo) -> None:
+        ok = await asyncio.shield(pending)
+        assert self.host.cache is not None
+        if ok and self.sink is not None:
+            ok = await asyncio.to_thread(self.host.cache.fetch, key, info, self.sink_dest)
+        if self.sink is None:
+            return   # the run ended meanwhile
+        if ok:
+            self.sink.adopt(info)
+        else:
+            self.sink.fail(info.path, NOT_KEPT)
+        self.inputs_changed.set()
+
+    def received(self, path: str, ok: bool) -> None:
+        """An input this run received for the sweep's cache is kept there (or could not be)."""
+        key = self.receiving.pop(path, None)
+        cache = self.host.cache
+        if key is None or cache is None:
+            return
+        pending = cache.pending.pop(key, None)
+        if pending is not None and not pending.done():
+            pending.set_result(ok)
 
     @property
     def peer(self) -> str:
@@ -268,7 +343,8 @@ class HostedRun:
             if inline:   # done in microseconds: Accept and Result leave together, one wake-up for the submitter
                 await self._serve_inline()
                 return
-            await self.channel.send(proto.Accept(rid=offer.rid, node=host.name))
+            have = await self.cached_inputs()
+            await self.channel.send(proto.Accept(rid=offer.rid, node=host.name, have=have))
             result = await self._run()
             result, self.ended = self._ending(result)
             await self.channel.send(result)
@@ -322,6 +398,9 @@ class HostedRun:
         going (stopped mid-run: it ends on its cancel) does that when it ends."""
         if self.sink is not None:
             self.sink.finish()
+        for path in list(self.receiving):   # promised to other runs, never here whole: they are told
+            self.received(path, False)
+        await cancel_all(self.promised)
         if self.work is not None and not self.work.done():
             self.work.add_done_callback(self._ended_late)
             return

@@ -114,10 +114,13 @@ class ExecQueue:
                 if entry.name not in keep:
                     shutil.rmtree(entry.path, ignore_errors=True)
 
-    def add(self, job_id: str, request: JobRequest, *, submitter: str, fingerprint: str) -> None:
-        """Put a job on record as queued; it is tried at once. (Its inputs are staged already.)"""
+    def add(self, job_id: str, request: JobRequest, *, submitter: str, fingerprint: str, sweep: str | None = None,
+            seq: int | None = None) -> None:
+        """Put a job on record as queued; it is tried at once. (Its inputs are staged already.) ``sweep``,
+        ``seq``: the sweep it belongs to and its number there."""
         try:
-            self.records.create_job(job_id, request.kind, request.to_wire(), submitter, fingerprint, state="queued")
+            self.records.create_job(job_id, request.kind, request.to_wire(), submitter, fingerprint, state="queued",
+                                    sweep=sweep, seq=seq)
         except BaseException:
             shutil.rmtree(self.inputs_root / job_id, ignore_errors=True)
             raise
@@ -125,6 +128,13 @@ class ExecQueue:
         if self._rows is not None:
             self._rows[job_id] = {"id": job_id, "kind": request.kind, "args": request.to_wire(), "reason": ""}
         self.wake.set()
+
+    def ended(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future of a queued job's end (its result, or its error), registered now: one that ends later,
+        however soon, completes it."""
+        end: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._ends.setdefault(job_id, []).append(end)
+        return end
 
     async def follow(self, job_id: str, emit: Emit) -> dict[str, Any]:
         """Wait for a queued job to end, passing its events to ``emit``; the job's result."""

@@ -33,6 +33,8 @@ from vesta.peertable import Peer, PeerTable
 from vesta.records import Records
 from vesta.spec import JobRequest
 from vesta.submitter import Emit, Submitter, new_job_id
+from vesta.sweep import Sweeps, is_sweep_id
+from vesta.sweepspec import SweepSpec
 from vesta.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class ControlOps:
 
     def __init__(self, *, cfg: Config, identity: Identity, keys: FederationKeys, counters: Counter[str],
                  events: deque[Event], table: PeerTable, pool: LinkPool, capacity: Capacity, host: Host,
-                 ledger: Ledger, records: Records, submitter: Submitter, queue: ExecQueue,
+                 ledger: Ledger, records: Records, submitter: Submitter, queue: ExecQueue, sweeps: Sweeps,
                  isolation: Callable[[], str], started_wall: float, metrics: Callable[[], str] = lambda: "") -> None:
         self.cfg = cfg
         self.identity = identity
@@ -68,6 +70,7 @@ class ControlOps:
         self.records = records
         self.submitter = submitter
         self.queue = queue
+        self.sweeps = sweeps
         self.isolation = isolation
         self.started_wall = started_wall
         self.metrics = metrics   # () -> the address the metrics endpoint serves on, "" when off
@@ -126,7 +129,8 @@ class ControlOps:
             "cpu": self._op_cpu, "mem": self._op_mem, "exec": self._op_exec, "stress": self._op_stress,
             "stop-stress": self._op_stop_stress, "cancel": self._op_cancel, "snapshot": self._op_snapshot,
             "ledger": self._op_ledger, "jobs": self._op_jobs, "show": self._op_show, "logs": self._op_logs,
-            "artifacts": self._op_artifacts, "link-rerun": self._op_link_rerun,
+            "artifacts": self._op_artifacts, "link-rerun": self._op_link_rerun, "map": self._op_map,
+            "sweep": self._op_sweep,
         }
 
     async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -225,6 +229,10 @@ class ControlOps:
         if state is not None and state not in ("queued", "running", "succeeded", "failed", "cancelled"):
             raise ConfigError(f"unknown state {state!r}: use queued, running, succeeded, failed or cancelled")
         own = self.records.hosted(limit=limit) if hosted else self.records.jobs(state=state, limit=limit)
+        if not hosted:   # a sweep is one line, with its jobs counted
+            own = sorted(own + [s for s in map(_sweep_row, self.records.sweeps(limit=limit))
+                                if state is None or s["state"] == state],
+                         key=lambda r: -(r.get("created") or 0.0))[:limit]
         if not args.get("all"):
             return own
         # Every reachable member's records, each row labelled with the node that keeps it.
@@ -264,7 +272,32 @@ class ControlOps:
         return {"job_id": new["id"], "rerun_of": old["id"]}
 
     async def _op_show(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        if is_sweep_id(args.get("job_id")):
+            return self.sweeps.show(args["job_id"]) | {"kind": "sweep"}
         return self._record(args)
+
+    async def _op_map(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`vesta map`: start a sweep; follow it to its end unless ``detach``."""
+        run = await self.sweeps.start(SweepSpec.from_wire(args.get("spec")))
+        if args.get("detach"):
+            return run.summary() | {"detached": True}
+        return await run.follow(emit)
+
+    async def _op_sweep(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`vesta wait SWEEP`: follow a sweep to its end (at once, for one that has ended)."""
+        sweep_id = _opt_str(args, "sweep_id")
+        run = self.sweeps.runs.get(sweep_id or "")
+        if run is not None:
+            return await run.follow(emit)
+        row = self.sweeps.show(sweep_id or "")
+        counts = row["counts"]
+        failed = counts.get("failed", 0) + counts.get("cancelled", 0)
+        total = len(SweepSpec.from_wire(row["args"]).to_run())
+        done = sum(counts.values()) - counts.get("queued", 0) - counts.get("running", 0)
+        return {"sweep_id": row["id"], "state": row["state"], "total": total, "done": done,
+                "succeeded": counts.get("succeeded", 0), "failed": failed, "running": 0, "waiting": total - done,
+                "per_node": {}, "reason": row["reason"], "created": row["created"],
+                "exit_code": min(101, failed + (total - done))}
 
     async def _op_logs(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         record = self._record(args)
@@ -391,10 +424,29 @@ class ControlOps:
 
     async def _op_cancel(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         job_id = _opt_str(args, "job_id")
+        if is_sweep_id(job_id):
+            if not self.sweeps.cancel(str(job_id)):
+                raise NotFound(f"no running sweep {job_id!r} here (see `vesta jobs`)")
+            return {"cancelled": job_id}
         if not job_id or not (self.submitter.cancel(job_id) or self.queue.cancel(job_id)):
             running = ", ".join(self.submitter.jobs) or "none"
             raise NotFound(f"no running job {job_id!r} submitted here (running: {running})")
         return {"cancelled": job_id}
+
+
+def _sweep_row(s: dict[str, Any]) -> dict[str, Any]:
+    """A sweep as one line of `vesta jobs`: its command and how many jobs it has, not every input."""
+    args = s.get("args") or {}
+    sources = args.get("sources") or []
+    total = len(args.get("seqs") or []) or (1 if sources else 0)
+    if not args.get("seqs"):
+        for source in sources:
+            total *= len(source)
+    return {"id": s["id"], "kind": "sweep", "state": s["state"], "created": s["created"], "started": s["created"],
+            "finished": s["finished"], "reason": s["reason"], "exit_code": None, "result": None,
+            "args": {"template": args.get("template") or [], "total": total, "counts": s["counts"]},
+            "counts": s["counts"],
+            "ran_on": [], "outcome": s["state"]}
 
 
 def _opt_str(args: dict[str, Any], key: str) -> str | None:

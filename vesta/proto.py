@@ -272,10 +272,20 @@ class Accept:
     KIND: ClassVar[Kind] = Kind.ACCEPT
     rid: int
     node: str
+    have: tuple[str, ...] = ()    # exec: SHA-256 (hex) of inputs the host has already (a sweep's shared --put)
 
     def validate(self) -> None:
         _int("accept.rid", self.rid, 0, 1 << 63)
         check_name("accept.node", self.node)
+        if not isinstance(self.have, (list, tuple)) or len(self.have) > MAX_INPUTS:
+            raise ProtocolError(f"accept.have must list at most {MAX_INPUTS} SHA-256 digests")
+        for sha in self.have:
+            check_sha256_hex("accept.have", sha)
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Accept:
+        have = body.get("have", ())
+        return cast(Accept, _build(cls, body | {"have": tuple(have) if isinstance(have, list) else have}, "accept"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,8 +466,10 @@ class Records:
         return row   # type: ignore[no-any-return]
 
     def create_job(self, job_id: str, kind: str, args: dict[str, Any], submitter: str, submitter_fp: str,
-                   state: str = "running", *, defer: bool = False) -> None:
-        """Record a new job; ``created`` is now, and so is ``started`` when it starts running at once."""
+                   state: str = "running", *, defer: bool = False, sweep: str | None = None,
+                   seq: int | None = None) -> None:
+        """Record a new job; ``created`` is now, and so is ``started`` when it starts running at once.
+        ``sweep``, ``seq``: the sweep it belongs to and its number there."""
         _check(isinstance(job_id, str) and job_id != "", f"job id must be a non-empty string (got {job_id!r})")
         _check(kind in KINDS, f"job kind must be one of {', '.join(KINDS)} (got {kind!r})")
         _check(state in ("queued", "running"), f"a new job is queued or running (got {state!r})")
@@ -475,10 +477,10 @@ class Records:
         now = self.clock()
         try:
             with self._tx(defer):
-                self._exec("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (job_id, kind, _dumps(args, "job args"), submitter, submitter_fp, now,
-                                 now if state == "running" else None, state))
+                self._exec("INSERT INTO jobs (id, kind, args, submitter, submitter_fp, created, started, state, "
+                           "sweep, sweep_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (job_id, kind, _dumps(args, "job args"), submitter, submitter_fp, now,
+                            now if state == "running" else None, state, sweep, seq))
         except sqlite3.IntegrityError:
             raise RecordsError(f"job {job_id!r} is already in the records") from None
 
@@ -656,13 +658,64 @@ class Records:
         """Jobs newest first, without parts, optionally only those in ``state``."""
         _check(state is None or state in STATES, f"unknown job state {state!r} (one of {', '.join(STATES)})")
         _check(limit > 0, f"limit must be > 0 (got {limit})")
-        rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE (? IS NULL OR state=?) "
+        rows = self.db.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE (? IS NULL OR state=?) AND sweep IS NULL "
                                "ORDER BY created DESC, rowid DESC LIMIT ?", (state, state, limit))
         out = [self._job_dict(r) for r in rows]
         ran_on = self._ran_on([j["id"] for j in out])
         for j in out:
             j["ran_on"] = ran_on.get(j["id"], [])
         return out
+
+    # -- sweeps (vesta map) -----------------------------------------------------------------------------------------
+
+    def create_sweep(self, sweep_id: str, args: dict[str, Any], submitter: str) -> None:
+        """Record a new sweep, running."""
+        try:
+            with self._tx():
+                self._exec("INSERT INTO sweeps (id, args, submitter, created, state) VALUES (?, ?, ?, ?, 'running')",
+                           (sweep_id, _dumps(args, "sweep args"), submitter, self.clock()))
+        except sqlite3.IntegrityError:
+            raise RecordsError(f"sweep {sweep_id!r} is already in the records") from None
+
+    def end_sweep(self, sweep_id: str, state: str, reason: str = "") -> None:
+        """A sweep ended: succeeded (every job did), failed or cancelled."""
+        _check(state in TERMINAL, f"a sweep ends {', '.join(sorted(TERMINAL))} (got {state!r})")
+        with self._tx():
+            self._exec("UPDATE sweeps SET state=?, reason=?, finished=? WHERE id=? AND state='running'",
+                       (state, reason, self.clock(), sweep_id))
+
+    def sweep(self, sweep_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM sweeps WHERE id=?", (sweep_id,)).fetchone()
+        return None if row is None else _row(row, ("args",))
+
+    def sweeps(self, *, running: bool = False, limit: int = 50) -> list[dict[str, Any]]:
+        """Sweeps newest first (``running``: only those still running), each with its jobs counted by outcome."""
+        rows = self.db.execute("SELECT * FROM sweeps WHERE (? = 0 OR state='running') "
+                               "ORDER BY created DESC, rowid DESC LIMIT ?", (int(running), limit))
+        out = [_row(r, ("args",)) for r in rows]
+        for s in out:
+            s["counts"] = self.sweep_counts(s["id"])
+        return out
+
+    def sweep_counts(self, sweep_id: str) -> dict[str, int]:
+        """A sweep's job numbers by where they stand: each number counted once, by its latest job."""
+        counts = {"succeeded": 0, "failed": 0, "cancelled": 0, "running": 0, "queued": 0}
+        for r in self.db.execute(
+                "SELECT state, exit_code FROM jobs j WHERE sweep=? AND rowid = (SELECT max(rowid) FROM jobs "
+                "WHERE sweep=j.sweep AND sweep_seq=j.sweep_seq)", (sweep_id,)):
+            counts[r["state"]] = counts.get(r["state"], 0) + 1
+        return counts
+
+    def sweep_jobs(self, sweep_id: str) -> list[dict[str, Any]]:
+        """Every job of a sweep, by number then in the order they were made."""
+        rows = self.db.execute(f"SELECT {_JOB_COLS}, sweep_seq, reported FROM jobs WHERE sweep=? "
+                               "ORDER BY sweep_seq, rowid", (sweep_id,))
+        return [self._job_dict(r) for r in rows]
+
+    def mark_reported(self, job_id: str) -> None:
+        """This job's end was given out as its sweep number's result."""
+        with self._tx():
+            self._exec("UPDATE jobs SET reported=1 WHERE id=?", (job_id,))
 
     # -- runs hosted for peers ------------------------------------------------------------------------------------
 

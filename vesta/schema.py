@@ -63,6 +63,17 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX reruns_of ON reruns(rerun_of);",
     # Where a job was placed and why not elsewhere: for each node, chosen or not and why (JSON).
     "ALTER TABLE jobs ADD COLUMN placement TEXT;",
+    # Sweeps (vesta map): a job group. Each of its jobs names it and its number in it; ``reported`` marks the
+    # job whose end was given out as that number's result (joblog, --results, the followers), so none is twice.
+    """
+    CREATE TABLE sweeps (
+        id TEXT PRIMARY KEY, args TEXT NOT NULL, submitter TEXT NOT NULL, created REAL NOT NULL,
+        finished REAL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '');
+    ALTER TABLE jobs ADD COLUMN sweep TEXT;
+    ALTER TABLE jobs ADD COLUMN sweep_seq INTEGER;
+    ALTER TABLE jobs ADD COLUMN reported INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_sweep ON jobs(sweep, sweep_seq) WHERE sweep IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

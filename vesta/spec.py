@@ -38,6 +38,7 @@ MAX_INPUTS = 64                   # files shipped with one exec job (vesta exec 
 MAX_NODE_ARG = 64                 # length of an --on name or fingerprint prefix
 MAX_NEED = 16                     # labels a job may need (--need), as many as a node may advertise
 MAX_LABEL = 32                    # characters of one label
+MAX_SHARE = 32                    # characters of a sweep id that shares inputs between jobs (ExecSpec.share)
 
 STORED = "stored"                 # a FileInfo's state once a Sink kept it
 
@@ -149,6 +150,8 @@ class ExecSpec:
     mem_mib: int = 0
     inputs: tuple[FileInfo, ...] = ()
     stdin: str = ""               # the input the program reads as its standard input ("": /dev/null)
+    share: str = ""               # a sweep's id: a node may keep the job's first ``shared`` inputs, by SHA-256,
+    shared: int = 0               # for the sweep's next jobs (its --put files, the same in every job)
 
     def validate(self) -> None:
         argv = self.argv
@@ -174,13 +177,19 @@ class ExecSpec:
             raise InvalidJob("stdin must name one of the job's input files")
         if self.stdin:
             check_rel_path("stdin", self.stdin, exc=InvalidJob)
+        if not isinstance(self.share, str) or len(self.share) > MAX_SHARE or (
+                self.share and not (self.share.isascii() and self.share.isalnum())):
+            raise InvalidJob(f"share must be a sweep id (letters and digits, at most {MAX_SHARE})")
+        if not _whole(self.shared) or not 0 <= self.shared <= (len(self.inputs) if self.share else 0):
+            raise InvalidJob("shared must count the job's first inputs, and needs a share")
 
     def describe(self) -> str:
         return " ".join(self.argv)[:60]
 
     def to_wire(self) -> dict[str, Any]:
         return {"argv": list(self.argv), "timeout_s": self.timeout_s, "mem_mib": self.mem_mib,
-                "inputs": [i.to_wire() for i in self.inputs]} | ({"stdin": self.stdin} if self.stdin else {})
+                "inputs": [i.to_wire() for i in self.inputs]} | ({"stdin": self.stdin} if self.stdin else {}) | (
+                {"share": self.share, "shared": self.shared} if self.share else {})
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> ExecSpec:
@@ -192,7 +201,8 @@ class ExecSpec:
         # "timeout" and "mem": the control requests and records of vesta before the typed job path
         timeout = body.get("timeout_s", body.get("timeout"))
         spec = cls(tuple(argv), 0.0 if timeout is None else timeout, body.get("mem_mib", body.get("mem")) or 0,
-                   tuple(FileInfo.from_wire(i) for i in inputs), body.get("stdin", ""))
+                   tuple(FileInfo.from_wire(i) for i in inputs), body.get("stdin", ""), body.get("share", ""),
+                   body.get("shared", 0))
         spec.validate()
         return spec
 

@@ -135,6 +135,10 @@ def what(kind: str, args: dict[str, Any]) -> str:
             else f"cpu units {args.get('start', 0)}+{args.get('count', 0)}"
     if kind == "mem":
         return f"mem {args.get('mib')} MiB {args.get('ms')} ms"
+    if kind == "sweep":
+        counts = {k: v for k, v in (args.get("counts") or {}).items() if v}
+        return (f"map {' '.join(args.get('template', []))[:40]}: {args.get('total', 0)} jobs"
+                + (" (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")" if counts else ""))
     return "exec " + " ".join(args.get("argv", []))[:60]
 
 

@@ -17,6 +17,7 @@ from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command
 from vesta.cli.files import STDIN_NAME, copy_artifacts, stdin_file, write_key_file
+from vesta.cli.sweeps import build_spec, run_map, show_sweep, wait_sweep
 from vesta.cli.tables import (
     LEDGER_COLUMNS,
     PEER_COLUMNS,
@@ -40,6 +41,7 @@ from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.paths import default_key_file
 from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
+from vesta.sweepspec import is_sweep_id
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,6 +169,9 @@ def show(ctx: click.Context, job_id: str) -> None:
     """The whole record of one job: who, what, when, where each part ran, how it ended."""
     with _client(ctx) as c:
         job = c.call("show", job_id=job_id)
+    if job.get("kind") == "sweep":
+        print_json(job) if _json(ctx) else show_sweep(job, header=_header(ctx))
+        return
     if _json(ctx):
         print_json(job | {"outcome": outcome.of_job(job)})
         return
@@ -206,6 +211,10 @@ def show(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) -> None:
     """Wait until every JOB ends; exit with the worst of their exit codes (124 if --timeout passes first)."""
+    if any(is_sweep_id(j) for j in job_ids):
+        if len(job_ids) != 1:
+            raise ConfigError("wait follows one sweep at a time: vesta wait SWEEP")
+        ctx.exit(wait_sweep(lambda: _client(ctx, job=True), job_ids[0], timeout, as_json=_json(ctx)))
     deadline = None if timeout is None else time.monotonic() + timeout
     ended: dict[str, dict[str, Any]] = {}
     with _client(ctx) as c:
@@ -234,6 +243,56 @@ def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) ->
         done = [ended[j] | {"outcome": outcome.of_job(ended[j])} for j in job_ids]
         print_json(done[0] if len(job_ids) == 1 else done)
     ctx.exit(max(job_exit_code(j) for j in ended.values()))
+
+
+@cli.command("map", context_settings={"allow_interspersed_args": False})
+@click.option("-j", "--jobs", "-jobs", "jobs", type=int, default=0,
+              help="Jobs in flight at most (default: as many as the federation takes now).")
+@_on_option()
+@click.option("--timeout", "-timeout", type=float, help="Stop each job after this many seconds.")
+@click.option("--mem", "-mem", "mem", type=int, help="Memory limit of each job in MiB.")
+@click.option("--retries", "-retries", type=int, default=0, show_default=True,
+              help="Run a failed job again this many times, on another node where one can take it.")
+@click.option("--halt", "-halt", "halt", metavar="now,fail=N|soon,fail=N%",
+              help="Stop after N (or N% of all) jobs failed: now cancels the running ones, soon lets them end.")
+@click.option("--put", "-put", "puts", multiple=True, metavar="FILE",
+              help="Ship this file with every job (sent once per node, not once per job).")
+@click.option("--put-each", "-put-each", "put_each", multiple=True, metavar="TEMPLATE",
+              help="Ship each job's own file, e.g. --put-each {} (replacement strings work).")
+@click.option("--results", "-results", "results", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write DIR/SEQ/stdout, stderr, exit, node and the job's artifacts.")
+@click.option("--joblog", "-joblog", "joblog", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Log each job in GNU parallel's joblog format.")
+@click.option("--resume", "-resume", is_flag=True, help="Skip the jobs the joblog shows done.")
+@click.option("--resume-failed", "-resume-failed", "resume_failed", is_flag=True,
+              help="Run again the jobs the joblog shows failed, and those not in it.")
+@click.option("--keep-order", "-k", "keep_order", is_flag=True,
+              help="Print each job's output in input order (not as each ends).")
+@click.option("--detach", "-detach", is_flag=True, help="Print the sweep's id at once; see vesta wait, show, cancel.")
+@shared_options
+@click.argument("words", nargs=-1, type=click.UNPROCESSED, required=True, metavar="-- CMD [ARGS]... ::: A B C")
+@click.pass_context
+def map_(ctx: click.Context, jobs: int, on: str | None, need: tuple[str, ...], timeout: float | None,
+         mem: int | None, retries: int, halt: str | None, puts: tuple[str, ...], put_each: tuple[str, ...],
+         results: str | None, joblog: str | None, resume: bool, resume_failed: bool, keep_order: bool,
+         detach: bool, words: tuple[str, ...]) -> None:
+    """Run a command over many inputs, the way GNU parallel does: vesta map [OPTIONS] -- CMD ARGS... ::: A B C
+
+    `::: A B C` lists inputs (several lists: every combination); `:::: FILE` reads one input a line (- is
+    standard input). In the command, {} is the input, {1} {2} one list's, {.} without extension, {/}
+    basename, {//} dirname, {/.} basename without extension, {#} the job's number; with none of them the
+    inputs are appended.
+
+    The sweep runs in the daemon: killing vesta map does not stop it (vesta wait SWEEP follows it again,
+    vesta cancel SWEEP stops it). Exit status: 0 when every job succeeded, else the number that failed (at
+    most 101).
+    """
+    spec = build_spec(words, jobs=jobs, on=on, need=_labels(need), timeout=timeout, mem=mem, retries=retries,
+                      halt=halt, puts=puts, put_each=put_each, results=results, joblog=joblog, resume=resume,
+                      resume_failed=resume_failed)
+    ctx.exit(run_map(lambda: _client(ctx, job=not detach), spec, as_json=_json(ctx), detach=detach,
+                     keep_order=keep_order, nothing=f"{joblog} shows every job "
+                     + ("succeeded" if resume_failed else "done")))
 
 
 @cli.command()
