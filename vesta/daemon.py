@@ -58,6 +58,7 @@ from vesta.metrics import Metrics, Sources, age, disk_use, parse_address
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
+from vesta.retention import Pruner
 from vesta.submitter import Submitter
 from vesta.tasks import cancel_all, spawn
 from vesta.wire import Channel
@@ -71,6 +72,8 @@ RECORDS_CHECKPOINT_S = 1.0    # seconds between records commits, each followed b
 REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (a few /proc reads) ...
 REAP_IDLE_S = 1.0             # ... and while no job runs
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
+GC_FIRST_S = 60.0             # retention (vesta gc) runs this long after start, once the node has settled ...
+GC_EVERY_S = 86400.0          # ... and then once a day
 
 
 class Daemon:
@@ -87,6 +90,7 @@ class Daemon:
     discovery: Discovery
     submitter: Submitter
     queue: ExecQueue
+    pruner: Pruner
     ops: ControlOps
     control: ControlServer
 
@@ -169,7 +173,8 @@ class Daemon:
                               events=self.events, table=self.table, pool=self.pool, capacity=self.capacity,
                               host=self.host, ledger=self.ledger, records=self.records, submitter=self.submitter,
                               queue=self.queue, isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
-                              started_wall=self.started_wall, metrics=lambda: self.metrics.address)
+                              started_wall=self.started_wall, metrics=lambda: self.metrics.address,
+                              pruner=self.pruner)
         self._exits.push_async_callback(cancel_all, self.ops.tasks)
         self.control = ControlServer(cfg.control_socket, cfg.name, self.ops.dispatch, self.counters)
         await self.control.open()   # last: a daemon that answers there already hears beacons
@@ -229,6 +234,9 @@ class Daemon:
                                self._can_place, self._queued_done)
         self.submitter.on_free = self.queue.capacity   # a chunk ended, a beacon shows spare
         self.queue.forget_stale_inputs()
+        self.pruner = Pruner(self.records, cfg.state_dir / "artifacts", keep_days=cfg.keep_days,
+                             keep_artifacts_mb=cfg.keep_artifacts_mb, counters=self.counters,
+                             active=lambda: set(self.submitter.jobs))
 
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reports, read from the parts when a scrape comes (see ``metrics``)."""
@@ -269,6 +277,7 @@ class Daemon:
         spawn(self._ledger_loop(), "ledger-flush", self._tasks)
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
+        spawn(self._gc_loop(), "gc", self._tasks)
         if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead
             spawn(self._reap_loop(), "reap-strays", self._tasks)
 
@@ -363,6 +372,16 @@ class Daemon:
                 await asyncio.to_thread(self.records.checkpoint)
             except sqlite3.Error as exc:
                 log.warning("records checkpoint failed (retried later): %s", exc)
+
+    async def _gc_loop(self) -> None:
+        """Retention (see ``retention``): shortly after start, then once a day; a failed run waits for the next."""
+        await asyncio.sleep(GC_FIRST_S)
+        while True:
+            try:
+                await self.pruner.run()
+            except (OSError, sqlite3.Error, VestaError) as exc:
+                log.warning("gc failed (tried again in a day, or now with vesta gc): %s", exc)
+            await asyncio.sleep(GC_EVERY_S)
 
     async def _ledger_loop(self) -> None:
         """Persist the ledger soon after every change (atomic replace, off the event loop).
