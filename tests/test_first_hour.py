@@ -340,6 +340,7 @@ def _exercise(a: Vestad, b: Vestad, as_json: bool) -> dict[str, subprocess.Compl
     long = a.vesta("exec", "--detach", "--on", "b", "--", "sleep", "30").stdout.strip()
     out["cancel"] = v(a, "cancel", long)
     out["keygen"] = v(a, "keygen")
+    out["gc"] = v(a, "gc", "--dry-run")
     return out
 
 
