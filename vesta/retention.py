@@ -172,7 +172,7 @@ class Pruner:
                        if job_id not in active and (job_id in ended or job_id not in known))
         report.unprunable_bytes = total - sum(sizes[job_id] for _, job_id in order)
         day = time.strftime("%Y-%m-%d", time.localtime(self.clock()))
-        reason = f"removed by vesta gc on {day}: over keep_artifacts_mb ({self.keep_artifacts_bytes >> 20} MiB)"
+        reason = f"over keep_artifacts_mb ({self.keep_artifacts_bytes >> 20} MiB); removed {day}"
         for _, job_id in order:
             if total <= self.keep_artifacts_bytes:
                 break
