@@ -17,7 +17,9 @@ from tests.helpers import Cluster, eventually, eventually_async, free_udp_port, 
 from tests.test_metrics import scrape
 from vesta import daemon as daemon_module
 from vesta.config import Config
+from vesta.control import ControlClient
 from vesta.daemon import Daemon
+from vesta.errors import ConfigError
 from vesta.records import PartEnd, Records
 from vesta.spec import ExecSpec, JobRequest
 
@@ -130,10 +132,16 @@ async def test_the_daemon_prunes_by_itself_soon_after_start(tmp_path: Path, runt
     cfg = Config.for_tests(name="d", key=new_key(), dport=free_udp_port(), state_dir=state)
     d = await Daemon.start(cfg)
     try:
-        await eventually_async(lambda: d.records.job("jold") is None, timeout=10)
-        assert d.records.job("jnew") is not None and d.counters["gc_runs"] == 1
+        await eventually_async(lambda: d.counters["gc_runs"], timeout=10)   # counted when the run is over
+        assert d.records.job("jold") is None and d.records.job("jnew") is not None
         assert not (state / "artifacts" / "jold").exists() and (state / "artifacts" / "jnew").exists()
         await asyncio.sleep(0.5)
         assert d.counters["gc_runs"] == 1   # then not again before a day has passed
+
+        def bad_request() -> None:
+            with ControlClient(cfg.control_socket, timeout=5) as c:
+                c.call("gc", dry_run="yes")
+        with pytest.raises(ConfigError, match="^dry_run must be true or false$"):
+            await asyncio.to_thread(bad_request)
     finally:
         await d.stop()
