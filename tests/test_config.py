@@ -67,6 +67,7 @@ def test_defaults_are_the_seeds() -> None:
     assert cfg.power == "auto"
     assert cfg.seeds == () and cfg.labels == ()
     assert cfg.suspect_after < cfg.expire_after
+    assert cfg.keep_days == 90 and cfg.keep_artifacts_mb == 2048
 
 
 def test_key_is_not_in_repr() -> None:
@@ -206,6 +207,10 @@ BAD_FIELDS: list[tuple[str, object, str]] = [
     ("max_borrow_ratio", float("nan"), "number"),
     ("max_borrow_ratio", float("inf"), "number"),
     ("handshake_timeout_s", 0.0, "0.1 to 120"),
+    ("keep_days", 0, "1 to 36500"),
+    ("keep_days", "90", "number"),
+    ("keep_artifacts_mb", -1, "0 to"),
+    ("keep_artifacts_mb", 1.5, "whole number"),
     # choices
     ("power", "nuclear", "auto, grid, solar, battery"),
     ("power", "GRID", "auto, grid, solar, battery"),

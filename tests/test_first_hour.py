@@ -341,6 +341,7 @@ def _exercise(a: Vestad, b: Vestad, as_json: bool) -> dict[str, subprocess.Compl
     out["cancel"] = v(a, "cancel", long)
     out["keygen"] = v(a, "keygen")
     out["map"] = v(a, "map", "--on", "b", "--", "echo", ":::", "x", "y")
+    out["gc"] = v(a, "gc", "--dry-run")
     return out
 
 

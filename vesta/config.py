@@ -66,6 +66,8 @@ class Config:
     exec_max_input_mb: int = 256     # files a peer may ship with one exec job (--put), MiB in all
     artifact_max_mb: int = 256       # files this node takes back from one of its exec jobs ($VESTA_OUTPUT), MiB
     keep_runs: bool = False          # keep each exec run's working directory afterwards (debugging; uses disk)
+    keep_days: float = 90.0          # job records and hosted runs that ended longer ago are pruned (vesta gc)
+    keep_artifacts_mb: int = 2048    # artifacts kept in all, MiB; past it the oldest jobs' files are pruned
     max_attempts: int = 3            # runs of one cpu/mem chunk lost to a node or link failure before the job fails
     max_borrow_ratio: float = 5.0    # leeching cap: borrow up to ratio x goodwill without lending
     battery_min_pct: int = 15        # stop lending below this battery charge
@@ -247,6 +249,8 @@ _CHECKS: dict[str, Check] = {
     "exec_max_input_mb": _int(0, 1 << 20),
     "artifact_max_mb": _int(0, 1 << 20),
     "keep_runs": _bool,
+    "keep_days": _float(1.0, 36500.0),
+    "keep_artifacts_mb": _int(0, 1 << 30),
     "max_attempts": _int(1, 100),
     "max_borrow_ratio": _float(0.0, 1000.0),
     "battery_min_pct": _int(0, 100),

@@ -61,6 +61,7 @@ from vesta.names import Names
 from vesta.ops import ControlOps, Event
 from vesta.peertable import Change, PeerTable
 from vesta.records import Records
+from vesta.retention import Pruner
 from vesta.submitter import Submitter
 from vesta.sweep import Sweeps
 from vesta.tasks import cancel_all, spawn
@@ -76,6 +77,8 @@ REAP_INTERVAL_S = 0.2         # seconds between looks for dead orphans of jobs (
 REAP_IDLE_S = 1.0             # ... and while no job runs
 INPUT_CACHE_JOBS = 2          # a node keeps sweeps' shared inputs up to this many jobs' worth (exec_max_input_mb)
 LEDGER_FLUSH_S = 0.5          # at most one ledger save (two fsyncs) per this: a burst of jobs is one write
+GC_FIRST_S = 60.0             # retention (vesta gc) runs this long after start, once the node has settled ...
+GC_EVERY_S = 86400.0          # ... and then once a day
 
 
 class Daemon:
@@ -93,6 +96,7 @@ class Daemon:
     submitter: Submitter
     queue: ExecQueue
     sweeps: Sweeps
+    pruner: Pruner
     ops: ControlOps
     control: ControlServer
 
@@ -178,7 +182,8 @@ class Daemon:
                               host=self.host, ledger=self.ledger, records=self.records, submitter=self.submitter,
                               queue=self.queue, sweeps=self.sweeps,
                               isolation=lambda: describe(self.runner, cfg.exec_user, cfg.sandbox),
-                              started_wall=self.started_wall, metrics=lambda: self.metrics.address)
+                              started_wall=self.started_wall, metrics=lambda: self.metrics.address,
+                              pruner=self.pruner)
         self._exits.push_async_callback(cancel_all, self.ops.tasks)
         self.control = ControlServer(cfg.control_socket, cfg.name, self.ops.dispatch, self.counters)
         await self.control.open()   # last: a daemon that answers there already hears beacons
@@ -249,6 +254,9 @@ class Daemon:
         self.sweeps = Sweeps(name=cfg.name, fingerprint=self.identity.fingerprint, records=self.records,
                              queue=self.queue, submitter=self.submitter, root=cfg.state_dir / "sweeps" / cfg.name,
                              on_event=self._event)
+        self.pruner = Pruner(self.records, cfg.state_dir / "artifacts", keep_days=cfg.keep_days,
+                             keep_artifacts_mb=cfg.keep_artifacts_mb, counters=self.counters,
+                             active=lambda: set(self.submitter.jobs))
 
     def _metric_sources(self) -> Sources:
         """What the metrics endpoint reports, read from the parts when a scrape comes (see ``metrics``)."""
@@ -292,6 +300,7 @@ class Daemon:
         self._exits.push_async_callback(self.sweeps.close)   # first at stop: its jobs' ends are not theirs
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
+        spawn(self._gc_loop(), "gc", self._tasks)
         if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead
             spawn(self._reap_loop(), "reap-strays", self._tasks)
 
@@ -391,6 +400,16 @@ class Daemon:
                 await asyncio.to_thread(self.records.checkpoint)
             except sqlite3.Error as exc:
                 log.warning("records checkpoint failed (retried later): %s", exc)
+
+    async def _gc_loop(self) -> None:
+        """Retention (see ``retention``): shortly after start, then once a day; a failed run waits for the next."""
+        await asyncio.sleep(GC_FIRST_S)
+        while True:
+            try:
+                await self.pruner.run()
+            except (OSError, sqlite3.Error, VestaError) as exc:
+                log.warning("gc failed (tried again in a day, or now with vesta gc): %s", exc)
+            await asyncio.sleep(GC_EVERY_S)
 
     async def _ledger_loop(self) -> None:
         """Persist the ledger soon after every change (atomic replace, off the event loop).

@@ -128,6 +128,13 @@ class NodeCollector(Collector):
         links.add_metric(["failed"], counters.get("tcp_handshake_failed", 0))
         links.add_metric(["bad_auth"], counters.get("tcp_bad_auth", 0))
         yield links
+        pruned = CounterMetricFamily("vesta_pruned", "Removed by retention (vesta gc) since start: job records, "
+                                     "hosted-run records, jobs whose files went.", labels=["what"])
+        for what in ("jobs", "hosted", "artifact_jobs"):
+            pruned.add_metric([what], counters.get(f"gc_pruned_{what}", 0))
+        yield pruned
+        yield CounterMetricFamily("vesta_pruned_artifact_bytes", "Bytes of artifacts removed by retention since start.",
+                                  value=counters.get("gc_pruned_artifact_bytes", 0))
 
 
 class Metrics:

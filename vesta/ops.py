@@ -31,6 +31,7 @@ from vesta.ledger import Ledger
 from vesta.link import LinkPool
 from vesta.peertable import Peer, PeerTable
 from vesta.records import Records
+from vesta.retention import Pruner
 from vesta.spec import JobRequest
 from vesta.submitter import Emit, Submitter, new_job_id
 from vesta.sweep import Sweeps, is_sweep_id
@@ -56,7 +57,8 @@ class ControlOps:
     def __init__(self, *, cfg: Config, identity: Identity, keys: FederationKeys, counters: Counter[str],
                  events: deque[Event], table: PeerTable, pool: LinkPool, capacity: Capacity, host: Host,
                  ledger: Ledger, records: Records, submitter: Submitter, queue: ExecQueue, sweeps: Sweeps,
-                 isolation: Callable[[], str], started_wall: float, metrics: Callable[[], str] = lambda: "") -> None:
+                 isolation: Callable[[], str], started_wall: float, metrics: Callable[[], str] = lambda: "",
+                 pruner: Pruner | None = None) -> None:
         self.cfg = cfg
         self.identity = identity
         self.keys = keys
@@ -74,6 +76,7 @@ class ControlOps:
         self.isolation = isolation
         self.started_wall = started_wall
         self.metrics = metrics   # () -> the address the metrics endpoint serves on, "" when off
+        self.pruner = pruner     # retention: vesta gc
         self.tasks: set[asyncio.Task[Any]] = set()   # detached jobs: cancelled when the daemon stops
         self._ops = self.ops()
 
@@ -130,7 +133,7 @@ class ControlOps:
             "stop-stress": self._op_stop_stress, "cancel": self._op_cancel, "snapshot": self._op_snapshot,
             "ledger": self._op_ledger, "jobs": self._op_jobs, "show": self._op_show, "logs": self._op_logs,
             "artifacts": self._op_artifacts, "link-rerun": self._op_link_rerun, "map": self._op_map,
-            "sweep": self._op_sweep,
+            "sweep": self._op_sweep, "gc": self._op_gc,
         }
 
     async def _op_status(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -403,6 +406,15 @@ class ControlOps:
         return {"job_id": record["id"], "state": record["state"],
                 "dir": str(self.cfg.state_dir.expanduser().resolve() / "artifacts" / record["id"]),
                 "files": self.records.artifacts(record["id"])}
+
+    async def _op_gc(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`vesta gc`: apply keep_days and keep_artifacts_mb now (``dry_run``: say what would go)."""
+        dry_run = args.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ConfigError("dry_run must be true or false")
+        if self.pruner is None:
+            raise ConfigError("this vestad has no retention set up")
+        return (await self.pruner.run(dry_run=dry_run)).to_json()
 
     async def _op_stress(self, args: dict[str, Any], emit: Emit) -> dict[str, Any]:
         cores, secs = args.get("cores", 0), args.get("secs")

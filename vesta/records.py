@@ -51,7 +51,8 @@ few seconds).
 
 **Artifacts.** One row per file a job sent back (``$VESTA_OUTPUT``): its path,
 size and SHA-256, and whether it was ``stored`` (under ``artifacts/JOB/`` in the
-state directory) or ``refused``/``corrupt``/``incomplete`` with the reason.
+state directory) or ``refused``/``corrupt``/``incomplete`` with the reason, or ``pruned`` once retention
+removed it (``retention``).
 
 **Logs.** One row per appended chunk, numbered per job (``seq``, from 1);
 ``log(after=seq)`` returns what came later, for ``--follow``. At most
@@ -611,6 +612,76 @@ class Records:
         rows = self.db.execute("SELECT path, size, sha256, state, reason, node FROM artifacts WHERE job_id=? "
                                "ORDER BY path", (job_id,))
         return [dict(r) for r in rows]
+
+    # -- retention (``retention.Pruner``: vesta gc) ---------------------------------------------------------------
+    # A job is prunable once it ended and none of its parts runs: a part's end is what the ledger charges, so a
+    # record with a part still running is one the ledger still needs. Queued and running jobs never are.
+
+    def old_jobs(self, before: float, after: tuple[float, str], limit: int) -> list[dict[str, Any]]:
+        """Prunable jobs that ended before ``before``, oldest first, from just past ``after`` (created, id):
+        ``id``, ``created``, ``log_bytes``."""
+        rows = self.db.execute(
+            "SELECT id, created, log_bytes FROM jobs j WHERE created < ? AND (created, id) > (?, ?) "
+            f"AND state IN ({', '.join('?' * len(TERMINAL))}) AND COALESCE(finished, created) < ? "
+            "AND NOT EXISTS (SELECT 1 FROM parts p WHERE p.job_id = j.id AND p.state = 'running') "
+            "ORDER BY created, id LIMIT ?", (before, *after, *sorted(TERMINAL), before, limit))
+        return [dict(r) for r in rows]
+
+    def old_hosted(self, before: float, after: tuple[float, int], limit: int) -> list[dict[str, Any]]:
+        """Hosted runs that ended before ``before``, oldest first, from just past ``after`` (started, id)."""
+        rows = self.db.execute(
+            "SELECT id, started FROM hosted WHERE started < ? AND (started, id) > (?, ?) AND state != 'running' "
+            "AND COALESCE(finished, started) < ? ORDER BY started, id LIMIT ?", (before, *after, before, limit))
+        return [dict(r) for r in rows]
+
+    def ended(self, job_ids: list[str]) -> dict[str, float]:
+        """Of these jobs, the prunable ones and when each ended (a job not on record is absent)."""
+        out: dict[str, float] = {}
+        for at in range(0, len(job_ids), 500):
+            batch = job_ids[at: at + 500]
+            marks = ", ".join("?" * len(batch))
+            rows = self.db.execute(
+                f"SELECT id, COALESCE(finished, created) AS ended FROM jobs j WHERE id IN ({marks}) "
+                f"AND state IN ({', '.join('?' * len(TERMINAL))}) "
+                "AND NOT EXISTS (SELECT 1 FROM parts p WHERE p.job_id = j.id AND p.state = 'running')",
+                (*batch, *sorted(TERMINAL)))
+            out.update((r["id"], float(r["ended"])) for r in rows)
+        return out
+
+    def known(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs are on record."""
+        out: set[str] = set()
+        for at in range(0, len(job_ids), 500):
+            batch = job_ids[at: at + 500]
+            out.update(r[0] for r in self.db.execute(
+                f"SELECT id FROM jobs WHERE id IN ({', '.join('?' * len(batch))})", batch))
+        return out
+
+    def delete_jobs(self, job_ids: list[str]) -> int:
+        """Remove these ended jobs with their parts, output and artifact rows; returns how many went."""
+        if not job_ids:
+            return 0
+        marks = ", ".join("?" * len(job_ids))
+        with self._tx(atomic=True):
+            self._exec(f"DELETE FROM reruns WHERE job_id IN ({marks})", tuple(job_ids))
+            cur = self._exec(f"DELETE FROM jobs WHERE id IN ({marks}) "
+                             f"AND state IN ({', '.join('?' * len(TERMINAL))})", (*job_ids, *sorted(TERMINAL)))
+        return int(cur.rowcount)
+
+    def delete_hosted(self, run_ids: list[int]) -> int:
+        """Remove these ended hosted runs; returns how many went."""
+        if not run_ids:
+            return 0
+        with self._tx():
+            cur = self._exec(f"DELETE FROM hosted WHERE id IN ({', '.join('?' * len(run_ids))}) "
+                             "AND state != 'running'", tuple(run_ids))
+        return int(cur.rowcount)
+
+    def prune_artifacts(self, job_id: str, reason: str) -> None:
+        """A job's stored files are about to be removed: its rows say ``pruned`` and why."""
+        with self._tx():
+            self._exec("UPDATE artifacts SET state='pruned', reason=? WHERE job_id=? AND state='stored'",
+                       (reason, job_id))
 
     def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         out = _row(row)

@@ -16,7 +16,7 @@ PART_ENDS = {"succeeded", "failed", "cancelled", "refused", "lost"}   # a part i
 HOSTED_ENDS = {"succeeded", "failed", "cancelled"}
 KINDS = ("cpu", "mem", "exec")
 STREAMS = ("stdout", "stderr")
-ARTIFACT_STATES = ("stored", "refused", "corrupt", "incomplete")
+ARTIFACT_STATES = ("stored", "refused", "corrupt", "incomplete", "pruned")   # pruned: removed by retention
 RESTARTED = "daemon restarted"
 BUSY_TIMEOUT_S = 5.0
 

@@ -260,3 +260,25 @@ def rerun_request(job: dict[str, Any]) -> JobRequest:
                           f"only while the job runs: submit it again from the files with "
                           f"vesta exec {names} -- {argv}")
     return request
+
+
+def bytes_text(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def gc_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """`vesta gc`: what retention removed (or, dry, would remove)."""
+    verb = "would remove" if r["dry_run"] else "removed"
+    rows = [("records", f"{verb} {r['jobs']} job(s) that ended over {r['keep_days']:g} days ago "
+                        f"({bytes_text(r['log_bytes'])} of output) and {r['hosted']} hosted run(s)"),
+            ("artifacts", f"{verb} the files of {r['artifact_jobs']} job(s), {bytes_text(r['artifact_bytes'])}"),
+            ("artifacts on disk", f"{bytes_text(r['artifacts_before'])} -> {bytes_text(r['artifacts_after'])} "
+                                  f"(keep_artifacts_mb {r['keep_artifacts_bytes'] >> 20})")]
+    if r.get("unprunable_bytes"):
+        rows.append(("kept", f"{bytes_text(r['unprunable_bytes'])} of files of jobs still queued or running"))
+    if r["dry_run"]:
+        rows.append(("dry run", "nothing was changed; run `vesta gc` to remove it"))
+    return rows

@@ -24,6 +24,7 @@ from vesta.cli.tables import (
     PEER_RIGHT,
     PLACEMENT_COLUMNS,
     ProgressLine,
+    gc_rows,
     job_exit_code,
     jobs_cells,
     ledger_cells,
@@ -589,6 +590,21 @@ def artifacts(ctx: click.Context, job_id: str, out: Path | None) -> None:
     elif any(f["state"] == "stored" for f in files):
         click.echo(f"stored in {r['dir']}; copy them out with: vesta artifacts {job_id} -o DIR",
                    err=not output.on_terminal())
+
+
+@cli.command()
+@click.option("--dry-run", "-dry-run", "dry_run", is_flag=True, help="Say what would be removed; change nothing.")
+@shared_options
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool) -> None:
+    """Apply the retention settings now: remove records older than keep_days and the oldest artifacts
+    beyond keep_artifacts_mb (vestad also does it once a day). Never a queued or running job's."""
+    with _client(ctx, job=True) as c:   # a first run over years of records may take a while
+        r = c.call("gc", dry_run=dry_run)
+    if _json(ctx):
+        print_json(r)
+        return
+    output.pairs(gc_rows(r))
 
 
 @cli.command()
