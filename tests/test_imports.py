@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"vesta.allowlist"},
     {"vesta.rundir"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.records", "vesta.execrun",
-     "vesta.artifacts", "vesta.workloads"},
+     "vesta.artifacts", "vesta.workloads", "vesta.membership"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver", "vesta.metrics"},
     {"vesta.autopilot"},
     {"vesta.placement"},
