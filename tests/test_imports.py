@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver", "vesta.metrics"},
     {"vesta.autopilot"},
     {"vesta.placement"},
-    {"vesta.hostexec", "vesta.capacity"},
+    {"vesta.hostexec", "vesta.capacity", "vesta.simnet"},
     {"vesta.host", "vesta.chunks"},
     {"vesta.submitter"},
     {"vesta.jobqueue"},

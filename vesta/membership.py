@@ -23,12 +23,13 @@ packets (``receive``) and the time (``tick``, with ``clock`` injected), and carr
   fits one datagram (``max_body`` bytes). A newer update about a member replaces the queued older one.
 * **Load.** Every packet carries the sender's compact load record and ``loads_per_packet`` others',
   each with its age, so placement has a rough picture of every node without anyone broadcasting.
-* **Full state, rarely.** A node that knows nobody syncs (``Sync``: full state both ways, over a stream
-  in the daemon) with a seed or the first member that talks to it; every ``sync_interval`` it syncs
+* **Full state, rarely.** A node syncs (``Sync``: full state both ways, over a stream in the daemon)
+  with its seeds at start and with a member it does not know that talks to it (at most one every
+  4 probe intervals: how a newcomer learns everyone); every ``sync_interval`` it syncs
   with one random member, and every ``reconnect_interval`` with a member it holds dead (a healed
   partition) or a seed. A ``HELLO`` packet (the node's ``Alive``) is for the LAN broadcast that finds the
   first peers: it is sent while the node knows nobody, then every ``hello_interval``; hearers add the
-  node but do not gossip it (the broadcast reached them all).
+  node and pass it on once each (for those who missed the broadcast), not log N times.
 * **Bounded memory.** At most ``max_members`` members (tombstones of the dead and left first give way);
   past that a new member is not taken, counted in ``counters["members_full"]`` and logged once, and
   the protocol carries on for the members kept.
@@ -60,6 +61,7 @@ MAX_UPDATES = 64              # updates per packet, checked before they are buil
 MAX_LOADS = 16                # load records per packet
 MAX_SYNC_MEMBERS = 65536      # members in one full-state exchange
 MAX_HOST = 253
+START_HELLOS = 3              # LAN broadcasts at start, so that one lost datagram does not hide a node
 
 
 class State(Enum):
@@ -235,6 +237,22 @@ def _decode_load(v: object) -> Load:
                 _check_int("load.running", v[4], 1 << 20), _check_int("load.age", v[5], 1 << 40))
 
 
+def encode_state(state: list[Update]) -> bytes:
+    """A full-state exchange (``Sync``), for a stream: the daemon sends it over a peer link."""
+    body: bytes = msgpack.packb([u.to_wire() for u in state], use_bin_type=True)
+    return body
+
+
+def decode_state(data: bytes) -> list[Update]:
+    try:
+        items = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable member state: {exc}") from exc
+    if not isinstance(items, list) or len(items) > MAX_SYNC_MEMBERS:
+        raise ProtocolError(f"member state must be a list of at most {MAX_SYNC_MEMBERS}")
+    return [_decode_update(u) for u in items]
+
+
 def _wire_size(obj: Any) -> int:
     return len(msgpack.packb(obj, use_bin_type=True))
 
@@ -330,6 +348,9 @@ class Membership:
         self._next_sync = now + self.cfg.sync_interval * self.rng.uniform(0.5, 1.5)
         self._next_reconnect = now + self.cfg.reconnect_interval * self.rng.uniform(0.5, 1.5)
         self._next_hello = now
+        self._hellos = 0
+        self._joined = False
+        self._join_syncs = 0
         self._suspicions: dict[str, _Suspicion] = {}
         self._relays: dict[int, tuple[Addr, int, float]] = {}   # our seq -> (origin, origin's seq, expiry)
         # news to spread: node -> (update, its wire size, times sent)
@@ -370,6 +391,11 @@ class Membership:
 
     def retransmit_limit(self) -> int:
         return self.cfg.retransmit_mult * max(1, math.ceil(math.log10(self._n() + 1)))
+
+    def _scale(self) -> float:
+        """How much rarer full syncs get with size (memberlist's push-pull scale): 1 up to 32 nodes, then
+        one more per doubling, so their traffic per node stays about flat."""
+        return max(1.0, math.log2(self._n() / 32) + 1) if self._n() > 32 else 1.0
 
     def suspicion_min(self) -> float:
         return self.cfg.suspicion_mult * max(1.0, math.log10(self._n() + 1)) * self.cfg.probe_interval
@@ -430,7 +456,11 @@ class Membership:
         elif now >= self._next_gossip:
             self._next_gossip = now + self.cfg.gossip_interval
         if now >= self._next_sync:
-            self._next_sync = now + self.cfg.sync_interval * self.rng.uniform(0.75, 1.25)
+            if self._join_syncs > 0:   # just joined: two more syncs soon, with others (see merge_state)
+                self._join_syncs -= 1
+                self._next_sync = now + 4 * self.cfg.probe_interval
+            else:
+                self._next_sync = now + self.cfg.sync_interval * self._scale() * self.rng.uniform(0.75, 1.25)
             pick = self._random_members(1, set())
             if pick:
                 out.append(Sync(pick[0].addr))
@@ -457,10 +487,12 @@ class Membership:
         for ld in packet.loads:
             self._apply_load(ld, now)
         out: list[Action] = []
-        if packet.sender not in self.members and packet.kind is not Kind.HELLO and self.live_count() == 0 \
-                and now - self._joining_sync_at >= self.cfg.probe_interval:
-            # The first member to talk to a newcomer: learn everyone from it.
+        if packet.sender not in self.members and packet.kind is not Kind.HELLO \
+                and now - self._joining_sync_at >= 4 * self.cfg.probe_interval:
+            # A member we do not know talks to us: we are new, or missed its news. Learn everyone from it
+            # (rate-limited: a newcomer hears from many at once, and one sync teaches it all of them).
             self._joining_sync_at = now
+            self.counters["syncs_with_strangers"] += 1
             out.append(Sync(src))
         if packet.kind is Kind.PING:
             if packet.target == self.me:
@@ -498,6 +530,12 @@ class Membership:
         """The other end's full state; news it brings is gossiped on."""
         if self._left:
             return
+        if not self._joined:
+            # Our first view comes from one member, who may have missed some joins (their broadcasts
+            # came before it started): two more syncs with others, a few probe intervals apart, fill gaps.
+            self._joined = True
+            self._join_syncs = 2
+            self._next_sync = min(self._next_sync, self.clock() + 4 * self.cfg.probe_interval)
         for u in state[:MAX_SYNC_MEMBERS]:
             self._apply(u, source="sync")
 
@@ -542,9 +580,9 @@ class Membership:
         if p is None or p.acked:
             return
         m = self.members.get(p.target)
-        if m is None or m.state is not State.ALIVE:
+        if m is None or m.state not in (State.ALIVE, State.SUSPECT):
             return
-        self.counters["probe_failures"] += 1
+        self.counters["probe_failures"] += 1   # of a suspect: one more independent confirmation (Lifeguard)
         self._apply(Update(UKind.SUSPECT, m.node, m.incarnation, by=self.me), source="self")
 
     def _expire_suspicions(self, now: float) -> None:
@@ -564,7 +602,18 @@ class Membership:
 
     def _hello(self) -> list[Action]:
         now = self.clock()
-        self._next_hello = now + (self.cfg.hello_interval if self.live_count() else 1.0)
+        # START_HELLOS at start, 0.5 s and 1 s apart (a LAN with 1 % loss then misses one in a million);
+        # every second while it knows nobody; then every hello_interval, and rarer past 100 members, so a
+        # LAN hears at most about 100 hellos per hello_interval, however large.
+        self._hellos += 1
+        n = self.live_count()
+        if self._hellos < START_HELLOS:
+            delay = 0.5 * self._hellos
+        elif n == 0:
+            delay = 1.0
+        else:
+            delay = self.cfg.hello_interval * max(1.0, n / 100) * self.rng.uniform(0.75, 1.25)
+        self._next_hello = now + delay
         return [Send(None, Packet(Kind.HELLO, self.me, updates=(self._alive_self(),)))]
 
     # ------------------------------------------------------------ applying news
@@ -578,9 +627,10 @@ class Membership:
         self._enqueue(self._alive_self())
 
     def _apply(self, u: Update, *, source: str) -> None:
-        """Apply one update; ``source`` is gossip, self (our own finding), hello (a LAN broadcast: everyone
-        there heard it, so it is not passed on) or sync (mostly old news: passed on once, which starts an
-        epidemic only where it is news)."""
+        """Apply one update; ``source`` is gossip, self (our own finding), hello (a LAN broadcast that nearly
+        everyone there heard) or sync (mostly old news). News from a hello or a sync is passed on once, not
+        ``retransmit_limit`` times: that starts an epidemic only where it is news (one who missed the
+        broadcast), and costs the LAN one update per member for a join, not log N."""
         now = self.clock()
         if u.node == self.me:
             if u.kind is not UKind.ALIVE and u.incarnation >= self.incarnation:
@@ -666,9 +716,7 @@ class Membership:
     # ------------------------------------------------------------ gossip queue and packets
 
     def _enqueue(self, u: Update, source: str = "self") -> None:
-        if source == "hello":
-            return
-        sent = self.retransmit_limit() - 1 if source == "sync" else 0
+        sent = self.retransmit_limit() - 1 if source in ("sync", "hello") else 0
         self._queue[u.node] = (u, _wire_size(u.to_wire()), sent)
 
     def _random_members(self, k: int, exclude: set[str]) -> list[Member]:
