@@ -82,13 +82,39 @@ class PeerTable:
     _seen: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
     _linked: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
+    def peek_freshness(self, beacon: Beacon) -> Freshness:
+        """``freshness`` without remembering anything: for a beacon whose signature is not checked yet."""
+        last = self._seen.get(beacon.status.fingerprint)
+        mark = (beacon.boot, beacon.seq)
+        if last is not None and mark <= last:
+            return Freshness.DUPLICATE if mark == last else Freshness.REPLAY
+        return Freshness.NEW
+
+    def admits(self, fingerprint: str, source: tuple[str, int]) -> bool:
+        """Whether ``observe`` would keep a beacon of ``fingerprint`` from ``source`` (read-only: a full table
+        turns a newcomer away before its signature is checked)."""
+        if fingerprint in self._peers:
+            return True
+        if fingerprint not in self._linked and sum(
+                1 for p in self._peers.values() if not p.linked and p.disco[0] == source[0]) >= MAX_UNLINKED_PER_SOURCE:
+            return False
+        if len(self._peers) < self.max_peers:
+            return True
+        now = self.clock()
+        return any(not p.linked and now - p.last_seen > EVICT_SILENT_S for p in self._peers.values())
+
+    def forget(self, fingerprint: str, why: str) -> Change | None:
+        """Remove a peer at once (it said it is leaving); its (boot, seq) stays remembered."""
+        peer = self._peers.pop(fingerprint, None)
+        return None if peer is None else Change("left", peer, why)
+
     def freshness(self, beacon: Beacon) -> Freshness:
         """Compare a beacon's (boot, seq) with the newest seen from that node, and remember it."""
         fp = beacon.status.fingerprint
         mark = (beacon.boot, beacon.seq)
-        last = self._seen.get(fp)
-        if last is not None and mark <= last:
-            return Freshness.DUPLICATE if mark == last else Freshness.REPLAY
+        fresh = self.peek_freshness(beacon)
+        if fresh is not Freshness.NEW:
+            return fresh
         self._seen[fp] = mark
         self._seen.move_to_end(fp)
         while len(self._seen) > MAX_SEEN:

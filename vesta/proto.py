@@ -124,6 +124,7 @@ class Beacon:
     interval_ms: int      # the sender's beacon interval: receivers time it out from this
     pubkey: bytes         # sender's Ed25519 public key; the envelope is signed with it
     gossip: tuple[GossipEntry, ...] = ()
+    leaving: bool = False  # the sender is shutting down: drop it now (an older node ignores it and times out)
 
     def validate(self) -> None:
         self.status.validate()
@@ -135,6 +136,7 @@ class Beacon:
             raise ProtocolError("beacon.pubkey must be 32 bytes")
         for entry in _list("beacon.gossip", self.gossip, MAX_GOSSIP):
             entry.validate()
+        _bool("beacon.leaving", self.leaving)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -145,6 +147,7 @@ class Beacon:
             "interval_ms": self.interval_ms,
             "pubkey": self.pubkey,
             "gossip": [[g.fingerprint, g.host, g.dport] for g in self.gossip],
+            **({"leaving": True} if self.leaving else {}),
         }
 
     @classmethod
