@@ -6,9 +6,21 @@ speed and CPU goals are for ``scripts/simulate``, never for the suite.
 
 from __future__ import annotations
 
-import math
+import os
+
+import pytest
+from nacl.signing import SigningKey
 
 from vesta import simnet
+from vesta.crypto import (
+    MAX_MEMBER_DATAGRAM,
+    FederationKeys,
+    fingerprint,
+    open_member_packet,
+    seal_member_packet,
+    verify_signature,
+)
+from vesta.errors import AuthError, ProtocolError
 from vesta.membership import State
 
 
@@ -63,16 +75,33 @@ def test_broadcast_domains_and_seeds() -> None:
 
 
 def test_sealed_size_is_what_the_crypto_makes() -> None:
-    import os
-
-    import msgpack
-    from nacl.signing import SigningKey
-
-    from vesta.crypto import FederationKeys, seal_beacon
     keys = FederationKeys(os.urandom(32), os.urandom(32), "00000000")
     signer = SigningKey.generate()
     for size in (10, 200, 1200):
         body = os.urandom(size)
-        real = seal_beacon(keys, signer, msgpack.packb([bytes(signer.verify_key), body], use_bin_type=True))
-        assert simnet.sealed_size(body) == len(real)
-    assert not math.isinf(simnet.sealed_size(b""))
+        datagram = seal_member_packet(keys, signer, body)
+        assert simnet.sealed_size(body) == len(datagram)
+        pub, opened, message, sig = open_member_packet(keys, datagram)
+        assert opened == body and pub == bytes(signer.verify_key)
+        verify_signature(pub, message, sig)
+
+
+def test_membership_datagrams_are_checked_before_they_are_believed() -> None:
+    keys = FederationKeys(os.urandom(32), os.urandom(32), "00000000")
+    other = FederationKeys(os.urandom(32), os.urandom(32), "00000001")
+    signer, thief = SigningKey.generate(), SigningKey.generate()
+    good = seal_member_packet(keys, signer, b"body")
+    with pytest.raises(ProtocolError):
+        open_member_packet(keys, good + bytes(MAX_MEMBER_DATAGRAM))       # oversized: before decrypting
+    with pytest.raises(AuthError):
+        open_member_packet(other, good)                                   # another federation's key
+    with pytest.raises(ProtocolError):
+        open_member_packet(keys, b"V" + good[1:])                         # a beacon's header
+    with pytest.raises(AuthError):
+        open_member_packet(keys, good[:-1] + bytes([good[-1] ^ 1]))       # tampered
+    # A key holder signing in another's name: the envelope opens, the signature does not hold for the key
+    # the receiver expects (it checks the key against the fingerprint it knows).
+    pub, _, message, sig = open_member_packet(keys, seal_member_packet(keys, thief, b"body"))
+    assert fingerprint(pub) != fingerprint(bytes(signer.verify_key))
+    with pytest.raises(AuthError):
+        verify_signature(bytes(signer.verify_key), message, sig)

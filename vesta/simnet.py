@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 from nacl.signing import SigningKey
 
-from vesta.crypto import FederationKeys, fingerprint, open_beacon, seal_beacon, verify_signature
+from vesta.crypto import FederationKeys, fingerprint, open_member_packet, seal_member_packet, verify_signature
 from vesta.membership import (
     Addr,
     MemberConfig,
@@ -347,13 +347,13 @@ class Sim:
 
     def _measure_crypto(self, body: bytes) -> None:
         t0 = time.thread_time_ns()
-        message = msgpack.packb([self._pub, body], use_bin_type=True)
-        datagram = seal_beacon(self._keys, self._signer, message)
-        opened, sig = open_beacon(self._keys, datagram)
-        pub, _ = msgpack.unpackb(opened, raw=False)
+        datagram = seal_member_packet(self._keys, self._signer, body)
+        pub, _, message, sig = open_member_packet(self._keys, datagram)
         if fingerprint(pub) == self._fp:
-            verify_signature(pub, opened, sig)
+            verify_signature(pub, message, sig)
         self.crypto_ns += time.thread_time_ns() - t0
+        if len(datagram) != sealed_size(body):
+            raise AssertionError("sealed_size is not what seal_member_packet makes")
         self.crypto_n += 1
 
     # ------------------------------------------------------------ what every node knows
