@@ -333,3 +333,26 @@ def test_a_newcomer_heard_by_broadcast_syncs_with_the_first_member_to_talk_to_it
         assert queued == [m.retransmit_limit() - 1]   # heard by nearly all: passed on once, not log N times
     lan.advance(3.0)
     assert c.live_count() == 2
+
+
+def test_the_live_count_follows_every_change() -> None:
+    lan = Lan(12, MemberConfig(max_members=8, sync_interval=1e9, reconnect_interval=1e9, hello_interval=1e9,
+                               tombstone_s=2.0))
+    lan.join_all()
+
+    def check() -> None:
+        for m in lan.nodes.values():
+            assert m.live_count() == sum(1 for x in m.members.values() if x.state in (State.ALIVE, State.SUSPECT))
+
+    check()
+    lan.drop = lambda src, dst, p: fp(11) in (src, dst)
+    leaver = lan.nodes[fp(10)]
+    lan.run(leaver.leave(), leaver)
+    for _ in range(60):
+        lan.step(0.1)
+        check()
+    back = lan.add(10, incarnation=leaver.incarnation + 1)
+    lan.run(back.start(), back)
+    for _ in range(60):
+        lan.step(0.1)
+        check()

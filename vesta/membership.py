@@ -352,6 +352,8 @@ class Membership:
         self._joined = False
         self._join_syncs = 0
         self._suspicions: dict[str, _Suspicion] = {}
+        self._live = 0            # members alive or suspect, kept up to date by every change of state
+        self._next_reap = now
         self._relays: dict[int, tuple[Addr, int, float]] = {}   # our seq -> (origin, origin's seq, expiry)
         # news to spread: node -> (update, its wire size, times sent)
         self._queue: dict[str, tuple[Update, int, int]] = {}
@@ -373,7 +375,8 @@ class Membership:
         return None if m is None else m.state
 
     def live_count(self) -> int:
-        return sum(1 for m in self.members.values() if m.state in (State.ALIVE, State.SUSPECT))
+        """Members alive or suspect (kept as a count: every packet asks for it)."""
+        return self._live
 
     def load_age(self, node: str) -> float | None:
         """How old the newest load record of ``node`` is now, in seconds (None: never heard)."""
@@ -594,6 +597,9 @@ class Membership:
                     self._apply(Update(UKind.DEAD, node, m.incarnation, by=self.me), source="self")
 
     def _reap(self, now: float) -> None:
+        if now < self._next_reap:
+            return
+        self._next_reap = now + 1.0
         for node in [m.node for m in self.members.values()
                      if m.state in (State.DEAD, State.LEFT) and now - m.since > self.cfg.tombstone_s]:
             del self.members[node]
@@ -644,6 +650,7 @@ class Membership:
                 if not self._room():
                     return
                 self.members[u.node] = Member(u.node, u.addr, u.incarnation, State.ALIVE, now)
+                self._live += 1
                 if self._order:   # a newcomer is probed within one round, not after a full one
                     self._order.insert(self.rng.randrange(self._order_i, len(self._order) + 1), u.node)
                 self.events.append(Event("joined", u.node))
@@ -652,6 +659,8 @@ class Membership:
                 m.incarnation, m.addr = u.incarnation, u.addr
                 if was is not State.ALIVE:
                     m.state, m.since = State.ALIVE, now
+                    if was is not State.SUSPECT:
+                        self._live += 1
                     self._suspicions.pop(u.node, None)
                     self.events.append(Event("recovered" if was is State.SUSPECT else "rejoined", u.node))
             else:
@@ -680,6 +689,8 @@ class Membership:
         new_state = State.DEAD if u.kind is UKind.DEAD else State.LEFT
         if m.state in (State.DEAD, State.LEFT) and u.incarnation == m.incarnation:
             return
+        if m.state in (State.ALIVE, State.SUSPECT):
+            self._live -= 1
         m.state, m.since, m.incarnation = new_state, now, u.incarnation
         self._suspicions.pop(u.node, None)
         self.events.append(Event(new_state.value, u.node))
@@ -698,7 +709,7 @@ class Membership:
             return True
         gone = [m for m in self.members.values() if m.state in (State.DEAD, State.LEFT)]
         if gone:
-            del self.members[min(gone, key=lambda m: m.since).node]
+            del self.members[min(gone, key=lambda m: m.since).node]   # dead or left: not counted live
             return True
         self.counters["members_full"] += 1
         if not self._full_logged:

@@ -392,7 +392,8 @@ def run(sc: Scenario, progress: Callable[[str], None] = lambda s: None) -> Repor
         sim.at(starts[n.i], functools.partial(sim.start, n))
     converged_at = sim.run_until(last_start + 60.0, lambda: sim.now >= last_start and sim.converged(), 0.1)
     converged = None if converged_at is None else converged_at - last_start
-    progress(f"converged {converged}")
+    progress(f"{len(sim.nodes)} nodes started; converged {converged} s after the last start "
+             f"({time.monotonic() - wall0:.0f} s of wall time)")
     t0 = sim.now + sc.settle
     sim.run_until(t0)
     sim.counting = True
@@ -521,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results: dict[str, Any] = {}
     ok = True
+
+    def say(line: str) -> None:
+        sys.stderr.write(f"  ... {line}\n")
+
     for name in args.names:
         changes: dict[str, Any] = {"seed": args.seed}
         if args.idle is not None:
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         sc = scenario(name, **changes)
         sys.stdout.write(f"== {sc.name} (loss {sc.loss:.0%}, idle window {sc.idle:.0f} s)\n")
         sys.stdout.flush()
-        rep = run(sc)
+        rep = run(sc, progress=say)
         sys.stdout.write("\n".join(rep.lines()) + "\n")
         sys.stdout.flush()
         ok = ok and rep.passed()
