@@ -310,3 +310,22 @@ def test_forget_removes_at_once_and_a_replay_cannot_return(table: PeerTable) -> 
     assert change is not None and change.event == "left" and FP_A not in table
     assert table.forget(FP_A, "again") is None
     assert table.freshness(beacon) is Freshness.DUPLICATE
+
+
+def test_a_full_table_remembers_it_has_no_room_until_someone_could_be_replaced(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=3, clock=clock)
+    for i, fp in enumerate((FP_A, FP_B, "cc" * 16)):
+        table.observe(make_beacon(fp), (f"10.0.0.{i}", 7778))
+        clock.advance(1.0)
+    newcomer = "dd" * 16
+    assert not table.admits(newcomer, SRC)
+    # The oldest never-linked peer (seen 3 s ago) may be replaced once silent EVICT_SILENT_S: not before.
+    clock.advance(EVICT_SILENT_S - 3.0 - 0.1)
+    assert not table.admits(newcomer, SRC)
+    clock.advance(0.2)
+    assert table.admits(newcomer, SRC)
+    # A peer linked since is never replaced: with all linked, no room at any time.
+    for fp in (FP_A, FP_B, "cc" * 16):
+        table.mark_linked(fp)
+    clock.advance(100.0)
+    assert not table.admits(newcomer, SRC)

@@ -147,7 +147,8 @@ class Report:
         out = [f"{self.nodes} nodes: {self.sim_s:.0f} simulated s in {self.wall_s:.0f} s",
                f"  datagrams {self.packets_per_node_s:.1f}/s per node idle, syncs {self.sync_bytes_per_node_s:.0f} B/s,"
                f" suspected everywhere after {max(self.detect_all_s, default=math.nan):.1f} s,"
-               f" gossiped load p50 {self.load_age_gossip_p50:.1f} s p99 {self.load_age_gossip_p99:.1f} s"]
+               f" gossiped load p50 {self.load_age_gossip_p50:.1f} s p99 {self.load_age_gossip_p99:.1f} s,"
+               f" false suspicions while starting {self.counters['false_suspicions_starting']}"]
         if self.healed_s is not None:
             out.append(f"  partition healed: everyone knows everyone {self.healed_s:.1f} s after")
         out += [f"  {'PASS' if ok else 'FAIL'}  {what}: {figure}" for what, figure, ok in self.goals()]
@@ -276,9 +277,11 @@ class Sim:
         for e in node.m.drain_events():
             if e.event == "suspect":
                 self.suspected.setdefault(e.node, []).append(self.now)
-                if e.node not in self.dead_ids and self.counting and not self.cut_ever:
-                    self.false_suspicions += 1
-                    self.counters["false_suspect_events"] += 1
+                if e.node not in self.dead_ids and not self.cut_ever:
+                    if self.counting:
+                        self.false_suspicions += 1
+                    else:
+                        self.counters["false_suspicions_starting"] += 1
 
     def _do(self, node: Node, actions: list[Send | Sync]) -> None:
         self._events(node)
