@@ -616,3 +616,16 @@ def test_a_goodbye_needs_a_good_signature(cluster: Cluster, target: Vestad) -> N
     real = dataclasses.replace(make_beacon(owner, seq=3, name="owner"), leaving=True)
     send_udp(cluster.dport, seal_beacon(keys, owner, proto.encode(real)))
     eventually(lambda: target.peer_names() == set(), 3.0, what="the owner's goodbye")
+
+
+def test_a_beacon_of_another_protocol_version_is_refused_with_a_line_naming_it(cluster: Cluster,
+                                                                               target: Vestad) -> None:
+    import msgpack
+    keys = derive_keys(cluster.key)
+    node = SigningKey.generate()
+    envelope = msgpack.unpackb(proto.encode(make_beacon(node)), raw=False)
+    envelope[0] = proto.PROTO_VERSION + 1
+    send_udp(cluster.dport, seal_beacon(keys, node, msgpack.packb(envelope, use_bin_type=True)))
+    eventually(lambda: counters(target).get("dropped_version", 0) == 1, 3.0)
+    assert f"protocol version {proto.PROTO_VERSION + 1}, this node speaks {proto.PROTO_VERSION}" in target.log()
+    assert target.peer_names() == set()

@@ -97,6 +97,8 @@ def test_membership_datagrams_are_checked_before_they_are_believed() -> None:
         open_member_packet(other, good)                                   # another federation's key
     with pytest.raises(ProtocolError):
         open_member_packet(keys, b"V" + good[1:])                         # a beacon's header
+    with pytest.raises(ProtocolError, match="version 2, this node speaks 1"):
+        open_member_packet(keys, b"M\x02" + good[2:])                    # a newer version: said so
     with pytest.raises(AuthError):
         open_member_packet(keys, good[:-1] + bytes([good[-1] ^ 1]))       # tampered
     # A key holder signing in another's name: the envelope opens, the signature does not hold for the key

@@ -156,8 +156,11 @@ def open_member_packet(keys: FederationKeys, datagram: bytes) -> tuple[bytes, by
         raise ProtocolError(f"membership datagram of {len(datagram)} bytes exceeds {MAX_MEMBER_DATAGRAM}")
     if len(datagram) < len(_MEMBER_HEADER) + NONCE_SIZE + TAG_SIZE:
         raise ProtocolError(f"datagram too short ({len(datagram)} bytes)")
+    if datagram[:1] == _MEMBER_HEADER[:1] and datagram[1:2] != _MEMBER_HEADER[1:]:
+        raise ProtocolError(f"membership packet of version {datagram[1]}, this node speaks {CRYPTO_VERSION}: run the "
+                            "same vesta version on both")
     if datagram[:2] != _MEMBER_HEADER:
-        raise ProtocolError("not a vesta membership packet (bad header or version)")
+        raise ProtocolError("not a vesta membership packet (bad header)")
     nonce = datagram[2 : 2 + NONCE_SIZE]
     try:
         plaintext = AESGCM(keys.beacon_key).decrypt(nonce, datagram[2 + NONCE_SIZE :], _MEMBER_AD)

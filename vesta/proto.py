@@ -33,7 +33,7 @@ from vesta.checks import (
     check_str,
 )
 from vesta.checks import build as _build
-from vesta.errors import InvalidJob, ProtocolError
+from vesta.errors import Dropped, InvalidJob, ProtocolError
 from vesta.spec import (
     JOB_KINDS,
     MAX_ARG,
@@ -590,7 +590,8 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("envelope must be [version, kind, body]")
         version, kind, body = envelope
         if version != PROTO_VERSION:
-            raise ProtocolError(f"unsupported protocol version {version!r}")
+            raise Dropped("version", f"protocol version {version!r}, this node speaks {PROTO_VERSION}: run the same "
+                                     "vesta version on both (the older one cannot read the newer)")
         if not isinstance(body, dict):
             raise ProtocolError("message body must be a map")
         cls = _BY_KIND[Kind(kind)]
