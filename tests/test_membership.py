@@ -356,3 +356,17 @@ def test_the_live_count_follows_every_change() -> None:
     for _ in range(60):
         lan.step(0.1)
         check()
+
+
+def test_a_ping_request_cannot_aim_pings_at_another_address() -> None:
+    lan = Lan(3)
+    lan.join_all()
+    lan.advance(2.0)
+    a, b, c = lan.nodes.values()
+    assert b.state_of(c.me) is State.ALIVE
+    req = Packet(Kind.PING_REQ, a.me, seq=9, target=c.me, target_addr=("192.0.2.66", 9))
+    pings = [x for x in b.receive(req, a.addr) if isinstance(x, Send) and x.packet.kind is Kind.PING]
+    assert [p.to for p in pings] == [c.addr]           # where b knows c to be, not where the request said
+    stranger = Packet(Kind.PING_REQ, a.me, seq=10, target=fp(99), target_addr=("192.0.2.66", 9))
+    assert not [x for x in b.receive(stranger, a.addr) if isinstance(x, Send)]
+    assert b.counters["ping_req_unknown"] == 1

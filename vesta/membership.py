@@ -501,9 +501,14 @@ class Membership:
             if packet.target == self.me:
                 out.append(Send(src, self._packet(Kind.ACK, seq=packet.seq)))
         elif packet.kind is Kind.PING_REQ:
+            # Only a member we know, at the address we know: a request cannot aim our pings elsewhere.
+            target = self.members.get(packet.target)
+            if target is None or target.state not in (State.ALIVE, State.SUSPECT):
+                self.counters["ping_req_unknown"] += 1
+                return out
             self._seq += 1
             self._relays[self._seq] = (src, packet.seq, now + self.cfg.probe_interval)
-            out.append(Send(packet.target_addr, self._packet(Kind.PING, seq=self._seq, target=packet.target)))
+            out.append(Send(target.addr, self._packet(Kind.PING, seq=self._seq, target=packet.target)))
         elif packet.kind is Kind.ACK:
             relay = self._relays.pop(packet.seq, None)
             if relay is not None:
