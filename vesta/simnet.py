@@ -308,8 +308,13 @@ class Sim:
         if self.counting:
             self.sent_packets[node.i] += 1
             self.sent_bytes[node.i] += size
-        if a.to is None:     # the LAN broadcast: every node of the subnet
-            targets = [n for n in self.nodes if n.subnet == node.subnet and n is not node]
+        if a.to is None:     # the LAN broadcast: every node of the subnet, each with its own loss
+            targets = [n for n in self.nodes if n.subnet == node.subnet and n is not node and n.up
+                       and self._reachable(node, n) and self.rng.random() >= self.sc.loss]
+            # One event for all of them (a LAN delivers a broadcast to all at about the same time), and the
+            # body decoded once, its measured cost counted for every receiver.
+            self.at(self.now + self._latency(node, node), functools.partial(self._broadcast, targets, body, node.addr))
+            return
         else:
             dst = self.by_addr.get(a.to)
             targets = [] if dst is None else [dst]
@@ -317,6 +322,15 @@ class Sim:
             if not self._reachable(node, dst) or self.rng.random() < self.sc.loss:
                 continue
             self.at(self.now + self._latency(node, dst), functools.partial(self._deliver, dst, body, node.addr))
+
+    def _broadcast(self, dsts: list[Node], body: bytes, src: Addr) -> None:
+        t0 = time.thread_time_ns()
+        packet = decode_packet(body)
+        self.cpu_ns += (time.thread_time_ns() - t0) * len(dsts)
+        for dst in dsts:
+            if dst.up:
+                self._do(dst, self._timed(functools.partial(dst.m.receive, packet, src)))
+                self._schedule(dst)
 
     def _deliver(self, dst: Node, body: bytes, src: Addr) -> None:
         if not dst.up:
