@@ -13,7 +13,8 @@ What it reports (``Report``): convergence time after the last node started, dete
 nodes (first suspicion anywhere, suspected everywhere, gone from every table), false suspicions of live
 nodes, datagrams and bytes per node per second while idle, the largest datagram, the CPU the real code
 spent per node per simulated second (membership code and codec measured, crypto from the sample), and
-how old the load a job is placed on is when placement asks the best two candidates directly.
+how old the load a job is placed on is when the real ``placement.Placer`` ranks members by their gossiped
+load and the best two are asked directly (power of two choices).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import msgpack
 from nacl.signing import SigningKey
 
+from vesta.autopilot import NodeView
 from vesta.crypto import FederationKeys, fingerprint, open_member_packet, seal_member_packet, verify_signature
 from vesta.membership import (
     Addr,
@@ -46,6 +48,7 @@ from vesta.membership import (
     encode_packet,
     encode_state,
 )
+from vesta.placement import Placer
 
 PORT = 7778
 MAX_DATAGRAM = 1400        # the goal: no datagram over this, in bytes
@@ -489,17 +492,21 @@ def run(sc: Scenario, progress: Callable[[str], None] = lambda s: None) -> Repor
 
 
 def _place(sim: Sim) -> float:
-    """One job placed by a random live node: the two best candidates by gossiped load are asked directly
-    (power of two choices) and the better answer wins; returns the age of the load it was placed on."""
-    live = sim.live()
-    submitter = sim.rng.choice(live)
+    """One job placed by a random live node, power of two choices: the real ``placement.Placer`` ranks eight
+    members by their gossiped load, the best two are asked directly, and the better answer wins. Returns
+    the age of the load the job is placed on: the direct answer's, half a round trip."""
+    submitter = sim.rng.choice(sim.live())
     known = [m for m in submitter.m.alive() if m.load is not None and m.node in sim.by_id and sim.by_id[m.node].up]
     if len(known) < 2:
         return math.inf
-    sample = sim.rng.sample(known, min(8, len(known)))
-    best = sorted(sample, key=lambda m: -(m.load.spare_tenths if m.load else 0))[:2]
-    # The direct question: the answer is as old as half its round trip when it arrives.
-    return max(sim._latency(submitter, sim.by_id[m.node]) for m in best)
+    views = [NodeView(fingerprint=m.node, name=m.node[:8], local=False, cores=8, cpu_pct=0.0,
+                      spare_cores=m.load.spare_tenths / 10, hash_rate=0.0, offered_mem_mb=m.load.mem_free_mb,
+                      exec_allowed=False, last_seen=m.load_at, running=m.load.running, offered_cores=8.0)
+             for m in sim.rng.sample(known, min(8, len(known))) if m.load is not None]
+    placer = Placer(clock=lambda: sim.now)
+    placer.update(views)
+    best = placer.ranked(views)[:2]
+    return max(sim._latency(submitter, sim.by_id[v.fingerprint]) for v in best)
 
 
 def _gossip_ages(sim: Sim) -> list[float]:
