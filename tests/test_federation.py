@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,16 @@ def test_cli_peers_and_status_against_real_daemons(cluster: Cluster) -> None:
     out = a.vesta("ping", "nobody")
     assert out.returncode == 1
     assert out.stderr.strip() == "vesta: error: no peer named 'nobody' (known: pi4); see `vesta peers`"
+
+
+def test_a_stopped_daemon_says_goodbye_and_is_dropped_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "slow.json"
+    cfg.write_text(json.dumps({"advertise_spare_ms": 1000}))   # a silent peer turns suspect only after 3 s
+    a = cluster.add("stay", args=["-config", str(cfg)])
+    b = cluster.add("going", args=["-config", str(cfg)])
+    eventually(lambda: a.peer_names() == {"going"}, 5.0)
+    b.stop()
+    # Gone well before a timeout could have noticed (suspect after 3 s, removed after 10 s).
+    eventually(lambda: a.peer_names() == set(), 1.5, what="going to be dropped on its goodbye")
+    assert "said goodbye" in a.log()
+    assert a.status()["counters"]["goodbyes"] == 1

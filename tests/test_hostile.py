@@ -577,3 +577,55 @@ async def test_half_sent_large_frames_cannot_take_the_daemon_s_memory(cluster: C
     finally:
         for ch in links:
             ch.writer.transport.abort()
+
+
+def test_duplicates_replays_and_forgeries_change_nothing_and_skip_the_signature(cluster: Cluster,
+                                                                                target: Vestad) -> None:
+    """A beacon that repeats or predates the newest one of its node is dropped before its signature is
+    checked (it cannot change anything); a new one with a forged signature is checked and changes nothing."""
+    keys = derive_keys(cluster.key)
+    owner, thief = SigningKey.generate(), SigningKey.generate()
+    send_udp(cluster.dport, seal_beacon(keys, owner, proto.encode(make_beacon(owner, seq=5, name="owner"))))
+    eventually(lambda: target.peer_names() == {"owner"}, 3.0)
+    before = counters(target)
+    # Signed by the thief in the owner's name: as a duplicate, a replay, and as news.
+    send_udp(cluster.dport,
+             seal_beacon(keys, thief, proto.encode(make_beacon(owner, seq=5, name="thief"))),
+             seal_beacon(keys, thief, proto.encode(make_beacon(owner, seq=4, name="thief"))),
+             seal_beacon(keys, thief, proto.encode(make_beacon(owner, seq=6, name="thief"))))
+    c = eventually(lambda: (c := counters(target)).get("datagrams_received", 0) >= before["datagrams_received"] + 3
+                   and c, 3.0)
+    assert c.get("duplicates", 0) == before.get("duplicates", 0) + 1
+    assert c.get("dropped_replay", 0) == before.get("dropped_replay", 0) + 1
+    assert c.get("dropped_bad_auth", 0) == before.get("dropped_bad_auth", 0) + 1
+    assert target.peer_names() == {"owner"}
+    # The forged seq 6 was not remembered: the owner's own seq 6 is still news.
+    send_udp(cluster.dport, seal_beacon(keys, owner, proto.encode(make_beacon(owner, seq=6, name="owner2"))))
+    eventually(lambda: target.peer_names() == {"owner2"}, 3.0)
+
+
+def test_a_goodbye_needs_a_good_signature(cluster: Cluster, target: Vestad) -> None:
+    keys = derive_keys(cluster.key)
+    owner, thief = SigningKey.generate(), SigningKey.generate()
+    send_udp(cluster.dport, seal_beacon(keys, owner, proto.encode(make_beacon(owner, seq=1, name="owner"))))
+    eventually(lambda: target.peer_names() == {"owner"}, 3.0)
+    forged = dataclasses.replace(make_beacon(owner, seq=2, name="owner"), leaving=True)
+    send_udp(cluster.dport, seal_beacon(keys, thief, proto.encode(forged)))
+    eventually(lambda: counters(target).get("dropped_bad_auth", 0) >= 1, 3.0)
+    assert target.peer_names() == {"owner"}
+    real = dataclasses.replace(make_beacon(owner, seq=3, name="owner"), leaving=True)
+    send_udp(cluster.dport, seal_beacon(keys, owner, proto.encode(real)))
+    eventually(lambda: target.peer_names() == set(), 3.0, what="the owner's goodbye")
+
+
+def test_a_beacon_of_another_protocol_version_is_refused_with_a_line_naming_it(cluster: Cluster,
+                                                                               target: Vestad) -> None:
+    import msgpack
+    keys = derive_keys(cluster.key)
+    node = SigningKey.generate()
+    envelope = msgpack.unpackb(proto.encode(make_beacon(node)), raw=False)
+    envelope[0] = proto.PROTO_VERSION + 1
+    send_udp(cluster.dport, seal_beacon(keys, node, msgpack.packb(envelope, use_bin_type=True)))
+    eventually(lambda: counters(target).get("dropped_version", 0) == 1, 3.0)
+    assert f"protocol version {proto.PROTO_VERSION + 1}, this node speaks {proto.PROTO_VERSION}" in target.log()
+    assert target.peer_names() == set()

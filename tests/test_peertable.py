@@ -270,3 +270,62 @@ def test_one_address_holds_a_bounded_number_of_never_linked_peers(clock: FakeClo
     table.mark_linked(f"{1:032x}")
     table.observe(make_beacon(f"{999:032x}", name="other"), ("192.168.1.21", 7778))   # another address: room
     assert len(table) == MAX_UNLINKED_PER_SOURCE + 1
+
+
+def test_peek_freshness_remembers_nothing(table: PeerTable) -> None:
+    assert table.peek_freshness(make_beacon(boot=5, seq=10)) is Freshness.NEW
+    assert table.peek_freshness(make_beacon(boot=5, seq=10)) is Freshness.NEW   # not remembered
+    assert table.freshness(make_beacon(boot=5, seq=10)) is Freshness.NEW
+    assert table.peek_freshness(make_beacon(boot=5, seq=10)) is Freshness.DUPLICATE
+    assert table.peek_freshness(make_beacon(boot=5, seq=9)) is Freshness.REPLAY
+
+
+def test_admits_says_what_observe_would_do_without_doing_it(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=2, clock=clock)
+    assert table.admits(FP_A, SRC)
+    table.observe(make_beacon(FP_A), SRC)
+    table.observe(make_beacon(FP_B), ("192.168.1.21", 7778))
+    newcomer = "cc" * 16
+    assert table.admits(FP_A, SRC)                    # a member always
+    assert not table.admits(newcomer, SRC)            # full, nobody silent long enough
+    assert table.observe(make_beacon(newcomer), SRC) == [] and newcomer not in table
+    clock.advance(EVICT_SILENT_S + 1)
+    assert table.admits(newcomer, SRC) and len(table) == 2   # room can be made, and nothing changed yet
+    assert "joined" in events(table.observe(make_beacon(newcomer), SRC))
+
+
+def test_admits_counts_unlinked_peers_per_source(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=1000, clock=clock)
+    for i in range(MAX_UNLINKED_PER_SOURCE):
+        table.observe(make_beacon(f"{i:032x}"), SRC)
+    assert not table.admits("ff" * 16, SRC)
+    assert table.admits("ff" * 16, ("192.168.1.99", 7778))
+
+
+def test_forget_removes_at_once_and_a_replay_cannot_return(table: PeerTable) -> None:
+    beacon = make_beacon(boot=1, seq=3)
+    assert table.freshness(beacon) is Freshness.NEW
+    table.observe(beacon, SRC)
+    change = table.forget(FP_A, "said goodbye")
+    assert change is not None and change.event == "left" and FP_A not in table
+    assert table.forget(FP_A, "again") is None
+    assert table.freshness(beacon) is Freshness.DUPLICATE
+
+
+def test_a_full_table_remembers_it_has_no_room_until_someone_could_be_replaced(clock: FakeClock) -> None:
+    table = PeerTable(max_peers=3, clock=clock)
+    for i, fp in enumerate((FP_A, FP_B, "cc" * 16)):
+        table.observe(make_beacon(fp), (f"10.0.0.{i}", 7778))
+        clock.advance(1.0)
+    newcomer = "dd" * 16
+    assert not table.admits(newcomer, SRC)
+    # The oldest never-linked peer (seen 3 s ago) may be replaced once silent EVICT_SILENT_S: not before.
+    clock.advance(EVICT_SILENT_S - 3.0 - 0.1)
+    assert not table.admits(newcomer, SRC)
+    clock.advance(0.2)
+    assert table.admits(newcomer, SRC)
+    # A peer linked since is never replaced: with all linked, no room at any time.
+    for fp in (FP_A, FP_B, "cc" * 16):
+        table.mark_linked(fp)
+    clock.advance(100.0)
+    assert not table.admits(newcomer, SRC)

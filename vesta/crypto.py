@@ -15,6 +15,17 @@ Sealed beacon (one UDP datagram)::
     associated data = b"vesta-beacon" + the two header bytes; nonce random.
     plaintext = msgpack([message, Ed25519 signature of message])
 
+Sealed membership packet (one UDP datagram, at most MAX_MEMBER_DATAGRAM bytes)::
+
+    +-----+-----+------------+---------------------------------+---------+
+    | 'M' | ver | nonce (12) | AES-256-GCM ciphertext          | tag(16) |
+    +-----+-----+------------+---------------------------------+---------+
+    associated data = b"vesta-member" + the two header bytes; beacon key; nonce random.
+    plaintext = msgpack([msgpack([sender's Ed25519 public key, body]), Ed25519 signature of it])
+
+    The size is checked before decrypting; the receiver checks the key against the fingerprint the body
+    names, and whatever the body says only after the signature.
+
 Peer-link handshake (I = initiator, R = responder; every frame length-prefixed)::
 
     I -> R  hello_I = nonce(12) | GCM(handshake_key, AD "vesta-hello-I", {v, eph_I, id_I})
@@ -123,6 +134,47 @@ def open_beacon(keys: FederationKeys, datagram: bytes) -> tuple[bytes, bytes]:
     if not isinstance(message, bytes) or not isinstance(signature, bytes) or len(signature) != SIG_SIZE:
         raise ProtocolError("beacon envelope must be [bytes, 64-byte signature]")
     return message, signature
+
+
+MAX_MEMBER_DATAGRAM = 1400   # bytes: one unfragmented datagram on any usual link
+_MEMBER_HEADER = bytes([ord("M"), CRYPTO_VERSION])
+_MEMBER_AD = b"vesta-member" + _MEMBER_HEADER
+
+
+def seal_member_packet(keys: FederationKeys, signer: SigningKey, body: bytes) -> bytes:
+    """Sign and encrypt one membership packet body (see ``vesta.membership``) into a datagram."""
+    message = msgpack.packb([bytes(signer.verify_key), body], use_bin_type=True)
+    plaintext = msgpack.packb([message, signer.sign(message).signature], use_bin_type=True)
+    nonce = os.urandom(NONCE_SIZE)
+    return _MEMBER_HEADER + nonce + AESGCM(keys.beacon_key).encrypt(nonce, plaintext, _MEMBER_AD)
+
+
+def open_member_packet(keys: FederationKeys, datagram: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """Decrypt a membership datagram into (public key, body, signed message, signature); the signature is
+    not checked here, so a caller can drop what it would drop anyway before paying for it."""
+    if len(datagram) > MAX_MEMBER_DATAGRAM:
+        raise ProtocolError(f"membership datagram of {len(datagram)} bytes exceeds {MAX_MEMBER_DATAGRAM}")
+    if len(datagram) < len(_MEMBER_HEADER) + NONCE_SIZE + TAG_SIZE:
+        raise ProtocolError(f"datagram too short ({len(datagram)} bytes)")
+    if datagram[:1] == _MEMBER_HEADER[:1] and datagram[1:2] != _MEMBER_HEADER[1:]:
+        raise ProtocolError(f"membership packet of version {datagram[1]}, this node speaks {CRYPTO_VERSION}: run the "
+                            "same vesta version on both")
+    if datagram[:2] != _MEMBER_HEADER:
+        raise ProtocolError("not a vesta membership packet (bad header)")
+    nonce = datagram[2 : 2 + NONCE_SIZE]
+    try:
+        plaintext = AESGCM(keys.beacon_key).decrypt(nonce, datagram[2 + NONCE_SIZE :], _MEMBER_AD)
+    except InvalidTag as exc:
+        raise AuthError("membership packet failed authentication (wrong federation key?)") from exc
+    try:
+        message, signature = msgpack.unpackb(plaintext, raw=False)
+        pubkey, body = msgpack.unpackb(message, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable membership envelope: {exc}") from exc
+    if not (isinstance(signature, bytes) and len(signature) == SIG_SIZE and isinstance(pubkey, bytes)
+            and len(pubkey) == 32 and isinstance(body, bytes)):
+        raise ProtocolError("membership envelope must be [[32-byte key, body], 64-byte signature]")
+    return pubkey, body, message, signature
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> None:

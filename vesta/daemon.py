@@ -174,6 +174,7 @@ class Daemon:
             raise ConfigError(f"cannot open UDP discovery port {cfg.dport}: {exc.strerror}: "
                               "choose another with -dport (every node must use the same)") from exc
         self._exits.callback(self.discovery.close)
+        self._exits.push_async_callback(self.discovery.goodbye)   # before the socket closes
         if cfg.metrics:
             await self.metrics.serve(*parse_address(cfg.metrics))
             self._exits.callback(self.metrics.close)

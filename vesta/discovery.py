@@ -14,15 +14,23 @@ Every beacon interval the node sends one sealed, signed beacon to:
   intervals), and at most ``GOSSIP_PER_ROUND`` of them get one per round.
 
 A received datagram is checked in this order, each failure counted and
-dropped: size, decryption (wrong key), decoding and field ranges, Ed25519
-signature and fingerprint, own echo, clock window (stale / future), (boot,
-seq) freshness (replay / duplicate), peer-table room. Nothing a datagram
-contains can raise out of ``datagram_received``.
+dropped: size, decryption (wrong key), decoding and field ranges, own echo,
+clock window (stale / future), (boot, seq) freshness (replay / duplicate),
+peer-table room, and only then the Ed25519 signature and fingerprint: the
+checks before it read state and change none, so a duplicate, a replay or a
+beacon the full table would turn away costs no signature check, and nothing
+changes before the signature holds. Nothing a datagram contains can raise
+out of ``datagram_received``.
+
+A node that stops sends one last beacon marked ``leaving``: its peers drop
+it at once instead of timing it out. (An older node ignores the mark and
+times it out as before.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -37,7 +45,7 @@ import psutil
 from vesta import proto
 from vesta.config import Config, parse_seed
 from vesta.crypto import FederationKeys, fingerprint, open_beacon, seal_beacon, verify_signature
-from vesta.errors import AuthError, Dropped, ProtocolError
+from vesta.errors import AuthError, Dropped, ProtocolError, VestaError
 from vesta.identity import Identity
 from vesta.logs import WarnOnce
 from vesta.peertable import Change, Freshness, PeerTable
@@ -52,6 +60,8 @@ GOSSIP_PROBES = 5              # beacons one gossip-learned address gets before 
 GOSSIP_WINDOW_S = 600.0        # ... in this many seconds
 GOSSIP_PER_ROUND = 8           # gossip-learned addresses sent a beacon in one round, at most
 MAX_PROBED = 1024              # gossip-learned addresses whose probes are remembered
+GOSSIP_PER_BEACON = 8          # gossip entries per beacon, rotating through every known peer
+MAX_SEALED = 1400              # bytes: a beacon larger than this would leave as IP fragments (one lost: all lost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +131,7 @@ class Discovery(asyncio.DatagramProtocol):
         # (ip, dport) -> (probes sent in this window, window start, next probe not before)
         self._probes: OrderedDict[tuple[str, int], tuple[int, float, float]] = OrderedDict()
         self._warn_once = WarnOnce(log)
+        self._gossip_cursor = 0
 
     # ------------------------------------------------------------ socket
 
@@ -215,14 +226,17 @@ class Discovery(asyncio.DatagramProtocol):
         self.counters["gossip_probes"] += 1
         return True
 
-    def make_beacon(self) -> proto.Beacon:
+    def make_beacon(self, leaving: bool = False) -> proto.Beacon:
         self.seq += 1
-        gossip = tuple(
-            proto.GossipEntry(p.fingerprint, p.disco[0], p.disco[1])
-            for p in self.table.alive()[: proto.MAX_GOSSIP]
-            if not ipaddress.ip_address(p.disco[0]).is_loopback
-        )
-        return proto.Beacon(
+        # A few gossip entries per beacon, a different few each time (every known peer in turn), so the
+        # sealed beacon stays one unfragmented datagram (MAX_SEALED) however many peers there are.
+        known = [p for p in self.table.alive() if not ipaddress.ip_address(p.disco[0]).is_loopback]
+        if known and not leaving:
+            start = self._gossip_cursor % len(known)
+            known = (known[start:] + known[:start])[:GOSSIP_PER_BEACON]
+            self._gossip_cursor = start + len(known)
+        gossip = tuple(proto.GossipEntry(p.fingerprint, p.disco[0], p.disco[1]) for p in known) if not leaving else ()
+        beacon = proto.Beacon(
             status=self.status(),
             ts=self.wall(),
             boot=self.boot,
@@ -230,13 +244,30 @@ class Discovery(asyncio.DatagramProtocol):
             interval_ms=self.cfg.advertise_spare_ms,
             pubkey=self.identity.public_key,
             gossip=gossip,
+            leaving=leaving,
         )
+        return beacon
 
-    async def send_once(self) -> None:
+    def seal(self, beacon: proto.Beacon) -> bytes:
+        """The datagram for ``beacon``; gossip entries are left out until it fits ``MAX_SEALED``."""
+        while True:
+            datagram = seal_beacon(self.keys, self.identity.signing_key, proto.encode(beacon))
+            if len(datagram) <= MAX_SEALED or not beacon.gossip:
+                return datagram
+            beacon = dataclasses.replace(beacon, gossip=beacon.gossip[: len(beacon.gossip) // 2])
+
+    async def goodbye(self) -> None:
+        """The last beacon, marked ``leaving``: peers drop this node at once instead of timing it out."""
+        try:
+            await self.send_once(leaving=True)
+        except (OSError, VestaError) as exc:
+            log.debug("could not say goodbye: %s", exc)
+
+    async def send_once(self, leaving: bool = False) -> None:
         await self._resolve_seeds()
         if self.transport is None:
             return
-        datagram = seal_beacon(self.keys, self.identity.signing_key, proto.encode(self.make_beacon()))
+        datagram = self.seal(self.make_beacon(leaving))
         for target in self.targets():
             try:
                 self.transport.sendto(datagram, target)
@@ -267,9 +298,9 @@ class Discovery(asyncio.DatagramProtocol):
         msg = proto.decode(message)
         if not isinstance(msg, proto.Beacon):
             raise Dropped("malformed", f"expected a beacon, got {type(msg).__name__}")
-        verify_signature(msg.pubkey, message, signature)
-        if fingerprint(msg.pubkey) != msg.status.fingerprint:
-            raise AuthError("beacon fingerprint does not match its key")
+        # Cheap drops first: what follows reads state but changes nothing, so a beacon dropped here (our
+        # own echo, a clock out of the window, a duplicate, a replay, no room) costs no signature check.
+        # Only a beacon whose signature holds changes anything (freshness, the table).
         if msg.status.fingerprint == self.identity.fingerprint:
             self.counters["own_beacons"] += 1
             return
@@ -278,12 +309,24 @@ class Discovery(asyncio.DatagramProtocol):
             raise Dropped("future", f"timestamp {skew:.0f}s ahead (check the clocks; NTP?)")
         if -skew > self.cfg.max_clock_skew_s:
             raise Dropped("stale", f"timestamp {-skew:.0f}s old")
-        fresh = self.table.freshness(msg)
+        fresh = self.table.peek_freshness(msg)
         if fresh is Freshness.DUPLICATE:
             self.counters["duplicates"] += 1
             return
         if fresh is Freshness.REPLAY:
             raise Dropped("replay", f"seq {msg.seq} already seen")
+        if not msg.leaving and not self.table.admits(msg.status.fingerprint, addr):
+            raise Dropped("table_full", f"peer table holds {len(self.table)} peers (max_peers)")
+        verify_signature(msg.pubkey, message, signature)
+        if fingerprint(msg.pubkey) != msg.status.fingerprint:
+            raise AuthError("beacon fingerprint does not match its key")
+        self.table.freshness(msg)   # remembered only now that it is authentic
+        if msg.leaving:
+            self.counters["goodbyes"] += 1
+            gone = self.table.forget(msg.status.fingerprint, "said goodbye (shutting down)")
+            if gone is not None:
+                self.on_change(gone)
+            return
         known = len(self.table)
         changes = self.table.observe(msg, addr)
         if msg.status.fingerprint not in self.table:

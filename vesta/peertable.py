@@ -81,14 +81,54 @@ class PeerTable:
     _peers: dict[str, Peer] = field(default_factory=dict)
     _seen: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
     _linked: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _no_room_until: float = -1.0     # see _room_possible
+    _no_room_size: int = -1
+
+    def peek_freshness(self, beacon: Beacon) -> Freshness:
+        """``freshness`` without remembering anything: for a beacon whose signature is not checked yet."""
+        last = self._seen.get(beacon.status.fingerprint)
+        mark = (beacon.boot, beacon.seq)
+        if last is not None and mark <= last:
+            return Freshness.DUPLICATE if mark == last else Freshness.REPLAY
+        return Freshness.NEW
+
+    def admits(self, fingerprint: str, source: tuple[str, int]) -> bool:
+        """Whether ``observe`` would keep a beacon of ``fingerprint`` from ``source`` (read-only: a full table
+        turns a newcomer away before its signature is checked)."""
+        if fingerprint in self._peers:
+            return True
+        if len(self._peers) >= self.max_peers and not self._room_possible():
+            return False
+        return fingerprint in self._linked or sum(
+            1 for p in self._peers.values() if not p.linked and p.disco[0] == source[0]) < MAX_UNLINKED_PER_SOURCE
+
+    def _room_possible(self) -> bool:
+        """Whether a full table has a peer a newcomer may replace. When it has none, no peer can become one
+        before the earliest never-linked one has been silent EVICT_SILENT_S (last_seen only grows, linked
+        only becomes true, a newcomer needs room): until then, or until the table's size changes, the
+        answer is remembered, so a flood of newcomers costs no scan each."""
+        now = self.clock()
+        if now < self._no_room_until and self._no_room_size == len(self._peers):
+            return False
+        unlinked = [p.last_seen for p in self._peers.values() if not p.linked]
+        if any(now - t > EVICT_SILENT_S for t in unlinked):
+            return True
+        self._no_room_until = min(unlinked, default=now + 60.0) + EVICT_SILENT_S
+        self._no_room_size = len(self._peers)
+        return False
+
+    def forget(self, fingerprint: str, why: str) -> Change | None:
+        """Remove a peer at once (it said it is leaving); its (boot, seq) stays remembered."""
+        peer = self._peers.pop(fingerprint, None)
+        return None if peer is None else Change("left", peer, why)
 
     def freshness(self, beacon: Beacon) -> Freshness:
         """Compare a beacon's (boot, seq) with the newest seen from that node, and remember it."""
         fp = beacon.status.fingerprint
         mark = (beacon.boot, beacon.seq)
-        last = self._seen.get(fp)
-        if last is not None and mark <= last:
-            return Freshness.DUPLICATE if mark == last else Freshness.REPLAY
+        fresh = self.peek_freshness(beacon)
+        if fresh is not Freshness.NEW:
+            return fresh
         self._seen[fp] = mark
         self._seen.move_to_end(fp)
         while len(self._seen) > MAX_SEEN:

@@ -33,7 +33,7 @@ from vesta.checks import (
     check_str,
 )
 from vesta.checks import build as _build
-from vesta.errors import InvalidJob, ProtocolError
+from vesta.errors import Dropped, InvalidJob, ProtocolError
 from vesta.spec import (
     JOB_KINDS,
     MAX_ARG,
@@ -124,6 +124,7 @@ class Beacon:
     interval_ms: int      # the sender's beacon interval: receivers time it out from this
     pubkey: bytes         # sender's Ed25519 public key; the envelope is signed with it
     gossip: tuple[GossipEntry, ...] = ()
+    leaving: bool = False  # the sender is shutting down: drop it now (an older node ignores it and times out)
 
     def validate(self) -> None:
         self.status.validate()
@@ -135,6 +136,7 @@ class Beacon:
             raise ProtocolError("beacon.pubkey must be 32 bytes")
         for entry in _list("beacon.gossip", self.gossip, MAX_GOSSIP):
             entry.validate()
+        _bool("beacon.leaving", self.leaving)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -145,6 +147,7 @@ class Beacon:
             "interval_ms": self.interval_ms,
             "pubkey": self.pubkey,
             "gossip": [[g.fingerprint, g.host, g.dport] for g in self.gossip],
+            **({"leaving": True} if self.leaving else {}),
         }
 
     @classmethod
@@ -597,7 +600,8 @@ def decode(data: bytes) -> Message:
             raise ProtocolError("envelope must be [version, kind, body]")
         version, kind, body = envelope
         if version != PROTO_VERSION:
-            raise ProtocolError(f"unsupported protocol version {version!r}")
+            raise Dropped("version", f"protocol version {version!r}, this node speaks {PROTO_VERSION}: run the same "
+                                     "vesta version on both (the older one cannot read the newer)")
         if not isinstance(body, dict):
             raise ProtocolError("message body must be a map")
         cls = _BY_KIND[Kind(kind)]
