@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"vesta.rundir"},
     {"vesta.sysstat", "vesta.budget", "vesta.peertable", "vesta.ledger", "vesta.names", "vesta.records",
      "vesta.execrun", "vesta.artifacts", "vesta.workloads", "vesta.inputcache", "vesta.membership"},
+    {"vesta.warm"},
     {"vesta.discovery", "vesta.link", "vesta.confine", "vesta.controlserver", "vesta.metrics",
      "vesta.retention"},
     {"vesta.autopilot"},

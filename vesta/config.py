@@ -66,6 +66,8 @@ class Config:
     exec_max_input_mb: int = 256     # files a peer may ship with one exec job (--put), MiB in all
     artifact_max_mb: int = 256       # files this node takes back from one of its exec jobs ($VESTA_OUTPUT), MiB
     keep_runs: bool = False          # keep each exec run's working directory afterwards (debugging; uses disk)
+    warm_runners: str = "auto"       # exec runners kept ready in their sandbox: auto (one per core lent), 0 = off, N;
+                                     # each ~5 MiB RSS (mostly shared), no CPU while waiting
     keep_days: float = 90.0          # job records and hosted runs that ended longer ago are pruned (vesta gc)
     keep_artifacts_mb: int = 2048    # artifacts kept in all, MiB; past it the oldest jobs' files are pruned
     max_attempts: int = 3            # runs of one cpu/mem chunk lost to a node or link failure before the job fails
@@ -164,6 +166,26 @@ def _choice(*choices: str) -> Check:
     return check
 
 
+MAX_WARM_RUNNERS = 64
+
+
+def _warm_runners(where: str, v: Any) -> str:
+    """"auto", or a whole number of runners (a number from a flag or a file comes as text or as a number)."""
+    text = str(v).strip() if isinstance(v, (str, int)) and not isinstance(v, bool) else ""
+    if text == "auto" or (text.isdigit() and int(text) <= MAX_WARM_RUNNERS):
+        return text if text == "auto" else str(int(text))
+    raise ConfigError(f"{where} must be auto, 0 (off) or a number of runners up to {MAX_WARM_RUNNERS} (got {v!r})")
+
+
+def warm_runner_count(cfg: Config, cores: int) -> int:
+    """How many warm runners a node keeps: none without exec; auto is one per core it may lend, at most 8."""
+    if not cfg.allow_exec:
+        return 0
+    if cfg.warm_runners == "auto":
+        return max(1, min(8, cores * cfg.cpu_offer_pct // 100))
+    return int(cfg.warm_runners)
+
+
 def _str_list(where: str, v: Any) -> tuple[str, ...]:
     if isinstance(v, str):  # from a flag: comma separated
         v = [part for part in v.split(",") if part.strip()]
@@ -249,6 +271,7 @@ _CHECKS: dict[str, Check] = {
     "exec_max_input_mb": _int(0, 1 << 20),
     "artifact_max_mb": _int(0, 1 << 20),
     "keep_runs": _bool,
+    "warm_runners": _warm_runners,
     "keep_days": _float(1.0, 36500.0),
     "keep_artifacts_mb": _int(0, 1 << 30),
     "max_attempts": _int(1, 100),

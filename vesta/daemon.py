@@ -43,7 +43,7 @@ from vesta import (
     workloads,
 )
 from vesta.capacity import Capacity
-from vesta.config import Config
+from vesta.config import Config, warm_runner_count
 from vesta.controlserver import ControlServer
 from vesta.crypto import FederationKeys, derive_keys
 from vesta.discovery import Discovery
@@ -302,6 +302,10 @@ class Daemon:
         spawn(self.queue.run(self.cfg.beacon_interval), "exec-queue", self._tasks)
         spawn(self._checkpoint_loop(), "records-checkpoint", self._tasks)
         spawn(self._gc_loop(), "gc", self._tasks)
+        warm = warm_runner_count(self.cfg, self.capacity.cores)
+        if warm:   # after the queue: nothing waits on them, they only make exec start faster
+            self.runner.start_warm(warm)
+            self._exits.push_async_callback(self.runner.stop_warm)
         if proctree.is_subreaper():   # uvloop keeps SIGCHLD for itself: look for dead orphans instead
             spawn(self._reap_loop(), "reap-strays", self._tasks)
 

@@ -214,13 +214,15 @@ class _ExitWatch:
             self._pidfd = -1
 
 
-async def _pump(pipe: IO[bytes], name: str, on_output: OutputCallback | None) -> None:
-    """Read one stream to EOF in chunks; an async callback is awaited before the next read (backpressure)."""
+async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
+    """Read one stream to EOF in chunks, to the run's ``on_output`` of the moment (a warm runner's changes
+    when a job is handed to it); an async callback is awaited before the next read (backpressure)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=CHUNK)   # the transport pauses once 2 x CHUNK are buffered
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     try:
         while data := await reader.read(CHUNK):
+            on_output = job.on_output
             if on_output is not None:
                 pending = on_output(name, data)
                 if inspect.isawaitable(pending):
@@ -232,13 +234,14 @@ async def _pump(pipe: IO[bytes], name: str, on_output: OutputCallback | None) ->
 _CLEANUPS: set[asyncio.Task[Any]] = set()   # reapers of runs whose caller was cancelled
 
 
-class _Running:
+class Running:
     """One started child: its exit watch, output readers, and the rest of its run (``proctree``)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], on_output: OutputCallback | None,
                  sandbox: SandboxInfo | None) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         self.proc = proc
+        self.on_output = on_output
         self.pid = proc.pid          # == its process group and session id (start_new_session)
         self.watch = _ExitWatch(proc.pid)
         self.others_cpu_s = 0.0      # what the rest of the run used (see stop_and_kill)
@@ -247,8 +250,8 @@ class _Running:
         if sandbox is not None:   # its init is supervised as soon as it is named, so no stray sweep takes it
             asyncio.get_running_loop().add_reader(sandbox.read_fd, self._read_sandbox)
         self.readers = [
-            asyncio.ensure_future(_pump(proc.stdout, "stdout", on_output)),
-            asyncio.ensure_future(_pump(proc.stderr, "stderr", on_output)),
+            asyncio.ensure_future(_pump(proc.stdout, "stdout", self)),
+            asyncio.ensure_future(_pump(proc.stderr, "stderr", self)),
         ]
         self.status: int | None = None
         self.rusage: resource.struct_rusage | None = None
@@ -437,7 +440,7 @@ class _Running:
         return None
 
     def close_pipes(self) -> None:
-        for pipe in (self.proc.stdout, self.proc.stderr):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
 
@@ -522,20 +525,39 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     ``stdin``: a file the program reads as its standard input (opened here, without following a symlink);
     otherwise ``/dev/null``.
     """
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+    started = time.monotonic()
+    try:
+        stdin_fd = None if stdin is None else os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except BaseException:
+        if sandbox is not None:
+            sandbox.close()
+        raise
+    try:
+        job = launch(argv, program=program, cwd=cwd, env=env, on_output=on_output, preexec=preexec,
+                     sandbox=sandbox, stdin=stdin_fd, cgroup=cgroup)
+    finally:
+        if stdin_fd is not None:
+            os.close(stdin_fd)   # the child has its copy
+    return await supervise(job, started, timeout=timeout, cancel=cancel, term_grace=term_grace,
+                           mem_limit_mib=mem_limit_mib, disk=disk)
+
+
+def launch(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
+           on_output: OutputCallback | None = None, preexec: Callable[[], None] | None = None,
+           sandbox: SandboxInfo | None = None, stdin: int | None = None,
+           cgroup: RunCgroup | None = None) -> Running:
+    """Start a run and watch it (its exit, its output, its processes), without waiting for it: ``run``'s
+    first half, and how a warm runner (``warm``) is started ahead of its job. ``stdin``: a descriptor the
+    child gets as its standard input (``subprocess.PIPE`` for a pipe, ``proc.stdin``), else ``/dev/null``.
+    ``supervise`` the result, or ``abandon`` it."""
     try:
         if not argv:
             raise ValueError("argv is empty")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-        started = time.monotonic()
-        stdin_fd = None if stdin is None else os.open(stdin, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            proc = _start(argv, program, cwd, env, preexec, sandbox, stdin_fd)
-            if cgroup is not None:
-                cgroup.add(proc.pid)
-        finally:
-            if stdin_fd is not None:
-                os.close(stdin_fd)   # the child has its copy
+        proc = _start(argv, program, cwd, env, preexec, sandbox, stdin)
+        if cgroup is not None:
+            cgroup.add(proc.pid)
     except BaseException:
         if sandbox is not None:
             sandbox.close()
@@ -543,13 +565,22 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     if sandbox is not None:
         sandbox.close_write()   # bubblewrap has its copy: the pipe reads EOF once it is gone
     try:
-        job = _Running(proc, on_output, sandbox)
+        return Running(proc, on_output, sandbox)
     except BaseException:   # could not watch it: do not leave it running unsupervised
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
         if sandbox is not None:
             sandbox.close()
         raise
+
+
+async def supervise(job: Running, started: float, *, timeout: float | None, cancel: asyncio.Event | None = None,
+                    term_grace: float = 2.0, mem_limit_mib: int | None = None,
+                    disk: runfiles.DiskLimit | None = None) -> ExecResult:
+    """``run``'s second half: wait for a ``launch``ed run to end (or time out from ``started``, or be
+    cancelled), kill what is left of it, and count what it used."""
     try:
         return await job.supervise(started, timeout, cancel, term_grace, mem_limit_mib, disk)
     except BaseException:

@@ -124,7 +124,7 @@ class Host:
             prepared = self.runner.prepare(offer)
             refusal = self.admit(offer, peer)
             if refusal is not None:
-                rundir.remove_workdir(prepared.workdir)
+                self.runner.release(prepared)
                 raise refusal
             return prepared
         refusal = self.admit(offer, peer)
@@ -405,6 +405,8 @@ class HostedRun:
             self.work.add_done_callback(self._ended_late)
             return
         self._record_end()
+        if self.prepared is not None:
+            ExecRunner.forget(self.prepared)   # a warm runner it never got to use
         if self.prepared is not None and not self._keep_runs:   # after the Result is sent: off the submitter's wait
             await asyncio.to_thread(rundir.remove_workdir, self.prepared.workdir)
 

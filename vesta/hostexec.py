@@ -15,14 +15,16 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vesta import allowlist, artifacts, cgroup, confine, execrun, proctree, proto, rundir, runfiles
+from vesta import allowlist, artifacts, cgroup, confine, execrun, proctree, proto, rundir, runfiles, warm
 from vesta.errors import PeerUnavailable, Refused, VestaError
 from vesta.spec import ExecSpec, FileInfo
 from vesta.tasks import StopFlag
@@ -40,10 +42,12 @@ OnOutput = Callable[[str, bytes], Awaitable[None]]
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """An admitted exec chunk, ready to run: its fresh working directory and the resolved program ("" for a
-    program shipped with the job, resolved once its inputs are in)."""
+    program shipped with the job, resolved once its inputs are in), and the warm runner it was given, if any
+    (whose directory ``workdir`` is)."""
 
     workdir: Path
     program: str
+    runner: warm.WarmRunner | None = None
 
 
 class ExecFiles:
@@ -184,9 +188,97 @@ class ExecRunner:
     keep_runs: bool = False
     cgroups: cgroup.MemoryCgroups | None = None   # runs' memory limits in cgroup v2, where usable
     cgroups_why: str = ""                        # where they are, or why there are none
+    shell: str | None = None                     # the POSIX shell of warm runners (dash where there is one)
+    pool: warm.WarmPool | None = None            # warm runners (start_warm), or None: every run starts cold
 
     def __post_init__(self) -> None:
         self.allowlist = self.allowlist or allowlist.Allowlist([])
+
+    # ---------------------------------------------------------------------------------------- warm runners
+
+    def start_warm(self, count: int) -> None:
+        """Keep ``count`` warm runners ready (``warm``), more while jobs come faster than they are built."""
+        self.shell = self.shell or _find_shell()
+        if count <= 0 or self.shell is None:
+            if count > 0:
+                log.warning("no POSIX shell in %s: exec jobs start cold (no warm runners)", allowlist.SAFE_PATH)
+            return
+        self.pool = warm.WarmPool(self._build_warm, self.warm_shape, count)
+        self.pool.start()
+
+    def warm_status(self) -> dict[str, int]:
+        """The warm runners now (for vesta status): how many are kept, ready and being built, and what
+        happened to them since the start; empty without them."""
+        pool = self.pool
+        if pool is None:
+            return {}
+        return {"base": pool.base, "kept": pool.want, "ready": len(pool.idle), "building": len(pool.building),
+                **pool.counters}
+
+    async def stop_warm(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    def warm_shape(self) -> Hashable:
+        """Everything that shapes a runner: when it changes, the runners built before are dropped."""
+        assert self.allowlist is not None
+        return (self.bwrap, self.allow_network, self.job_user, self.setpriv, self.prlimit, self.shell,
+                self.timeout_s, self.mem_mib, self.file_mib, self.disk_mib, self.max_procs, self.runs, self.hide,
+                self.allowlist.entries, tuple(sorted(self.allowlist.allowed)), self.cgroups is not None)
+
+    def _warm_expose(self) -> tuple[Path, ...]:
+        """What a runner's sandbox shows of the hidden places: vesta's Python and the allowlisted programs'
+        directories (a cold run shows its own program's)."""
+        assert self.allowlist is not None
+        return (*python_dirs(), *sorted({Path(p).parent for p in self.allowlist.allowed}))
+
+    def _warm_can_run(self, program: str) -> bool:
+        """Whether a runner's sandbox shows ``program`` as a cold run's would: not under a path it hides, or
+        under one it shows again."""
+        if self.bwrap is None:
+            return True
+        hidden = [Path("/tmp"), Path("/home"), Path("/root"), *self.hide]
+        path = Path(program)
+        if any(path.is_relative_to(h) for h in self.hide):
+            return False
+        return not any(path.is_relative_to(h) for h in hidden) or any(
+            path.is_relative_to(e) for e in self._warm_expose())
+
+    def _build_warm(self, shape: Hashable) -> warm.WarmRunner:
+        """Start one runner: its directory, then the confinement chain with the shell at its end."""
+        assert self.shell is not None
+        workdir = rundir.make_workdir(self.runs, "warm")
+        try:
+            confine.give_workdir(workdir, self.job_user)
+            (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700)
+            if self.job_user is not None:
+                os.chown(workdir / artifacts.OUTPUT_DIR, *self.job_user)
+            limits = confine.Limits(mem_mib=self.mem_mib, cpu_s=int(self.timeout_s) + 5, file_mib=self.file_mib,
+                                    procs=self.max_procs, run_as=self.job_user)
+            command = self._command_for(self.shell, [self.shell, "-s"], workdir, limits, self._warm_expose())
+            if isinstance(command, str):
+                raise Refused(command, reason="policy")
+            job = execrun.launch(command.argv, program=command.runner, cwd=workdir, env={}, preexec=command.preexec,
+                                 sandbox=command.sandbox, stdin=subprocess.PIPE)
+        except BaseException:
+            rundir.remove_workdir(workdir)
+            raise
+        return warm.WarmRunner(job, workdir, shape)
+
+    def release(self, prepared: Prepared) -> None:
+        """A prepared run that will not run after all (refused at admission): its runner back to the pool,
+        or its directory removed."""
+        if prepared.runner is not None and self.pool is not None:
+            self.pool.put_back(prepared.runner)
+        else:
+            rundir.remove_workdir(prepared.workdir)
+
+    @staticmethod
+    def forget(prepared: Prepared) -> None:
+        """A prepared run that never ran (its link went first): the runner it was given, if any, is killed;
+        its directory is removed by the caller, as a cold run's."""
+        if prepared.runner is not None and not prepared.runner.used:
+            prepared.runner.kill()
 
     def prepare(self, offer: proto.Offer) -> Prepared:
         """A fresh working directory and the allowlisted program to run in it, or Refused.
@@ -202,17 +294,31 @@ class ExecRunner:
             raise Refused(f"{argv0!r} was shipped with the job; {self.name} runs only its exec_allowlist "
                           f"({', '.join(self.allowlist.names()) or 'nothing'})", reason="not_allowed")
         try:
-            workdir = rundir.make_workdir(self.runs, offer.job_id)
-        except (OSError, Refused) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise Refused(f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON],
-                          reason="policy") from None
-        if deferred:
-            return Prepared(workdir, "")
-        try:
-            return Prepared(workdir, self.allowlist.resolve(argv0, workdir))
+            program = "" if deferred or "/" in argv0 else self.allowlist.resolve(argv0, Path("/"))
         except Refused as exc:
-            rundir.remove_workdir(workdir)
+            reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
+            raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
+        runner = self.pool.take() if self.pool is not None and (deferred or not program or
+                                                                 self._warm_can_run(program)) else None
+        if runner is not None:
+            workdir = runner.workdir
+        else:
+            try:
+                workdir = rundir.make_workdir(self.runs, offer.job_id)
+            except (OSError, Refused) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise Refused(f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON],
+                              reason="policy") from None
+        if deferred:
+            return Prepared(workdir, "", runner)
+        try:
+            program = program or self.allowlist.resolve(argv0, workdir)
+            if runner is not None and not self._warm_can_run(program):   # ./bin/x: known only now
+                self.release(Prepared(workdir, program, runner))
+                runner, workdir = None, rundir.make_workdir(self.runs, offer.job_id)
+            return Prepared(workdir, program, runner)
+        except Refused as exc:
+            self.release(Prepared(workdir, "", runner))
             reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
             raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
 
@@ -228,7 +334,7 @@ class ExecRunner:
                   files: ExecFiles | None = None, *, remove: bool = True) -> proto.Result:
         """Run an admitted exec offer in its working directory: its inputs first, its artifacts back
         afterwards; the directory is removed at the end (by the caller when ``remove`` is False), unless
-        ``keep_runs``."""
+        ``keep_runs``. A prepared warm runner gets the job (``warm``); otherwise it starts cold."""
         spec = offer.spec
         assert isinstance(spec, ExecSpec)
         workdir = prepared.workdir
@@ -238,6 +344,7 @@ class ExecRunner:
         watcher.add_done_callback(lambda w: None if w.cancelled() else stop.set())
         limits = self.limits(spec)
         tail = bytearray()
+        warm_runner = prepared.runner
 
         async def keep_tail(stream: str, data: bytes) -> None:  # enough to tell which limit a program hit
             tail.extend(data)
@@ -251,21 +358,25 @@ class ExecRunner:
             program = prepared.program or self.allowlist.resolve(spec.argv[0], workdir)  # type: ignore[union-attr]
             env = rundir.scrubbed_env(job_id=offer.job_id, node=self.name, workdir=workdir, node_id=self.node_id)
             env["VESTA_OUTPUT"] = str(workdir / artifacts.OUTPUT_DIR)
-            command = self._command(spec, program, workdir, limits)
-            if isinstance(command, str):
-                return self._failed(offer, command)
+            if warm_runner is not None and not self._warm_can_run(program):   # shipped, then found elsewhere
+                warm_runner.kill()
             if cancel.is_set():   # while its inputs came in or its directory was readied
-                if command.sandbox is not None:
-                    command.sandbox.close()
                 return self._failed(offer, "cancelled before it started")
             cg = self.cgroups.make(limits.mem_mib) if self.cgroups is not None else None
+            disk = runfiles.DiskLimit(self.disk_mib << 20, self.max_files, (workdir, rundir.home_of(workdir)))
             try:
-                r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
-                                      timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
-                                      preexec=command.preexec, sandbox=command.sandbox, mem_limit_mib=limits.mem_mib,
-                                      stdin=workdir / spec.stdin if spec.stdin else None, disk=runfiles.DiskLimit(
-                                          self.disk_mib << 20, self.max_files, (workdir, rundir.home_of(workdir))),
-                                      cgroup=cg)
+                r = None
+                if warm_runner is not None and not warm_runner.used:
+                    r = await self._run_warm(warm_runner, spec, program, env, limits, keep_tail, stop, disk, cg)
+                if r is None:
+                    command = self._command(spec, program, workdir, limits)
+                    if isinstance(command, str):
+                        return self._failed(offer, command)
+                    r = await execrun.run(command.argv, program=command.runner, cwd=workdir, env=env,
+                                          timeout=spec.timeout_s or self.timeout_s, on_output=keep_tail, cancel=stop,
+                                          preexec=command.preexec, sandbox=command.sandbox,
+                                          mem_limit_mib=limits.mem_mib,
+                                          stdin=workdir / spec.stdin if spec.stdin else None, disk=disk, cgroup=cg)
                 if cg is not None and cg.oom_kills() and not r.over_memory:   # the kernel held the limit
                     r = dataclasses.replace(r, over_memory=True, reason=cg.reason())
             finally:
@@ -285,6 +396,8 @@ class ExecRunner:
             return self._failed(offer, f"{self.name} could not run it: {why}")
         finally:
             watcher.cancel()
+            if warm_runner is not None and not warm_runner.used:   # it never got the job
+                warm_runner.kill()
             if self.keep_runs:
                 log.info("kept the working directory of job %s: %s (keep_runs)", offer.job_id, workdir)
             elif remove:
@@ -292,6 +405,28 @@ class ExecRunner:
         reason = limits.explain(r, bytes(tail)) or r.reason
         return proto.Result(rid=offer.rid, ok=True, node=self.name, hostname=HOSTNAME, elapsed_s=r.elapsed_s,
                             cpu_s=r.cpu_s, exit_code=r.exit_code, signal=r.signal, error=reason[:200])
+
+    async def _run_warm(self, runner: warm.WarmRunner, spec: ExecSpec, program: str, env: dict[str, str],
+                        limits: confine.Limits, output: OnOutput, stop: asyncio.Event, disk: runfiles.DiskLimit,
+                        cg: cgroup.RunCgroup | None) -> execrun.ExecResult | None:
+        """Hand the job to its warm runner and supervise it as any run; None when the runner died meanwhile
+        (the job then starts cold, in the same directory)."""
+        workdir = runner.workdir
+        script = warm.job_script(
+            program, spec.argv, env, stdin=workdir / spec.stdin if spec.stdin else None,
+            cpu_s=limits.cpu_s if limits.cpu_s < int(self.timeout_s) + 5 else None,
+            mem_kib=limits.mem_mib << 10 if limits.mem_mib < self.mem_mib else None)
+        if cg is not None:   # before it runs anything: what it starts is in the cgroup from the first fork
+            for pid in runner.pids():
+                cg.add(pid)
+        started = time.monotonic()
+        try:
+            runner.hand_over(script, output)
+        except OSError:   # it died between its take and now
+            runner.kill()
+            return None
+        return await execrun.supervise(runner.job, started, timeout=spec.timeout_s or self.timeout_s, cancel=stop,
+                                       mem_limit_mib=limits.mem_mib, disk=disk)
 
     async def _ready(self, offer: proto.Offer, workdir: Path, files: ExecFiles) -> str:
         """The inputs in, $VESTA_OUTPUT made, everything the job user's; "" or why the run cannot start."""
@@ -307,9 +442,14 @@ class ExecRunner:
         return ""
 
     def _command(self, spec: ExecSpec, program: str, workdir: Path, limits: confine.Limits) -> _Command | str:
-        """How to start the program: inside bubblewrap or not, behind the limits; or why it cannot run here."""
-        runner, argv = program, list(spec.argv)
-        sandbox: execrun.SandboxInfo | None = None
+        """How to start the program cold: inside bubblewrap or not, behind the limits; or why it cannot run here."""
+        return self._command_for(program, list(spec.argv), workdir, limits, (*python_dirs(), Path(program).parent))
+
+    def _command_for(self, program: str, argv: list[str], workdir: Path, limits: confine.Limits,
+                     expose: tuple[Path, ...]) -> _Command | str:
+        """``program`` with ``argv`` inside bubblewrap (showing ``expose``) or not, behind the limits and the
+        job user: a cold run's program, or a warm runner's shell."""
+        runner = program
         if self.bwrap is None and not confine.usable_by(program, self.job_user):
             return (f"{program} cannot be run by the job user (uid {self.job_user and self.job_user[0]}) "
                     "on this node: see exec_user")
@@ -318,7 +458,7 @@ class ExecRunner:
             if self.bwrap is not None and sandbox is not None:
                 runner, argv = confine.bwrap_command(
                     self.bwrap, program=program, argv=argv, workdir=workdir, allow_network=self.allow_network,
-                    hide=self.hide, expose=(*python_dirs(), Path(program).parent), run_as=self.job_user,
+                    hide=self.hide, expose=expose, run_as=self.job_user,
                     setpriv=self.setpriv, info_fd=sandbox.write_fd, die_with_parent=not proctree.is_subreaper(),
                     tmp_bytes=self.disk_mib << 20)
             if self.prlimit is not None:   # limits by a command prefix: no preexec_fn, so a cheap spawn
@@ -340,6 +480,16 @@ class _Command:
     sandbox: execrun.SandboxInfo | None   # run() owns it once handed over, even if it is cancelled
 
 
+def _find_shell() -> str | None:
+    """The shell warm runners end in: dash where there is one (small, and it exports nothing of its own but
+    PWD), else ``sh``."""
+    for name in ("dash", "sh"):
+        found = shutil.which(name, path=allowlist.SAFE_PATH)
+        if found is not None:
+            return os.path.realpath(found)
+    return None
+
+
 def python_dirs() -> tuple[Path, ...]:
     """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
     installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""
@@ -359,6 +509,8 @@ def describe(runner: ExecRunner, exec_user: str, sandbox: str) -> str:
         base += "; runs as root (exec_user is empty)"
     if runner.cgroups_why:
         base += f"; memory: {'memory.max in ' if runner.cgroups else 'watched from /proc: '}{runner.cgroups_why}"
+    if runner.pool is not None:
+        base += f"; {runner.pool.base} warm runner{'s' if runner.pool.base != 1 else ''} kept ready"
     if runner.bwrap is None:
         return f"{base}; no sandbox (" + ("sandbox none" if sandbox == "none" else "bubblewrap not installed") + ")"
     net = "network allowed" if runner.allow_network else "no network"

@@ -171,6 +171,7 @@ class ControlOps:
                        "max_borrow_ratio": cfg.max_borrow_ratio},
             "allow_exec": cfg.allow_exec,
             "isolation": self.isolation(),
+            "warm_runners": self.host.runner.warm_status() if self.host.runner is not None else {},
             "exec_allowlist": list(cfg.exec_allowlist),
             "exec_code_runners": (self.host.runner.allowlist.code_runners()
                                   if self.host.runner is not None and self.host.runner.allowlist is not None

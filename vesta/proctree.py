@@ -146,6 +146,9 @@ class RunProcs:
         self.adopted_cpu_s = 0.0        # members reaped as strays before that
         self.lock = threading.Lock()    # stop() runs in a thread; reap_strays must not charge during its count
         self.roots: dict[int, int] = {}     # pid -> start of processes that are the run's wherever they are
+        # A warm runner waiting for its job (``warm``): what was born after it is no child of its (it runs
+        # nothing yet), so it does not keep ``reap_strays`` from killing an escaped process.
+        self.waiting = False
         self._stopped: dict[int, int] = {}   # pid -> start of every member sent SIGSTOP
         self._all_stopped = False       # stop() found no member it had not stopped: kill() needs no scan
         self._blind = False
@@ -392,7 +395,7 @@ def reap_strays() -> int:
             except ChildProcessError:
                 found = None
             children = [] if found is None else [found.si_pid]
-        oldest_run = min((run.leader_start for run in _runs.values()), default=None)
+        oldest_run = min((run.leader_start for run in _runs.values() if not run.waiting), default=None)
         for pid in children:
             st = _stray(pid, own_session)
             if st is None:

@@ -1,0 +1,306 @@
+"""Warm runners: a job handed to a runner already in its sandbox sees nothing of the job before it, a runner
+that dies while waiting is replaced, a changed shape drops the old ones, the allowlist still decides, and
+CPU is charged as for a cold run. Real runners (bubblewrap where installed, prlimit, the job user when root),
+driven through the Host as a peer's offers are; the daemon-level checks run real vestad processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from tests.helpers import Cluster, eventually, eventually_async, idle_proc, need_tool
+from vesta import allowlist, confine, proto, rundir, warm
+from vesta.errors import Refused
+from vesta.host import Host
+from vesta.hostexec import ExecRunner, _find_shell
+from vesta.spec import ExecSpec
+from vesta.wire import Channel
+
+FP = "cd" * 32
+SHELL = _find_shell()
+
+
+class Peer:
+    """The submitter's end of the link: keeps what the host sends."""
+
+    peer_fingerprint = FP
+
+    def __init__(self) -> None:
+        self.sent: list[proto.Message] = []
+
+    async def send(self, *msgs: proto.Message) -> None:
+        self.sent.extend(msgs)
+
+    def result(self) -> proto.Result:
+        results = [m for m in self.sent if isinstance(m, proto.Result)]
+        assert len(results) == 1, self.sent
+        return results[0]
+
+    def stdout(self) -> str:
+        return b"".join(m.data for m in self.sent if isinstance(m, proto.Output) and m.stream == "stdout").decode()
+
+
+def make_runner(runs: Path, *, sandbox: bool = True, allowed: tuple[str, ...] = ()) -> ExecRunner:
+    """What vestad builds: bubblewrap when installed (and asked for), prlimit, the job user when root."""
+    job_user = confine.job_identity("nobody")
+    bwrap = shutil.which("bwrap") if sandbox else None
+    prlimit = shutil.which("prlimit", path=allowlist.SAFE_PATH)
+    setpriv = confine.find_setpriv() if job_user is not None else None
+    return ExecRunner(name="h", allowlist=allowlist.Allowlist(allowed), runs=runs, bwrap=bwrap, job_user=job_user,
+                      setpriv=setpriv, prlimit=prlimit, timeout_s=60.0)
+
+
+@pytest.fixture
+def runs() -> Iterator[Path]:
+    """Where runs are made: a directory the job user can reach (pytest's own are closed to it)."""
+    base = Path(tempfile.mkdtemp(prefix="vt-warm-"))
+    base.chmod(0o711)
+    try:
+        yield base / "runs"
+    finally:
+        rundir.remove_workdir(base)
+
+
+@pytest.fixture
+async def host(runs: Path) -> AsyncIterator[Host]:
+    if SHELL is None:
+        pytest.skip("no POSIX shell")
+    runner = make_runner(runs)
+    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None,
+             runner=runner)
+    runner.start_warm(1)
+    await ready(runner, 1)
+    try:
+        yield h
+    finally:
+        await runner.stop_warm()
+
+
+async def ready(runner: ExecRunner, count: int) -> None:
+    assert runner.pool is not None
+    await eventually_async(lambda: len(cast(warm.WarmPool, runner.pool).idle) >= count, 10)
+
+
+def offer(*argv: str, rid: int = 1, **kw: Any) -> proto.Offer:
+    return proto.Offer(rid=rid, job_id=f"j{rid}", spec=ExecSpec(tuple(argv), timeout_s=30, **kw), submitter="sub")
+
+
+async def serve(h: Host, o: proto.Offer) -> Peer:
+    peer = Peer()
+    await asyncio.wait_for(h.serve_offer(o, cast(Channel, peer)), 30)
+    return peer
+
+
+def counters(h: Host) -> dict[str, int]:
+    assert h.runner is not None
+    return h.runner.warm_status()
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+
+@pytest.mark.skipif(SHELL is None, reason="no POSIX shell")
+def test_the_job_script_gives_exactly_the_environment_and_arguments_it_was_given(tmp_path: Path) -> None:
+    assert SHELL is not None
+    env = {"A": "it's", "B": "two\nlines", "C": "$(touch pwned)`touch pwned2`", "EMPTY": "", "PATH": "/usr/bin:/bin"}
+    args = ["a b", "'", '"', "$HOME", "*", "\n", ""]
+    code = "import json, os, sys; print(json.dumps([dict(os.environ), sys.argv[1:]]))"
+    script = warm.job_script(sys.executable, [sys.executable, "-c", code, *args], env, cpu_s=30, mem_kib=4 << 20)
+    out = subprocess.run([SHELL, "-s"], input=warm.READY_COMMAND + script, capture_output=True, env={}, cwd=tmp_path,
+                         timeout=10, check=True)
+    assert out.stdout[:1] == warm.READY
+    seen_env, seen_args = json.loads(out.stdout[1:])
+    seen_env.pop("LC_CTYPE", None)   # Python's own locale coercion, not the shell's
+    assert seen_env == env and seen_args == args
+    assert not list(tmp_path.iterdir()), "a value ran as a command"
+
+
+def test_the_job_script_refuses_a_nul_byte() -> None:
+    with pytest.raises(Refused, match="embedded null byte") as err:
+        warm.job_script("/bin/true", ["true", "a\0b"], {})
+    assert err.value.reason == "policy"
+    with pytest.raises(Refused, match="embedded null byte"):
+        warm.job_script("/bin/true", ["true"], {"X": "\0"})
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+async def test_a_job_sees_nothing_of_the_job_before_it_in_the_same_slot(host: Host) -> None:
+    marker = f"vesta-warm-{secrets.token_hex(4)}"
+    first = ("sh", "-c", f"echo x > left-here; echo x > $HOME/in-home; echo x > /tmp/in-tmp; "
+                         f"export LEAK=1; (setsid sh -c 'sleep 300' {marker} > /dev/null 2>&1 &); echo ran")
+    p1 = await serve(host, offer(*first))
+    assert p1.result().exit_code == 0 and p1.stdout() == "ran\n", p1.sent
+    assert counters(host)["taken"] == 1
+    assert host.runner is not None
+    await ready(host.runner, 1)
+    look = ("sh", "-c", "ls -A .; echo ---; ls -A $HOME; echo ---; ls -A /tmp; echo ---; env | sort; echo ---; "
+                        "ps -e -o args= 2>/dev/null || ls /proc")
+    p2 = await serve(host, offer(*look, rid=2))
+    assert p2.result().exit_code == 0, p2.sent
+    files, home, tmp, env, procs = p2.stdout().split("---\n")
+    assert sorted(files.split()) == ["output", "tmp"] and home.split() == [], p2.stdout()   # as made for it
+    assert "in-tmp" not in tmp.split(), p2.stdout()
+    assert "LEAK" not in env and "VESTA_JOB_ID=j2\n" in env
+    assert marker not in procs
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert left == [], "the first job's process outlived it"
+    assert counters(host)["taken"] == 2, counters(host)   # both went through a warm runner
+
+
+async def test_a_runner_killed_while_waiting_is_replaced_and_no_job_fails(host: Host) -> None:
+    assert host.runner is not None and host.runner.pool is not None
+    victim = host.runner.pool.idle[0]
+    os.kill(victim.pids()[-1], signal.SIGKILL)   # the shell at the end of its chain
+    await eventually_async(lambda: counters(host)["died"] == 1, 10)
+    await ready(host.runner, 1)
+    assert victim not in host.runner.pool.idle
+    p = await serve(host, offer("true"))
+    assert p.result().ok and p.result().exit_code == 0, p.sent
+    assert counters(host)["taken"] == 1
+
+
+async def test_a_changed_allowlist_or_sandbox_drops_the_old_runners(host: Host) -> None:
+    runner = host.runner
+    assert runner is not None and runner.pool is not None
+    old = list(runner.pool.idle)
+    runner.allowlist = allowlist.Allowlist(["true", "sh"])
+    await eventually_async(lambda: runner.pool is not None and runner.pool.idle and runner.pool.idle[0] not in old, 10)
+    assert all(not r.alive or r.used for r in old)
+    assert (await serve(host, offer("true"))).result().exit_code == 0
+    assert counters(host)["taken"] == 1
+    if runner.bwrap is not None:   # the sandbox setting: sandbox none from now on
+        await ready(runner, 1)
+        old = list(runner.pool.idle)
+        runner.bwrap = None
+        p = await serve(host, offer("sh", "-c", "cat /proc/1/comm", rid=2))
+        assert p.result().exit_code == 0 and "bwrap" not in p.stdout(), p.stdout()
+        await eventually_async(lambda: all(not r.alive for r in old), 10)
+
+
+async def test_a_refused_program_never_reaches_a_runner(runs: Path) -> None:
+    if SHELL is None:
+        pytest.skip("no POSIX shell")
+    runner = make_runner(runs, allowed=("true",))
+    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None, runner=runner)
+    runner.start_warm(1)
+    try:
+        await ready(runner, 1)
+        assert runner.pool is not None
+        idle = list(runner.pool.idle)
+        for argv0 in ("sh", "/bin/sh", "./true", "../../../bin/sh"):
+            p = await serve(h, offer(argv0, "-c", "echo pwned"))
+            assert "pwned" not in p.stdout()
+            assert isinstance(p.sent[0], proto.Refuse), p.sent
+        assert runner.pool.idle == idle and counters(h)["taken"] == 0
+        assert (await serve(h, offer("true"))).result().exit_code == 0
+        assert counters(h)["taken"] == 1
+    finally:
+        await runner.stop_warm()
+
+
+async def test_a_job_refused_for_capacity_gives_its_runner_back(runs: Path) -> None:
+    if SHELL is None:
+        pytest.skip("no POSIX shell")
+    runner = make_runner(runs)
+    h = Host(name="h", counters=Counter(), capacity=lambda: (0, 1024), events=lambda kind, text: None, runner=runner)
+    runner.start_warm(1)
+    try:
+        await ready(runner, 1)
+        assert runner.pool is not None
+        idle = list(runner.pool.idle)
+        p = await serve(h, offer("true"))
+        assert isinstance(p.sent[0], proto.Refuse) and p.sent[0].reason == "capacity", p.sent
+        assert runner.pool.idle == idle and all(r.alive for r in idle)
+    finally:
+        await runner.stop_warm()
+
+
+async def test_the_pool_grows_while_jobs_come_faster_than_runners_are_built(host: Host) -> None:
+    assert host.runner is not None and host.runner.pool is not None
+    for rid in range(1, 6):
+        assert (await serve(host, offer("true", rid=rid))).result().exit_code == 0
+    c = counters(host)
+    assert c["taken"] + c["missed"] == 5 and c["missed"] >= 1
+    assert host.runner.pool.want > 1   # it keeps spares for a while
+    await eventually_async(lambda: len(cast(warm.WarmPool, host.runner.pool).idle) >= 2, 15)   # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------------------------ daemons
+
+
+def runner_dirs(runs_glob: str = "vesta-runs-*") -> list[str]:
+    """Working directories of processes now, under any node's runs directory (where runners wait)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if "/vesta-runs-" in cwd:
+            found.append(cwd)
+    return found
+
+
+@pytest.mark.integration
+def test_exec_off_or_warm_runners_0_means_no_runners(cluster: Cluster, tmp_path: Path) -> None:
+    need_tool("bwrap", "bubblewrap")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"allow_exec": True, "warm_runners": "0"}))
+    a = cluster.add("a")
+    c = cluster.add("c", args=["-config", str(cfg), "-proc-root", str(idle_proc(tmp_path / "proc-c"))])
+    on = cluster.add("on", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-on"))])
+    assert a.status()["warm_runners"] == {} and c.status()["warm_runners"] == {}
+    eventually(lambda: on.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    assert "warm runner" in on.status()["isolation"]
+    eventually(lambda: a.peer_names() == {"c", "on"}, 5)
+    out = a.vesta("exec", "--json", "--on", "c", "--", "true")
+    assert out.returncode == 0, out.stderr
+    dirs = runner_dirs()
+    assert dirs and all(f"-on-{on.status()['fingerprint'][:8]}" in d for d in dirs), dirs
+    on.stop()
+    eventually(lambda: runner_dirs() == [], 10, what="the runners to go with their daemon")
+
+
+@pytest.mark.integration
+def test_runners_of_a_killed_daemon_go_with_it(cluster: Cluster, tmp_path: Path) -> None:
+    need_tool("bwrap", "bubblewrap")
+    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    assert runner_dirs()
+    b.kill()
+    eventually(lambda: runner_dirs() == [], 10, what="the runners of a SIGKILLed vestad to exit")
+
+
+@pytest.mark.integration
+def test_cpu_of_a_warm_sandboxed_run_with_background_children_is_charged_in_full(cluster: Cluster,
+                                                                                 tmp_path: Path) -> None:
+    need_tool("bwrap", "bubblewrap")
+    a = cluster.add("a")
+    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: a.peer_names() == {"b"} and b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    # Two children burn 0.4 s of CPU each, say so, and stay behind when the main process exits.
+    burn = (f"{sys.executable} -c \"import time, pathlib, sys\nwhile time.process_time() < 0.4: pass\n"
+            f"pathlib.Path(sys.argv[1]).touch(); time.sleep(300)\"")
+    script = f"{burn} d1 & {burn} d2 & while [ ! -e d1 ] || [ ! -e d2 ]; do sleep 0.05; done; exit 0"
+    out = a.vesta("exec", "--json", "--on", "b", "--", "sh", "-c", script)
+    r = json.loads(out.stdout)
+    assert r["exit_code"] == 0 and r["cpu_s"] >= 0.8, r
+    assert b.status()["warm_runners"]["taken"] == 1
+    eventually(lambda: not b.status()["hosting"], 10)
+    left = subprocess.run(["pgrep", "-f", "time.sleep.300"], capture_output=True, text=True).stdout.split()
+    assert left == [], "the job's children outlived it"

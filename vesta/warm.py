@@ -1,0 +1,311 @@
+"""Warm runners: an exec run's confinement paid for before its job arrives.
+
+A *runner* is what a cold exec run would start, already started: ``prlimit`` with the node's limits,
+bubblewrap with its namespaces and mounts (when exec is sandboxed), ``setpriv`` down to the job user,
+a fresh empty working directory and HOME, and at the end of that chain a POSIX shell reading its
+standard input, a pipe only the daemon writes to. When a job is admitted its inputs are written into
+that working directory and one compound shell command goes down the pipe (``job_script``): lower the
+CPU and address-space limits to the job's own, set its environment, point its standard input at
+``/dev/null`` (or its ``--stdin`` file), and ``exec`` the program. No process is started between the
+job's arrival and its program: the shell becomes it. A runner serves one job and is never reused.
+
+Each runner is an ``execrun.Running`` from the moment it starts, so its processes are watched like any
+run's (its exit, its output, its members in ``proctree``); a job handed to it is then ``supervise``d
+exactly as a cold run is: the same CPU count over every process, the same kill.
+
+``WarmPool`` keeps ``base`` runners idle (``warm_runners``; ``auto`` is one per exec slot) and builds a
+replacement as soon as one is taken, several at once when jobs come faster than one build (a build is
+mostly waiting for the kernel to tear down the old mount tree, 10-15 ms, not CPU): each take that finds
+the pool empty raises the number kept by one, up to ``MAX_SPARE`` more than ``base``, and a minute
+without such a miss lowers it by one again. Runners are built at low priority (nice ``BUILD_NICE``,
+put back to 0 once built, when vestad runs as root). A runner is dropped and rebuilt when what shaped it
+changes (``shape``: sandbox, job user, limits, allowlist), when it has waited longer than ``IDLE_S``,
+when it dies, or when it prints anything before its job.
+
+What an idle runner costs: three small processes in a sandbox (bubblewrap, bubblewrap's namespace
+init, the shell), about 5 MiB of RSS in all (most of it shared pages: their PSS is under 1 MiB), no
+CPU while it waits, and one wake-up of the pool's keeper every ``KEEP_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vesta import execrun, rundir
+from vesta.errors import Refused
+from vesta.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 600.0          # a runner waiting longer is rebuilt (its view of the system is as old as it is)
+KEEP_S = 5.0            # how often the keeper looks at an idle pool (age, shape); takes and deaths wake it at once
+MAX_SPARE = 16          # runners kept beyond ``base`` at most, when jobs come faster than one build
+MAX_BUILDING = 8        # runners being built at once
+SHRINK_S = 60.0         # a minute without a take that found the pool empty: one spare fewer
+BUILD_NICE = 10         # the priority runners are built at (as root, put back to 0 once built)
+READY = b"R"            # what a runner prints once it waits for its job
+# What the shell reads first, as soon as it starts: say it is ready, then wait for the job's command.
+READY_COMMAND = b"printf R\n"
+# Variables a POSIX shell sets and exports of its own (dash: PWD; bash: also SHLVL and OLDPWD): unset
+# before the job's own are set, so its environment is exactly the one it was given.
+SHELL_OWN = ("PWD", "OLDPWD", "SHLVL")
+
+
+def job_script(program: str, argv: Sequence[str], env: Mapping[str, str], *, stdin: Path | None = None,
+               cpu_s: int | None = None, mem_kib: int | None = None) -> bytes:
+    """The one compound command a runner's shell reads: parsed whole before any of it runs, so redirecting
+    the shell's own standard input (its script) in it is safe. ``Refused`` (reason ``policy``) for a NUL byte,
+    which no argument or variable can hold."""
+    for word in (program, *argv, *env, *env.values(), str(stdin or "")):
+        if "\0" in word:
+            raise Refused(f"cannot start {argv[0]!r}: embedded null byte", reason="policy")
+    parts = ["{ unset " + " ".join(SHELL_OWN)]
+    if cpu_s is not None:
+        parts.append(f"ulimit -t {int(cpu_s)}")
+    if mem_kib is not None:
+        parts.append(f"ulimit -v {int(mem_kib)}")
+    parts += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    parts.append("exec <" + (shlex.quote(str(stdin)) if stdin is not None else "/dev/null"))
+    parts.append("exec " + " ".join(shlex.quote(w) for w in (program, *argv[1:])))
+    return ("; ".join(parts) + "; }\n").encode()
+
+
+@dataclass(eq=False)
+class WarmRunner:
+    """One runner: its processes (an ``execrun.Running`` whose program is the confinement chain ending in
+    the shell), its working directory, and what shaped it."""
+
+    job: execrun.Running
+    workdir: Path
+    shape: Hashable
+    born: float = field(default_factory=time.monotonic)
+    ready: bool = False     # its shell printed READY: it waits on its pipe
+    taken: bool = False     # taken for a job (or given up): not in the pool
+    used: bool = False      # handed its job, or killed: of no more use
+    idle_output: execrun.OutputCallback | None = None   # what hears it before its job (the pool)
+
+    def __post_init__(self) -> None:
+        self.job.procs.waiting = True   # no job in it yet (proctree.reap_strays)
+
+    @property
+    def alive(self) -> bool:
+        return not self.job.watch.exited.done()
+
+    def pids(self) -> list[int]:
+        """Its processes now: the leader, and the sandbox's init with its children (the shell)."""
+        pids = [self.job.pid]
+        sandbox = self.job.sandbox
+        if sandbox is not None and sandbox.init is not None:
+            init = sandbox.init[0]
+            pids.append(init)
+            with contextlib.suppress(OSError, ValueError):
+                pids += [int(p) for p in Path(f"/proc/{init}/task/{init}/children").read_text().split()]
+        return pids
+
+    def hand_over(self, script: bytes, on_output: execrun.OutputCallback) -> None:
+        """Give the runner its job: output goes to ``on_output`` from now on, the command down its pipe (a
+        few hundred bytes: the pipe holds them all, so this never blocks), and the pipe closed. ``OSError``
+        if it died meanwhile."""
+        self.taken = self.used = True
+        self.job.procs.waiting = False
+        self.job.on_output = on_output
+        stdin = self.job.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(script)
+            stdin.flush()
+        finally:
+            stdin.close()
+
+    def kill(self) -> None:
+        """Kill its processes (reaped in the background, as a cancelled run's); its directory stays."""
+        self.taken = self.used = True
+        self.job.procs.waiting = False
+        self.job.on_output = None
+        self.job.abandon()
+
+    def discard(self) -> None:
+        """Kill it and remove its directory."""
+        self.kill()
+        spawn(_remove_when_dead(self), f"warm-discard-{self.job.pid}", _DISCARDS)
+
+
+_DISCARDS: set[asyncio.Task[None]] = set()
+
+
+async def _remove_when_dead(runner: WarmRunner) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(execrun.SANDBOX_REAP_S):
+            await asyncio.shield(runner.job.watch.exited)
+    await asyncio.to_thread(rundir.remove_workdir, runner.workdir)
+
+
+class WarmPool:
+    """Runners kept ready for exec jobs (see the module doc). ``build(shape)`` starts one (raising
+    ``OSError``/``Refused`` when it cannot); ``shape()`` says what runners must look like now."""
+
+    def __init__(self, build: Callable[[Hashable], WarmRunner], shape: Callable[[], Hashable], base: int, *,
+                 renice: bool | None = None, idle_s: float = IDLE_S) -> None:
+        self.build = build
+        self.shape = shape
+        self.base = base
+        self.idle_s = idle_s
+        self.renice = os.geteuid() == 0 if renice is None else renice
+        self.idle: list[WarmRunner] = []
+        self.building: set[WarmRunner] = set()
+        self.spare = 0                 # kept beyond base, for jobs coming faster than a build
+        self.counters = {"built": 0, "taken": 0, "missed": 0, "discarded": 0, "died": 0, "build_failed": 0}
+        self._last_miss = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._warned = ""
+
+    def start(self) -> None:
+        self._task = spawn(self._keep(), "warm-runners")
+
+    async def close(self) -> None:
+        """Stop building and kill every runner not handed to a job."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for runner in [*self.idle, *self.building]:
+            runner.discard()
+        self.idle.clear()
+        self.building.clear()
+
+    def take(self) -> WarmRunner | None:
+        """A ready runner of the current shape, or None (the job starts cold, and the pool grows)."""
+        shape = self.shape()
+        while self.idle:
+            runner = self.idle.pop()   # the newest: the oldest age out
+            if runner.shape == shape and runner.alive:
+                runner.taken = True
+                self.counters["taken"] += 1
+                self._wake.set()
+                return runner
+            self._drop(runner)
+        self.counters["missed"] += 1
+        self._last_miss = time.monotonic()
+        self.spare = min(MAX_SPARE, self.spare + 1)
+        self._wake.set()
+        return None
+
+    def put_back(self, runner: WarmRunner) -> None:
+        """A runner taken for a job that was refused after all, nothing written to it: ready again."""
+        if self._closed or not runner.alive or not runner.ready or runner.job.on_output is not runner.idle_output:
+            runner.discard()
+            return
+        runner.taken = False
+        self.counters["taken"] -= 1   # it was not used after all
+        self.idle.append(runner)
+
+    @property
+    def want(self) -> int:
+        return self.base + self.spare if self.base > 0 else 0
+
+    async def _keep(self) -> None:
+        while True:
+            self._tend()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KEEP_S):
+                    await self._wake.wait()
+
+    def _tend(self) -> None:
+        """One look at the pool: drop what is stale, start what is missing."""
+        now = time.monotonic()
+        shape = self.shape()
+        for runner in list(self.idle):
+            if runner.shape != shape or not runner.alive:
+                self._drop(runner)
+        old = [r for r in self.idle if now - r.born > self.idle_s]
+        if old:   # one at a time: the pool never empties for its own upkeep
+            self._drop(old[0])
+        if self.spare and now - self._last_miss > SHRINK_S:
+            self.spare -= 1
+            self._last_miss = now
+            extra = len(self.idle) + len(self.building) - self.want
+            if extra > 0 and self.idle:
+                self._drop(self.idle[0])
+        while (len(self.idle) + len(self.building) < self.want and len(self.building) < MAX_BUILDING
+               and not self._closed):
+            if not self._start_one(shape):
+                break
+
+    def _start_one(self, shape: Hashable) -> bool:
+        try:
+            runner = self.build(shape)
+        except (OSError, Refused) as exc:
+            self.counters["build_failed"] += 1
+            why = str(exc)
+            if why != self._warned:   # warn once per reason: the keeper tries again every KEEP_S
+                self._warned = why
+                log.warning("cannot prepare a warm exec runner (jobs start cold meanwhile): %s", why)
+            return False
+        self._warned = ""
+        self.counters["built"] += 1
+        if self.renice:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, runner.job.pid, BUILD_NICE)
+        self.building.add(runner)
+        self._listen(runner)
+        runner.job.watch.exited.add_done_callback(lambda _: self._died(runner))
+        stdin = runner.job.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(READY_COMMAND)
+            stdin.flush()
+        except OSError:
+            self._drop(runner)
+            return False
+        return True
+
+    def _listen(self, runner: WarmRunner) -> None:
+        """Hear the runner until its job: READY once, and nothing else."""
+        def idle_output(stream: str, data: bytes) -> None:
+            if stream == "stdout" and data == READY and not runner.ready and runner in self.building:
+                self._ready(runner)
+            else:   # a runner says nothing before its job: something is wrong with it
+                log.warning("a warm exec runner said %r before its job; rebuilding it", data[:200])
+                self._drop(runner)
+
+        runner.idle_output = runner.job.on_output = idle_output
+
+    def _ready(self, runner: WarmRunner) -> None:
+        runner.ready = True
+        self.building.discard(runner)
+        if self.renice:   # built; from now on it waits, and the job it gets runs at the usual priority
+            for pid in runner.pids():
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, pid, 0)
+        if self._closed or runner.shape != self.shape():
+            self._drop(runner)
+            return
+        self.idle.append(runner)
+
+    def _died(self, runner: WarmRunner) -> None:
+        if runner.taken:
+            return   # its job's supervisor (or discard) deals with it
+        self.counters["died"] += 1
+        log.info("a warm exec runner died while waiting (pid %d); preparing another", runner.job.pid)
+        self._drop(runner)
+
+    def _drop(self, runner: WarmRunner) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(runner)
+        self.building.discard(runner)
+        if not runner.taken:
+            self.counters["discarded"] += 1
+            runner.discard()
+        self._wake.set()
