@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -52,6 +50,8 @@ EXIT_CODES: dict[type[VestaError], int] = {
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    import logging  # the daemons' and vestatop's: a vesta command logs nothing and starts faster without it
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if sys.stderr.isatty():
@@ -110,6 +110,8 @@ def stdout_console() -> Console:
 
 
 def print_json(data: Any) -> None:
+    import json
+
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
