@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -206,17 +208,59 @@ def test_daemon_does_not_import_numpy() -> None:
     assert proc.stdout.split() == ["False", "[]"], proc.stdout
 
 
-def test_the_cli_talks_to_its_daemon_without_the_crypto_libraries_or_numpy(cluster: Cluster) -> None:
-    """`vesta status` only uses the control socket: importing cryptography, PyNaCl or numpy would be most of its
-    start-up time (checked in the real process, after the command ran)."""
+# The `vesta` entry point as the console script runs it; at exit (after the command ran, whatever its exit
+# code) it prints the top-level packages it loaded.
+_CLI_PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print("modules:", json.dumps(sorted({m.split(".")[0] for m in sys.modules})),
+                              file=sys.stderr))
+from vesta.cli.vesta import main
+sys.argv = ["vesta", *sys.argv[1:]]
+main()
+"""
+# What a command that only talks to the control socket must not import: the crypto libraries and numpy are
+# most of a process's start-up time; rich is for drawing on a terminal, and JSON or a pipe needs none.
+NOT_FOR_CONTROL = {"cryptography", "nacl", "numpy"}
+NOT_FOR_JSON = NOT_FOR_CONTROL | {"rich"}
+
+
+def cli_modules(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run `vesta ARGS` (stdout a pipe) in a fresh interpreter: the process and the packages it had loaded."""
+    proc = subprocess.run([sys.executable, "-c", _CLI_PROBE, *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("modules: ")]
+    assert lines, proc.stderr
+    return proc, set(json.loads(lines[-1].removeprefix("modules: ")))
+
+
+def test_vesta_status_json_without_a_daemon_stays_light(tmp_path: Path) -> None:
+    """The probe itself works (it sees what vesta loads), and `vesta status --json` that finds no daemon loads
+    neither the crypto libraries, numpy nor rich."""
+    env = dict(os.environ) | {"XDG_RUNTIME_DIR": str(tmp_path), "VESTA_NAME": "nosuch-probe"}
+    proc, loaded = cli_modules(["status", "--json"], env)
+    assert proc.returncode == 3 and "not running" in proc.stderr, proc.stderr
+    assert {"vesta", "click", "msgpack"} <= loaded, loaded
+    assert loaded & NOT_FOR_JSON == set(), proc.stderr
+
+
+# Commands that only use the control socket, as a script runs them (stdout a pipe).
+CONTROL_COMMANDS = [["status", "--json"], ["peers", "--json"], ["jobs", "--json"], ["ledger", "--json"],
+                    ["show", "j0000000000"], ["cancel", "j0000000000"],
+                    ["status"], ["jobs"]]   # in a pipe: tab-separated lines, no rich table
+
+
+def test_the_cli_talks_to_its_daemon_without_the_crypto_libraries_numpy_or_rich(cluster: Cluster) -> None:
+    """`vesta status` and the other commands that only use the control socket: importing cryptography, PyNaCl
+    or numpy would be most of their start-up time, and rich is for a terminal (checked in the real process,
+    against a real daemon, after the command ran)."""
     a = cluster.add("a")
-    probe = ("import atexit, sys\n"
-             "atexit.register(lambda: print('loaded:', sorted(m for m in ('cryptography', 'nacl', 'numpy')"
-             " if m in sys.modules), file=sys.stderr))\n"
-             "from vesta.cli.vesta import main\n"
-             "sys.argv = ['vesta', 'status', '--json']\n"
-             "main()\n")
-    out = subprocess.run([sys.executable, "-c", probe], env=a.env | {"VESTA_NAME": "a"}, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0 and '"name": "a"' in out.stdout, out.stderr
-    assert "loaded: []" in out.stderr, out.stderr
+    env = a.env | {"VESTA_NAME": "a"}
+    for args in CONTROL_COMMANDS:
+        proc, loaded = cli_modules(args, env)
+        if "j0000000000" in args:
+            assert proc.returncode == 1 and "j0000000000" in proc.stderr, proc.stderr   # the daemon answered
+        else:
+            assert proc.returncode == 0, proc.stderr
+        if args == ["status", "--json"]:
+            assert json.loads(proc.stdout)["name"] == "a"
+        assert loaded & NOT_FOR_JSON == set(), f"vesta {' '.join(args)} loaded {sorted(loaded & NOT_FOR_JSON)}"

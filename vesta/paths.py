@@ -9,7 +9,6 @@ where it looked when it finds none.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import stat
@@ -17,8 +16,6 @@ from pathlib import Path
 
 from vesta.checks import MAX_NAME
 from vesta.errors import ConfigError, DaemonNotRunning
-
-log = logging.getLogger(__name__)
 
 TMP_SOCKET_DIR = Path("/tmp")
 
@@ -115,6 +112,9 @@ def link_tmp_socket(sock: Path, name: str) -> Path | None:
     """Keep the seed's ``/tmp/vestad-NAME.sock`` as a link to ``sock`` (made with a private umask), so a client
     with another $XDG_RUNTIME_DIR (a service and a shell, sudo) still finds this daemon. Returns the link, or
     None when ``sock`` is already in /tmp or the place belongs to someone else (never touched then)."""
+    import logging  # only the daemon links (the CLIs import this module and start faster without logging)
+
+    log = logging.getLogger(__name__)
     link = socket_path(name, TMP_SOCKET_DIR)
     if os.environ.get("VESTA_TMP_LINK", "1") == "0":   # turned off (a test suite's many short-lived daemons)
         return None

@@ -9,13 +9,10 @@
 
 from __future__ import annotations
 
-import difflib
-import platform
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, TypeVar
 
 import click
@@ -48,6 +45,8 @@ class Command(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         bad = unknown_flag(self, ctx, args)
         if bad is not None:
+            import difflib
+
             close = difflib.get_close_matches(bad.split("=", 1)[0], sorted(_known_flags(self, ctx)), n=1)
             raise click.NoSuchOption(bad, possibilities=close, ctx=ctx)
         # What is left that looks like a flag is a negative number: click passes it on as an argument.
@@ -136,6 +135,10 @@ def shared_options(f: F) -> F:
 
 
 def versions(verbose: bool) -> str:
+    # only --version needs these two: imported here, not at start-up
+    import platform
+    from importlib import metadata
+
     lines = [f"{{prog}} {vesta.__version__}", f"Python {platform.python_version()} ({sys.executable})"]
     if verbose:
         for dist in ("cryptography", "PyNaCl", "click", "msgpack", "psutil", "rich"):

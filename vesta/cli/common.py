@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-from rich.console import Console
 
 from vesta import errors
 from vesta.cli.base import usage_message
 from vesta.errors import VestaError
+
+if TYPE_CHECKING:   # rich costs tens of milliseconds at start-up: imported where something is drawn
+    from rich.console import Console
 
 EXIT_OK = 0
 EXIT_ERROR = 1      # the daemon or a peer said no, something failed at run time
@@ -50,9 +50,12 @@ EXIT_CODES: dict[type[VestaError], int] = {
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    import logging  # the daemons' and vestatop's: a vesta command logs nothing and starts faster without it
+
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if sys.stderr.isatty():
+        from rich.console import Console
         from rich.logging import RichHandler
 
         handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
@@ -99,12 +102,16 @@ def run_command(cmd: click.Command, prog: str, argv: Sequence[str] | None = None
 
 def stdout_console() -> Console:
     """Rich output for a terminal (colour unless NO_COLOR); in a pipe no colour and no padding to a width."""
+    from rich.console import Console
+
     from vesta.cli.output import no_color
 
     return Console(highlight=False, no_color=no_color(), soft_wrap=not sys.stdout.isatty())
 
 
 def print_json(data: Any) -> None:
+    import json
+
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 

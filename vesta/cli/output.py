@@ -3,7 +3,8 @@
 On a terminal, tables are rich tables (colour only without ``NO_COLOR``). When stdout is not a
 terminal, a table is tab-separated columns with one header line (``--no-header`` drops it) and
 nothing else: no padding, no rule, no escape codes, so ``cut -f``, ``awk -F'\\t'`` and ``sort``
-work on it as they are.
+work on it as they are. rich is imported only when something is drawn for a terminal: a command that
+prints JSON or writes to a pipe starts without it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import click
-from rich import box
-from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _MARKUP = re.compile(r"\[/?[a-z ]*\]")
 
@@ -32,6 +34,8 @@ def no_color() -> bool:
 
 def console(stderr: bool = False) -> Console:
     """A rich console for a terminal; only used when the stream is one."""
+    from rich.console import Console
+
     return Console(stderr=stderr, highlight=False, no_color=no_color())
 
 
@@ -63,6 +67,9 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[object]], *, header: b
         for r in cells:
             click.echo("\t".join(r))
         return
+    from rich import box
+    from rich.table import Table
+
     right = set(right)
     dim = set(dim_rows)
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_header=header)
@@ -79,6 +86,8 @@ def pairs(rows: Sequence[tuple[str, str]]) -> None:
         for k, v in rows:
             click.echo(f"{k}\t{_cell(v)}")
         return
+    from rich.table import Table
+
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()

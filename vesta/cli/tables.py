@@ -1,22 +1,25 @@
 """What the vesta commands print, as pure functions of the daemon's answers: rows in, cells and tables out.
 
-On a terminal they become rich tables; piped, tab-separated columns (``vesta.cli.output``).
+On a terminal they become rich tables; piped, tab-separated columns (``vesta.cli.output``). rich and the
+job specs are imported inside the functions that use them: every vesta command imports this module, and
+one that prints JSON or to a pipe should not pay for them.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
-
-from rich import box
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from vesta import outcome
 from vesta.cli.common import stdout_console
 from vesta.errors import ConfigError
-from vesta.spec import JobRequest
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from vesta.spec import JobRequest
 
 
 def mib_text(mb: float) -> str:
@@ -61,6 +64,9 @@ def peers_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 def peers_table(rows: list[dict[str, Any]]) -> Table:
     """The `vesta peers` table as a terminal shows it (pure: rows in, table out)."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in PEER_COLUMNS:
         table.add_column(col, justify="right" if col in PEER_RIGHT else "left")
@@ -174,6 +180,9 @@ def jobs_cells(rows: list[dict[str, Any]], hosted: bool) -> tuple[tuple[str, ...
 
 def ledger_table(data: dict[str, Any]) -> Table:
     """The `vesta ledger` table (pure)."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in LEDGER_COLUMNS:
         table.add_column(col, justify="left" if col in ("peer", "state") else "right")
@@ -211,6 +220,8 @@ class ProgressLine:
 
     def __enter__(self) -> ProgressLine:
         if self.show:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                                 TimeElapsedColumn(), transient=True, console=stdout_console())
             self.bar.start()
@@ -251,6 +262,8 @@ def job_exit_code(job: dict[str, Any]) -> int:
 def rerun_request(job: dict[str, Any]) -> JobRequest:
     """The request that submits a recorded job again, as it was submitted (pure): a job's args in the records
     are its request (JobRequest.to_wire)."""
+    from vesta.spec import JobRequest
+
     request = JobRequest.from_wire(job["kind"], job.get("args") or {})
     inputs = getattr(request.spec, "inputs", ())
     if inputs:

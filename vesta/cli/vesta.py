@@ -1,14 +1,18 @@
-"""vesta: the control CLI. Every command talks to the local vestad and takes --json."""
+"""vesta: the control CLI. Every command talks to the local vestad and takes --json.
+
+Start-up time is most of what a command like ``vesta status`` costs, so this module imports only what every
+command needs: click and the control client. What one command needs (job specs, sweeps, files, rich) is
+imported inside it; tests/test_imports.py checks that the control-only commands stay light.
+"""
 
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -16,8 +20,6 @@ from vesta import outcome
 from vesta.cli import output
 from vesta.cli.base import Group, shared, shared_options, version_option
 from vesta.cli.common import print_json, run_command
-from vesta.cli.files import STDIN_NAME, copy_artifacts, stdin_file, write_key_file
-from vesta.cli.sweeps import build_spec, run_map, show_sweep, wait_sweep
 from vesta.cli.tables import (
     LEDGER_COLUMNS,
     PEER_COLUMNS,
@@ -41,8 +43,9 @@ from vesta.cli.tables import (
 from vesta.control import ControlClient
 from vesta.errors import ConfigError, InvalidJob, VestaError
 from vesta.paths import default_key_file
-from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
-from vesta.sweepspec import is_sweep_id
+
+if TYPE_CHECKING:
+    from vesta.spec import JobRequest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -171,6 +174,8 @@ def show(ctx: click.Context, job_id: str) -> None:
     with _client(ctx) as c:
         job = c.call("show", job_id=job_id)
     if job.get("kind") == "sweep":
+        from vesta.cli.sweeps import show_sweep
+
         print_json(job) if _json(ctx) else show_sweep(job, header=_header(ctx))
         return
     if _json(ctx):
@@ -212,9 +217,13 @@ def show(ctx: click.Context, job_id: str) -> None:
 @click.pass_context
 def wait(ctx: click.Context, job_ids: tuple[str, ...], timeout: float | None) -> None:
     """Wait until every JOB ends; exit with the worst of their exit codes (124 if --timeout passes first)."""
+    from vesta.sweepspec import is_sweep_id
+
     if any(is_sweep_id(j) for j in job_ids):
         if len(job_ids) != 1:
             raise ConfigError("wait follows one sweep at a time: vesta wait SWEEP")
+        from vesta.cli.sweeps import wait_sweep
+
         ctx.exit(wait_sweep(lambda: _client(ctx, job=True), job_ids[0], timeout, as_json=_json(ctx)))
     deadline = None if timeout is None else time.monotonic() + timeout
     ended: dict[str, dict[str, Any]] = {}
@@ -288,6 +297,8 @@ def map_(ctx: click.Context, jobs: int, on: str | None, need: tuple[str, ...], t
     vesta cancel SWEEP stops it). Exit status: 0 when every job succeeded, else the number that failed (at
     most 101).
     """
+    from vesta.cli.sweeps import build_spec, run_map
+
     spec = build_spec(words, jobs=jobs, on=on, need=_labels(need), timeout=timeout, mem=mem, retries=retries,
                       halt=halt, puts=puts, put_each=put_each, results=results, joblog=joblog, resume=resume,
                       resume_failed=resume_failed)
@@ -380,6 +391,10 @@ def ping(ctx: click.Context, node: str, count: int) -> None:
 @click.pass_context
 def keygen(ctx: click.Context, output_path: Path | None) -> None:
     """Make a new random federation key (share it with your peers, privately)."""
+    import secrets
+
+    from vesta.cli.files import write_key_file
+
     key = secrets.token_urlsafe(32)
     if output_path is not None:
         write_key_file(output_path, key)
@@ -401,6 +416,8 @@ def keygen(ctx: click.Context, output_path: Path | None) -> None:
 @click.pass_context
 def cpu(ctx: click.Context, millions: float, on: str | None, need: tuple[str, ...], no_split: bool) -> None:
     """Hash MILLIONS million SHA-256 blocks, routed to the nodes with spare capacity."""
+    from vesta.spec import JobRequest
+
     as_json = _json(ctx)
     request = JobRequest.from_wire("cpu", {"millions": millions, "on": on, "split": not no_split,
                                            "need": _labels(need)})
@@ -426,6 +443,8 @@ def cpu(ctx: click.Context, millions: float, on: str | None, need: tuple[str, ..
 @click.pass_context
 def mem(ctx: click.Context, mib: int, ms: int, on: str | None, need: tuple[str, ...]) -> None:
     """Allocate MIB MiB on the node with room for it, hold it MS milliseconds, release it."""
+    from vesta.spec import JobRequest
+
     request = JobRequest.from_wire("mem", {"mib": mib, "ms": ms, "on": on, "need": _labels(need)})
     with _client(ctx, job=True) as c:
         r = c.call("mem", **request.to_control())
@@ -492,6 +511,9 @@ def exec_(ctx: click.Context, timeout: float | None, on: str | None, need: tuple
     Standard input, when it is not a terminal, is read to its end and shipped with the job (--no-stdin: not).
     Files it leaves in $VESTA_OUTPUT come back to this node: see vesta artifacts JOB.
     """
+    from vesta.cli.files import STDIN_NAME, stdin_file
+    from vesta.spec import MAX_TIMEOUT_S, ExecSpec, JobRequest
+
     if timeout is not None and timeout <= 0:   # 0 in a spec is the node's default, not a time
         raise InvalidJob(f"--timeout must be from 1 to {MAX_TIMEOUT_S} seconds")
     if mem is not None and mem <= 0:
@@ -575,6 +597,8 @@ def artifacts(ctx: click.Context, job_id: str, out: Path | None) -> None:
     files = r["files"]
     copied: list[str] = []
     if out is not None:
+        from vesta.cli.files import copy_artifacts
+
         copied = copy_artifacts(Path(r["dir"]), [f for f in files if f["state"] == "stored"], out)
     if _json(ctx):
         print_json(r | ({"copied_to": str(out), "copied": copied} if out is not None else {}))
