@@ -179,10 +179,13 @@ class WarmPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for runner in [*self.idle, *self.building]:
-            runner.discard()
+        runners = [*self.idle, *self.building]
         self.idle.clear()
         self.building.clear()
+        for runner in runners:
+            runner.kill()
+        # Their directories go before this returns: a clean stop leaves the runs directory empty.
+        await asyncio.gather(*(_remove_when_dead(r) for r in runners), *_DISCARDS, return_exceptions=True)
 
     def take(self) -> WarmRunner | None:
         """A ready runner of the current shape, or None (the job starts cold, and the pool grows)."""
