@@ -9,7 +9,9 @@ n (exec with ``sandbox: none``), both lending exec with their default ``warm_run
 control-socket client on a runs ``EXEC_JOBS`` x ``exec -- true`` on b, back to back, then on n, timing each
 call (request written to reply read). The first runs open the peer link and are not counted. "Same p50"
 compares the p50 of the last quarter of the runs with that of the first quarter (within 25 % or 0.3 ms).
-For the record, the same runs on a node with ``warm_runners: 0`` (cold: every run sets its sandbox up) and,
+Then 50 runs 50 ms apart on b and on n: the latency of
+one job on an idle node, whose runner was rebuilt in the gap. For the record, the same runs on a node
+with ``warm_runners: 0`` (cold: every run sets its sandbox up) and,
 as the floor, a local ``subprocess.run(["true"])`` in this process.
 """
 
@@ -29,6 +31,7 @@ from vesta.control import ControlClient, RemoteError
 
 EXEC_JOBS = int(os.environ.get("VESTA_BENCH_WARM_EXECS", "200"))
 COLD_JOBS = 50
+SPACED_JOBS, SPACED_GAP_S = 50, 0.05
 WARMUP = 20
 P50_BWRAP_MS, P50_NONE_MS, P99_MS = 2.0, 1.5, 5.0
 
@@ -39,10 +42,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def runs(client: ControlClient, node: str, n: int) -> tuple[list[float], list[str]]:
+def runs(client: ControlClient, node: str, n: int, gap_s: float = 0.0) -> tuple[list[float], list[str]]:
     times: list[float] = []
     errors: list[str] = []
     for _ in range(n):
+        time.sleep(gap_s)
         t0 = time.perf_counter()
         try:
             result: dict[str, Any] = client.call("exec", argv=["true"], on=node)
@@ -88,6 +92,9 @@ def main() -> None:
                 with LoadWatch() as load:
                     times, errors = runs(client, name, n)
                 results[name] = (times, errors, load)
+            spaced = {}
+            for name in ("b", "n"):   # one job at a time on an idle node: its runner was rebuilt in the gap
+                spaced[name], _ = runs(client, name, SPACED_JOBS, gap_s=SPACED_GAP_S)
             warm = {name: nodes[name].status()["warm_runners"] for name in ("b", "n")}
         report.extra["warm_runners"] = warm
         labels = {"b": "bubblewrap, limits, job user" if sandboxed else "NO bubblewrap here (sandbox auto)",
@@ -105,6 +112,11 @@ def main() -> None:
             if errors:
                 report.row(f"{name}: failed", len(errors), f"of {len(times) + len(errors)}", errors[0][:80])
             report.extra[f"{name}_ms"] = times
+        for name in ("b", "n"):
+            if spaced[name]:
+                report.row(f"{name} ({labels[name]}), {SPACED_GAP_S * 1000:.0f} ms apart ×{len(spaced[name])}: p50",
+                           percentile(spaced[name], 50), "ms", f"p99 {percentile(spaced[name], 99):.2f}: a job on an "
+                           "idle node, its runner rebuilt before the next")
         for name in ("b", "n"):
             w = warm[name]
             report.row(f"{name}: runners taken / missed", w.get("taken", 0), f"/ {w.get('missed', 0)}",

@@ -800,6 +800,8 @@ asyncio.run(main(*sys.argv[1:4], float(sys.argv[4])))
     (f"({BURN}) & exec sleep 60", 1.5, True, 0.5),                          # left behind, the run cut off
     (f"trap '' TERM; ({BURN}) & sleep 60", 1.5, True, 0.5),                # ... and deaf to SIGTERM
     (f"for i in 1 2; do ({BURN}) & done; sleep 1.5; exit 0", 10.0, False, 1.5),   # still running at the end
+    # orphaned inside, ended and reaped by the namespace's init before the end: counted from the init's own count
+    (f"(timeout 0.8 sh -c '{BURN}' &); sleep 1.5; exit 0", 10.0, False, 0.5),
 ])
 def test_in_bwrap_the_cpu_of_the_whole_sandbox_is_counted(script: str, timeout: float, timed_out: bool,
                                                           least: float) -> None:

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
+SPAWN_WAIT_ROUNDS = 10     # ms a run's end waits for children being started elsewhere to be registered
 MEM_CHECK_S = 0.25          # how often the resident memory of a run with a memory limit is summed
 
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -321,7 +322,7 @@ class Running:
         (thousands of processes take a while), unless the leader has exited and left nothing behind."""
         assert not self.reaped
         self._read_sandbox()   # the sandbox's init, if bubblewrap named it (it did long ago, or it is gone)
-        if self.watch.exited.done() and self.procs.nothing_left():
+        if self.watch.exited.done() and await self._nothing_left():
             used = self.procs.stop(scan=False)
         else:   # shielded: if we are cancelled meanwhile, _cleanup waits for it to kill what it stopped
             self._stopping = asyncio.ensure_future(asyncio.to_thread(self.procs.stop))
@@ -331,6 +332,17 @@ class Running:
         else:
             self.procs.kill()
         return used
+
+    async def _nothing_left(self) -> bool:
+        """``RunProcs.nothing_left``, waiting a moment for children being started elsewhere (a warm runner built
+        in a worker thread is a stray until it is registered) rather than paying a whole scan for them."""
+        for _ in range(SPAWN_WAIT_ROUNDS):
+            if self.procs.nothing_left():
+                return True
+            if not proctree.spawning:
+                return False
+            await asyncio.sleep(0.001)
+        return False
 
     def reap(self) -> None:
         """wait4 the leader; it has exited (the watch said so), so this does not block."""
@@ -409,7 +421,10 @@ class Running:
         await self.watch.exited
         elapsed = time.monotonic() - started
         self.reap()
-        await self.reap_sandbox_init()
+        if self.procs.roots_ending:   # its namespace's teardown takes the kernel a while: reaped after the result
+            spawn(self.reap_sandbox_init(), name=f"sandbox-reap-{self.pid}", tasks=_CLEANUPS)
+        else:
+            await self.reap_sandbox_init()
         proctree.reap_strays()
         failure = failure or await self.drain()
         self.finished = True
@@ -551,11 +566,22 @@ def launch(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, st
     """Start a run and watch it (its exit, its output, its processes), without waiting for it: ``run``'s
     first half, and how a warm runner (``warm``) is started ahead of its job. ``stdin``: a descriptor the
     child gets as its standard input (``subprocess.PIPE`` for a pipe, ``proc.stdin``), else ``/dev/null``.
-    ``supervise`` the result, or ``abandon`` it."""
+    ``supervise`` the result, or ``abandon`` it. The same as ``watch(start(...))``."""
+    return watch(start(argv, program=program, cwd=cwd, env=env, preexec=preexec, sandbox=sandbox, stdin=stdin,
+                       cgroup=cgroup), on_output, sandbox)
+
+
+def start(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],
+          preexec: Callable[[], None] | None = None, sandbox: SandboxInfo | None = None, stdin: int | None = None,
+          cgroup: RunCgroup | None = None) -> subprocess.Popen[bytes]:
+    """``launch``'s first half, which may run in another thread (a warm runner is built off the event loop):
+    the child started, in ``cgroup``, with ``sandbox``'s write end handed over. ``watch`` it next, at once."""
     try:
         if not argv:
             raise ValueError("argv is empty")
-        proc = _start(argv, program, cwd, env, preexec, sandbox, stdin)
+        with proctree.spawn_guard():   # until registered, it looks like a run's leftover (stray)
+            proc = _start(argv, program, cwd, env, preexec, sandbox, stdin)
+            proctree.supervised.add(proc.pid)   # at once: no stray sweep, nor a run's end, takes it for one
         if cgroup is not None:
             cgroup.add(proc.pid)
     except BaseException:
@@ -564,11 +590,18 @@ def launch(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, st
         raise
     if sandbox is not None:
         sandbox.close_write()   # bubblewrap has its copy: the pipe reads EOF once it is gone
+    return proc
+
+
+def watch(proc: subprocess.Popen[bytes], on_output: OutputCallback | None = None,
+          sandbox: SandboxInfo | None = None) -> Running:
+    """``launch``'s second half, on the event loop: the started child supervised from now on."""
     try:
         return Running(proc, on_output, sandbox)
     except BaseException:   # could not watch it: do not leave it running unsupervised
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proctree.supervised.discard(proc.pid)
         if proc.stdin is not None:
             proc.stdin.close()
         if sandbox is not None:

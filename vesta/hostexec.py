@@ -203,7 +203,7 @@ class ExecRunner:
             if count > 0:
                 log.warning("no POSIX shell in %s: exec jobs start cold (no warm runners)", allowlist.SAFE_PATH)
             return
-        self.pool = warm.WarmPool(self._build_warm, self.warm_shape, count)
+        self.pool = warm.WarmPool(self._spawn_warm, self.warm_shape, count)
         self.pool.start()
 
     def warm_status(self) -> dict[str, int]:
@@ -244,8 +244,9 @@ class ExecRunner:
         return not any(path.is_relative_to(h) for h in hidden) or any(
             path.is_relative_to(e) for e in self._warm_expose())
 
-    def _build_warm(self, shape: Hashable) -> warm.WarmRunner:
-        """Start one runner: its directory, then the confinement chain with the shell at its end."""
+    def _spawn_warm(self, shape: Hashable) -> warm.Spawned:
+        """Start one runner (in a worker thread): its directory, then the confinement chain with the shell at its
+        end, reading its standard input."""
         assert self.shell is not None
         workdir = rundir.make_workdir(self.runs, "warm")
         try:
@@ -258,12 +259,12 @@ class ExecRunner:
             command = self._command_for(self.shell, [self.shell, "-s"], workdir, limits, self._warm_expose())
             if isinstance(command, str):
                 raise Refused(command, reason="policy")
-            job = execrun.launch(command.argv, program=command.runner, cwd=workdir, env={}, preexec=command.preexec,
+            proc = execrun.start(command.argv, program=command.runner, cwd=workdir, env={}, preexec=command.preexec,
                                  sandbox=command.sandbox, stdin=subprocess.PIPE)
         except BaseException:
             rundir.remove_workdir(workdir)
             raise
-        return warm.WarmRunner(job, workdir, shape)
+        return warm.Spawned(proc, workdir, command.sandbox)
 
     def release(self, prepared: Prepared) -> None:
         """A prepared run that will not run after all (refused at admission): its runner back to the pool,
@@ -352,7 +353,7 @@ class ExecRunner:
             await output(stream, data)
 
         try:
-            problem = await self._ready(offer, workdir, files)
+            problem = await self._ready(offer, workdir, files, warm=warm_runner is not None)
             if problem:
                 return self._failed(offer, problem)
             program = prepared.program or self.allowlist.resolve(spec.argv[0], workdir)  # type: ignore[union-attr]
@@ -428,8 +429,13 @@ class ExecRunner:
         return await execrun.supervise(runner.job, started, timeout=spec.timeout_s or self.timeout_s, cancel=stop,
                                        mem_limit_mib=limits.mem_mib, disk=disk)
 
-    async def _ready(self, offer: proto.Offer, workdir: Path, files: ExecFiles) -> str:
-        """The inputs in, $VESTA_OUTPUT made, everything the job user's; "" or why the run cannot start."""
+    async def _ready(self, offer: proto.Offer, workdir: Path, files: ExecFiles, *, warm: bool = False) -> str:
+        """The inputs in, $VESTA_OUTPUT made, everything the job user's; "" or why the run cannot start. A warm
+        runner's directory was made and given to the job user with the runner: only its inputs are new."""
+        spec = offer.spec
+        assert isinstance(spec, ExecSpec)
+        if warm and not spec.inputs:
+            return ""
         (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
         problem = await files.fill(offer, workdir)
         if problem:

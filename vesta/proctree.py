@@ -36,6 +36,7 @@ it uncounted. So a subreaper runs bubblewrap without it, learns the init from ``
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -63,6 +64,22 @@ supervised: set[int] = set()   # children waited for by their own supervisor (ru
 _runs: dict[int, RunProcs] = {}   # leader pid -> its run, while it is supervised: whom a stray is charged to
 ESCAPED_GRACE_S = 0.5   # how long an escaped process is seen alive before it is killed (one just killed is dying)
 _escaped_seen: dict[tuple[int, int], float] = {}   # (pid, start) -> when a sweep first saw it escaped
+spawning = 0   # children being started in worker threads, not ``supervised`` yet (``spawn_guard``)
+_spawning_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def spawn_guard() -> Iterator[None]:
+    """Around starting a child that is then made ``supervised``: while it lasts, an unsupervised child may be
+    that one rather than a run's leftover."""
+    global spawning
+    with _spawning_lock:
+        spawning += 1
+    try:
+        yield
+    finally:
+        with _spawning_lock:
+            spawning -= 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +166,8 @@ class RunProcs:
         # A warm runner waiting for its job (``warm``): what was born after it is no child of its (it runs
         # nothing yet), so it does not keep ``reap_strays`` from killing an escaped process.
         self.waiting = False
+        self.roots_cpu_s = 0.0          # what the roots that ended had used (nothing_left), counted without a scan
+        self.roots_ending = False       # nothing_left found a root still on its way out: it is reaped later
         self._stopped: dict[int, int] = {}   # pid -> start of every member sent SIGSTOP
         self._all_stopped = False       # stop() found no member it had not stopped: kill() needs no scan
         self._blind = False
@@ -195,8 +214,34 @@ class RunProcs:
             self._send(st.pid, st.start, sig)
 
     def nothing_left(self) -> bool:
-        """After the leader exited: True when, in a subreaper, it left no process behind (no scan needed)."""
-        return _subreaper and not self.roots and not adopted_children()
+        """After the leader exited: True when, in a subreaper, it left no process behind (no scan needed). A
+        root that is our zombie child (a sandbox's init that ended) left nothing either: an init ends only once
+        every process of its pid namespace has ended and been reaped by it, so its CPU time (read from its
+        stat, ``roots_cpu_s``) holds theirs; one that is gone was reaped by the leader, which counted it. An init
+        still alive with no child left is ending too (every orphan of its namespace is its child, so nothing else
+        is alive in there): what it reaped is in its count already, and tearing its namespace down takes the
+        kernel 10 ms or more, which the run need not wait for."""
+        if not _subreaper:
+            return False
+        me = os.getpid()
+        used = 0.0
+        ending = False
+        for pid, start in self.roots.items():
+            try:
+                st = read_stat(pid, self.proc_root)
+            except OSError:
+                return False
+            if st is None or st.start != start:
+                continue
+            if st.ppid != me or (st.state != "Z" and _has_children(pid, self.proc_root)):
+                return False
+            used += st.cpu_s   # a zombie's last count; or an init with no child left, on its way out (below)
+            ending = ending or st.state != "Z"
+        if adopted_children():
+            return False
+        self.roots_cpu_s = used
+        self.roots_ending = ending
+        return True
 
     def stop(self, *, scan: bool = True) -> float:
         """SIGSTOP every member (see the module doc); the CPU seconds they used, and those reaped as strays.
@@ -205,7 +250,7 @@ class RunProcs:
             found: dict[int, ProcStat] = {}
             if not scan:
                 self._all_stopped = self.counted = True
-                return self.adopted_cpu_s
+                return self.adopted_cpu_s + self.roots_cpu_s
             settling = 0
             for _ in range(STOP_ROUNDS):
                 self._killpg(signal.SIGSTOP)
@@ -339,6 +384,17 @@ def become_subreaper() -> bool:
 
 def is_subreaper() -> bool:
     return _subreaper
+
+
+def _has_children(pid: int, proc_root: Path = PROC) -> bool:
+    """Whether single-threaded ``pid`` has a child, zombies included; True when it cannot be told."""
+    try:
+        with open(f"{proc_root}/{pid}/task/{pid}/children", "rb") as f:
+            return bool(f.read().strip())
+    except FileNotFoundError:   # gone meanwhile: no child
+        return False
+    except OSError:
+        return True
 
 
 def _children() -> list[int] | None:

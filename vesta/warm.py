@@ -30,10 +30,12 @@ CPU while it waits, and one wake-up of the pool's keeper every ``KEEP_S``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,19 +150,35 @@ async def _remove_when_dead(runner: WarmRunner) -> None:
     await asyncio.to_thread(rundir.remove_workdir, runner.workdir)
 
 
-class WarmPool:
-    """Runners kept ready for exec jobs (see the module doc). ``build(shape)`` starts one (raising
-    ``OSError``/``Refused`` when it cannot); ``shape()`` says what runners must look like now."""
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """A runner's processes just started (``execrun.start``, in a worker thread), not watched yet."""
 
-    def __init__(self, build: Callable[[Hashable], WarmRunner], shape: Callable[[], Hashable], base: int, *,
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    sandbox: execrun.SandboxInfo | None
+
+
+class WarmPool:
+    """Runners kept ready for exec jobs (see the module doc). ``spawn(shape)`` starts one, in a worker thread
+    so the event loop (and the job that just took a runner) does not wait for it; it raises ``OSError`` or
+    ``Refused`` when it cannot. ``shape()`` says what runners must look like now."""
+
+    def __init__(self, spawn: Callable[[Hashable], Spawned], shape: Callable[[], Hashable], base: int, *,
                  renice: bool | None = None, idle_s: float = IDLE_S) -> None:
-        self.build = build
+        self.spawn = spawn
         self.shape = shape
         self.base = base
         self.idle_s = idle_s
         self.renice = os.geteuid() == 0 if renice is None else renice
         self.idle: list[WarmRunner] = []
         self.building: set[WarmRunner] = set()
+        self.spawning = 0              # spawns under way in worker threads
+        # Runners start in threads of their own at low priority (nice is per thread on Linux, and a child
+        # inherits its thread's): the job that just took one is not slowed by its replacement.
+        self._builder = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="warm-build", initializer=self._low_priority)
+        self._builds: set[asyncio.Task[None]] = set()
         self.spare = 0                 # kept beyond base, for jobs coming faster than a build
         self.counters = {"built": 0, "taken": 0, "missed": 0, "discarded": 0, "died": 0, "build_failed": 0}
         self._last_miss = 0.0
@@ -168,6 +186,12 @@ class WarmPool:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._warned = ""
+        self._paused_until = 0.0
+
+    def _low_priority(self) -> None:
+        if self.renice:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, 0, BUILD_NICE)   # this thread only
 
     def start(self) -> None:
         self._task = spawn(self._keep(), "warm-runners")
@@ -179,6 +203,8 @@ class WarmPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await asyncio.gather(*self._builds, return_exceptions=True)   # a spawn in a thread ends soon
+        self._builder.shutdown(wait=False)
         runners = [*self.idle, *self.building]
         self.idle.clear()
         self.building.clear()
@@ -241,26 +267,28 @@ class WarmPool:
             extra = len(self.idle) + len(self.building) - self.want
             if extra > 0 and self.idle:
                 self._drop(self.idle[0])
-        while (len(self.idle) + len(self.building) < self.want and len(self.building) < MAX_BUILDING
-               and not self._closed):
-            if not self._start_one(shape):
-                break
+        while (len(self.idle) + len(self.building) + self.spawning < self.want
+               and len(self.building) + self.spawning < MAX_BUILDING and not self._closed
+               and now >= self._paused_until):
+            self.spawning += 1
+            spawn(self._build(shape), "warm-runner-build", self._builds)
 
-    def _start_one(self, shape: Hashable) -> bool:
+    async def _build(self, shape: Hashable) -> None:
         try:
-            runner = self.build(shape)
+            started = await asyncio.get_running_loop().run_in_executor(self._builder, self.spawn, shape)
         except (OSError, Refused) as exc:
             self.counters["build_failed"] += 1
             why = str(exc)
-            if why != self._warned:   # warn once per reason: the keeper tries again every KEEP_S
-                self._warned = why
+            if why != self._warned:   # warn once per reason; the keeper tries again after KEEP_S
                 log.warning("cannot prepare a warm exec runner (jobs start cold meanwhile): %s", why)
-            return False
+            self._warned = why
+            self._paused_until = time.monotonic() + KEEP_S   # the keeper tries again on a later round
+            return
+        finally:
+            self.spawning -= 1
         self._warned = ""
+        runner = WarmRunner(execrun.watch(started.proc, None, started.sandbox), started.workdir, shape)
         self.counters["built"] += 1
-        if self.renice:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, runner.job.pid, BUILD_NICE)
         self.building.add(runner)
         self._listen(runner)
         runner.job.watch.exited.add_done_callback(lambda _: self._died(runner))
@@ -271,8 +299,8 @@ class WarmPool:
             stdin.flush()
         except OSError:
             self._drop(runner)
-            return False
-        return True
+        if self._closed:
+            self._drop(runner)
 
     def _listen(self, runner: WarmRunner) -> None:
         """Hear the runner until its job: READY once, and nothing else."""
@@ -288,6 +316,7 @@ class WarmPool:
     def _ready(self, runner: WarmRunner) -> None:
         runner.ready = True
         self.building.discard(runner)
+        self._wake.set()   # room to build the next one
         if self.renice:   # built; from now on it waits, and the job it gets runs at the usual priority
             for pid in runner.pids():
                 with contextlib.suppress(OSError):
