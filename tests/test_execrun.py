@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -893,3 +894,42 @@ async def test_cancelling_the_caller_kills_what_left_the_group_too(job: Path) ->
     async with asyncio.timeout(5):
         while execrun._CLEANUPS:
             await asyncio.sleep(0.02)
+
+
+def test_a_run_never_closes_a_descriptor_it_no_longer_owns(tmp_path: Path) -> None:
+    # uvloop's pipe transport closed an output pipe's number a second time after its file object had (uvloop
+    # #763): a descriptor opened in between by another thread was closed under its owner (a warm runner's
+    # build, a directory removal: "Bad file descriptor"). Runs go on while a thread keeps opening
+    # descriptors and checking they stay open; and every run's pipes close cleanly.
+    uvloop = pytest.importorskip("uvloop")
+    true = shutil.which("true", path=SAFE_PATH)
+    assert true is not None
+    stolen: list[int] = []
+    done = threading.Event()
+
+    def hold() -> None:
+        while not done.is_set():
+            fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(8)]
+            time.sleep(0.0005)
+            for fd in fds:
+                try:
+                    os.fstat(fd)
+                    os.close(fd)
+                except OSError:
+                    stolen.append(fd)
+
+    async def main() -> None:
+        for _ in range(400):
+            r = await execrun.run(["true"], program=true, cwd=tmp_path, env={}, timeout=10)
+            assert r.exit_code == 0
+            await asyncio.sleep(0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    finally:
+        done.set()
+        holder.join(10)
+    assert stolen == [], "a run closed descriptors it did not own"

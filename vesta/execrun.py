@@ -217,19 +217,38 @@ class _ExitWatch:
 
 async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
     """Read one stream to EOF in chunks, to the run's ``on_output`` of the moment (a warm runner's changes
-    when a job is handed to it); an async callback is awaited before the next read (backpressure)."""
+    when a job is handed to it); an async callback is awaited before the next read (backpressure).
+
+    The pipe is read here, by its descriptor, and closed only by its file object (``close_pipes``): a pipe
+    transport would not do (uvloop's ``connect_read_pipe`` closes the descriptor's number a second time
+    after the file object did, which closes whatever another thread opened under that number meanwhile:
+    MagicStack/uvloop#763)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=CHUNK)   # the transport pauses once 2 x CHUNK are buffered
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            await _readable(loop, fd)
+            continue
+        if not data:
+            return
+        on_output = job.on_output
+        if on_output is not None:
+            pending = on_output(name, data)
+            if inspect.isawaitable(pending):
+                await pending
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until ``fd`` can be read (watched only meanwhile: an unread pipe must not wake the loop)."""
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
     try:
-        while data := await reader.read(CHUNK):
-            on_output = job.on_output
-            if on_output is not None:
-                pending = on_output(name, data)
-                if inspect.isawaitable(pending):
-                    await pending
+        await ready
     finally:
-        transport.close()
+        loop.remove_reader(fd)
 
 
 _CLEANUPS: set[asyncio.Task[Any]] = set()   # reapers of runs whose caller was cancelled
