@@ -787,6 +787,7 @@ async def main(bwrap: str, sh: str, script: str, timeout: float) -> None:
         env = rundir.scrubbed_env(job_id="j", node="n", workdir=work)
         r = await execrun.run(argv, program=program, cwd=work, env=env, timeout=timeout, term_grace=0.3,
                               sandbox=info)
+        await execrun.settle()   # an init on its way out is reaped after the result
         print(json.dumps({"cpu_s": r.cpu_s, "timed_out": r.timed_out, "exit_code": r.exit_code,
                           "supervised": sorted(proctree.supervised), "strays": proctree.reap_strays()}))
     finally:

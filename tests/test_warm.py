@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, cast
 
 import pytest
 
-from tests.helpers import Cluster, eventually, eventually_async, idle_proc, need_tool
-from vesta import allowlist, confine, proto, rundir, warm
+from tests.helpers import Cluster, Vestad, eventually, eventually_async, idle_proc, need_tool
+from vesta import allowlist, confine, proctree, proto, rundir, warm
 from vesta.errors import Refused
 from vesta.host import Host
 from vesta.hostexec import ExecRunner, _find_shell
@@ -243,15 +244,20 @@ async def test_the_pool_grows_while_jobs_come_faster_than_runners_are_built(host
 # ------------------------------------------------------------------------------------------------ daemons
 
 
-def runner_dirs(runs_glob: str = "vesta-runs-*") -> list[str]:
-    """Working directories of processes now, under any node's runs directory (where runners wait)."""
+def runs_of(node: Vestad) -> str:
+    """The part of a path that is this node's runs directory (asked while it runs)."""
+    return f"/vesta-runs-{node.name}-{node.status()['fingerprint'][:8]}/"
+
+
+def runner_dirs(*runs: str) -> list[str]:
+    """Working directories of processes now under these runs directories (``runs_of``: where runners wait)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if "/vesta-runs-" in cwd:
+        if any(r in cwd + "/" for r in runs):
             found.append(cwd)
     return found
 
@@ -270,10 +276,10 @@ def test_exec_off_or_warm_runners_0_means_no_runners(cluster: Cluster, tmp_path:
     eventually(lambda: a.peer_names() == {"c", "on"}, 5)
     out = a.vesta("exec", "--json", "--on", "c", "--", "true")
     assert out.returncode == 0, out.stderr
-    dirs = runner_dirs()
-    assert dirs and all(f"-on-{on.status()['fingerprint'][:8]}" in d for d in dirs), dirs
+    on_runs = runs_of(on)
+    assert runner_dirs(runs_of(a), runs_of(c)) == [] and runner_dirs(on_runs)
     on.stop()
-    eventually(lambda: runner_dirs() == [], 10, what="the runners to go with their daemon")
+    eventually(lambda: runner_dirs(on_runs) == [], 10, what="the runners to go with their daemon")
 
 
 @pytest.mark.integration
@@ -281,9 +287,10 @@ def test_runners_of_a_killed_daemon_go_with_it(cluster: Cluster, tmp_path: Path)
     need_tool("bwrap", "bubblewrap")
     b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
     eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)
-    assert runner_dirs()
+    b_runs = runs_of(b)
+    assert runner_dirs(b_runs)
     b.kill()
-    eventually(lambda: runner_dirs() == [], 10, what="the runners of a SIGKILLed vestad to exit")
+    eventually(lambda: runner_dirs(b_runs) == [], 10, what="the runners of a SIGKILLed vestad to exit")
 
 
 @pytest.mark.integration
@@ -304,3 +311,33 @@ def test_cpu_of_a_warm_sandboxed_run_with_background_children_is_charged_in_full
     eventually(lambda: not b.status()["hosting"], 10)
     left = subprocess.run(["pgrep", "-f", "time.sleep.300"], capture_output=True, text=True).stdout.split()
     assert left == [], "the job's children outlived it"
+
+
+@pytest.mark.integration
+def test_a_runner_left_by_a_crashed_daemon_is_killed_when_it_comes_back(cluster: Cluster, tmp_path: Path) -> None:
+    need_tool("bwrap", "bubblewrap")
+    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
+    eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    b_runs = runs_of(b)
+
+    def runners() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                st = proctree.read_stat(int(pid))
+                if b_runs in os.readlink(f"/proc/{pid}/cwd") + "/" and st is not None and st.state != "Z":
+                    found.append(int(pid))
+            except OSError:
+                continue
+        return found
+
+    stuck = runners()
+    assert stuck
+    for pid in stuck:   # stopped, they cannot see their pipe close: what a crash mid-build can leave
+        os.kill(pid, signal.SIGSTOP)
+    b.kill()
+    time.sleep(0.5)
+    assert runners() == stuck
+    b.start()
+    eventually(lambda: not set(stuck) & set(runners()), 10, what="the old runners to be killed")
+    assert "killed" in b.log() and "left running" in b.log()

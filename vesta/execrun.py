@@ -226,19 +226,22 @@ async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
     loop = asyncio.get_running_loop()
     fd = pipe.fileno()
     os.set_blocking(fd, False)
-    while True:
-        try:
-            data = os.read(fd, CHUNK)
-        except BlockingIOError:
-            await _readable(loop, fd)
-            continue
-        if not data:
-            return
-        on_output = job.on_output
-        if on_output is not None:
-            pending = on_output(name, data)
-            if inspect.isawaitable(pending):
-                await pending
+    try:
+        while True:
+            try:
+                data = os.read(fd, CHUNK)
+            except BlockingIOError:
+                await _readable(loop, fd)
+                continue
+            if not data:
+                return
+            on_output = job.on_output
+            if on_output is not None:
+                pending = on_output(name, data)
+                if inspect.isawaitable(pending):
+                    await pending
+    finally:
+        pipe.close()   # at EOF, or when the reader is given up on; close_pipes then has nothing left to do
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -526,6 +529,12 @@ class Running:
             self.close_pipes()
             await self.reap_sandbox_init()
             proctree.reap_strays()
+
+
+async def settle() -> None:
+    """Wait for the reaping left to the background (abandoned runs, sandbox inits on their way out)."""
+    while _CLEANUPS:
+        await asyncio.wait(list(_CLEANUPS))
 
 
 def _signame(sig: int) -> str:

@@ -259,7 +259,8 @@ class ExecRunner:
             command = self._command_for(self.shell, [self.shell, "-s"], workdir, limits, self._warm_expose())
             if isinstance(command, str):
                 raise Refused(command, reason="policy")
-            proc = execrun.start(command.argv, program=command.runner, cwd=workdir, env={}, preexec=command.preexec,
+            proc = execrun.start(command.argv, program=command.runner, cwd=workdir, env=warm.runner_env(self.node_id),
+                                 preexec=command.preexec,
                                  sandbox=command.sandbox, stdin=subprocess.PIPE)
         except BaseException:
             rundir.remove_workdir(workdir)

@@ -59,6 +59,14 @@ READY_COMMAND = b"printf R\n"
 # Variables a POSIX shell sets and exports of its own (dash: PWD; bash: also SHLVL and OLDPWD): unset
 # before the job's own are set, so its environment is exactly the one it was given.
 SHELL_OWN = ("PWD", "OLDPWD", "SHLVL")
+# What a runner's own environment holds (``runner_env``), unset for its job as well.
+RUNNER_VARS = ("VESTA_NODE_ID", "VESTA_JOB_ID")
+
+
+def runner_env(node_id: str) -> dict[str, str]:
+    """A waiting runner's whole environment: only what marks it as this node's, so that a vestad of this node
+    that comes back after a crash kills it with the rest of its runs (``proctree.kill_leftovers``)."""
+    return {"VESTA_NODE_ID": node_id, "VESTA_JOB_ID": "warm-runner"} if node_id else {}
 
 
 def job_script(program: str, argv: Sequence[str], env: Mapping[str, str], *, stdin: Path | None = None,
@@ -69,7 +77,7 @@ def job_script(program: str, argv: Sequence[str], env: Mapping[str, str], *, std
     for word in (program, *argv, *env, *env.values(), str(stdin or "")):
         if "\0" in word:
             raise Refused(f"cannot start {argv[0]!r}: embedded null byte", reason="policy")
-    parts = ["{ unset " + " ".join(SHELL_OWN)]
+    parts = ["{ unset " + " ".join((*SHELL_OWN, *RUNNER_VARS))]
     if cpu_s is not None:
         parts.append(f"ulimit -t {int(cpu_s)}")
     if mem_kib is not None:
