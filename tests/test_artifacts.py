@@ -230,3 +230,18 @@ def test_a_file_that_cannot_be_stored_is_refused_and_the_rest_kept(tmp_path: Pat
     by = {f.path: f for f in sink.finish()}
     assert (by["a"].state, by["c"].state) == (STORED, STORED)
     assert by["a/b"].state == REFUSED and "cannot store it" in by["a/b"].reason
+
+
+def test_no_output_is_only_an_empty_real_output_directory(tmp_path: Path) -> None:
+    assert artifacts.no_output(tmp_path) is False            # no output directory: output_pieces decides
+    out = tmp_path / artifacts.OUTPUT_DIR
+    out.mkdir()
+    assert artifacts.no_output(tmp_path) is True
+    (out / "f").write_text("x")
+    assert artifacts.no_output(tmp_path) is False
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "f").unlink()
+    out.rmdir()
+    out.symlink_to(elsewhere)                                # empty, but a symlink: output_pieces refuses it
+    assert artifacts.no_output(tmp_path) is False

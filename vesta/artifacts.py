@@ -84,6 +84,22 @@ def input_pieces(rid: int, source: Path, inputs: tuple[FileInfo, ...]) -> Iterat
         yield from file_pieces(rid, info.path, fd, executable=info.executable)
 
 
+def no_output(workdir: Path) -> bool:
+    """Whether the job left nothing to send back: its output directory there, a real directory, and empty
+    (one short read, so the common case costs no worker thread; anything else goes to ``output_pieces``)."""
+    try:
+        fd = os.open(workdir / OUTPUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        with os.scandir(fd) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def output_pieces(rid: int, workdir: Path, cap: int) -> Generator[proto.FileChunk, None, None]:
     """The pieces of every file a job left in ``workdir/output``, at most ``cap`` bytes in all, in
     name order; symlinks and special files are refused, never followed. Nothing when the job made no

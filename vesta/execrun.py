@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024           # bytes per on_output call at most
 OUTPUT_DRAIN_S = 2.0        # after the group is dead, how long the output readers may take to reach EOF
 SANDBOX_REAP_S = 5.0        # how long a sandbox's init may take to die (it reaps its namespace first)
-SPAWN_WAIT_ROUNDS = 10     # ms a run's end waits for children being started elsewhere to be registered
 MEM_CHECK_S = 0.25          # how often the resident memory of a run with a memory limit is summed
 
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -344,7 +343,7 @@ class Running:
         (thousands of processes take a while), unless the leader has exited and left nothing behind."""
         assert not self.reaped
         self._read_sandbox()   # the sandbox's init, if bubblewrap named it (it did long ago, or it is gone)
-        if self.watch.exited.done() and await self._nothing_left():
+        if self.watch.exited.done() and self.procs.nothing_left():
             used = self.procs.stop(scan=False)
         else:   # shielded: if we are cancelled meanwhile, _cleanup waits for it to kill what it stopped
             self._stopping = asyncio.ensure_future(asyncio.to_thread(self.procs.stop))
@@ -354,17 +353,6 @@ class Running:
         else:
             self.procs.kill()
         return used
-
-    async def _nothing_left(self) -> bool:
-        """``RunProcs.nothing_left``, waiting a moment for children being started elsewhere (a warm runner built
-        in a worker thread is a stray until it is registered) rather than paying a whole scan for them."""
-        for _ in range(SPAWN_WAIT_ROUNDS):
-            if self.procs.nothing_left():
-                return True
-            if not proctree.spawning:
-                return False
-            await asyncio.sleep(0.001)
-        return False
 
     def reap(self) -> None:
         """wait4 the leader; it has exited (the watch said so), so this does not block."""

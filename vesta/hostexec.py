@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -84,7 +85,7 @@ class ExecFiles:
     async def ship(self, offer: proto.Offer, workdir: Path) -> None:
         """Send what the job left in $VESTA_OUTPUT back to the submitter."""
         sink = self.sink
-        if sink is None:
+        if sink is None or artifacts.no_output(workdir):
             return
 
         def copy() -> None:
@@ -144,7 +145,7 @@ class RemoteFiles(ExecFiles):
             self.hosted.sink = None
 
     async def ship(self, offer: proto.Offer, workdir: Path) -> None:
-        if offer.output_cap <= 0 or self.hosted.cancel.is_set():
+        if offer.output_cap <= 0 or self.hosted.cancel.is_set() or artifacts.no_output(workdir):
             return
         pieces = artifacts.output_pieces(offer.rid, workdir, offer.output_cap)
         try:   # read in a thread: a job may leave a huge tree, and the loop must not stall on it
@@ -230,7 +231,7 @@ class ExecRunner:
         """What a runner's sandbox shows of the hidden places: vesta's Python and the allowlisted programs'
         directories (a cold run shows its own program's)."""
         assert self.allowlist is not None
-        return (*python_dirs(), *sorted({Path(p).parent for p in self.allowlist.allowed}))
+        return _warm_expose(python_dirs(), tuple(self.allowlist.allowed))
 
     def _warm_can_run(self, program: str) -> bool:
         """Whether a runner's sandbox shows ``program`` as a cold run's would: not under a path it hides, or
@@ -487,6 +488,11 @@ class _Command:
     sandbox: execrun.SandboxInfo | None   # run() owns it once handed over, even if it is cancelled
 
 
+@functools.lru_cache(maxsize=4)
+def _warm_expose(python: tuple[Path, ...], allowed: tuple[str, ...]) -> tuple[Path, ...]:
+    return (*python, *sorted({Path(p).parent for p in allowed}))
+
+
 def _find_shell() -> str | None:
     """The shell warm runners end in: dash where there is one (small, and it exports nothing of its own but
     PWD), else ``sh``."""
@@ -497,6 +503,7 @@ def _find_shell() -> str | None:
     return None
 
 
+@functools.cache
 def python_dirs() -> tuple[Path, ...]:
     """Where this vesta's Python lives (its venv and the interpreter it was made from), so programs
     installed with vesta, like piwork, still run when home directories are hidden by the sandbox."""

@@ -64,22 +64,20 @@ supervised: set[int] = set()   # children waited for by their own supervisor (ru
 _runs: dict[int, RunProcs] = {}   # leader pid -> its run, while it is supervised: whom a stray is charged to
 ESCAPED_GRACE_S = 0.5   # how long an escaped process is seen alive before it is killed (one just killed is dying)
 _escaped_seen: dict[tuple[int, int], float] = {}   # (pid, start) -> when a sweep first saw it escaped
-spawning = 0   # children being started in worker threads, not ``supervised`` yet (``spawn_guard``)
-_spawning_lock = threading.Lock()
+_spawning: set[int] = set()   # threads (native ids) starting a child not ``supervised`` yet (``spawn_guard``)
 
 
 @contextlib.contextmanager
 def spawn_guard() -> Iterator[None]:
-    """Around starting a child that is then made ``supervised``: while it lasts, an unsupervised child may be
-    that one rather than a run's leftover."""
-    global spawning
-    with _spawning_lock:
-        spawning += 1
+    """Around starting a child that is then made ``supervised`` (a warm runner, started in a worker thread):
+    meanwhile the children of this thread are not taken for a run's leftovers. A leftover is an orphan the
+    kernel gave to this process, listed as a child of its main thread, never of the thread that forked."""
+    tid = threading.get_native_id()
+    _spawning.add(tid)
     try:
         yield
     finally:
-        with _spawning_lock:
-            spawning -= 1
+        _spawning.discard(tid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,13 +395,15 @@ def _has_children(pid: int, proc_root: Path = PROC) -> bool:
         return True
 
 
-def _children() -> list[int] | None:
-    """This process's children (each thread's, /proc/self/task/*/children: CONFIG_PROC_CHILDREN); None if the
-    kernel does not say, or a thread ended while we looked."""
+def _children(skip: frozenset[int] = frozenset()) -> list[int] | None:
+    """This process's children (each thread's, /proc/self/task/*/children: CONFIG_PROC_CHILDREN), but those of
+    the threads in ``skip``; None if the kernel does not say, or a thread ended while we looked."""
     me = os.getpid()
     found: list[int] = []
     try:
         for tid in os.listdir(f"{PROC}/{me}/task"):   # a child belongs to the thread that forked it
+            if int(tid) in skip:
+                continue
             with open(f"{PROC}/{me}/task/{tid}/children", "rb") as f:
                 found += map(int, f.read().split())
     except OSError:
@@ -423,7 +423,7 @@ def adopted_children() -> bool:
     """Whether this process has a child that may be left over from a run: one not ``supervised`` and not of
     our own session. False only when sure."""
     try:
-        children = _children()
+        children = _children(skip=frozenset(_spawning))   # a child being started there is no leftover
         if children is None:
             return True
         own_session = os.getsid(0)
@@ -444,7 +444,7 @@ def reap_strays() -> int:
     escaped: list[ProcStat] = []
     try:
         own_session = os.getsid(0)
-        children = _children()
+        children = _children(skip=frozenset(_spawning))
         if children is None:   # only the first child that can be waited for is visible this way
             try:
                 found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
