@@ -49,6 +49,7 @@ def test_allowlist_holds_against_path_tricks(cluster: Cluster, tmp_path: Path) -
     cfg = tmp_path / "b.json"
     cfg.write_text(json.dumps({"allow_exec": True, "exec_allowlist": ["true", str(BIN / "piwork")]}))
     a, b = exec_pair(cluster, tmp_path, "-config", str(cfg))
+    eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)   # b's runs go to warm runners
     out = a.vesta("exec", "--", "true")
     assert out.returncode == 0, out.stderr
     # A decoy named like the allowed program, in a directory the peer controls.
@@ -69,6 +70,8 @@ def test_allowlist_holds_against_path_tricks(cluster: Cluster, tmp_path: Path) -
     out = a.vesta("exec", "--", str(BIN / "piwork"), "2", "--seed", "5")
     assert out.returncode == 0, out.stderr
     assert socket.gethostname() in out.stdout and "pi ≈ 3.1" in out.stdout
+    assert b.status()["warm_runners"]["taken"] == b.status()["counters"].get("offers_accepted", 2), \
+        "a refused program was handed to a warm runner"
 
 
 def test_exit_codes_output_and_no_secret_in_the_job(cluster: Cluster, tmp_path: Path) -> None:
