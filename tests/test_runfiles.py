@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,15 @@ def test_count_stops_at_the_bound_counts_sparse_files_whole_and_never_follows_li
     used, files = runfiles.count([tmp_path], 1 << 40, 1000)
     assert files == 52 and (1 << 30) <= used < (1 << 30) + (1 << 20)
     assert runfiles.count([tmp_path / "missing"], 1, 1) == (0, 0)
+
+
+def test_a_sandbox_tmp_that_is_the_hosts_own_is_never_counted(tmp_path: Path) -> None:
+    # Through an init still setting its namespace up (or a pid that is no longer the sandbox's), /proc/PID/root
+    # is the host's root: its /tmp holds every other user's files, none of them the run's.
+    (tmp_path / "f").write_bytes(b"x")
+    limit = DiskLimit(1 << 20, 10, (tmp_path,))
+    assert runfiles.over(limit, sandbox_init=os.getpid()) == ""
+    assert runfiles.over(DiskLimit(0, 10, (tmp_path,)), sandbox_init=os.getpid()).startswith("disk limit hit")
 
 
 async def run(script: str, workdir: Path, limit: DiskLimit, **kw: object) -> execrun.ExecResult:
@@ -81,6 +91,10 @@ async def test_the_sandbox_tmp_is_a_bounded_tmpfs_and_its_files_are_counted() ->
         # files: counted inside the sandbox's /tmp, the run killed
         r, out = await sandboxed("i=0; while :; do : > /tmp/f$i; i=$((i+1)); done")
         assert r.over_disk and "files made" in r.reason, (r, out)
+        # the working directory is bound into the sandbox's /tmp (it lives under the host's): counted once, so
+        # 200 files there stay under a bound of 300 (counted twice, they were 400), however long the run lasts
+        r, out = await sandboxed(f"for i in $(seq 200); do : > {work}/g$i; done; sleep {runfiles.DISK_CHECK_S * 1.5}")
+        assert r.exit_code == 0 and not r.over_disk, (r, out)
     finally:
         remove_workdir(work)
 

@@ -30,13 +30,16 @@ class DiskLimit:
         return f"{self.max_bytes >> 20} MiB and {self.max_files} files"
 
 
-def count(paths: Iterable[Path], max_bytes: int, max_files: int) -> tuple[int, int]:
+def count(paths: Iterable[Path], max_bytes: int, max_files: int, skip: frozenset[str] = frozenset()) -> tuple[int, int]:
     """(bytes, files) under ``paths``, stopping once either passes its bound; unreadable parts count as nothing
-    (the job may take its own permissions away; its files are still bounded by the filesystem)."""
+    (the job may take its own permissions away; its files are still bounded by the filesystem). Directories
+    in ``skip`` are not entered (counted elsewhere)."""
     used = files = 0
     stack = [str(p) for p in paths]
     while stack:
         top = stack.pop()
+        if top in skip:
+            continue
         try:
             entries = os.scandir(top)
         except OSError:
@@ -59,11 +62,26 @@ def count(paths: Iterable[Path], max_bytes: int, max_files: int) -> tuple[int, i
 def over(limit: DiskLimit, sandbox_init: int | None = None) -> str:
     """Why the run is over its disk limit now, or ""."""
     paths = list(limit.paths)
+    skip: frozenset[str] = frozenset()
     if sandbox_init is not None:
-        paths.append(Path(f"/proc/{sandbox_init}/root/tmp"))   # the sandbox's private /tmp
-    used, files = count(paths, limit.max_bytes, limit.max_files)
+        tmp = Path(f"/proc/{sandbox_init}/root/tmp")   # the sandbox's private /tmp
+        if _private(tmp):
+            paths.append(tmp)
+            # the run's own directories are bound into it (they live under the host's /tmp): counted once, above
+            skip = frozenset(f"/proc/{sandbox_init}/root{p}" for p in limit.paths)
+    used, files = count(paths, limit.max_bytes, limit.max_files, skip)
     if used > limit.max_bytes:
         return f"disk limit hit (more than {limit.max_bytes >> 20} MiB written, limit {limit.describe()})"
     if files > limit.max_files:
         return f"disk limit hit (more than {limit.max_files} files made, limit {limit.describe()})"
     return ""
+
+
+def _private(tmp: Path) -> bool:
+    """Whether ``tmp`` (a sandbox's /tmp seen through its init) is not the host's own /tmp: it is not while the
+    init is still setting its namespace up, or when the pid is no longer that init's."""
+    try:
+        seen, host = os.stat(tmp), os.stat("/tmp")
+    except OSError:
+        return False
+    return (seen.st_dev, seen.st_ino) != (host.st_dev, host.st_ino)
