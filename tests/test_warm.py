@@ -142,7 +142,7 @@ def test_the_job_script_refuses_a_nul_byte() -> None:
 
 async def test_a_job_sees_nothing_of_the_job_before_it_in_the_same_slot(host: Host) -> None:
     marker = f"vesta-warm-{secrets.token_hex(4)}"
-    first = ("sh", "-c", f"echo x > left-here; echo x > $HOME/in-home; echo x > /tmp/in-tmp; "
+    first = ("sh", "-c", f"set -e; echo x > left-here; echo x > $HOME/in-home; echo x > /tmp/in-tmp; "
                          f"export LEAK=1; (setsid sh -c 'sleep 300' {marker} > /dev/null 2>&1 &); echo ran")
     p1 = await serve(host, offer(*first))
     assert p1.result().exit_code == 0 and p1.stdout() == "ran\n", p1.sent
@@ -161,6 +161,57 @@ async def test_a_job_sees_nothing_of_the_job_before_it_in_the_same_slot(host: Ho
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert left == [], "the first job's process outlived it"
     assert counters(host)["taken"] == 2, counters(host)   # both went through a warm runner
+
+
+async def test_a_waiting_runner_s_directories_are_closed_to_the_job_user_until_its_job(host: Host) -> None:
+    # A job user's process can find a waiting runner (its shell's working directory): nothing of it may be
+    # reachable, or a job could swap a directory for a symlink while the daemon (root) writes the next job's
+    # inputs and hands them over.
+    assert host.runner is not None and host.runner.pool is not None
+    if host.runner.job_user is None:
+        pytest.skip("jobs run as the daemon's own user here")
+    workdir = host.runner.pool.idle[0].workdir
+    for path in (workdir, rundir.home_of(workdir), workdir / "tmp", workdir / "output"):
+        st = path.lstat()
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0, (path, oct(st.st_mode), st.st_uid)
+    p = await serve(host, offer("sh", "-c", "set -e; id -u; echo x > here; echo x > $HOME/h; echo x > output/o"))
+    assert p.result().exit_code == 0 and p.stdout().split() == [str(host.runner.job_user[0])], p.sent
+
+
+async def test_a_job_s_process_limit_is_worked_out_when_it_starts(runs: Path) -> None:
+    # The process limit is what the job user runs now plus the allowance: not what it ran when the runner was
+    # built (runners wait for minutes; jobs come and go meanwhile).
+    if SHELL is None or os.geteuid() != 0:
+        pytest.skip("needs root (jobs as a job user) and a POSIX shell")
+    runner = make_runner(runs)
+    runner.max_procs = 64
+    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None, runner=runner)
+    runner.start_warm(1)
+    extra: list[subprocess.Popen[bytes]] = []
+    try:
+        await ready(runner, 1)
+        assert runner.job_user is not None
+        uid, gid = runner.job_user
+        built = confine.count_tasks(uid)
+        setpriv = confine.find_setpriv()
+        extra = [subprocess.Popen([setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "sleep", "60"])
+                 for _ in range(30)]
+        await asyncio.sleep(confine.COUNT_TTL_S + 0.1)   # past the cached count
+        p = await serve(h, offer("sh", "-c", "ulimit -p"))
+        assert p.result().exit_code == 0, p.sent
+        assert int(p.stdout()) >= built + 30 + 64, (p.stdout(), built)
+    finally:
+        for proc in extra:
+            proc.kill()
+            proc.wait()
+        await runner.stop_warm()
+
+
+async def test_a_long_command_line_is_handed_over_whole(host: Host) -> None:
+    words = ["x'y" * 1333] * 200   # the most a job may have (spec.MAX_ARG, MAX_ARGV): 3.5 MB once quoted
+    p = await serve(host, offer("sh", "-c", 'printf %s "$@" | wc -c', "sh", *words))
+    assert p.result().exit_code == 0 and p.stdout().strip() == str(sum(map(len, words))), (p.stdout(), p.result())
+    assert counters(host)["taken"] == 1
 
 
 async def test_a_runner_killed_while_waiting_is_replaced_and_no_job_fails(host: Host) -> None:

@@ -49,24 +49,37 @@ from vesta.rundir import home_of, make_home
 log = logging.getLogger(__name__)
 
 
-def give_workdir(workdir: Path, run_as: tuple[int, int] | None) -> None:
-    """Hand a fresh ``make_workdir`` directory, its ``tmp/`` and its HOME (``rundir.make_home``) to the
-    job user (no-op when ``None``).
-
-    Refused (reason ``policy``) when a directory above it is closed to that user: the job could not
-    even start in it. ``remove_workdir`` (the daemon is root) still removes whatever the job leaves.
-    """
+def prepare_workdir(workdir: Path, run_as: tuple[int, int] | None) -> Path:
+    """Make a fresh ``make_workdir`` directory's ``tmp/`` and its HOME (``rundir.make_home``), still the daemon's
+    own; the HOME. Refused (reason ``policy``) when a directory above it is closed to the job user: the job
+    could not even start in it."""
     tmp = workdir / "tmp"
     tmp.mkdir(mode=0o700, exist_ok=True)
+    if run_as is not None:
+        uid, gid = run_as
+        for parent in workdir.resolve().parents:
+            if not _may(parent.stat(), uid, gid, stat.S_IXOTH):
+                raise Refused(f"the job user (uid {uid}) cannot reach its working directory {workdir}: "
+                              f"{parent} is closed to it", reason="policy")
+    return make_home(workdir)
+
+
+def give_workdir(workdir: Path, run_as: tuple[int, int] | None) -> None:
+    """Hand a ``make_workdir`` directory, everything in it and its HOME to the job user (no-op when ``None``),
+    what is inside first: until the directory itself is the job user's (0700) no process of that user can
+    reach in, so none can swap a directory for a symlink while the daemon (root) hands the files over.
+
+    Refused (reason ``policy``) as ``prepare_workdir``. ``remove_workdir`` (the daemon is root) still removes
+    whatever the job leaves.
+    """
+    home = prepare_workdir(workdir, run_as)
     if run_as is None:
         return
     uid, gid = run_as
-    for parent in workdir.resolve().parents:
-        if not _may(parent.stat(), uid, gid, stat.S_IXOTH):
-            raise Refused(f"the job user (uid {uid}) cannot reach its working directory {workdir}: "
-                          f"{parent} is closed to it", reason="policy")
-    home = make_home(workdir)
-    for path in (workdir, tmp, home):
+    for top, dirs, names in os.walk(workdir):
+        for entry in (*dirs, *names):
+            os.chown(os.path.join(top, entry), uid, gid, follow_symlinks=False)
+    for path in (home, workdir):
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
@@ -322,7 +335,10 @@ def bwrap_command(bwrap: str, *, program: str, argv: Sequence[str], workdir: Pat
     cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     opened: set[str] = set()
     for mount in mounts:
-        cmd += ["--size", str(tmp_bytes), "--tmpfs", mount] if mount == "/tmp" and tmp_bytes else ["--tmpfs", mount]
+        if mount == "/tmp":   # the job's own /tmp, as on any system: writable by the job user, sticky
+            cmd += [*(["--size", str(tmp_bytes)] if tmp_bytes else []), "--perms", "1777", "--tmpfs", mount]
+        else:
+            cmd += ["--tmpfs", mount]
         cmd += _open_parents(mount, mounts, reach, shown, opened)
     for path in shown:
         cmd += ["--ro-bind", path, path]

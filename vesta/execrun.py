@@ -280,6 +280,7 @@ class Running:
         self.reaped = False
         self.finished = False
         self._stopping: asyncio.Future[float] | None = None   # stop() in its thread
+        self._init_reaping: asyncio.Task[None] | None = None   # a sandbox init reaped after the result
         self.procs = proctree.RunProcs(proc.pid)   # supervised from here (last: nothing after it can fail)
 
     def _read_sandbox(self) -> None:
@@ -353,6 +354,11 @@ class Running:
         else:
             self.procs.kill()
         return used
+
+    async def settled(self) -> None:
+        """Once the run ended: wait until its sandbox's init, if reaped after the result, is reaped too."""
+        if self._init_reaping is not None:
+            await asyncio.wait([self._init_reaping])
 
     def reap(self) -> None:
         """wait4 the leader; it has exited (the watch said so), so this does not block."""
@@ -432,7 +438,7 @@ class Running:
         elapsed = time.monotonic() - started
         self.reap()
         if self.procs.roots_ending:   # its namespace's teardown takes the kernel a while: reaped after the result
-            spawn(self.reap_sandbox_init(), name=f"sandbox-reap-{self.pid}", tasks=_CLEANUPS)
+            self._init_reaping = spawn(self.reap_sandbox_init(), name=f"sandbox-reap-{self.pid}", tasks=_CLEANUPS)
         else:
             await self.reap_sandbox_init()
         proctree.reap_strays()
@@ -571,8 +577,11 @@ async def run(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str,
     finally:
         if stdin_fd is not None:
             os.close(stdin_fd)   # the child has its copy
-    return await supervise(job, started, timeout=timeout, cancel=cancel, term_grace=term_grace,
-                           mem_limit_mib=mem_limit_mib, disk=disk)
+    result = await supervise(job, started, timeout=timeout, cancel=cancel, term_grace=term_grace,
+                             mem_limit_mib=mem_limit_mib, disk=disk)
+    if cgroup is not None:   # the caller removes the cgroup next: the sandbox's init must be out of it
+        await job.settled()
+    return result
 
 
 def launch(argv: Sequence[str], *, program: str, cwd: Path, env: Mapping[str, str],

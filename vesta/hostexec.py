@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,7 @@ class ExecRunner:
     cgroups: cgroup.MemoryCgroups | None = None   # runs' memory limits in cgroup v2, where usable
     cgroups_why: str = ""                        # where they are, or why there are none
     shell: str | None = None                     # the POSIX shell of warm runners (dash where there is one)
+    shell_nproc_flag: str = ""                   # its ulimit option for the process limit (-p in dash, -u in bash)
     pool: warm.WarmPool | None = None            # warm runners (start_warm), or None: every run starts cold
 
     def __post_init__(self) -> None:
@@ -200,9 +202,15 @@ class ExecRunner:
     def start_warm(self, count: int) -> None:
         """Keep ``count`` warm runners ready (``warm``), more while jobs come faster than they are built."""
         self.shell = self.shell or _find_shell()
-        if count <= 0 or self.shell is None:
-            if count > 0:
-                log.warning("no POSIX shell in %s: exec jobs start cold (no warm runners)", allowlist.SAFE_PATH)
+        if count <= 0:
+            return
+        if self.shell is None:
+            log.warning("no POSIX shell in %s: exec jobs start cold (no warm runners)", allowlist.SAFE_PATH)
+            return
+        self.shell_nproc_flag = warm.nproc_flag(self.shell)
+        if self.max_procs and not self.shell_nproc_flag:
+            log.warning("%s cannot set the process limit (ulimit): exec jobs start cold (no warm runners)",
+                        self.shell)
             return
         self.pool = warm.WarmPool(self._spawn_warm, self.warm_shape, count)
         self.pool.start()
@@ -251,12 +259,12 @@ class ExecRunner:
         assert self.shell is not None
         workdir = rundir.make_workdir(self.runs, "warm")
         try:
-            confine.give_workdir(workdir, self.job_user)
+            # Still the daemon's (0700) until its job comes (_ready): a job user's process that finds it (its
+            # shell's cwd) cannot reach in meanwhile.
+            confine.prepare_workdir(workdir, self.job_user)
             (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700)
-            if self.job_user is not None:
-                os.chown(workdir / artifacts.OUTPUT_DIR, *self.job_user)
             limits = confine.Limits(mem_mib=self.mem_mib, cpu_s=int(self.timeout_s) + 5, file_mib=self.file_mib,
-                                    procs=self.max_procs, run_as=self.job_user)
+                                    run_as=self.job_user)   # the process limit: set by its job's command
             command = self._command_for(self.shell, [self.shell, "-s"], workdir, limits, self._warm_expose())
             if isinstance(command, str):
                 raise Refused(command, reason="policy")
@@ -296,34 +304,36 @@ class ExecRunner:
         if deferred and not self.allowlist.any:
             raise Refused(f"{argv0!r} was shipped with the job; {self.name} runs only its exec_allowlist "
                           f"({', '.join(self.allowlist.names()) or 'nothing'})", reason="not_allowed")
+        relative = "/" in argv0 and not os.path.isabs(argv0)   # ./x, bin/x: found from its working directory
         try:
-            program = "" if deferred or "/" in argv0 else self.allowlist.resolve(argv0, Path("/"))
-        except Refused as exc:
+            program = "" if deferred or relative else self.allowlist.resolve(argv0, Path("/"))
+        except Refused as exc:   # before a runner is taken: a refused program never reaches one
             reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
             raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
         runner = self.pool.take() if self.pool is not None and (deferred or not program or
                                                                  self._warm_can_run(program)) else None
-        if runner is not None:
-            workdir = runner.workdir
-        else:
-            try:
-                workdir = rundir.make_workdir(self.runs, offer.job_id)
-            except (OSError, Refused) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else str(exc)
-                raise Refused(f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON],
-                              reason="policy") from None
+        workdir = runner.workdir if runner is not None else self._fresh_workdir(offer)
         if deferred:
             return Prepared(workdir, "", runner)
+        if not program:
+            try:
+                program = self.allowlist.resolve(argv0, workdir)
+            except Refused as exc:
+                self.release(Prepared(workdir, "", runner))
+                reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
+                raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
+            if runner is not None and not self._warm_can_run(program):   # known only now: it runs cold
+                self.release(Prepared(workdir, program, runner))   # back to the pool, untouched
+                runner, workdir = None, self._fresh_workdir(offer)
+        return Prepared(workdir, program, runner)
+
+    def _fresh_workdir(self, offer: proto.Offer) -> Path:
         try:
-            program = program or self.allowlist.resolve(argv0, workdir)
-            if runner is not None and not self._warm_can_run(program):   # ./bin/x: known only now
-                self.release(Prepared(workdir, program, runner))
-                runner, workdir = None, rundir.make_workdir(self.runs, offer.job_id)
-            return Prepared(workdir, program, runner)
-        except Refused as exc:
-            self.release(Prepared(workdir, "", runner))
-            reason = exc.reason if exc.reason in proto.REFUSE_REASONS else "policy"
-            raise Refused(str(exc)[: proto.MAX_REASON], reason=reason) from None
+            return rundir.make_workdir(self.runs, offer.job_id)
+        except (OSError, Refused) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise Refused(f"{self.name} cannot make a working directory: {why}"[: proto.MAX_REASON],
+                          reason="policy") from None
 
     def limits(self, spec: ExecSpec) -> confine.Limits:
         timeout = spec.timeout_s or self.timeout_s
@@ -355,7 +365,7 @@ class ExecRunner:
             await output(stream, data)
 
         try:
-            problem = await self._ready(offer, workdir, files, warm=warm_runner is not None)
+            problem = await self._ready(offer, workdir, files)
             if problem:
                 return self._failed(offer, problem)
             program = prepared.program or self.allowlist.resolve(spec.argv[0], workdir)  # type: ignore[union-attr]
@@ -415,38 +425,41 @@ class ExecRunner:
         """Hand the job to its warm runner and supervise it as any run; None when the runner died meanwhile
         (the job then starts cold, in the same directory)."""
         workdir = runner.workdir
+        # The process limit counts the job user's tasks now, not when the runner was built (it may have waited
+        # for minutes): the shell sets it (lowering a limit needs no privilege; raising one would).
+        nproc = [value for which, _, value in limits.values() if which == resource.RLIMIT_NPROC]
         script = warm.job_script(
             program, spec.argv, env, stdin=workdir / spec.stdin if spec.stdin else None,
             cpu_s=limits.cpu_s if limits.cpu_s < int(self.timeout_s) + 5 else None,
-            mem_kib=limits.mem_mib << 10 if limits.mem_mib < self.mem_mib else None)
+            mem_kib=limits.mem_mib << 10 if limits.mem_mib < self.mem_mib else None,
+            nproc=nproc[0] if nproc else None, nproc_flag=self.shell_nproc_flag)
+        if not runner.alive:   # it died between its take and now
+            runner.kill()
+            return None
+        pids = runner.pids()
         if cg is not None:   # before it runs anything: what it starts is in the cgroup from the first fork
-            for pid in runner.pids():
+            for pid in pids:
                 cg.add(pid)
         started = time.monotonic()
         try:
-            runner.hand_over(script, output)
-        except OSError:   # it died between its take and now
+            await runner.hand_over(script, output)
+        except (OSError, TimeoutError):   # it died, or its shell stopped reading
             runner.kill()
             return None
-        return await execrun.supervise(runner.job, started, timeout=spec.timeout_s or self.timeout_s, cancel=stop,
-                                       mem_limit_mib=limits.mem_mib, disk=disk)
+        r = await execrun.supervise(runner.job, started, timeout=spec.timeout_s or self.timeout_s, cancel=stop,
+                                    mem_limit_mib=limits.mem_mib, disk=disk)
+        if cg is not None:   # its sandbox's init leaves the cgroup only once reaped
+            await runner.job.settled()
+        return r
 
-    async def _ready(self, offer: proto.Offer, workdir: Path, files: ExecFiles, *, warm: bool = False) -> str:
-        """The inputs in, $VESTA_OUTPUT made, everything the job user's; "" or why the run cannot start. A warm
-        runner's directory was made and given to the job user with the runner: only its inputs are new."""
-        spec = offer.spec
-        assert isinstance(spec, ExecSpec)
-        if warm and not spec.inputs:
-            return ""
+    async def _ready(self, offer: proto.Offer, workdir: Path, files: ExecFiles) -> str:
+        """The inputs in, $VESTA_OUTPUT made, then everything the job user's (``confine.give_workdir``); "" or why
+        the run cannot start."""
         (workdir / artifacts.OUTPUT_DIR).mkdir(mode=0o700, exist_ok=True)
         problem = await files.fill(offer, workdir)
         if problem:
             return problem
         confine.give_workdir(workdir, self.job_user)
-        if self.job_user is not None:   # what we put there (inputs, $VESTA_OUTPUT) is the job's too
-            for top, dirs, names in os.walk(workdir):
-                for entry in (*dirs, *names):
-                    os.chown(os.path.join(top, entry), *self.job_user, follow_symlinks=False)
         return ""
 
     def _command(self, spec: ExecSpec, program: str, workdir: Path, limits: confine.Limits) -> _Command | str:

@@ -225,13 +225,16 @@ class RunProcs:
         used = 0.0
         ending = False
         for pid, start in self.roots.items():
+            # Its children first, its count after: an init found childless gains no CPU since, while one that
+            # reaped its last child between two reads the other way round would lose that child's.
+            childless = not _has_children(pid, self.proc_root)
             try:
                 st = read_stat(pid, self.proc_root)
             except OSError:
                 return False
             if st is None or st.start != start:
                 continue
-            if st.ppid != me or (st.state != "Z" and _has_children(pid, self.proc_root)):
+            if st.ppid != me or (st.state != "Z" and not childless):
                 return False
             used += st.cpu_s   # a zombie's last count; or an init with no child left, on its way out (below)
             ending = ending or st.state != "Z"
@@ -382,6 +385,11 @@ def become_subreaper() -> bool:
 
 def is_subreaper() -> bool:
     return _subreaper
+
+
+def now_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc's start times count."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) / _TICK_S)
 
 
 def _has_children(pid: int, proc_root: Path = PROC) -> bool:

@@ -35,13 +35,14 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vesta import execrun, rundir
+from vesta import execrun, proctree, rundir
 from vesta.errors import Refused
 from vesta.tasks import spawn
 
@@ -54,6 +55,7 @@ MAX_BUILDING = 8        # runners being built at once
 SHRINK_S = 60.0         # a minute without a take that found the pool empty: one spare fewer
 BUILD_NICE = 10         # the priority runners are built at (as root, put back to 0 once built)
 READY = b"R"            # what a runner prints once it waits for its job
+HAND_OVER_S = 10.0      # a job's command must be in its runner's pipe within this
 # What the shell reads first, as soon as it starts: say it is ready, then wait for the job's command.
 READY_COMMAND = b"printf R\n"
 # Variables a POSIX shell sets and exports of its own (dash: PWD; bash: also SHLVL and OLDPWD): unset
@@ -69,8 +71,24 @@ def runner_env(node_id: str) -> dict[str, str]:
     return {"VESTA_NODE_ID": node_id, "VESTA_JOB_ID": "warm-runner"} if node_id else {}
 
 
+def nproc_flag(shell: str) -> str:
+    """The ``ulimit`` option of ``shell`` for the process limit (RLIMIT_NPROC): -p in dash, -u in bash; "" if
+    it has neither."""
+    for flag in ("-p", "-u"):   # bash's -p is the pipe size: what each sets is read back from the kernel
+        try:
+            out = subprocess.run([shell, "-c", f"ulimit {flag} 4099 && exec cat /proc/self/limits"],
+                                 capture_output=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        lines = [line.split() for line in out.stdout.decode(errors="replace").splitlines()]
+        if any(words[:2] == ["Max", "processes"] and words[2:4] == ["4099", "4099"] for words in lines):
+            return flag
+    return ""
+
+
 def job_script(program: str, argv: Sequence[str], env: Mapping[str, str], *, stdin: Path | None = None,
-               cpu_s: int | None = None, mem_kib: int | None = None) -> bytes:
+               cpu_s: int | None = None, mem_kib: int | None = None, nproc: int | None = None,
+               nproc_flag: str = "-p") -> bytes:
     """The one compound command a runner's shell reads: parsed whole before any of it runs, so redirecting
     the shell's own standard input (its script) in it is safe. ``Refused`` (reason ``policy``) for a NUL byte,
     which no argument or variable can hold."""
@@ -82,6 +100,8 @@ def job_script(program: str, argv: Sequence[str], env: Mapping[str, str], *, std
         parts.append(f"ulimit -t {int(cpu_s)}")
     if mem_kib is not None:
         parts.append(f"ulimit -v {int(mem_kib)}")
+    if nproc is not None:   # soft and hard: the job cannot raise it again
+        parts.append(f"ulimit {nproc_flag} {int(nproc)}")
     parts += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     parts.append("exec <" + (shlex.quote(str(stdin)) if stdin is not None else "/dev/null"))
     parts.append("exec " + " ".join(shlex.quote(w) for w in (program, *argv[1:])))
@@ -120,18 +140,27 @@ class WarmRunner:
                 pids += [int(p) for p in Path(f"/proc/{init}/task/{init}/children").read_text().split()]
         return pids
 
-    def hand_over(self, script: bytes, on_output: execrun.OutputCallback) -> None:
-        """Give the runner its job: output goes to ``on_output`` from now on, the command down its pipe (a
-        few hundred bytes: the pipe holds them all, so this never blocks), and the pipe closed. ``OSError``
-        if it died meanwhile."""
+    async def hand_over(self, script: bytes, on_output: execrun.OutputCallback) -> None:
+        """Give the runner its job: output goes to ``on_output`` from now on, the command down its pipe, and the
+        pipe closed. Usually a few hundred bytes that the empty pipe takes at once; a long command line (up to
+        megabytes once quoted) is written as the shell reads it, never blocking the event loop: within
+        ``HAND_OVER_S``, or ``TimeoutError`` (a shell that stopped reading). ``OSError`` if it died meanwhile."""
         self.taken = self.used = True
         self.job.procs.waiting = False
+        self.job.procs.leader_start = proctree.now_ticks()   # its run starts now (proctree.reap_strays)
         self.job.on_output = on_output
         stdin = self.job.proc.stdin
         assert stdin is not None
         try:
-            stdin.write(script)
-            stdin.flush()
+            fd = stdin.fileno()
+            os.set_blocking(fd, False)
+            view = memoryview(script)
+            async with asyncio.timeout(HAND_OVER_S):
+                while view:
+                    try:
+                        view = view[os.write(fd, view):]
+                    except BlockingIOError:
+                        await _writable(fd)
         finally:
             stdin.close()
 
@@ -149,6 +178,33 @@ class WarmRunner:
 
 
 _DISCARDS: set[asyncio.Task[None]] = set()
+
+
+def _undo_spawn(spawning: asyncio.Future[Spawned]) -> None:
+    """A runner started for a build that was given up (vestad stopping): killed, its directory removed."""
+    if spawning.cancelled() or spawning.exception() is not None:
+        return
+    started = spawning.result()
+    with contextlib.suppress(OSError):
+        os.killpg(started.proc.pid, signal.SIGKILL)
+    started.proc.wait()
+    proctree.supervised.discard(started.proc.pid)
+    for pipe in (started.proc.stdin, started.proc.stdout, started.proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    if started.sandbox is not None:
+        started.sandbox.close()
+    rundir.remove_workdir(started.workdir)
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: None if ready.done() else ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 async def _remove_when_dead(runner: WarmRunner) -> None:
@@ -282,8 +338,12 @@ class WarmPool:
             spawn(self._build(shape), "warm-runner-build", self._builds)
 
     async def _build(self, shape: Hashable) -> None:
+        spawning = asyncio.get_running_loop().run_in_executor(self._builder, self.spawn, shape)
         try:
-            started = await asyncio.get_running_loop().run_in_executor(self._builder, self.spawn, shape)
+            started = await asyncio.shield(spawning)
+        except asyncio.CancelledError:   # the spawn goes on in its thread: what it starts is undone when it ends
+            spawning.add_done_callback(_undo_spawn)
+            raise
         except (OSError, Refused) as exc:
             self.counters["build_failed"] += 1
             why = str(exc)
@@ -295,7 +355,12 @@ class WarmPool:
         finally:
             self.spawning -= 1
         self._warned = ""
-        runner = WarmRunner(execrun.watch(started.proc, None, started.sandbox), started.workdir, shape)
+        try:
+            job = execrun.watch(started.proc, None, started.sandbox)   # kills the process if it cannot
+        except BaseException:
+            rundir.remove_workdir(started.workdir)
+            raise
+        runner = WarmRunner(job, started.workdir, shape)
         self.counters["built"] += 1
         self.building.add(runner)
         self._listen(runner)
