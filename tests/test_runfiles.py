@@ -74,10 +74,11 @@ async def test_the_sandbox_tmp_is_a_bounded_tmpfs_and_its_files_are_counted() ->
     try:
         limit = DiskLimit(4 << 20, 300, (work,))
 
-        async def sandboxed(script: str) -> tuple[execrun.ExecResult, bytes]:
+        async def sandboxed(script: str, expose: tuple[Path, ...] = ()) -> tuple[execrun.ExecResult, bytes]:
             info = execrun.SandboxInfo()
             program, argv = confine.bwrap_command(bwrap, program=SH, argv=["sh", "-c", script], workdir=work,
-                                                  allow_network=False, info_fd=info.write_fd, tmp_bytes=4 << 20)
+                                                  allow_network=False, info_fd=info.write_fd, tmp_bytes=4 << 20,
+                                                  expose=expose)
             out = bytearray()
             async with asyncio.timeout(30):
                 r = await execrun.run(argv, program=program, cwd=work, timeout=20, sandbox=info, disk=limit,
@@ -95,6 +96,14 @@ async def test_the_sandbox_tmp_is_a_bounded_tmpfs_and_its_files_are_counted() ->
         # 200 files there stay under a bound of 300 (counted twice, they were 400), however long the run lasts
         r, out = await sandboxed(f"for i in $(seq 200); do : > {work}/g$i; done; sleep {runfiles.DISK_CHECK_S * 1.5}")
         assert r.exit_code == 0 and not r.over_disk, (r, out)
+        # nor is a host directory shown in the sandbox under /tmp (vesta's Python, in a checkout under /tmp)
+        shown = make_workdir(None, "disk-shown")
+        try:
+            (shown / "big").write_bytes(bytes(6 << 20))
+            r, out = await sandboxed(f"ls -s {shown}/big; sleep {runfiles.DISK_CHECK_S * 1.5}", expose=(shown,))
+            assert r.exit_code == 0 and not r.over_disk and b"big" in out, (r, out)
+        finally:
+            remove_workdir(shown)
     finally:
         remove_workdir(work)
 

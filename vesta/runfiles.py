@@ -30,46 +30,46 @@ class DiskLimit:
         return f"{self.max_bytes >> 20} MiB and {self.max_files} files"
 
 
-def count(paths: Iterable[Path], max_bytes: int, max_files: int, skip: frozenset[str] = frozenset()) -> tuple[int, int]:
+def count(paths: Iterable[Path], max_bytes: int, max_files: int, one_device: Iterable[Path] = ()) -> tuple[int, int]:
     """(bytes, files) under ``paths``, stopping once either passes its bound; unreadable parts count as nothing
-    (the job may take its own permissions away; its files are still bounded by the filesystem). Directories
-    in ``skip`` are not entered (counted elsewhere)."""
+    (the job may take its own permissions away; its files are still bounded by the filesystem). Under the
+    ``one_device`` paths only what is on their own filesystem counts: a sandbox's /tmp holds bind mounts of
+    host directories (the run's own, counted by their host paths, or vesta's Python when it lives under /tmp)."""
     used = files = 0
-    stack = [str(p) for p in paths]
-    while stack:
-        top = stack.pop()
-        if top in skip:
+    stack: list[tuple[str, int | None]] = [(str(p), None) for p in paths]
+    for root in one_device:
+        try:
+            stack.append((str(root), os.stat(root).st_dev))
+        except OSError:
             continue
+    while stack:
+        top, device = stack.pop()
         try:
             entries = os.scandir(top)
         except OSError:
             continue
         with entries:
             for entry in entries:
-                files += 1
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
+                    files += 1
                     continue
+                if device is not None and st.st_dev != device:
+                    continue   # a mount point: another filesystem's, not this one's
+                files += 1
                 used += max(st.st_size, st.st_blocks * 512)
                 if files > max_files or used > max_bytes:
                     return used, files
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+                    stack.append((entry.path, device))
     return used, files
 
 
 def over(limit: DiskLimit, sandbox_init: int | None = None) -> str:
     """Why the run is over its disk limit now, or ""."""
-    paths = list(limit.paths)
-    skip: frozenset[str] = frozenset()
-    if sandbox_init is not None:
-        tmp = Path(f"/proc/{sandbox_init}/root/tmp")   # the sandbox's private /tmp
-        if _private(tmp):
-            paths.append(tmp)
-            # the run's own directories are bound into it (they live under the host's /tmp): counted once, above
-            skip = frozenset(f"/proc/{sandbox_init}/root{p}" for p in limit.paths)
-    used, files = count(paths, limit.max_bytes, limit.max_files, skip)
+    tmp = [] if sandbox_init is None else [Path(f"/proc/{sandbox_init}/root/tmp")]   # the sandbox's private /tmp
+    used, files = count(limit.paths, limit.max_bytes, limit.max_files, [t for t in tmp if _private(t)])
     if used > limit.max_bytes:
         return f"disk limit hit (more than {limit.max_bytes >> 20} MiB written, limit {limit.describe()})"
     if files > limit.max_files:
