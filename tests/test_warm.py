@@ -6,6 +6,7 @@ driven through the Host as a peer's offers are; the daemon-level checks run real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -75,19 +76,29 @@ def runs() -> Iterator[Path]:
         rundir.remove_workdir(base)
 
 
-@pytest.fixture
-async def host(runs: Path) -> AsyncIterator[Host]:
+@contextlib.asynccontextmanager
+async def warm_host(runs: Path, *, allowed: tuple[str, ...] = (), slots: int = 4,
+                    max_procs: int | None = None) -> AsyncIterator[tuple[Host, ExecRunner]]:
+    """A Host whose runner keeps one warm runner, ready; stopped at the end."""
     if SHELL is None:
         pytest.skip("no POSIX shell")
-    runner = make_runner(runs)
-    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None,
+    runner = make_runner(runs, allowed=allowed)
+    if max_procs is not None:
+        runner.max_procs = max_procs
+    h = Host(name="h", counters=Counter(), capacity=lambda: (slots, 1024), events=lambda kind, text: None,
              runner=runner)
     runner.start_warm(1)
-    await ready(runner, 1)
     try:
-        yield h
+        await ready(runner, 1)
+        yield h, runner
     finally:
         await runner.stop_warm()
+
+
+@pytest.fixture
+async def host(runs: Path) -> AsyncIterator[Host]:
+    async with warm_host(runs) as (h, _):
+        yield h
 
 
 async def ready(runner: ExecRunner, count: int) -> None:
@@ -181,30 +192,25 @@ async def test_a_waiting_runner_s_directories_are_closed_to_the_job_user_until_i
 async def test_a_job_s_process_limit_is_worked_out_when_it_starts(runs: Path) -> None:
     # The process limit is what the job user runs now plus the allowance: not what it ran when the runner was
     # built (runners wait for minutes; jobs come and go meanwhile).
-    if SHELL is None or os.geteuid() != 0:
-        pytest.skip("needs root (jobs as a job user) and a POSIX shell")
-    runner = make_runner(runs)
-    runner.max_procs = 64
-    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None, runner=runner)
-    runner.start_warm(1)
+    if os.geteuid() != 0:
+        pytest.skip("needs root (jobs run as a job user)")
     extra: list[subprocess.Popen[bytes]] = []
-    try:
-        await ready(runner, 1)
+    async with warm_host(runs, max_procs=64) as (h, runner):
         assert runner.job_user is not None
         uid, gid = runner.job_user
         built = confine.count_tasks(uid)
         setpriv = confine.find_setpriv()
         extra = [subprocess.Popen([setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "sleep", "60"])
                  for _ in range(30)]
-        await asyncio.sleep(confine.COUNT_TTL_S + 0.1)   # past the cached count
-        p = await serve(h, offer("sh", "-c", "ulimit -p"))
-        assert p.result().exit_code == 0, p.sent
-        assert int(p.stdout()) >= built + 30 + 64, (p.stdout(), built)
-    finally:
-        for proc in extra:
-            proc.kill()
-            proc.wait()
-        await runner.stop_warm()
+        try:
+            await asyncio.sleep(confine.COUNT_TTL_S + 0.1)   # past the cached count
+            p = await serve(h, offer("sh", "-c", "ulimit -p"))
+            assert p.result().exit_code == 0, p.sent
+            assert int(p.stdout()) >= built + 30 + 64, (p.stdout(), built)
+        finally:
+            for proc in extra:
+                proc.kill()
+                proc.wait()
 
 
 async def test_a_long_command_line_is_handed_over_whole(host: Host) -> None:
@@ -245,13 +251,7 @@ async def test_a_changed_allowlist_or_sandbox_drops_the_old_runners(host: Host) 
 
 
 async def test_a_refused_program_never_reaches_a_runner(runs: Path) -> None:
-    if SHELL is None:
-        pytest.skip("no POSIX shell")
-    runner = make_runner(runs, allowed=("true",))
-    h = Host(name="h", counters=Counter(), capacity=lambda: (4, 1024), events=lambda kind, text: None, runner=runner)
-    runner.start_warm(1)
-    try:
-        await ready(runner, 1)
+    async with warm_host(runs, allowed=("true",)) as (h, runner):
         assert runner.pool is not None
         idle = list(runner.pool.idle)
         for argv0 in ("sh", "/bin/sh", "./true", "../../../bin/sh"):
@@ -261,25 +261,15 @@ async def test_a_refused_program_never_reaches_a_runner(runs: Path) -> None:
         assert runner.pool.idle == idle and counters(h)["taken"] == 0
         assert (await serve(h, offer("true"))).result().exit_code == 0
         assert counters(h)["taken"] == 1
-    finally:
-        await runner.stop_warm()
 
 
 async def test_a_job_refused_for_capacity_gives_its_runner_back(runs: Path) -> None:
-    if SHELL is None:
-        pytest.skip("no POSIX shell")
-    runner = make_runner(runs)
-    h = Host(name="h", counters=Counter(), capacity=lambda: (0, 1024), events=lambda kind, text: None, runner=runner)
-    runner.start_warm(1)
-    try:
-        await ready(runner, 1)
+    async with warm_host(runs, slots=0) as (h, runner):
         assert runner.pool is not None
         idle = list(runner.pool.idle)
         p = await serve(h, offer("true"))
         assert isinstance(p.sent[0], proto.Refuse) and p.sent[0].reason == "capacity", p.sent
         assert runner.pool.idle == idle and all(r.alive for r in idle)
-    finally:
-        await runner.stop_warm()
 
 
 async def test_the_pool_grows_while_jobs_come_faster_than_runners_are_built(host: Host) -> None:

@@ -222,7 +222,6 @@ async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
     transport would not do (uvloop's ``connect_read_pipe`` closes the descriptor's number a second time
     after the file object did, which closes whatever another thread opened under that number meanwhile:
     MagicStack/uvloop#763)."""
-    loop = asyncio.get_running_loop()
     fd = pipe.fileno()
     os.set_blocking(fd, False)
     try:
@@ -230,7 +229,7 @@ async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
             try:
                 data = os.read(fd, CHUNK)
             except BlockingIOError:
-                await _readable(loop, fd)
+                await wait_fd(fd)
                 continue
             if not data:
                 return
@@ -243,14 +242,17 @@ async def _pump(pipe: IO[bytes], name: str, job: Running) -> None:
         pipe.close()   # at EOF, or when the reader is given up on; close_pipes then has nothing left to do
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Wait until ``fd`` can be read (watched only meanwhile: an unread pipe must not wake the loop)."""
+async def wait_fd(fd: int, *, write: bool = False) -> None:
+    """Wait until ``fd`` can be read (or written), watched only meanwhile: an unread pipe must not wake the
+    loop. The descriptor stays its owner's (no transport takes it: see ``_pump``)."""
+    loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+    watch, unwatch = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    watch(fd, lambda: None if ready.done() else ready.set_result(None))
     try:
         await ready
     finally:
-        loop.remove_reader(fd)
+        unwatch(fd)
 
 
 _CLEANUPS: set[asyncio.Task[Any]] = set()   # reapers of runs whose caller was cancelled

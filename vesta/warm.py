@@ -160,7 +160,7 @@ class WarmRunner:
                     try:
                         view = view[os.write(fd, view):]
                     except BlockingIOError:
-                        await _writable(fd)
+                        await execrun.wait_fd(fd, write=True)
         finally:
             stdin.close()
 
@@ -195,16 +195,6 @@ def _undo_spawn(spawning: asyncio.Future[Spawned]) -> None:
     if started.sandbox is not None:
         started.sandbox.close()
     rundir.remove_workdir(started.workdir)
-
-
-async def _writable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(fd, lambda: None if ready.done() else ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
 
 
 async def _remove_when_dead(runner: WarmRunner) -> None:
