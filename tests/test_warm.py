@@ -285,6 +285,14 @@ async def test_the_pool_grows_while_jobs_come_faster_than_runners_are_built(host
 # ------------------------------------------------------------------------------------------------ daemons
 
 
+def warm_node(cluster: Cluster, tmp_path: Path, name: str) -> Vestad:
+    """A node lending exec in bubblewrap (an idle machine), its warm runner ready."""
+    need_tool("bwrap", "bubblewrap")
+    node = cluster.add(name, args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / f"proc-{name}"))])
+    eventually(lambda: node.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    return node
+
+
 def runs_of(node: Vestad) -> str:
     """The part of a path that is this node's runs directory (asked while it runs)."""
     return f"/vesta-runs-{node.name}-{node.status()['fingerprint'][:8]}/"
@@ -325,9 +333,7 @@ def test_exec_off_or_warm_runners_0_means_no_runners(cluster: Cluster, tmp_path:
 
 @pytest.mark.integration
 def test_runners_of_a_killed_daemon_go_with_it(cluster: Cluster, tmp_path: Path) -> None:
-    need_tool("bwrap", "bubblewrap")
-    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
-    eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    b = warm_node(cluster, tmp_path, "b")
     b_runs = runs_of(b)
     assert runner_dirs(b_runs)
     b.kill()
@@ -337,10 +343,9 @@ def test_runners_of_a_killed_daemon_go_with_it(cluster: Cluster, tmp_path: Path)
 @pytest.mark.integration
 def test_cpu_of_a_warm_sandboxed_run_with_background_children_is_charged_in_full(cluster: Cluster,
                                                                                  tmp_path: Path) -> None:
-    need_tool("bwrap", "bubblewrap")
     a = cluster.add("a")
-    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
-    eventually(lambda: a.peer_names() == {"b"} and b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    b = warm_node(cluster, tmp_path, "b")
+    eventually(lambda: a.peer_names() == {"b"}, 10)
     # Two children burn 0.4 s of CPU each, say so, and stay behind when the main process exits.
     burn = (f"{sys.executable} -c \"import time, pathlib, sys\nwhile time.process_time() < 0.4: pass\n"
             f"pathlib.Path(sys.argv[1]).touch(); time.sleep(300)\"")
@@ -356,9 +361,7 @@ def test_cpu_of_a_warm_sandboxed_run_with_background_children_is_charged_in_full
 
 @pytest.mark.integration
 def test_a_runner_left_by_a_crashed_daemon_is_killed_when_it_comes_back(cluster: Cluster, tmp_path: Path) -> None:
-    need_tool("bwrap", "bubblewrap")
-    b = cluster.add("b", args=["-allow-exec", "-proc-root", str(idle_proc(tmp_path / "proc-b"))])
-    eventually(lambda: b.status()["warm_runners"].get("ready", 0) >= 1, 10)
+    b = warm_node(cluster, tmp_path, "b")
     b_runs = runs_of(b)
 
     def runners() -> list[int]:
