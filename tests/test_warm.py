@@ -194,7 +194,6 @@ async def test_a_job_s_process_limit_is_worked_out_when_it_starts(runs: Path) ->
     # built (runners wait for minutes; jobs come and go meanwhile).
     if os.geteuid() != 0:
         pytest.skip("needs root (jobs run as a job user)")
-    extra: list[subprocess.Popen[bytes]] = []
     async with warm_host(runs, max_procs=64) as (h, runner):
         assert runner.job_user is not None
         uid, gid = runner.job_user

@@ -35,6 +35,7 @@ Limits, the job user and the sandbox are in ``confine``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -626,14 +627,21 @@ def watch(proc: subprocess.Popen[bytes], on_output: OutputCallback | None = None
     try:
         return Running(proc, on_output, sandbox)
     except BaseException:   # could not watch it: do not leave it running unsupervised
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proctree.supervised.discard(proc.pid)
-        if proc.stdin is not None:
-            proc.stdin.close()
-        if sandbox is not None:
-            sandbox.close()
+        kill_started(proc, sandbox)
         raise
+
+
+def kill_started(proc: subprocess.Popen[bytes], sandbox: SandboxInfo | None = None) -> None:
+    """Undo a ``start`` that will not be watched: the child's group killed and reaped, its pipes closed."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proctree.supervised.discard(proc.pid)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    if sandbox is not None:
+        sandbox.close()
 
 
 async def supervise(job: Running, started: float, *, timeout: float | None, cancel: asyncio.Event | None = None,

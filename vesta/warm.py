@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -185,15 +184,7 @@ def _undo_spawn(spawning: asyncio.Future[Spawned]) -> None:
     if spawning.cancelled() or spawning.exception() is not None:
         return
     started = spawning.result()
-    with contextlib.suppress(OSError):
-        os.killpg(started.proc.pid, signal.SIGKILL)
-    started.proc.wait()
-    proctree.supervised.discard(started.proc.pid)
-    for pipe in (started.proc.stdin, started.proc.stdout, started.proc.stderr):
-        if pipe is not None:
-            pipe.close()
-    if started.sandbox is not None:
-        started.sandbox.close()
+    execrun.kill_started(started.proc, started.sandbox)
     rundir.remove_workdir(started.workdir)
 
 
